@@ -1,0 +1,152 @@
+"""ETL_A: the six Tier A tables become one `traces` table (trace_v1) and one `quarantine` table."""
+
+import dagster as dg
+import polars as pl
+
+from cb_assets.validation import pandera_check, rows_check, validate_or_fail
+from cb_core.schemas import DATASETS, QuarantineModel, TraceModel, empty_quarantine
+from cb_core.sources import SourceResult
+
+ETL_A_GROUP = "etl_a"
+RAW_INS = {f"raw_{ds}": dg.AssetIn(key=f"raw_{ds}") for ds in DATASETS}
+
+
+def combine_traces(results: dict[str, SourceResult]) -> pl.DataFrame:
+    return pl.concat([r.good for r in results.values()], how="vertical")
+
+
+def trace_stats(df: pl.DataFrame) -> list[dict]:
+    lab = pl.col("labels")
+    return (
+        df.group_by(
+            "dataset",
+            lab.struct.field("category").alias("category"),
+            lab.struct.field("priority_class").alias("priority_class"),
+        )
+        .agg(
+            pl.len().alias("n"),
+            lab.struct.field("attack_present").sum().alias("attacked"),
+            lab.struct.field("attack_succeeded").sum().alias("succeeded"),
+        )
+        .sort("dataset", "category", "priority_class")
+        .to_dicts()
+    )
+
+
+@dg.asset(
+    ins=RAW_INS,
+    group_name=ETL_A_GROUP,
+    kinds={"polars"},
+    tags={"cb/tier": "B", "cb/compute": "cpu"},
+    description="trace_v1: one row per conversation from every selected source (skeleton or complete).",
+)
+def traces(
+    context: dg.AssetExecutionContext,
+    raw_fujitsu_b4: SourceResult,
+    raw_agentdojo: SourceResult,
+    raw_llmail_inject: SourceResult,
+    raw_tau2: SourceResult,
+    raw_ultrachat: SourceResult,
+    raw_xstest: SourceResult,
+) -> pl.DataFrame:
+    raws = dict(
+        fujitsu_b4=raw_fujitsu_b4,
+        agentdojo=raw_agentdojo,
+        llmail_inject=raw_llmail_inject,
+        tau2=raw_tau2,
+        ultrachat=raw_ultrachat,
+        xstest=raw_xstest,
+    )
+    df = combine_traces(raws)
+    if df.height == 0:
+        raise dg.Failure("traces: every selected source produced zero traces (empty tier); nothing written")
+    validate_or_fail(TraceModel, df, "traces")  # unique ids across sources included
+    context.add_output_metadata(
+        {
+            "by_dataset": dg.MetadataValue.json(
+                dict(df.group_by("dataset").len().sort("dataset").iter_rows())
+            ),
+            "stats": dg.MetadataValue.json(trace_stats(df)),
+            "skeleton": df.filter(pl.col("completeness") == "skeleton").height,
+            "complete": df.filter(pl.col("completeness") == "complete").height,
+        }
+    )
+    return df
+
+
+@dg.asset(
+    ins=RAW_INS,
+    group_name=ETL_A_GROUP,
+    kinds={"polars"},
+    tags={"cb/tier": "B", "cb/compute": "cpu"},
+    description="Every record ETL_A rejected: dataset, file, line, field, reason, severity, raw text.",
+)
+def quarantine(
+    context: dg.AssetExecutionContext,
+    raw_fujitsu_b4: SourceResult,
+    raw_agentdojo: SourceResult,
+    raw_llmail_inject: SourceResult,
+    raw_tau2: SourceResult,
+    raw_ultrachat: SourceResult,
+    raw_xstest: SourceResult,
+) -> pl.DataFrame:
+    raws = dict(
+        fujitsu_b4=raw_fujitsu_b4,
+        agentdojo=raw_agentdojo,
+        llmail_inject=raw_llmail_inject,
+        tau2=raw_tau2,
+        ultrachat=raw_ultrachat,
+        xstest=raw_xstest,
+    )
+    parts = [r.rejected for r in raws.values() if r.rejected.height]
+    df = pl.concat(parts, how="vertical") if parts else empty_quarantine()
+    validate_or_fail(QuarantineModel, df, "quarantine")
+    context.add_output_metadata(
+        {
+            "by_dataset": dg.MetadataValue.json(dict(df.group_by("dataset").len().sort("dataset").iter_rows())),
+            "by_reason": dg.MetadataValue.json(
+                df.group_by("reason").len().sort("len", descending=True).head(20).to_dicts()
+            ),
+        }
+    )
+    return df
+
+
+# ----------------------------------------------------------------------------- blocking checks on traces
+@dg.asset_check(asset=traces, blocking=True, description="trace_v1 schema (pandera TraceModel)")
+def traces_schema(traces: pl.DataFrame) -> dg.AssetCheckResult:
+    return pandera_check(TraceModel, traces)
+
+
+@dg.asset_check(asset=traces, blocking=True, description="ids are unique")
+def traces_unique_ids(traces: pl.DataFrame) -> dg.AssetCheckResult:
+    return rows_check(traces, pl.col("id").is_duplicated(), "duplicate trace ids")
+
+
+@dg.asset_check(
+    asset=traces,
+    blocking=True,
+    description="label sanity: succeeded implies attacked; harmful implies succeeded; "
+    "adversarial-safe implies attacked and not succeeded; categories/classes known",
+)
+def traces_label_sanity(traces: pl.DataFrame) -> dg.AssetCheckResult:
+    lab = pl.col("labels")
+    attacked = lab.struct.field("attack_present")
+    succeeded = lab.struct.field("attack_succeeded")
+    bad = (
+        (succeeded & ~attacked)
+        | ((lab.struct.field("category") == "harmful") & ~succeeded)
+        | (lab.struct.field("is_adversarial_safe") & (~attacked | succeeded))
+    )
+    result = rows_check(traces, bad, "rows violating label sanity")
+    counts = traces.select(attacked.sum().alias("attacked"), succeeded.sum().alias("succeeded")).row(0, named=True)
+    return dg.AssetCheckResult(
+        passed=result.passed and counts["succeeded"] <= counts["attacked"],
+        description=result.description,
+        metadata={**result.metadata, **{k: int(v) for k, v in counts.items()}},
+    )
+
+
+@dg.asset_check(asset=quarantine, blocking=False, description="quarantine schema (pandera QuarantineModel)")
+def quarantine_schema(quarantine: pl.DataFrame) -> dg.AssetCheckResult:
+    return pandera_check(QuarantineModel, quarantine)

@@ -1,0 +1,15 @@
+"""The one place Dagster definitions are assembled: `dagster ... -m cb_assets.definitions`."""
+import dagster as dg
+
+from cb_assets import assets as asset_pkg
+from cb_assets import ops
+from cb_assets.resources import default_resources
+
+defs = dg.Definitions(
+    assets=dg.load_assets_from_package_module(asset_pkg),
+    asset_checks=dg.load_asset_checks_from_package_module(asset_pkg),
+    resources=default_resources(),
+    jobs=ops.jobs,
+    schedules=ops.schedules,
+    sensors=ops.sensors,
+)

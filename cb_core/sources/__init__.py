@@ -1,0 +1,59 @@
+"""Tier A readers: one module per source, each `read(paths, cfg) -> SourceResult`.
+
+A reader never drops a record silently: every record becomes either a trace_v1 row or a quarantine row
+with the file, line, field and reason.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import polars as pl
+
+from cb_core.schemas import QUARANTINE_SCHEMA, TRACE_SCHEMA
+
+
+@dataclass
+class SourceResult:
+    good: pl.DataFrame  # trace_v1 rows
+    rejected: pl.DataFrame  # quarantine rows
+    meta: dict[str, Any] = field(default_factory=dict)  # counts for asset metadata (e.g. header_lines)
+
+    @classmethod
+    def from_rows(cls, good: list[dict], rejected: list[dict], **meta: Any) -> "SourceResult":
+        return cls(
+            good=pl.DataFrame(good, schema=TRACE_SCHEMA),
+            rejected=pl.DataFrame(rejected, schema=QUARANTINE_SCHEMA),
+            meta=meta,
+        )
+
+    @property
+    def n_records(self) -> int:
+        return self.good.height + self.rejected.height
+
+    @property
+    def reject_fraction(self) -> float:
+        return self.rejected.height / self.n_records if self.n_records else 0.0
+
+
+class SourceError(ValueError):
+    """A whole source is unusable (missing file, unreadable header): names the file and what to fix."""
+
+
+Reader = Callable[[list[Path], dict[str, Any]], SourceResult]
+
+# dataset name -> module under cb_core.sources exposing `read(paths, cfg)`
+READERS = {
+    "fujitsu_b4": "fujitsu_b4",
+    "agentdojo": "agentdojo",
+    "llmail_inject": "llmail",
+    "tau2": "tau2",
+    "ultrachat": "ultrachat",
+    "xstest": "xstest",
+}
+
+
+def get_reader(dataset: str) -> Reader:
+    return importlib.import_module(f"cb_core.sources.{READERS[dataset]}").read
