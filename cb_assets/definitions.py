@@ -12,4 +12,7 @@ defs = dg.Definitions(
     jobs=ops.jobs,
     schedules=ops.schedules,
     sensors=ops.sensors,
+    # In-process: per-step subprocesses cost seconds of imports each on small machines, and a SLURM job
+    # should run its steps inside its own allocation.
+    executor=dg.in_process_executor,
 )

@@ -1,4 +1,325 @@
-"""Jobs, schedules and sensors (operations). Filled in by the operations issue."""
-jobs: list = []
-schedules: list = []
-sensors: list = []
+"""Operations: the re-validation job + daily schedule, and the source sensor.
+
+Nothing here names a tier: jobs and selections are built from the asset graph (`AssetSelection`, asset tags),
+so every asset family that lands in `cb_assets/assets/` is covered without editing this file.
+
+Re-validation (`revalidate` job, `revalidate_daily` schedule, RUNNING by default)
+    The job selects every asset check in the definitions and nothing else: a checks-only run loads each
+    checked asset from storage through its IO manager and evaluates the check; no asset is materialized
+    (a blocking check that fails makes its step, and so the run, fail: it shows red in the UI, and the check's
+    metadata carries `failing_rows` and `examples`). At each tick the schedule requests only the checks whose
+    asset has been materialized in this instance (a never-built tier has nothing stored to validate), and skips
+    with a reason when there is none.
+    Cron: `CB_REVALIDATE_CRON` env var, else `revalidate.cron` in configs/operations.yaml, else daily 04:00;
+    timezone `CB_REVALIDATE_TIMEZONE` / `revalidate.timezone` (default UTC). Both are read when the code
+    location loads (reload it after a change).
+
+Source sensor (`source_sensor`, STOPPED by default; start it from the UI or `dagster sensor start`)
+    Watches the configured Tier A source paths (file, folder or glob, resolved by cb_core.config exactly as the
+    raw assets resolve them). Per file it keeps size, mtime and a SHA-256 of the content in the sensor's JSON
+    cursor (stored by Dagster); the content is re-hashed only when size or mtime changed, so a tick over
+    unchanged sources is a handful of `stat` calls. A dataset's fingerprint is the hash of its (path, size,
+    sha256) list: a file added, removed or edited changes it; a bare `touch` does not.
+    - First tick (empty cursor): records the baseline, requests nothing.
+    - Debounce ("settle"): a changed fingerprint is first recorded as pending; the run is requested on the
+      next tick that sees the *same* fingerprints (the sources stopped moving), so a burst of writes spread
+      over several ticks yields one run. A source that never settles fires anyway after
+      `CB_SOURCE_SENSOR_MAX_WAIT_S` (default 900 s). The run_key is derived from the fingerprints plus a
+      fire counter, so a re-evaluated tick never launches twice.
+    - The run: the changed `raw_<dataset>` assets plus everything downstream of them, minus assets tagged
+      `cb/compute: gpu` (tags read from the asset graph; GPU work is left to an explicit launch), with the
+      asset checks of the selected assets.
+    - A source whose files vanished (matches no file) is reported in the skip reason and the log and never
+      crashes the tick; it is not fired for (its raw asset would fail), and its baseline is kept, so it fires
+      when it comes back changed. A dataset newly configured after the baseline counts as changed.
+    - Demo mode (no source path configured anywhere): skips with a reason.
+    Interval: `CB_SOURCE_SENSOR_INTERVAL_S` (default 60). `CB_SOURCE_SENSOR_DEFAULT_STATUS=RUNNING` makes it
+    start in the RUNNING state in a fresh instance.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from cb_core.config import ConfigError, load_yaml, resolve_source_paths
+
+GPU_TAG = ("cb/compute", "gpu")
+RAW_PREFIX = "raw_"
+MISSING = "<missing>"
+CURSOR_VERSION = 1
+_HASH_CHUNK = 1 << 20
+
+
+# ------------------------------------------------------------------------------------------- settings
+def _ops_config() -> dict[str, Any]:
+    """configs/operations.yaml (optional)."""
+    try:
+        return load_yaml("operations.yaml")
+    except FileNotFoundError:
+        return {}
+
+
+def _setting(env: str, section: str, key: str, default: Any) -> Any:
+    val = os.environ.get(env)
+    if val not in (None, ""):
+        return val
+    return (_ops_config().get(section) or {}).get(key, default)
+
+
+REVALIDATE_CRON = str(_setting("CB_REVALIDATE_CRON", "revalidate", "cron", "0 4 * * *"))
+REVALIDATE_TIMEZONE = str(_setting("CB_REVALIDATE_TIMEZONE", "revalidate", "timezone", "UTC"))
+SENSOR_INTERVAL_S = int(_setting("CB_SOURCE_SENSOR_INTERVAL_S", "source_sensor", "minimum_interval_seconds", 60))
+SENSOR_MAX_WAIT_S = float(_setting("CB_SOURCE_SENSOR_MAX_WAIT_S", "source_sensor", "max_wait_seconds", 900))
+SENSOR_DEFAULT_STATUS = (
+    dg.DefaultSensorStatus.RUNNING
+    if str(_setting("CB_SOURCE_SENSOR_DEFAULT_STATUS", "source_sensor", "default_status", "STOPPED")).upper()
+    == "RUNNING"
+    else dg.DefaultSensorStatus.STOPPED
+)
+
+
+# ------------------------------------------------------------------------------------------- selections
+def gpu_assets() -> dg.AssetSelection:
+    return dg.AssetSelection.tag(*GPU_TAG)
+
+
+def cpu_downstream(raw_keys: list[dg.AssetKey]) -> dg.AssetSelection:
+    """The given Tier A assets and everything downstream of them that is not tagged `cb/compute: gpu`."""
+    return dg.AssetSelection.assets(*raw_keys).downstream() - gpu_assets()
+
+
+def raw_key(dataset: str) -> dg.AssetKey:
+    return dg.AssetKey(f"{RAW_PREFIX}{dataset}")
+
+
+# ------------------------------------------------------------------------------------------- re-validation
+revalidate_job = dg.define_asset_job(
+    "revalidate",
+    selection=dg.AssetSelection.all_asset_checks(),
+    description="Runs every asset check against the stored tiers (no materialization). Failed checks carry "
+    "`failing_rows` and `examples` in their metadata.",
+    tags={"cb/purpose": "revalidate"},
+)
+
+
+def revalidation_request(repository_def, instance: dg.DagsterInstance) -> dg.RunRequest | dg.SkipReason:
+    """A checks-only run request for every check whose asset has a stored materialization."""
+    graph = repository_def.asset_graph
+    check_keys = sorted(graph.asset_check_keys, key=lambda k: (k.asset_key.to_user_string(), k.name))
+    asset_keys = {k.asset_key for k in check_keys}
+    latest = instance.get_latest_materialization_events(asset_keys) if asset_keys else {}
+    keys = [k for k in check_keys if latest.get(k.asset_key) is not None]
+    never = sorted({k.asset_key.to_user_string() for k in check_keys if latest.get(k.asset_key) is None})
+    if not keys:
+        return dg.SkipReason(
+            f"nothing to re-validate: none of the {len(asset_keys)} checked asset(s) has been materialized"
+        )
+    return dg.RunRequest(
+        asset_selection=[],
+        asset_check_keys=keys,
+        tags={
+            "cb/purpose": "revalidate",
+            "cb/revalidate_checks": str(len(keys)),
+            "cb/revalidate_not_materialized": ",".join(never)[:200] or "-",
+        },
+    )
+
+
+@dg.schedule(
+    name="revalidate_daily",
+    job=revalidate_job,
+    cron_schedule=REVALIDATE_CRON,
+    execution_timezone=REVALIDATE_TIMEZONE,
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Re-runs the asset checks of every materialized tier against stored data "
+    "(cron: CB_REVALIDATE_CRON, default daily 04:00 UTC).",
+)
+def revalidate_daily(context: dg.ScheduleEvaluationContext):
+    return revalidation_request(context.repository_def, context.instance)
+
+
+# ------------------------------------------------------------------------------------------- source sensor
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def scan_sources(
+    specs: dict[str, str], known: dict[str, list]
+) -> tuple[dict[str, dict[str, list]], dict[str, str], list[str]]:
+    """Stat (and, where size/mtime moved, hash) every file of every source.
+
+    Returns ({dataset: {path: [size, mtime_ns, sha256]}}, {dataset: fingerprint}, [notes]); a dataset that
+    matches no file gets the fingerprint MISSING. Files that vanish mid-scan are skipped, never raised.
+    """
+    files: dict[str, dict[str, list]] = {}
+    fps: dict[str, str] = {}
+    notes: list[str] = []
+    for ds, spec in sorted(specs.items()):
+        entries: dict[str, list] = {}
+        try:
+            paths = resolve_source_paths(spec)
+        except OSError as err:
+            notes.append(f"{ds}: cannot list {spec}: {err}")
+            paths = []
+        for p in paths:
+            key = str(p)
+            try:
+                st = p.stat()
+                prev = known.get(key)
+                if prev and prev[0] == st.st_size and prev[1] == st.st_mtime_ns and prev[2]:
+                    digest = prev[2]
+                else:
+                    digest = _sha256(p)
+                entries[key] = [st.st_size, st.st_mtime_ns, digest]
+            except OSError as err:  # vanished between listing and reading, or unreadable
+                notes.append(f"{ds}: {key} vanished or unreadable during the scan ({err.__class__.__name__})")
+        files[ds] = entries
+        if entries:
+            blob = "\n".join(f"{p}\t{v[0]}\t{v[2]}" for p, v in sorted(entries.items()))
+            fps[ds] = hashlib.sha256(blob.encode()).hexdigest()
+        else:
+            fps[ds] = MISSING
+    return files, fps, notes
+
+
+def _load_cursor(raw: str | None) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    try:
+        cur = json.loads(raw)
+    except ValueError:
+        return None
+    return cur if isinstance(cur, dict) and cur.get("v") == CURSOR_VERSION else None
+
+
+def evaluate_sources(
+    cursor: dict[str, Any] | None,
+    specs: dict[str, str],
+    now: float,
+    max_wait_s: float = SENSOR_MAX_WAIT_S,
+) -> tuple[dict[str, Any], list[str], list[str]]:
+    """Pure decision step of the sensor: (new cursor, datasets to fire for, notes for the skip reason/log)."""
+    known = {p: v for ds_files in ((cursor or {}).get("files") or {}).values() for p, v in ds_files.items()}
+    files, fps, notes = scan_sources(specs, known)
+
+    for ds, prev_files in sorted(((cursor or {}).get("files") or {}).items()):
+        if ds in files:
+            gone = sorted(set(prev_files) - set(files[ds]))
+            if gone:
+                notes.append(f"{ds}: {len(gone)} file(s) vanished: {', '.join(gone[:3])}")
+    missing = sorted(ds for ds, fp in fps.items() if fp == MISSING)
+    for ds in missing:
+        notes.append(f"{ds}: source path {specs[ds]!r} matches no file (vanished?); not fired")
+
+    if cursor is None:
+        new = {"v": CURSOR_VERSION, "files": files, "baseline": fps, "pending": {}, "pending_since": None,
+               "fired": 0}
+        n = sum(len(v) for v in files.values())
+        notes.insert(0, f"baseline recorded: {n} file(s) in {len(fps)} source(s); later changes trigger runs")
+        return new, [], notes
+
+    baseline = dict(cursor.get("baseline") or {})
+    # A dataset that vanished keeps its baseline (fires when it comes back changed, not when it comes back same).
+    files = {ds: (files[ds] if fps[ds] != MISSING else (cursor.get("files") or {}).get(ds, {})) for ds in files}
+    changed = {ds: fp for ds, fp in fps.items() if fp != MISSING and baseline.get(ds) != fp}
+    pending = dict(cursor.get("pending") or {})
+    pending_since = cursor.get("pending_since")
+    new = {"v": CURSOR_VERSION, "files": files, "baseline": baseline, "pending": {}, "pending_since": None,
+           "fired": int(cursor.get("fired") or 0)}
+    if not changed:
+        notes.insert(0, f"no change in {sum(len(v) for v in files.values())} watched file(s)")
+        return new, [], notes
+    settled = changed == pending
+    overdue = pending_since is not None and now - float(pending_since) >= max_wait_s
+    if settled or overdue:
+        baseline.update(changed)
+        new["fired"] += 1
+        why = "settled" if settled else f"still changing after {max_wait_s:.0f}s; firing anyway"
+        notes.insert(0, f"change in {', '.join(sorted(changed))} ({why})")
+        return new, sorted(changed), notes
+    new["pending"] = changed
+    new["pending_since"] = pending_since if pending else now
+    notes.insert(0, f"change seen in {', '.join(sorted(changed))}; waiting one tick for it to settle")
+    return new, [], notes
+
+
+def run_request_for(datasets: list[str], asset_graph, run_key: str, reason: str) -> dg.RunRequest | None:
+    """One run: the changed raw assets + downstream CPU assets (+ their checks)."""
+    raw_keys = [raw_key(ds) for ds in datasets if asset_graph.has(raw_key(ds))]
+    if not raw_keys:
+        return None
+    keys = cpu_downstream(raw_keys).resolve(asset_graph)
+    checks = sorted(
+        (k for k in asset_graph.asset_check_keys if k.asset_key in keys),
+        key=lambda k: (k.asset_key.to_user_string(), k.name),
+    )
+    return dg.RunRequest(
+        run_key=run_key,
+        asset_selection=sorted(keys, key=lambda k: k.to_user_string()),
+        asset_check_keys=checks,
+        tags={"cb/trigger": "source_sensor", "cb/changed_sources": ",".join(datasets), "cb/reason": reason[:200]},
+    )
+
+
+def watched_sources() -> tuple[dict[str, str], str | None]:
+    """({dataset: configured path spec}, skip reason or None), from the same config the raw assets read."""
+    from cb_assets.resources import DatasetsResource
+
+    try:
+        sel = DatasetsResource().selection()
+    except (ConfigError, OSError) as err:
+        return {}, f"source configuration error: {err}"
+    if sel.demo:
+        return {}, (
+            "demo mode: no source path is configured (CB_*_PATH or configs/datasets.yaml), the pipeline reads "
+            "the embedded demo sample; nothing to watch"
+        )
+    specs = {ds: sel.paths[ds] for ds in sel.selected if sel.paths.get(ds)}
+    if not specs:
+        return {}, "no selected source has a configured path; nothing to watch"
+    return specs, None
+
+
+@dg.sensor(
+    name="source_sensor",
+    target=dg.AssetSelection.all() - gpu_assets(),
+    minimum_interval_seconds=SENSOR_INTERVAL_S,
+    default_status=SENSOR_DEFAULT_STATUS,
+    description="Watches the configured Tier A source paths (size, mtime, sha256); on a settled change runs "
+    "the changed raw_<dataset> assets and everything downstream that is CPU work (not cb/compute=gpu).",
+)
+def source_sensor(context: dg.SensorEvaluationContext):
+    specs, skip = watched_sources()
+    if skip:
+        return dg.SkipReason(skip)
+    cursor = _load_cursor(context.cursor)
+    new_cursor, fire, notes = evaluate_sources(cursor, specs, time.time())
+    for note in notes:
+        context.log.info(note)
+    context.update_cursor(json.dumps(new_cursor, sort_keys=True))
+    if not fire:
+        return dg.SkipReason("; ".join(notes))
+    combined = hashlib.sha256(
+        json.dumps({ds: new_cursor["baseline"][ds] for ds in fire}, sort_keys=True).encode()
+    ).hexdigest()[:16]
+    request = run_request_for(
+        fire, context.repository_def.asset_graph, f"sources-{new_cursor['fired']}-{combined}", notes[0]
+    )
+    if request is None:
+        return dg.SkipReason(f"changed sources {fire} have no raw_<dataset> asset in these definitions")
+    return request
+
+
+jobs: list = [revalidate_job]
+schedules: list = [revalidate_daily]
+sensors: list = [source_sensor]

@@ -131,7 +131,8 @@ EOF
 AutoDetect=off
 $gres_line
 EOF
-  cp /dev/null "$dir/etc/cgroup.conf"
+  echo "# unused: proctrack/linuxproc and task/none need no cgroups" >"$dir/etc/cgroup.conf"
+  : >"$dir/log/jobcomp.txt"   # job ids restart at 1 on a fresh cluster: forget old records
 }
 
 wait_idle() {

@@ -1,0 +1,633 @@
+"""Loss-mask policies (lossmask_v1): which tokens of a render a training loss sees.
+
+A policy is a pure function of one render's token spans (render_v1 ``spans``; see cb_core/render.py) and
+its length: it returns token ranges ``[start, end)`` with a weight. Spans tile the sequence: ``bos``, then
+one ``message`` span per rendered message (``header`` + body + ``end_token``); nested inside a message are
+``header``, ``content``, ``tool_call`` (the call JSON incl. ``<|python_tag|>``), ``tool_name`` (the name's
+characters inside the call) and ``end_token``; ``tool_defs`` (the tool instructions + definitions block,
+``message_index`` -1) sits inside the system or the first user message.
+
+Words used below:
+
+* *body* of a message: every token of the message after its header, i.e. ``[header.token_end,
+  message.token_end)``: its content, any tool calls (and the separators between them) and the end token.
+* *assistant* messages have role ``assistant``; *tool* messages role ``tool`` (rendered as ``ipython``).
+
+Masks are stored as ranges (``mask_spans``), merged and sorted, never as dense vectors: the data loader
+builds dense masks. ``build_lossmasks`` computes every policy for a whole frame at once with polars
+(spans exploded once, aggregated per message, ranges merged per row); the per-row functions in
+``POLICIES`` are the reference definitions, and tests check the two agree.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import pandera.polars as pa
+import polars as pl
+
+from cb_core.schemas import QUARANTINE_SCHEMA, canonical_json
+
+ASSISTANT = "assistant"
+TOOL_ROLES = ("tool", "ipython")
+EOT_ID, EOM_ID = 128009, 128008
+
+Range = tuple[int, int, float]
+
+# -------------------------------------------------------------------------------------------- schema
+MASK_SPAN = pl.Struct({"token_start": pl.Int32, "token_end": pl.Int32, "weight": pl.Float32})
+LOSSMASK_SCHEMA = pl.Schema(
+    {
+        "trace_id": pl.String,
+        "policy": pl.String,
+        "mask_spans": pl.List(MASK_SPAN),  # sorted, merged, non-empty, 0 <= start < end <= n_tokens
+        "sample_weight": pl.Float32,  # MWCS base weight of the trace's priority class
+        "n_tokens": pl.Int32,
+        "n_masked": pl.Int32,  # sum of (end - start)
+        "dataset": pl.String,  # convenience copies from the trace (curation needs no join)
+        "category": pl.String,
+        "priority_class": pl.String,
+    }
+)
+
+
+def empty_lossmasks() -> pl.DataFrame:
+    return pl.DataFrame(schema=LOSSMASK_SCHEMA)
+
+
+# ------------------------------------------------------------------------------------ per-row helpers
+@dataclass
+class _Msg:
+    index: int
+    role: str = ""
+    start: int | None = None  # message span
+    end: int | None = None
+    header_end: int | None = None
+    call_start: int | None = None  # first tool_call
+    name_end: int | None = None  # end of the first tool_name
+    calls: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _messages(spans: Iterable[dict]) -> list[_Msg]:
+    """Per-message view of one render's spans, in message order (message_index >= 0 or the injected
+    system preamble, -1)."""
+    by: dict[int, _Msg] = {}
+    for s in spans:
+        kind, i = s["kind"], s["message_index"]
+        if kind in ("bos", "tool_defs"):
+            continue
+        m = by.setdefault(i, _Msg(i))
+        if kind == "message":
+            m.role, m.start, m.end = s["role"], s["token_start"], s["token_end"]
+        elif kind == "header":
+            m.header_end = s["token_end"]
+            m.role = m.role or s["role"]
+        elif kind == "tool_call":
+            m.calls.append((s["token_start"], s["token_end"]))
+            m.call_start = s["token_start"] if m.call_start is None else min(m.call_start, s["token_start"])
+        elif kind == "tool_name":
+            m.name_end = s["token_end"] if m.name_end is None else min(m.name_end, s["token_end"])
+    return [by[i] for i in sorted(by) if by[i].start is not None and by[i].header_end is not None]
+
+
+def _body(m: _Msg) -> tuple[int, int]:
+    return (m.header_end, m.end)  # type: ignore[return-value]
+
+
+def merge_ranges(ranges: Iterable[tuple[int, int, float]], n_tokens: int) -> list[Range]:
+    """Clip to [0, n_tokens], drop empty ranges, sort, and merge overlapping or touching ranges of equal
+    weight (the larger weight wins where ranges of different weights overlap... they never do here: every
+    policy uses weight 1.0)."""
+    out: list[list] = []
+    for s, e, w in sorted((max(0, s), min(n_tokens, e), w) for s, e, w in ranges):
+        if s >= e:
+            continue
+        if out and s <= out[-1][1] and w == out[-1][2]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e, w])
+    return [(int(s), int(e), float(w)) for s, e, w in out]
+
+
+# ----------------------------------------------------------------------------------------- policies
+def assistant_only(spans: Sequence[dict], n_tokens: int) -> list[Range]:
+    """The body of every assistant message: its content, tool calls and end token
+    (``<|eot_id|>``/``<|eom_id|>``); never a header, never a user/system/tool token."""
+    return merge_ranges(((*_body(m), 1.0) for m in _messages(spans) if m.role == ASSISTANT), n_tokens)
+
+
+def completion_only(spans: Sequence[dict], n_tokens: int) -> list[Range]:
+    """The body of the last assistant message only (the final completion)."""
+    asst = [m for m in _messages(spans) if m.role == ASSISTANT]
+    return merge_ranges([(*_body(asst[-1]), 1.0)] if asst else [], n_tokens)
+
+
+def full_sequence(spans: Sequence[dict], n_tokens: int) -> list[Range]:
+    """Every token, ``[0, n_tokens)`` (bos, system message and tool definitions included)."""
+    return merge_ranges([(0, n_tokens, 1.0)], n_tokens)
+
+
+def cb_full_sequence(spans: Sequence[dict], n_tokens: int) -> list[Range]:
+    """Every token of every non-system message (header, content, tool calls, end token of user, assistant
+    and tool messages), minus the ``tool_defs`` block the template puts into the first user message: the
+    bos, the system message (incl. an injected date preamble) and the tool definitions are excluded."""
+    ranges = [(m.start, m.end, 1.0) for m in _messages(spans) if m.role != "system"]
+    defs = [(s["token_start"], s["token_end"]) for s in spans if s["kind"] == "tool_defs"]
+    return merge_ranges(_subtract(ranges, defs), n_tokens)
+
+
+def assistant_and_tool(spans: Sequence[dict], n_tokens: int) -> list[Range]:
+    """The body of every assistant message and of every tool-result message (content + end token;
+    headers excluded)."""
+    return merge_ranges(
+        ((*_body(m), 1.0) for m in _messages(spans) if m.role == ASSISTANT or m.role in TOOL_ROLES), n_tokens
+    )
+
+
+def tool_calls_only(spans: Sequence[dict], n_tokens: int) -> list[Range]:
+    """The ``tool_call`` tokens of assistant messages only (the call JSON, incl. ``<|python_tag|>``;
+    not the text before it, not the separators between calls, not the end token)."""
+    return merge_ranges(
+        ((s, e, 1.0) for m in _messages(spans) if m.role == ASSISTANT for s, e in m.calls), n_tokens
+    )
+
+
+def action_prefix_only(spans: Sequence[dict], n_tokens: int) -> list[Range]:
+    """For every assistant message with a tool call: from the start of its body (its content, or the call
+    when there is no content) through the end of the *first* call's tool name. The arguments, later calls
+    and the end token are excluded."""
+    return merge_ranges(
+        ((m.header_end, m.name_end, 1.0) for m in _messages(spans)
+         if m.role == ASSISTANT and m.name_end is not None),
+        n_tokens,
+    )
+
+
+def action_commitment(spans: Sequence[dict], n_tokens: int) -> list[Range]:
+    """For every assistant message with a tool call: from the start of the first ``tool_call`` (incl.
+    ``<|python_tag|>``) through the end of its tool name: the tokens that commit to an action. Equals
+    ``action_prefix_only`` when the assistant writes no text before the call."""
+    return merge_ranges(
+        ((m.call_start, m.name_end, 1.0) for m in _messages(spans)
+         if m.role == ASSISTANT and m.name_end is not None and m.call_start is not None),
+        n_tokens,
+    )
+
+
+def _subtract(ranges: list[tuple[int, int, float]], holes: list[tuple[int, int]]) -> list[tuple[int, int, float]]:
+    for hs, he in holes:
+        nxt = []
+        for s, e, w in ranges:
+            nxt.append((s, min(e, max(s, hs)), w))
+            nxt.append((max(s, min(e, he)), e, w))
+        ranges = [r for r in nxt if r[0] < r[1]]
+    return ranges
+
+
+POLICIES: dict[str, Callable[[Sequence[dict], int], list[Range]]] = {
+    "assistant_only": assistant_only,
+    "completion_only": completion_only,
+    "full_sequence": full_sequence,
+    "cb_full_sequence": cb_full_sequence,
+    "assistant_and_tool": assistant_and_tool,
+    "tool_calls_only": tool_calls_only,
+    "action_prefix_only": action_prefix_only,
+    "action_commitment": action_commitment,
+}
+# policies that are empty by definition on a trace without tool calls (quarantined as "excluded")
+TOOL_POLICIES = frozenset({"tool_calls_only", "action_prefix_only", "action_commitment"})
+
+
+def mask_for(policy: str, spans: Sequence[dict], n_tokens: int) -> list[Range]:
+    """The reference (per-row) mask of one render under ``policy``."""
+    try:
+        fn = POLICIES[policy]
+    except KeyError:
+        raise ValueError(f"unknown loss-mask policy {policy!r} (known: {list(POLICIES)})") from None
+    return fn(spans, n_tokens)
+
+
+# ------------------------------------------------------------------------------------------- config
+@dataclass
+class LossmaskConfig:
+    """configs/lossmask.yaml: which policies to materialize and the training default per category."""
+
+    policies: list[str] = field(default_factory=lambda: list(POLICIES))
+    training_default: dict[str, str] = field(
+        default_factory=lambda: {"harmful": "cb_full_sequence", "retain": "assistant_only"}
+    )
+    preview_samples: int = 3
+    source: str = "<defaults>"
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> "LossmaskConfig":
+        import os
+
+        import yaml
+
+        root = Path(__file__).resolve().parent.parent
+        cfg_dir = Path(os.environ.get("CB_CONFIG_DIR", root / "configs"))
+        p = Path(path) if path else cfg_dir / "lossmask.yaml"
+        if not p.is_absolute():
+            p = next((c for c in (root / p, cfg_dir / p) if c.is_file()), root / p)
+        if not p.is_file():
+            if path:
+                raise FileNotFoundError(f"lossmask config {p} not found")
+            return cls()
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{p}: invalid YAML: {e}") from e
+        return cls.from_dict(raw, source=str(p))
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "<dict>") -> "LossmaskConfig":
+        if not isinstance(raw, dict):
+            raise ValueError(f"{source}: expected a mapping")
+        unknown = set(raw) - {"policies", "training_default", "preview_samples"}
+        if unknown:
+            raise ValueError(f"{source}: unknown keys {sorted(unknown)}")
+        pols = raw.get("policies", "all")
+        if pols in (None, "all") or pols == ["all"]:
+            pols = list(POLICIES)
+        if isinstance(pols, str):
+            pols = [pols]
+        bad = [p for p in pols if p not in POLICIES]
+        if bad:
+            raise ValueError(f"{source}: policies: unknown {bad} (known: {list(POLICIES)})")
+        td = {**cls().training_default, **(raw.get("training_default") or {})}
+        for cat, pol in td.items():
+            if cat not in ("harmful", "retain"):
+                raise ValueError(f"{source}: training_default: unknown category {cat!r} (harmful|retain)")
+            if pol not in POLICIES:
+                raise ValueError(f"{source}: training_default.{cat}: unknown policy {pol!r}")
+            if pol not in pols:
+                raise ValueError(f"{source}: training_default.{cat}: policy {pol!r} is not in `policies`")
+        return cls(
+            policies=list(dict.fromkeys(pols)),
+            training_default=td,
+            preview_samples=int(raw.get("preview_samples", 3)),
+            source=source,
+        )
+
+
+# ------------------------------------------------------------------------------------ vectorised core
+def _span_table(renders: pl.DataFrame) -> pl.DataFrame:
+    """One row per span: _r (render row), kind, message_index, role, token_start, token_end."""
+    return (
+        renders.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("_r"), "spans")
+        .explode("spans")
+        .drop_nulls("spans")
+        .unnest("spans")
+    )
+
+
+def _message_table(sp: pl.DataFrame) -> pl.DataFrame:
+    """Per (render, message): role, message range, header end, first call start, first name end."""
+    k = pl.col("kind")
+    return (
+        sp.filter(~k.is_in(["bos", "tool_defs"]))
+        .group_by("_r", "message_index")
+        .agg(
+            role=pl.col("role").filter(k == "message").first(),
+            ms=pl.col("token_start").filter(k == "message").min(),
+            me=pl.col("token_end").filter(k == "message").max(),
+            he=pl.col("token_end").filter(k == "header").max(),
+            cs=pl.col("token_start").filter(k == "tool_call").min(),
+            ne=pl.col("token_end").filter(k == "tool_name").min(),
+        )
+        .filter(pl.col("ms").is_not_null() & pl.col("he").is_not_null())
+    )
+
+
+def _policy_ranges(policy: str, rows: pl.DataFrame, sp: pl.DataFrame, msg: pl.DataFrame) -> pl.DataFrame:
+    """(_r, s, e) ranges of one policy, unmerged. ``rows``: _r, n_tokens."""
+    role = pl.col("role")
+    asst = role == ASSISTANT
+    body = [pl.col("_r"), pl.col("he").alias("s"), pl.col("me").alias("e")]
+    if policy == "assistant_only":
+        return msg.filter(asst).select(body)
+    if policy == "completion_only":
+        a = msg.filter(asst)
+        return a.filter(pl.col("message_index") == pl.col("message_index").max().over("_r")).select(body)
+    if policy == "full_sequence":
+        return rows.select("_r", pl.lit(0, pl.Int32).alias("s"), pl.col("n_tokens").alias("e"))
+    if policy == "assistant_and_tool":
+        return msg.filter(asst | role.is_in(list(TOOL_ROLES))).select(body)
+    if policy == "tool_calls_only":
+        calls = sp.filter((pl.col("kind") == "tool_call") & asst)
+        return calls.select("_r", pl.col("token_start").alias("s"), pl.col("token_end").alias("e"))
+    if policy == "action_prefix_only":
+        return msg.filter(asst & pl.col("ne").is_not_null()).select(
+            "_r", pl.col("he").alias("s"), pl.col("ne").alias("e")
+        )
+    if policy == "action_commitment":
+        return msg.filter(asst & pl.col("ne").is_not_null() & pl.col("cs").is_not_null()).select(
+            "_r", pl.col("cs").alias("s"), pl.col("ne").alias("e")
+        )
+    if policy == "cb_full_sequence":
+        m = msg.filter(role != "system").select("_r", "ms", "me")
+        defs = (
+            sp.filter(pl.col("kind") == "tool_defs")
+            .group_by("_r")
+            .agg(ts=pl.col("token_start").min(), te=pl.col("token_end").max())
+        )
+        m = m.join(defs, on="_r", how="left")
+        has = pl.col("ts").is_not_null()
+        clamp = lambda x: pl.max_horizontal(pl.col("ms"), pl.min_horizontal(pl.col("me"), x))  # noqa: E731
+        before = m.select("_r", pl.col("ms").alias("s"), pl.when(has).then(clamp(pl.col("ts"))).otherwise(pl.col("me")).alias("e"))
+        after = m.filter(has).select("_r", clamp(pl.col("te")).alias("s"), pl.col("me").alias("e"))
+        return pl.concat([before, after])
+    raise ValueError(f"unknown loss-mask policy {policy!r} (known: {list(POLICIES)})")
+
+
+def compute_masks(renders: pl.DataFrame, policies: Sequence[str]) -> pl.DataFrame:
+    """Vectorised masks for every render x policy: columns _r, policy, mask_spans (merged; empty list when
+    the mask is empty), n_masked. ``renders`` needs spans and n_tokens."""
+    for p in policies:
+        if p not in POLICIES:
+            raise ValueError(f"unknown loss-mask policy {p!r} (known: {list(POLICIES)})")
+    rows = renders.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("_r"), pl.col("n_tokens").cast(pl.Int32))
+    sp = _span_table(renders)
+    msg = _message_table(sp)
+    parts = []
+    for p in policies:
+        r = _policy_ranges(p, rows, sp, msg)
+        parts.append(
+            r.select(
+                "_r",
+                pl.lit(p).alias("policy"),
+                pl.col("s").cast(pl.Int32),
+                pl.col("e").cast(pl.Int32),
+            )
+        )
+    ranges = pl.concat(parts) if parts else pl.DataFrame(schema={"_r": pl.Int64, "policy": pl.String, "s": pl.Int32, "e": pl.Int32})
+    # clip to the sequence, drop empties, merge overlapping/touching ranges per (row, policy)
+    ranges = (
+        ranges.join(rows, on="_r")
+        .with_columns(pl.col("s").clip(0), pl.min_horizontal("e", "n_tokens").alias("e"))
+        .filter(pl.col("s") < pl.col("e"))
+        .sort("_r", "policy", "s")
+        .with_columns(
+            pl.col("e").cum_max().shift(1).over("_r", "policy").alias("_prev_end")
+        )
+        .with_columns(
+            (pl.col("_prev_end").is_null() | (pl.col("s") > pl.col("_prev_end"))).cum_sum().over("_r", "policy").alias("_g")
+        )
+        .group_by("_r", "policy", "_g")
+        .agg(pl.col("s").min(), pl.col("e").max())
+        .sort("_r", "policy", "s")
+    )
+    masks = ranges.group_by("_r", "policy", maintain_order=True).agg(
+        pl.struct(
+            pl.col("s").alias("token_start"),
+            pl.col("e").alias("token_end"),
+            pl.lit(1.0, pl.Float32).alias("weight"),
+        ).alias("mask_spans"),
+        (pl.col("e") - pl.col("s")).sum().cast(pl.Int32).alias("n_masked"),
+    )
+    grid = rows.select("_r").join(pl.DataFrame({"policy": list(policies)}), how="cross")
+    out = grid.join(masks, on=["_r", "policy"], how="left").with_columns(
+        pl.col("mask_spans").fill_null(pl.lit([], dtype=pl.List(MASK_SPAN))),
+        pl.col("n_masked").fill_null(0),
+    )
+    return out.sort("_r", "policy")
+
+
+# ------------------------------------------------------------------------------------- build (batch)
+def _split_locator(loc: str | None) -> tuple[str, int]:
+    if not loc:
+        return "", 0
+    head, sep, tail = loc.rpartition(":")
+    if sep and tail.isdigit():
+        return head, int(tail)
+    return loc, 0
+
+
+def build_lossmasks(
+    renders: pl.DataFrame,
+    traces: pl.DataFrame,
+    policies: Sequence[str] | None = None,
+    mwcs=None,
+    *,
+    stats: dict | None = None,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """render_v1 + trace_v1 -> (lossmask_v1 rows, quarantine rows with stage "lossmasks").
+
+    One row per (training-bound trace, policy). A trace is *training-bound* when it has an assistant
+    message and is not a skeleton; skeletons are generation inputs and are skipped (counted in
+    ``stats["skipped_skeleton"]``). A training-bound trace whose mask under a policy is empty is never
+    written as an all-zero mask: it becomes a quarantine row naming the policy, severity "excluded" when
+    the policy needs a tool call and the trace has none, else "malformed". Renders without a trace row are
+    counted in ``stats["missing_trace"]``. ``mwcs``: a ``cb_core.mixture.MixtureSchedule`` (default: the
+    built-in class weights); ``sample_weight`` is the class's base weight.
+    """
+    from cb_core.mixture import MixtureSchedule
+
+    policies = list(policies or POLICIES)
+    mwcs = mwcs or MixtureSchedule()
+    lab = pl.col("labels")
+    role_list = pl.col("messages").list.eval(pl.element().struct.field("role"))
+    tmeta = traces.select(
+        pl.col("id").alias("trace_id"),
+        "dataset",
+        "source_locator",
+        lab.struct.field("category").alias("category"),
+        lab.struct.field("priority_class").alias("priority_class"),
+        (
+            (pl.col("completeness") != "skeleton")
+            & role_list.list.contains(ASSISTANT)
+        ).alias("_bound"),
+        pl.col("messages")
+        .list.eval(pl.element().struct.field("tool_calls").list.len())
+        .list.sum()
+        .gt(0)
+        .alias("_has_calls"),
+    )
+    joined = renders.select("trace_id", "spans", "n_tokens").join(tmeta, on="trace_id", how="left")
+    missing = joined.filter(pl.col("dataset").is_null()).height
+    skipped = joined.filter(pl.col("dataset").is_not_null() & ~pl.col("_bound")).height
+    bound = joined.filter(pl.col("_bound").fill_null(False))
+
+    masks = compute_masks(bound.select("spans", "n_tokens"), policies)
+    meta = bound.drop("spans").with_row_index("_r").with_columns(pl.col("_r").cast(pl.Int64))
+    full = masks.join(meta, on="_r", how="left")
+    weights = {c: mwcs.base_weight(c) for c in mwcs.class_weights}
+    full = full.with_columns(
+        pl.col("priority_class").replace_strict(weights, default=1.0, return_dtype=pl.Float32).alias("sample_weight")
+    )
+    good = full.filter(pl.col("n_masked") > 0).select(LOSSMASK_SCHEMA.names()).cast(dict(LOSSMASK_SCHEMA))
+    empty = full.filter(pl.col("n_masked") == 0)
+    rej_rows = []
+    for r in empty.select("trace_id", "policy", "dataset", "source_locator", "n_tokens", "_has_calls").iter_rows(named=True):
+        file, line = _split_locator(r["source_locator"])
+        no_calls = r["policy"] in TOOL_POLICIES and not r["_has_calls"]
+        why = "the trace has no tool call" if no_calls else "no token selected (truncated or missing spans)"
+        rej_rows.append(
+            {
+                "stage": "lossmasks",
+                "dataset": r["dataset"] or "",
+                "file": file,
+                "line": line,
+                "field": f"policy:{r['policy']}",
+                "reason": f"empty loss mask under policy {r['policy']}: {why}",
+                "severity": "excluded" if no_calls else "malformed",
+                "raw": canonical_json(
+                    {"trace_id": r["trace_id"], "policy": r["policy"], "source_locator": r["source_locator"],
+                     "n_tokens": r["n_tokens"]}
+                ),
+            }
+        )
+    rejected = pl.DataFrame(rej_rows, schema=QUARANTINE_SCHEMA)
+    if stats is not None:
+        stats.update(
+            n_renders=renders.height,
+            training_bound=bound.height,
+            skipped_skeleton=skipped,
+            missing_trace=missing,
+            rows=good.height,
+            rejected=rejected.height,
+            rejected_malformed=int((rejected["severity"] == "malformed").sum()) if rejected.height else 0,
+        )
+    return good, rejected
+
+
+def lossmask_stats(lossmasks: pl.DataFrame, rejected: pl.DataFrame | None = None) -> dict[str, dict]:
+    """Per policy: rows, masked tokens, total tokens, masked fraction, mean masked tokens, rejected."""
+    out: dict[str, dict] = {}
+    if lossmasks.height:
+        g = lossmasks.group_by("policy").agg(
+            pl.len().alias("rows"),
+            pl.col("n_masked").cast(pl.Int64).sum().alias("masked_tokens"),
+            pl.col("n_tokens").cast(pl.Int64).sum().alias("tokens"),
+        )
+        for r in g.sort("policy").iter_rows(named=True):
+            out[r["policy"]] = {
+                "rows": r["rows"],
+                "masked_tokens": r["masked_tokens"],
+                "tokens": r["tokens"],
+                "masked_fraction": round(r["masked_tokens"] / r["tokens"], 4) if r["tokens"] else 0.0,
+            }
+    if rejected is not None and rejected.height:
+        pol = rejected.select(pl.col("field").str.strip_prefix("policy:").alias("policy"))
+        for p, n in pol.group_by("policy").len().iter_rows():
+            out.setdefault(p, {"rows": 0, "masked_tokens": 0, "tokens": 0, "masked_fraction": 0.0})["rejected"] = n
+    return out
+
+
+# --------------------------------------------------------------------------------------------- checks
+def bad_span_rows(lossmasks: pl.DataFrame) -> pl.Series:
+    """Boolean per row: some mask span outside ``0 <= start < end <= n_tokens``, spans unsorted or
+    overlapping, or ``n_masked`` not their total length."""
+    lf = (
+        lossmasks.select("n_tokens", "n_masked", "mask_spans")
+        .with_row_index("_r")
+        .explode("mask_spans")
+        .unnest("mask_spans")
+        .with_columns(pl.col("token_end").shift(1).over("_r").alias("_prev"))
+    )
+    per_row = lf.group_by("_r", maintain_order=True).agg(
+        (
+            pl.col("token_start").is_null()
+            | (pl.col("token_start") < 0)
+            | (pl.col("token_start") >= pl.col("token_end"))
+            | (pl.col("token_end") > pl.col("n_tokens"))
+            | (pl.col("_prev").is_not_null() & (pl.col("token_start") < pl.col("_prev")))
+        ).any().alias("bad_span"),
+        ((pl.col("token_end") - pl.col("token_start")).sum() != pl.col("n_masked").first()).alias("bad_count"),
+    )
+    return per_row.sort("_r").select(pl.col("bad_span") | pl.col("bad_count")).to_series()
+
+
+def boundary_problems(renders: pl.DataFrame) -> pl.DataFrame:
+    """Assistant messages whose boundary tokens are missing: one row per (trace_id, message_index,
+    problem). Each assistant message span must contain a ``header`` span starting with
+    ``<|start_header_id|>`` (128006) and an ``end_token`` span whose token is ``<|eot_id|>``/``<|eom_id|>``.
+    Messages cut by truncation (their message span reaching the cut) are exempt."""
+    sp = (
+        renders.select("trace_id", "input_ids", "n_tokens", "truncated", "spans")
+        .explode("spans")
+        .drop_nulls("spans")
+        .unnest("spans")
+        .filter(pl.col("role") == ASSISTANT)
+    )
+    k = pl.col("kind")
+    tok_at = lambda pos: pl.col("input_ids").list.get(pos, null_on_oob=True)  # noqa: E731
+    per = sp.group_by("trace_id", "message_index").agg(
+        has_msg=(k == "message").any(),
+        cut=(pl.col("truncated") & (k == "message") & (pl.col("token_end") >= pl.col("n_tokens"))).any(),
+        header_ok=((k == "header") & (tok_at(pl.col("token_start")) == 128006)).any(),
+        end_ok=(
+            (k == "end_token")
+            & (pl.col("token_end") - pl.col("token_start") == 1)
+            & tok_at(pl.col("token_start")).is_in([EOT_ID, EOM_ID])
+        ).any(),
+    )
+    per = per.filter(pl.col("has_msg") & ~pl.col("cut"))
+    return pl.concat(
+        [
+            per.filter(~pl.col("header_ok")).select("trace_id", "message_index", pl.lit("header not found").alias("problem")),
+            per.filter(~pl.col("end_ok")).select(
+                "trace_id", "message_index", pl.lit("end token (128009/128008) not found").alias("problem")
+            ),
+        ]
+    ).sort("trace_id", "message_index")
+
+
+# --------------------------------------------------------------------------------------------- pandera
+class LossmaskModel(pa.DataFrameModel):
+    """lossmask_v1."""
+
+    trace_id: str = pa.Field(str_length={"min_value": 1})
+    policy: str = pa.Field(isin=list(POLICIES))
+    mask_spans: pl.List(MASK_SPAN) = pa.Field()  # type: ignore[valid-type]
+    sample_weight: pl.Float32 = pa.Field(ge=0)  # type: ignore[valid-type]
+    n_tokens: pl.Int32 = pa.Field(ge=1)  # type: ignore[valid-type]
+    n_masked: pl.Int32 = pa.Field(ge=1)  # type: ignore[valid-type]
+    dataset: str
+    category: str = pa.Field(isin=["harmful", "retain"])
+    priority_class: str
+
+    class Config:
+        strict = True
+
+    @pa.dataframe_check
+    def unique_trace_policy(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(~pl.struct("trace_id", "policy").is_duplicated())
+
+    @pa.dataframe_check
+    def masked_within_sequence(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(pl.col("n_masked") <= pl.col("n_tokens"))
+
+    @pa.dataframe_check
+    def spans_inside_sequence(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        lf = data.lazyframe.with_row_index("_r").explode("mask_spans").unnest("mask_spans")
+        ok = (
+            pl.col("token_start").is_not_null()
+            & (pl.col("token_start") >= 0)
+            & (pl.col("token_start") < pl.col("token_end"))
+            & (pl.col("token_end") <= pl.col("n_tokens"))
+        )
+        return lf.group_by("_r", maintain_order=True).agg(ok.all().alias("ok")).select("ok")
+
+
+def training_policy(category: str, priority_class: str, cfg: LossmaskConfig, overrides: dict[str, str] | None = None) -> str:
+    """The policy a trainer uses for a trace: the MWCS phase override for its class, else the config's
+    training default for its category."""
+    if overrides and priority_class in overrides:
+        return overrides[priority_class]
+    return cfg.training_default[category]
+
+
+def masked_text(tokenizer, input_ids: Sequence[int], mask_spans: Iterable[dict]) -> list[str]:
+    """Decoded text of each mask span (tests and previews)."""
+    ids = list(input_ids)
+    return [
+        tokenizer.decode(ids[s["token_start"] : s["token_end"]], skip_special_tokens=False) for s in mask_spans
+    ]
+
+
+def _json(obj: Any) -> str:  # pragma: no cover - debugging helper
+    return json.dumps(obj, default=str)

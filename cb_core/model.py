@@ -1,0 +1,162 @@
+"""Models: model profiles (configs/models/*.yaml), the tiny random-weight demo model, and local HF models.
+
+No hub access: local directories are loaded with ``local_files_only=True``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+TINY_CONFIG: dict[str, Any] = {
+    "hidden_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "head_dim": 32,
+    "intermediate_size": 256,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
+
+
+@dataclass
+class ModelProfile:
+    """One configs/models/<name>.yaml. ``model`` is "tiny" (random weights) or "local" (``path``)."""
+
+    name: str
+    tokenizer: str = "llama3"  # "llama3" (offline build) or a local tokenizer/model directory
+    model: str = "tiny"  # tiny | local
+    path: str | None = None  # local HF model directory (model == "local")
+    seed: int = 0
+    max_length: int = 4096
+    tool_call_format: str = "python_tag"  # python_tag | json
+    tools_in_user_message: bool = True
+    date_string: str = "26 Jul 2024"
+    torch_dtype: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # LlamaConfig overrides for the tiny model
+
+    def __post_init__(self) -> None:
+        if self.model not in ("tiny", "local"):
+            raise ValueError(f"model profile {self.name}: model must be 'tiny' or 'local', got {self.model!r}")
+        if self.tool_call_format not in ("python_tag", "json"):
+            raise ValueError(f"model profile {self.name}: tool_call_format must be python_tag|json")
+        if self.model == "local" and not self.path:
+            raise ValueError(f"model profile {self.name}: model 'local' needs a path")
+
+    @property
+    def resolved_path(self) -> Path | None:
+        if not self.path:
+            return None
+        p = Path(os.path.expanduser(self.path))
+        return p if p.is_absolute() else PROJECT_ROOT / p
+
+    def render_config(self):
+        from cb_core.render import RenderConfig
+
+        return RenderConfig(
+            tool_call_format=self.tool_call_format,
+            tools_in_user_message=self.tools_in_user_message,
+            date_string=self.date_string,
+            max_length=self.max_length,
+        )
+
+
+def models_dir() -> Path:
+    base = os.environ.get("CB_CONFIG_DIR")
+    return (Path(base) if base else PROJECT_ROOT / "configs") / "models"
+
+
+def load_profile(name_or_path: str | Path | None = None) -> ModelProfile:
+    """A profile by name (configs/models/<name>.yaml) or YAML path. Default: $CB_MODEL or "tiny".
+    ``CB_MODEL_PATH`` overrides the profile's ``path``."""
+    spec = str(name_or_path or os.environ.get("CB_MODEL") or "tiny")
+    path = Path(spec)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = models_dir() / f"{spec}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"model profile '{spec}' not found (looked for {path})")
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f) or {}
+    raw.setdefault("name", path.stem)
+    known = {f.name for f in fields(ModelProfile)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+    if os.environ.get("CB_MODEL_PATH"):
+        raw["path"] = os.environ["CB_MODEL_PATH"]
+    return ModelProfile(**raw)
+
+
+def tiny_llama(tokenizer, seed: int = 0, **overrides):
+    """A tiny random-weight ``LlamaForCausalLM`` with the tokenizer's full vocabulary (128256 for Llama-3).
+
+    Deterministic for a given seed. hidden 128, 4 layers, 4 heads x head_dim 32, MLP 256 by default.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(TINY_CONFIG)
+    cfg.update(overrides)
+    pad = tokenizer.pad_token_id
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad,
+        **cfg,
+    )
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(state)
+    model.eval()
+    return model
+
+
+def load_model(profile: ModelProfile | str, tokenizer=None):
+    """The profile's model: the tiny random one, or a local HF directory (``local_files_only``)."""
+    if isinstance(profile, str):
+        profile = load_profile(profile)
+    if profile.model == "tiny":
+        if tokenizer is None:
+            from cb_core.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(profile.tokenizer)
+        return tiny_llama(tokenizer, seed=profile.seed, **profile.overrides)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = profile.resolved_path
+    if path is None or not path.is_dir():
+        raise FileNotFoundError(
+            f"model profile {profile.name}: local model directory {path} does not exist "
+            "(set CB_MODEL_PATH or the profile's path; no hub downloads at run time)"
+        )
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if profile.torch_dtype:
+        kwargs["dtype"] = getattr(torch, profile.torch_dtype)
+    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+
+
+def load_profile_tokenizer(profile: ModelProfile | str):
+    """The tokenizer a profile names ("llama3" or a local dir; "model" means the model's own directory)."""
+    from cb_core.tokenizer import load_tokenizer
+
+    if isinstance(profile, str):
+        profile = load_profile(profile)
+    spec = profile.tokenizer
+    if spec == "model":
+        spec = str(profile.resolved_path)
+    return load_tokenizer(spec)

@@ -1,0 +1,630 @@
+"""Llama-3.1 chat rendering with character spans, and the batch ``renders`` core (render_v1).
+
+``render_conversation`` reproduces Meta's official Llama-3.1 chat template
+(llama.cpp ``models/templates/meta-llama-Llama-3.1-8B-Instruct.jinja``, i.e. the template shipped with the
+HF model) byte for byte, and records the character span of every part it emits. Where the official template
+has no answer, the renderer makes a documented choice:
+
+* ``tool_call_format="json"`` is the official form: ``{"name": N, "parameters": ARGS}<|eot_id|>``;
+  ``"python_tag"`` is Llama-3.1's other form: ``<|python_tag|>{"name": N, "parameters": ARGS}<|eom_id|>``.
+* The official template DROPS the text of an assistant message that also has tool calls. We keep it: the
+  (trimmed) content comes first, then the call (json form: separated by ``"\\n\\n"``; python_tag form: the
+  ``<|python_tag|>`` token separates them). Byte-exactness therefore holds for tool-call messages with empty
+  content only.
+* Several tool calls in one message (the official template raises) render one after another, separated by
+  ``"\\n"`` (python_tag form: one ``<|python_tag|>`` before the first call).
+* Tool results render under the ``ipython`` role; as in the official template a string result is JSON-encoded
+  (``tool_result_tojson=True``, the template's ``is iterable`` branch is taken for strings).
+* ``tools`` empty or None means no tools (no "Environment: ipython" line).
+* ``tools_in_user_message=True`` (the official default) puts the tool definitions in the first user
+  message; when the first non-system message is not a plain user message (the template would then label
+  that message "user"), the definitions go into the system message instead.
+
+Spans (``CharSpan``; ``message_index`` indexes the caller's message list, -1 for bos, tool_defs and an
+injected system preamble):
+
+* top level, tiling the text without gaps or overlaps: ``bos`` and one ``message`` per rendered message
+  (header + body + end token);
+* nested: ``header`` (``<|start_header_id|>role<|end_header_id|>\\n\\n``), ``content`` (only when non-empty;
+  the trimmed text as rendered; for tool results the JSON-encoded string), ``tool_call`` (one per call: the
+  call JSON, including ``<|python_tag|>`` for the first call of a python_tag message), ``tool_name`` (the
+  name's characters inside the call JSON), ``end_token`` and ``tool_defs`` (the tool instructions and
+  definitions block).
+
+Token spans (``render_traces``): token t belongs to the character span that contains the first character
+of t (``offsets[t][0]``). So ``token_start = searchsorted(starts, char_start, "left")`` and
+``token_end = searchsorted(starts, char_end, "left")`` (exclusive): character spans that tile the text give
+token spans that tile the sequence, and a token that straddles a boundary (BPE can merge a content's final
+punctuation with the following separator newline) belongs to the span it begins in.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandera.polars as pa
+import polars as pl
+
+from cb_core.schemas import QUARANTINE_SCHEMA, canonical_json
+
+BOS = "<|begin_of_text|>"
+START_HEADER = "<|start_header_id|>"
+END_HEADER = "<|end_header_id|>"
+EOT = "<|eot_id|>"
+EOM = "<|eom_id|>"
+PYTHON_TAG = "<|python_tag|>"
+
+SPAN_KINDS = ("bos", "message", "header", "content", "tool_call", "tool_name", "end_token", "tool_defs")
+TOOL_CALL_FORMATS = ("json", "python_tag")
+
+_SYSTEM_TOOLS_PREAMBLE = (
+    "You have access to the following functions. To call a function, please respond with JSON for a function call."
+    'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
+    "Do not use variables.\n\n"
+)
+_USER_TOOLS_PREAMBLE = (
+    "Given the following functions, please respond with a JSON for a function call "
+    "with its proper arguments that best answers the given prompt.\n\n"
+    'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
+    "Do not use variables.\n\n"
+)
+
+
+class RenderError(ValueError):
+    """A conversation the renderer cannot express (unknown role, malformed tool-call arguments...)."""
+
+
+@dataclass
+class RenderConfig:
+    tool_call_format: str = "python_tag"  # python_tag | json (json = the official template's form)
+    tools_in_user_message: bool = True  # the official template's default
+    date_string: str = "26 Jul 2024"
+    add_bos: bool = True
+    max_length: int = 4096
+    tool_result_tojson: bool = True  # official: string tool results are JSON-encoded
+    num_workers: int = 1  # render_traces: processes (1 = in-process; the Rust tokenizer is parallel anyway)
+
+    def __post_init__(self) -> None:
+        if self.tool_call_format not in TOOL_CALL_FORMATS:
+            raise ValueError(f"tool_call_format must be one of {TOOL_CALL_FORMATS}, got {self.tool_call_format!r}")
+        if self.max_length < 1:
+            raise ValueError("max_length must be >= 1")
+
+
+@dataclass(frozen=True)
+class CharSpan:
+    kind: str
+    message_index: int
+    char_start: int
+    char_end: int  # exclusive
+    role: str = ""
+
+
+@dataclass
+class Rendered:
+    text: str
+    spans: list[CharSpan] = field(default_factory=list)
+
+    def span_text(self, span: CharSpan) -> str:
+        return self.text[span.char_start : span.char_end]
+
+    def of_kind(self, kind: str) -> list[CharSpan]:
+        return [s for s in self.spans if s.kind == kind]
+
+
+# ------------------------------------------------------------------------------------------ normalisation
+def normalize_tools(tools: Any) -> list[dict] | None:
+    """JSON text or list -> list of OpenAI-style ``{"type": "function", "function": {...}}`` (None if empty).
+    Bare ``{name, description, parameters}`` schemas are wrapped; key order is kept (it shows in the text)."""
+    if tools is None:
+        return None
+    if isinstance(tools, (str, bytes)):
+        tools = json.loads(tools) if tools.strip() else []
+    if isinstance(tools, dict):
+        tools = [tools]
+    out = []
+    for t in tools:
+        if not isinstance(t, dict):
+            raise RenderError(f"tool schema must be an object, got {type(t).__name__}")
+        if "function" in t and isinstance(t["function"], dict):
+            out.append(t)
+        elif "name" in t:
+            out.append({"type": "function", "function": t})
+        else:
+            raise RenderError(f"tool schema without a name: {str(t)[:200]}")
+    return out or None
+
+
+def _call_name_args(call: dict) -> tuple[str, Any]:
+    fn = call.get("function") if isinstance(call.get("function"), dict) else call
+    name = fn.get("name")
+    if not name:
+        raise RenderError("tool call without a name")
+    args = fn.get("arguments", fn.get("parameters"))
+    if args is None or (isinstance(args, str) and not args.strip()):
+        args = {}
+    elif isinstance(args, (str, bytes)):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError as e:
+            raise RenderError(f"tool call {name}: arguments are not valid JSON ({e.msg})") from None
+    return str(name), args
+
+
+# ----------------------------------------------------------------------------------------------- renderer
+class _Writer:
+    __slots__ = ("parts", "pos", "spans")
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.pos = 0
+        self.spans: list[CharSpan] = []
+
+    def emit(self, text: str, kind: str | None = None, index: int = -1, role: str = "") -> tuple[int, int]:
+        start = self.pos
+        if text:
+            self.parts.append(text)
+            self.pos += len(text)
+        if kind is not None and self.pos > start:
+            self.spans.append(CharSpan(kind, index, start, self.pos, role))
+        return start, self.pos
+
+    def span(self, kind: str, start: int, index: int, role: str) -> None:
+        self.spans.append(CharSpan(kind, index, start, self.pos, role))
+
+
+def _tool_defs_text(tools: list[dict]) -> str:
+    return "".join(json.dumps(t, ensure_ascii=False, indent=4) + "\n\n" for t in tools)
+
+
+def render_conversation(
+    messages: Sequence[dict],
+    tools: Any = None,
+    cfg: RenderConfig | None = None,
+    *,
+    _tool_defs: str | None = None,
+) -> Rendered:
+    """Render one conversation (trace_v1 messages; OpenAI-style tool_calls also accepted) with spans."""
+    cfg = cfg or RenderConfig()
+    tool_list = normalize_tools(tools)
+    defs = None if tool_list is None else (_tool_defs if _tool_defs is not None else _tool_defs_text(tool_list))
+    w = _Writer()
+    if cfg.add_bos:
+        w.emit(BOS, "bos", -1)
+
+    indexed = list(enumerate(messages))
+    if indexed and indexed[0][1].get("role") == "system":
+        sys_index, sys_content = 0, (indexed[0][1].get("content") or "").strip()
+        indexed = indexed[1:]
+    else:
+        sys_index, sys_content = -1, ""
+
+    tools_in_user = defs is not None and cfg.tools_in_user_message
+    if tools_in_user:
+        if not indexed:
+            raise RenderError("tools in the first user message, but there is no message after the system message")
+        first = indexed[0][1]
+        if first.get("role") != "user" or first.get("tool_calls"):
+            tools_in_user = False  # documented fallback: definitions go into the system message
+
+    # --- system message (always emitted, as in the official template)
+    start = w.pos
+    w.emit(f"{START_HEADER}system{END_HEADER}\n\n", "header", sys_index, "system")
+    if defs is not None:
+        w.emit("Environment: ipython\n")
+    w.emit(f"Cutting Knowledge Date: December 2023\nToday Date: {cfg.date_string}\n\n")
+    if defs is not None and not tools_in_user:
+        w.emit(_SYSTEM_TOOLS_PREAMBLE + defs, "tool_defs", -1, "system")
+    w.emit(sys_content, "content", sys_index, "system")
+    w.emit(EOT, "end_token", sys_index, "system")
+    w.span("message", start, sys_index, "system")
+
+    # --- first user message carrying the tool definitions
+    if tools_in_user:
+        i, m = indexed[0]
+        indexed = indexed[1:]
+        start = w.pos
+        w.emit(f"{START_HEADER}user{END_HEADER}\n\n", "header", i, "user")
+        w.emit(_USER_TOOLS_PREAMBLE + defs, "tool_defs", -1, "user")
+        w.emit((m.get("content") or "").strip(), "content", i, "user")
+        w.emit(EOT, "end_token", i, "user")
+        w.span("message", start, i, "user")
+
+    python_tag = cfg.tool_call_format == "python_tag"
+    for i, m in indexed:
+        role = m.get("role")
+        content = m.get("content") or ""
+        calls = m.get("tool_calls") or []
+        start = w.pos
+        if role in ("tool", "ipython"):
+            w.emit(f"{START_HEADER}ipython{END_HEADER}\n\n", "header", i, role)
+            body = json.dumps(content, ensure_ascii=False) if cfg.tool_result_tojson else content
+            w.emit(body, "content", i, role)
+            w.emit(EOT, "end_token", i, role)
+        elif calls:
+            if role != "assistant":
+                raise RenderError(f"message {i}: tool calls on a {role!r} message")
+            w.emit(f"{START_HEADER}assistant{END_HEADER}\n\n", "header", i, role)
+            text = content.strip()
+            if text:
+                w.emit(text, "content", i, role)
+                if not python_tag:
+                    w.emit("\n\n")
+            for k, call in enumerate(calls):
+                name, args = _call_name_args(call)
+                if k:
+                    w.emit("\n")
+                call_start = w.pos
+                if python_tag and k == 0:
+                    w.emit(PYTHON_TAG)
+                w.emit('{"name": "')
+                w.emit(name, "tool_name", i, role)
+                w.emit('", "parameters": ' + json.dumps(args, ensure_ascii=False) + "}")
+                w.span("tool_call", call_start, i, role)
+            w.emit(EOM if python_tag else EOT, "end_token", i, role)
+        elif role in ("user", "assistant", "system"):
+            w.emit(f"{START_HEADER}{role}{END_HEADER}\n\n", "header", i, role)
+            w.emit(content.strip(), "content", i, role)
+            w.emit(EOT, "end_token", i, role)
+        else:
+            raise RenderError(f"message {i}: unknown role {role!r}")
+        w.span("message", start, i, role)
+
+    return Rendered("".join(w.parts), w.spans)
+
+
+def to_template_messages(messages: Sequence[dict]) -> list[dict]:
+    """trace_v1 messages -> the shape HF chat templates expect (for comparing with ``apply_chat_template``):
+    tool calls as ``{"type": "function", "function": {"name", "arguments": dict}}``, key absent when empty."""
+    out = []
+    for m in messages:
+        d: dict[str, Any] = {"role": m["role"], "content": m.get("content") or ""}
+        if m.get("tool_calls"):
+            calls = []
+            for c in m["tool_calls"]:
+                name, args = _call_name_args(c)
+                calls.append({"type": "function", "function": {"name": name, "arguments": args}})
+            d["tool_calls"] = calls
+        if m.get("tool_call_id"):
+            d["tool_call_id"] = m["tool_call_id"]
+        out.append(d)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- parsing
+_DECODER = json.JSONDecoder()
+
+
+def parse_tool_calls(text: str) -> list[dict]:
+    """Tool calls in an assistant turn, in either Llama-3.1 form (``<|python_tag|>{json}<|eom_id|>`` or plain
+    ``{json}<|eot_id|>``), possibly after free text and possibly several. Returns
+    ``[{"name": str, "arguments": dict}]``; objects that are not calls (no "name" plus "parameters" or
+    "arguments") are skipped."""
+    for tok in (EOM, EOT):
+        text = text.replace(tok, "")
+    tag = text.find(PYTHON_TAG)
+    if tag >= 0:
+        text = text[tag + len(PYTHON_TAG) :]
+    calls, i, n = [], 0, len(text)
+    while i < n:
+        j = text.find("{", i)
+        if j < 0:
+            break
+        try:
+            obj, end = _DECODER.raw_decode(text, j)
+        except json.JSONDecodeError:
+            i = j + 1
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("name"), str) and (
+            "parameters" in obj or "arguments" in obj
+        ):
+            args = obj.get("parameters", obj.get("arguments"))
+            if isinstance(args, str):
+                try:
+                    args = json.loads(args)
+                except json.JSONDecodeError:
+                    pass
+            calls.append({"name": obj["name"], "arguments": args if args is not None else {}})
+            i = end
+        else:
+            i = j + 1
+    return calls
+
+
+# ------------------------------------------------------------------------------------------- render_v1
+TOKEN_SPAN = pl.Struct(
+    {
+        "kind": pl.String,
+        "message_index": pl.Int32,
+        "role": pl.String,
+        "token_start": pl.Int32,
+        "token_end": pl.Int32,  # exclusive
+    }
+)
+RENDER_SCHEMA = pl.Schema(
+    {
+        "trace_id": pl.String,
+        "tokenizer_id": pl.String,
+        "input_ids": pl.List(pl.Int32),
+        "spans": pl.List(TOKEN_SPAN),
+        "n_tokens": pl.Int32,
+        "truncated": pl.Boolean,
+    }
+)
+
+
+class RenderModel(pa.DataFrameModel):
+    """render_v1."""
+
+    trace_id: str = pa.Field(unique=True)
+    tokenizer_id: str = pa.Field(str_length={"min_value": 1})
+    input_ids: pl.List(pl.Int32) = pa.Field()  # type: ignore[valid-type]
+    spans: pl.List(TOKEN_SPAN) = pa.Field()  # type: ignore[valid-type]
+    n_tokens: pl.Int32 = pa.Field(ge=1)  # type: ignore[valid-type]
+    truncated: bool
+
+    class Config:
+        strict = True
+
+    @pa.dataframe_check
+    def n_tokens_matches(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(pl.col("input_ids").list.len() == pl.col("n_tokens"))
+
+    @pa.dataframe_check
+    def spans_inside_sequence(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        lf = data.lazyframe.with_row_index("_r").explode("spans").unnest("spans")
+        ok = (
+            pl.col("token_start").is_null()
+            | ((pl.col("token_start") >= 0) & (pl.col("token_start") <= pl.col("token_end"))
+               & (pl.col("token_end") <= pl.col("n_tokens")))
+        )
+        return lf.group_by("_r", maintain_order=True).agg(ok.all().alias("ok")).select("ok")
+
+
+def empty_renders() -> pl.DataFrame:
+    return pl.DataFrame(schema=RENDER_SCHEMA)
+
+
+_TRAINED_KINDS = ("content", "tool_call")
+_KIND_CODE = {k: i for i, k in enumerate(SPAN_KINDS)}
+
+
+def _split_locator(loc: str | None) -> tuple[str, int]:
+    if not loc:
+        return "", 0
+    head, sep, tail = loc.rpartition(":")
+    if sep and tail.isdigit():
+        return head, int(tail)
+    return loc, 0
+
+
+def _reject_row(row: dict, reason: str, field: str = "messages") -> dict:
+    file, line = _split_locator(row.get("source_locator"))
+    raw = {k: row.get(k) for k in ("id", "dataset", "source_locator", "messages", "tools")}
+    return {
+        "stage": "renders",
+        "dataset": row.get("dataset") or "",
+        "file": file,
+        "line": line,
+        "field": field,
+        "reason": reason,
+        "raw": canonical_json(raw),
+    }
+
+
+def _render_rows(rows: list[dict], cfg: RenderConfig) -> tuple[list[tuple[dict, Rendered]], list[dict]]:
+    tool_cache: dict[str, tuple[Any, str | None]] = {}
+    ok, rejected = [], []
+    for row in rows:
+        tools_json = row.get("tools") or "[]"
+        try:
+            cached = tool_cache.get(tools_json)
+            if cached is None:
+                tl = normalize_tools(tools_json)
+                cached = (tl, None if tl is None else _tool_defs_text(tl))
+                tool_cache[tools_json] = cached
+            r = render_conversation(row.get("messages") or [], cached[0], cfg, _tool_defs=cached[1])
+        except (RenderError, json.JSONDecodeError) as e:
+            rejected.append(_reject_row(row, f"render error: {e}"))
+            continue
+        ok.append((row, r))
+    return ok, rejected
+
+
+def _token_spans(r: Rendered, starts: np.ndarray) -> np.ndarray:
+    """(k, 4) int array: kind code, message_index, token_start, token_end (char -> token, start-char rule)."""
+    sp = r.spans
+    cs = np.fromiter((s.char_start for s in sp), np.int64, len(sp))
+    ce = np.fromiter((s.char_end for s in sp), np.int64, len(sp))
+    out = np.empty((len(sp), 4), np.int64)
+    out[:, 0] = [_KIND_CODE[s.kind] for s in sp]
+    out[:, 1] = [s.message_index for s in sp]
+    out[:, 2] = np.searchsorted(starts, cs, "left")
+    out[:, 3] = np.searchsorted(starts, ce, "left")
+    return out
+
+
+def _last_trained_message(r: Rendered) -> int | None:
+    last = None
+    for s in r.spans:
+        if s.role == "assistant" and s.kind in _TRAINED_KINDS:
+            last = s.message_index if last is None else max(last, s.message_index)
+    return last
+
+
+def _process_chunk(args: tuple) -> tuple[dict[str, list], list[dict], dict[str, float]]:
+    rows, tokenizer, tok_id, cfg = args
+    t0 = time.perf_counter()
+    rendered, rejected = _render_rows(rows, cfg)
+    t1 = time.perf_counter()
+    texts = [r.text for _, r in rendered]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
+    t2 = time.perf_counter()
+    cols: dict[str, list] = {k: [] for k in RENDER_SCHEMA.names()}
+    L = cfg.max_length
+    for j, (row, r) in enumerate(rendered):
+        ids = enc["input_ids"][j]
+        offs = enc["offset_mapping"][j]
+        starts = np.fromiter((o[0] for o in offs), np.int64, len(offs))
+        ts = _token_spans(r, starts)
+        n = len(ids)
+        truncated = n > L
+        keep = np.ones(len(ts), bool)
+        if truncated:
+            ids = ids[:L]
+            keep = ts[:, 2] < L
+            ts[:, 3] = np.minimum(ts[:, 3], L)
+            last = _last_trained_message(r)
+            if last is not None:
+                alive = any(
+                    keep[k] and ts[k, 3] > ts[k, 2]
+                    for k, s in enumerate(r.spans)
+                    if s.message_index == last and s.kind in _TRAINED_KINDS and s.role == "assistant"
+                )
+                if not alive:
+                    rejected.append(
+                        _reject_row(
+                            row,
+                            f"truncated: trained span cut away (last assistant message {last} starts past "
+                            f"max_length={L}; {n} tokens)",
+                        )
+                    )
+                    continue
+            n = L
+        cols["trace_id"].append(row["id"])
+        cols["tokenizer_id"].append(tok_id)
+        cols["input_ids"].append(ids)
+        cols["spans"].append(
+            [
+                {
+                    "kind": s.kind,
+                    "message_index": int(ts[k, 1]),
+                    "role": s.role,
+                    "token_start": int(ts[k, 2]),
+                    "token_end": int(ts[k, 3]),
+                }
+                for k, s in enumerate(r.spans)
+                if keep[k]
+            ]
+        )
+        cols["n_tokens"].append(n)
+        cols["truncated"].append(truncated)
+    t3 = time.perf_counter()
+    return cols, rejected, {"render_s": t1 - t0, "tokenize_s": t2 - t1, "map_s": t3 - t2}
+
+
+def render_traces(
+    traces: pl.DataFrame,
+    tokenizer,
+    cfg: RenderConfig | None = None,
+    *,
+    num_workers: int | None = None,
+    stats: dict | None = None,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """trace_v1 frame -> (render_v1 frame, quarantine rows with stage="renders").
+
+    Renders every trace once (spans recorded), tokenizes the batch once with offsets (fast tokenizer), and
+    maps character spans to token spans with ``searchsorted``. Rows longer than ``cfg.max_length`` are cut
+    (``truncated=True``; spans clipped, spans past the cut dropped); a trace whose last assistant message
+    with content or a tool call loses all of those tokens goes to quarantine instead. Traces without
+    assistant turns (skeletons) render normally. ``num_workers`` (default ``cfg.num_workers``) > 1 splits
+    the rows over that many processes. ``stats``, if given, receives timings and counts.
+    """
+    from cb_core.tokenizer import tokenizer_id
+
+    cfg = cfg or RenderConfig()
+    workers = max(1, int(num_workers if num_workers is not None else cfg.num_workers))
+    tok_id = tokenizer_id(tokenizer)
+    cols_needed = ["id", "dataset", "source_locator", "messages", "tools"]
+    rows = traces.select([c for c in cols_needed if c in traces.columns]).to_dicts()
+    t0 = time.perf_counter()
+    if workers == 1 or len(rows) < 2 * workers:
+        results = [_process_chunk((rows, tokenizer, tok_id, cfg))]
+    else:
+        import multiprocessing as mp
+
+        size = -(-len(rows) // workers)
+        chunks = [(rows[k : k + size], tokenizer, tok_id, cfg) for k in range(0, len(rows), size)]
+        ctx = mp.get_context("fork")
+        with ctx.Pool(len(chunks)) as pool:
+            results = pool.map(_process_chunk, chunks)
+    cols: dict[str, list] = {k: [] for k in RENDER_SCHEMA.names()}
+    rejected: list[dict] = []
+    timing = {"render_s": 0.0, "tokenize_s": 0.0, "map_s": 0.0}
+    for c, rej, tm in results:
+        for k in cols:
+            cols[k].extend(c[k])
+        rejected.extend(rej)
+        for k in timing:
+            timing[k] += tm[k]
+    renders = pl.DataFrame(cols, schema=RENDER_SCHEMA)
+    quarantine = pl.DataFrame(rejected, schema=QUARANTINE_SCHEMA) if rejected else pl.DataFrame(schema=QUARANTINE_SCHEMA)
+    if stats is not None:
+        stats.update(timing)
+        stats.update(
+            wall_s=time.perf_counter() - t0,
+            n_in=len(rows),
+            n_rendered=renders.height,
+            n_rejected=len(rejected),
+            n_truncated=int(renders["truncated"].sum()) if renders.height else 0,
+            n_tokens=int(renders["n_tokens"].sum()) if renders.height else 0,
+            workers=workers,
+        )
+    return renders, quarantine
+
+
+def decode_span(tokenizer, input_ids: Sequence[int], span: dict) -> str:
+    """The text of one token span (handy in tests and previews)."""
+    return tokenizer.decode(list(input_ids[span["token_start"] : span["token_end"]]), skip_special_tokens=False)
+
+
+# ----------------------------------------------------------------------------------- official template
+OFFICIAL_TEMPLATE_NAME = "meta-llama-Llama-3.1-8B-Instruct.jinja"
+
+
+def official_llama31_template(cache_dir: str | os.PathLike | None = None, timeout: int = 600) -> str:
+    """Meta's Llama-3.1 chat template as vendored by llama.cpp, fetched from the llama-cpp-python sdist
+    (``pip download --no-deps --no-binary :all:``) and cached (``$CB_CACHE_DIR/templates`` or
+    ``~/.cache/cb_platform/templates``). For tests and benchmarks; the renderer itself never needs it.
+    Raises ``RuntimeError`` when it cannot be fetched."""
+    import subprocess
+    import sys
+    import tarfile
+    import tempfile
+    from pathlib import Path
+
+    if cache_dir is None:
+        root = os.environ.get("CB_CACHE_DIR")
+        cache_dir = (Path(root).expanduser() if root else Path.home() / ".cache" / "cb_platform") / "templates"
+    cache = Path(cache_dir)
+    target = cache / OFFICIAL_TEMPLATE_NAME
+    if target.is_file():
+        return target.read_text(encoding="utf-8")
+    names = (
+        f"vendor/llama.cpp/models/templates/{OFFICIAL_TEMPLATE_NAME}",
+        "vendor/llama.cpp/models/templates/meta-llama-Meta-Llama-3.1-8B-Instruct.jinja",
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "llama-cpp-python",
+             "-d", tmp],
+            capture_output=True, text=True, timeout=timeout,
+        )
+        sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        if not sdists:
+            raise RuntimeError(f"could not download the llama-cpp-python sdist: {proc.stderr[-2000:]}")
+        with tarfile.open(sdists[0]) as tf:
+            member = next((m for m in tf.getmembers() if m.name.split("/", 1)[-1] in names), None)
+            if member is None:
+                raise RuntimeError(f"{sdists[0].name} has no {OFFICIAL_TEMPLATE_NAME}")
+            text = tf.extractfile(member).read().decode("utf-8")
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmpf = tempfile.mkstemp(dir=cache, prefix=".tpl.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmpf, target)
+    return text

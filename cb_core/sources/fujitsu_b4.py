@@ -1,0 +1,186 @@
+"""Fujitsu B4 orchestrator tool-flip attacks (JSONL) -> trace_v1 skeletons.
+
+Accepted shapes: one or more JSONL files (a file, a folder of files or a glob; `resolve_source_paths` does
+that). Each line is one record with `attack_id`, `category`, `subtype`, `benign_query`,
+`malicious_injection`, `combined_query`, `expected_tool`, `simulated_tool`, `success`, ... (see the data
+README). Blank lines are skipped and counted in `meta["blank_lines"]`.
+
+Each good record becomes a **skeleton** trace:
+  messages = [system (from the tool-schema file), user = `combined_query`], tools = the schema file's tools.
+  labels: harmful / `harmful_flip` when `success` is true (the real set holds successful attacks only);
+  a record with `success == false` is retain / `injection_resisted`. attack_present is always true.
+  tool_attack: expected_tool, attacker_tool = simulated_tool, injection_text, injection_span
+  {message_index: 1 (the user message), char_start, char_end} into `combined_query`.
+  Span: where `malicious_injection` occurs in `combined_query`; when it is "" or not found there, the part of
+  `combined_query` that differs from `benign_query` (common prefix and suffix trimmed), and injection_text is
+  then that differing text. No difference at all -> span null, injection_text "".
+  subtype = `subtype` (else `category`); pair_group = the skeleton's own id (DS/DR twins generated later
+  inherit it).
+
+Quarantined (file, 1-based line, field, reason, raw line): invalid JSON / not an object / not UTF-8 (field
+""), a missing or empty required field (field = its name), `success` not a boolean, a tool name outside
+the schema (field `expected_tool` / `simulated_tool`).
+
+cfg keys (configs/datasets.yaml `fujitsu_b4:`): `tool_schema` (path of the schema JSON), `required_fields`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from cb_core.config import config_path
+from cb_core.schemas import canonical_json, make_trace, message, reject
+from cb_core.sources import SourceError, SourceResult
+
+DATASET = "fujitsu_b4"
+DEFAULT_SCHEMA = "configs/tool_schemas/b4_standard_v1.json"
+DEFAULT_REQUIRED = ("combined_query", "expected_tool", "simulated_tool", "success")
+
+
+def load_tool_schema(cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The B4 tool-schema file: {name, system_prompt, tools: [OpenAI function schemas]}."""
+    cfg = cfg or {}
+    path = config_path(cfg.get("tool_schema") or DEFAULT_SCHEMA)
+    try:
+        with open(path, encoding="utf-8") as f:
+            schema = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SourceError(f"fujitsu_b4: cannot load tool schema {path}: {e} (set fujitsu_b4.tool_schema)") from e
+    tools = schema.get("tools") or []
+    if not tools:
+        raise SourceError(f"fujitsu_b4: tool schema {path} lists no tools")
+    schema["_names"] = frozenset(t["function"]["name"] for t in tools)
+    if cfg.get("system_prompt"):
+        schema["system_prompt"] = cfg["system_prompt"]
+    return schema
+
+
+def diff_span(benign: str, combined: str) -> tuple[int, int]:
+    """[start, end) of the part of `combined` that differs from `benign` (common prefix/suffix trimmed)."""
+    n = min(len(benign), len(combined))
+    p = 0
+    while p < n and benign[p] == combined[p]:
+        p += 1
+    s = 0
+    while s < n - p and benign[-1 - s] == combined[-1 - s]:
+        s += 1
+    return p, len(combined) - s
+
+
+def injection_span(combined: str, injection: str, benign: str | None) -> tuple[str, dict | None]:
+    """(injection_text, span dict relative to the user message) for one record."""
+    if injection:
+        i = combined.find(injection)
+        if i < 0:
+            stripped = injection.strip()
+            i = combined.find(stripped) if stripped else -1
+            if i >= 0:
+                injection = stripped
+        if i >= 0:
+            return injection, {"message_index": 1, "char_start": i, "char_end": i + len(injection)}
+    if isinstance(benign, str) and benign != combined:
+        a, b = diff_span(benign, combined)
+        if b > a:
+            return combined[a:b], {"message_index": 1, "char_start": a, "char_end": b}
+    return injection or "", None
+
+
+def _lines(path: Path) -> list[str | bytes]:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        out: list[str | bytes] = []
+        for raw in data.split(b"\n"):
+            try:
+                out.append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                out.append(raw)  # quarantined below as not UTF-8
+        return out
+
+
+def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
+    cfg = cfg or {}
+    schema = load_tool_schema(cfg)
+    names = schema["_names"]
+    tools_json = canonical_json(schema["tools"])
+    system_prompt = schema.get("system_prompt") or ""
+    required = tuple(cfg.get("required_fields") or DEFAULT_REQUIRED)
+    good: list[dict] = []
+    bad: list[dict] = []
+    blank = 0
+    files = 0
+    for path in paths:
+        path = Path(path)
+        if path.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
+            continue
+        files += 1
+        fname = str(path)
+        for lineno, line in enumerate(_lines(path), 1):
+            if isinstance(line, bytes):
+                bad.append(reject(dataset=DATASET, file=fname, line=lineno, reason="line is not valid UTF-8",
+                                  raw=line.decode("utf-8", "replace")))
+                continue
+            if not line.strip():
+                blank += 1
+                continue
+            line = line.rstrip("\r")
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                bad.append(reject(dataset=DATASET, file=fname, line=lineno, reason=f"invalid JSON: {e}", raw=line))
+                continue
+            if not isinstance(rec, dict):
+                bad.append(reject(dataset=DATASET, file=fname, line=lineno,
+                                  reason=f"record is a JSON {type(rec).__name__}, not an object", raw=line))
+                continue
+            problem = None
+            for fld in required:
+                v = rec.get(fld)
+                if v is None or (isinstance(v, str) and not v.strip()):
+                    how = "missing" if fld not in rec else ("null" if v is None else "empty")
+                    problem = (fld, f"required field '{fld}' is {how}")
+                    break
+            if problem is None:
+                if not isinstance(rec.get("success", True), bool):
+                    problem = ("success", f"'success' is {type(rec['success']).__name__}, expected a boolean")
+                elif not isinstance(rec["combined_query"], str):
+                    problem = ("combined_query", "'combined_query' is not a string")
+                elif rec["expected_tool"] not in names:
+                    problem = ("expected_tool", f"tool '{rec['expected_tool']}' is not in the B4 tool schema")
+                elif rec["simulated_tool"] not in names:
+                    problem = ("simulated_tool", f"tool '{rec['simulated_tool']}' is not in the B4 tool schema")
+            if problem is not None:
+                bad.append(reject(dataset=DATASET, file=fname, line=lineno, field=problem[0], reason=problem[1],
+                                  raw=line))
+                continue
+            combined = rec["combined_query"]
+            inj = rec.get("malicious_injection")
+            benign = rec.get("benign_query")
+            inj_text, span = injection_span(combined, inj if isinstance(inj, str) else "", benign)
+            succeeded = bool(rec.get("success", True))
+            good.append(
+                make_trace(
+                    dataset=DATASET,
+                    source_locator=f"{fname}:{lineno}",
+                    completeness="skeleton",
+                    messages=[message("system", system_prompt), message("user", combined)],
+                    tools=tools_json,
+                    category="harmful" if succeeded else "retain",
+                    priority_class="harmful_flip" if succeeded else "injection_resisted",
+                    subtype=str(rec.get("subtype") or rec.get("category") or ""),
+                    attack_present=True,
+                    attack_succeeded=succeeded,
+                    tool_attack={
+                        "expected_tool": rec["expected_tool"],
+                        "attacker_tool": rec["simulated_tool"],
+                        "attacker_args": None,
+                        "injection_text": inj_text,
+                        "injection_span": span,
+                    },
+                )
+            )
+    if files == 0:
+        raise SourceError(f"fujitsu_b4: no .jsonl file among {[str(p) for p in paths]} (set CB_FUJITSU_B4_PATH)")
+    return SourceResult.from_rows(good, bad, files=files, blank_lines=blank, tool_schema=schema.get("name", ""))

@@ -1,0 +1,129 @@
+"""UltraChat 200k (`HuggingFaceH4/ultrachat_200k`) -> complete retain traces (`general_conversation`).
+
+Accepted shapes: Parquet files (`*.parquet`, e.g. the `train_sft` shards), or JSONL files (`*.jsonl`,
+`*.ndjson`) with the same rows `{prompt, prompt_id, messages: [{role, content}]}`; a folder gives its
+top-level files, other file types in it are skipped (counted in `meta["skipped_files"]`). `cfg["max_rows"]`
+caps the number of rows read over all files (in file order; the rest is not read and not quarantined).
+
+Each row -> one complete trace with no tools: its `messages` as they are (roles system/user/assistant).
+subtype = the file's stem (e.g. `train_sft-00000-of-00003`), so a split's provenance stays visible.
+Quarantined (file, 1-based row/line, field, reason, raw row as JSON): invalid JSON line, `messages` missing or
+empty or not a list, a message that is not {role, content} with a known role and string content, a
+conversation without any assistant turn or whose first turn is the assistant's.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import polars as pl
+
+from cb_core.schemas import make_trace, message, reject
+from cb_core.sources import SourceError, SourceResult
+
+DATASET = "ultrachat"
+PARQUET = (".parquet", ".pq")
+JSONL = (".jsonl", ".ndjson")
+ROLES = ("system", "user", "assistant")
+
+
+def _parquet_rows(path: Path, limit: int | None) -> Iterator[tuple[int, Any, str | None]]:
+    cols = pl.read_parquet_schema(path)
+    if "messages" not in cols:
+        raise SourceError(f"ultrachat: {path} has no 'messages' column (columns: {list(cols)})")
+    use = [c for c in ("prompt_id", "messages") if c in cols]
+    df = pl.read_parquet(path, columns=use, n_rows=limit)
+    for i, rec in enumerate(df.iter_rows(named=True), 1):
+        yield i, rec, None
+
+
+def _jsonl_rows(path: Path, limit: int | None) -> Iterator[tuple[int, Any, str | None]]:
+    n = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if limit is not None and n >= limit:
+                return
+            n += 1
+            try:
+                yield i, json.loads(line), line.rstrip("\r\n")
+            except ValueError as e:
+                yield i, e, line.rstrip("\r\n")
+
+
+def _check(msgs: Any) -> tuple[str, str] | None:
+    if not isinstance(msgs, list):
+        return ("messages", "'messages' is missing or not a list")
+    if not msgs:
+        return ("messages", "'messages' is empty")
+    for j, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            return (f"messages[{j}]", "message is not an object")
+        if m.get("role") not in ROLES:
+            return (f"messages[{j}].role", f"unknown role {m.get('role')!r}")
+        if not isinstance(m.get("content"), str):
+            return (f"messages[{j}].content", "content is not a string")
+    roles = [m["role"] for m in msgs if m["role"] != "system"]
+    if not roles or roles[0] != "user":
+        return ("messages", "conversation does not start with a user turn")
+    if "assistant" not in roles:
+        return ("messages", "conversation has no assistant turn")
+    return None
+
+
+def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
+    cfg = cfg or {}
+    max_rows = cfg.get("max_rows")
+    remaining = int(max_rows) if max_rows else None
+    good: list[dict] = []
+    bad: list[dict] = []
+    skipped: list[str] = []
+    files = 0
+    for path in paths:
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix in PARQUET:
+            rows = _parquet_rows(path, remaining)
+        elif suffix in JSONL:
+            rows = _jsonl_rows(path, remaining)
+        else:
+            skipped.append(path.name)
+            continue
+        files += 1
+        fname = str(path)
+        subtype = path.stem
+        for line, rec, raw in rows:
+            if remaining is not None:
+                if remaining <= 0:
+                    break
+                remaining -= 1
+            if isinstance(rec, Exception):
+                bad.append(reject(dataset=DATASET, file=fname, line=line, reason=f"invalid JSON: {rec}", raw=raw))
+                continue
+            msgs = rec.get("messages") if isinstance(rec, dict) else None
+            problem = _check(msgs)
+            if problem:
+                bad.append(reject(dataset=DATASET, file=fname, line=line, field=problem[0], reason=problem[1],
+                                  raw=raw if raw is not None else json.dumps(rec, ensure_ascii=False, default=str)))
+                continue
+            good.append(
+                make_trace(
+                    dataset=DATASET,
+                    source_locator=f"{fname}:{line}",
+                    completeness="complete",
+                    messages=[message(m["role"], m["content"]) for m in msgs],
+                    tools=None,
+                    category="retain",
+                    priority_class="general_conversation",
+                    subtype=subtype,
+                )
+            )
+        if remaining is not None and remaining <= 0:
+            break
+    if files == 0:
+        raise SourceError(
+            f"ultrachat: no .parquet or .jsonl file among {[str(p) for p in paths]} (set CB_ULTRACHAT_PATH)"
+        )
+    return SourceResult.from_rows(good, bad, files=files, skipped_files=skipped, max_rows=max_rows)
