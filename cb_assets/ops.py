@@ -72,8 +72,15 @@ def _setting(env: str, section: str, key: str, default: Any) -> Any:
     return (_ops_config().get(section) or {}).get(key, default)
 
 
-REVALIDATE_CRON = str(_setting("CB_REVALIDATE_CRON", "revalidate", "cron", "0 4 * * *"))
-REVALIDATE_TIMEZONE = str(_setting("CB_REVALIDATE_TIMEZONE", "revalidate", "timezone", "UTC"))
+def revalidate_cron() -> tuple[str, str]:
+    """(cron, timezone) of the re-validation schedule: env, else configs/operations.yaml, else daily 04:00 UTC."""
+    return (
+        str(_setting("CB_REVALIDATE_CRON", "revalidate", "cron", "0 4 * * *")),
+        str(_setting("CB_REVALIDATE_TIMEZONE", "revalidate", "timezone", "UTC")),
+    )
+
+
+REVALIDATE_CRON, REVALIDATE_TIMEZONE = revalidate_cron()
 SENSOR_INTERVAL_S = int(_setting("CB_SOURCE_SENSOR_INTERVAL_S", "source_sensor", "minimum_interval_seconds", 60))
 SENSOR_MAX_WAIT_S = float(_setting("CB_SOURCE_SENSOR_MAX_WAIT_S", "source_sensor", "max_wait_seconds", 900))
 SENSOR_DEFAULT_STATUS = (

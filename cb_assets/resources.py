@@ -25,7 +25,38 @@ class DatasetsResource(dg.ConfigurableResource):
         return data_root()
 
 
+class ModelResource(dg.ConfigurableResource):
+    """The model profile (configs/models/<profile>.yaml); ``CB_MODEL`` overrides ``profile`` at run time.
+    ``tokenizer()`` is cached per process (building the offline Llama-3 tokenizer takes seconds)."""
+
+    profile: str = "tiny"
+
+    def profile_name(self) -> str:
+        import os
+
+        return os.environ.get("CB_MODEL") or self.profile
+
+    def model_profile(self):
+        from cb_core.model import load_profile
+
+        return load_profile(self.profile_name())
+
+    def tokenizer(self):
+        return _cached_tokenizer(self.profile_name())
+
+
+_TOKENIZERS: dict = {}
+
+
+def _cached_tokenizer(profile: str):
+    if profile not in _TOKENIZERS:
+        from cb_core.model import load_profile_tokenizer
+
+        _TOKENIZERS[profile] = load_profile_tokenizer(profile)
+    return _TOKENIZERS[profile]
+
+
 def default_resources() -> dict:
     from cb_assets.io_manager import ParquetIOManager
 
-    return {"io_manager": ParquetIOManager(), "datasets": DatasetsResource()}
+    return {"io_manager": ParquetIOManager(), "datasets": DatasetsResource(), "model": ModelResource()}

@@ -148,7 +148,9 @@ def assistant_and_tool(spans: Sequence[dict], n_tokens: int) -> list[Range]:
 
 def tool_calls_only(spans: Sequence[dict], n_tokens: int) -> list[Range]:
     """The ``tool_call`` tokens of assistant messages only (the call JSON, incl. ``<|python_tag|>``;
-    not the text before it, not the separators between calls, not the end token)."""
+    not the text before it, not the end token). Token ranges follow the renderer's rule that a token belongs
+    to the span it starts in, so the "\n" between two calls, which BPE merges into the first call's
+    final token (``}}\n``), comes with that call."""
     return merge_ranges(
         ((s, e, 1.0) for m in _messages(spans) if m.role == ASSISTANT for s, e in m.calls), n_tokens
     )

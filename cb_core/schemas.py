@@ -5,6 +5,7 @@ string so every tier stays a plain, fixed-schema Parquet table that any tool can
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from typing import Any
@@ -106,6 +107,12 @@ def digest(obj: Any, n: int = 32) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:n]
 
 
+@functools.lru_cache(maxsize=256)
+def _tools_part(tools_json: str) -> tuple[str, str]:
+    """Tool schemas repeat across a source's traces: encode and digest each distinct one once."""
+    return canonical_json(tools_json), digest(tools_json, 16)
+
+
 def message(
     role: str,
     content: str | None = "",
@@ -167,7 +174,16 @@ def make_trace(
             "injection_text": tool_attack.get("injection_text"),
             "injection_span": tool_attack.get("injection_span"),
         }
-    tid = digest([dataset, source_locator, messages, tools_json, tool_attack])
+    tools_enc, tools_digest = _tools_part(tools_json)
+    # Same bytes as digest([dataset, source_locator, messages, tools_json, tool_attack]), cheaper.
+    tid = digest(
+        "["
+        + ",".join(
+            [canonical_json(dataset), canonical_json(source_locator), canonical_json(messages), tools_enc,
+             canonical_json(tool_attack)]
+        )
+        + "]"
+    )
     return {
         "id": tid,
         "dataset": dataset,
@@ -189,7 +205,7 @@ def make_trace(
         "provenance": {
             "ingest_version": ingest_version or INGEST_VERSION,
             "generation_params": canonical_json(generation_params) if generation_params else None,
-            "tool_schema_digest": digest(tools_json, 16),
+            "tool_schema_digest": tools_digest,
         },
     }
 

@@ -129,19 +129,49 @@ class SlurmOptions:
         return out
 
 
+# Dagster 1.13 asset tag values may only contain [A-Za-z0-9_.-] (<= 63 chars), so ``gpu:1`` or
+# ``04:00:00`` cannot be written as asset tags. In tag values, '.' therefore stands for ':' in the
+# options whose SLURM syntax uses ':' (gres, time): ``slurm/gres: gpu.1``, ``slurm/time: 04.00.00``.
+# Run tags (free-form) may use either spelling. ``slurm/gpus: "2"`` is shorthand for gres gpu:2.
+TAG_SAFE_COLON = frozenset({"gres", "time"})
+BOOKKEEPING_TAGS = frozenset({"job_id", "script", "log"})
+
+
+def decode_tag_value(name: str, value: str) -> str:
+    text = str(value).strip()
+    return text.replace(".", ":") if name in TAG_SAFE_COLON else text
+
+
 def options_from_tags(tags: Mapping[str, str] | None, *, prefix: str = TAG_PREFIX) -> dict[str, str]:
-    """``{"slurm/gres": "gpu:1", ...}`` -> ``{"gres": "gpu:1"}``; unknown ``slurm/*`` keys are rejected
-    (except ``slurm/job_id`` and other run-bookkeeping keys written by the launcher)."""
+    """``{"slurm/gres": "gpu.1", "slurm/time": "04.00.00"}`` -> ``{"gres": "gpu:1", "time": "04:00:00"}``.
+
+    Every value is validated against the option's allow-pattern (a value such as
+    ``gpu:1; touch /tmp/x`` raises :class:`SlurmOptionError`); unknown ``slurm/*`` keys are rejected
+    (except the launcher's own bookkeeping tags such as ``slurm/job_id``)."""
     out: dict[str, str] = {}
+    gpus_gres = None
     for key, value in (tags or {}).items():
         if not key.startswith(prefix):
             continue
         name = key[len(prefix):]
-        if name in ("job_id", "script", "log"):
+        if name in BOOKKEEPING_TAGS:
+            continue
+        if name == "gpus":
+            if not re.fullmatch(r"[0-9]{1,3}", str(value).strip()):
+                raise SlurmOptionError(f"invalid value for tag {key!r}: {value!r} (expected a GPU count)")
+            n = int(str(value).strip())
+            gpus_gres = f"gpu:{n}" if n > 0 else "none"
             continue
         if name not in SBATCH_FLAGS:
-            raise SlurmOptionError(f"unknown SLURM tag {key!r} (known: {sorted(prefix + k for k in SBATCH_FLAGS)})")
-        out[name] = validate_option(name, value, source=f"tag {key!r}")
+            known = sorted([prefix + k for k in SBATCH_FLAGS] + [prefix + "gpus"])
+            raise SlurmOptionError(f"unknown SLURM tag {key!r} (known: {known})")
+        decoded = decode_tag_value(name, value)
+        if name == "gres" and decoded.lower() == "none":
+            out[name] = "none"
+            continue
+        out[name] = validate_option(name, decoded, source=f"tag {key!r}")
+    if gpus_gres is not None:
+        out.setdefault("gres", gpus_gres)  # an explicit slurm/gres wins over slurm/gpus
     return out
 
 

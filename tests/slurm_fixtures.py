@@ -111,6 +111,9 @@ class LauncherEnv:
                 "max_resume_run_attempts": 0,
             },
             "telemetry": {"enabled": False},
+            # Submit -> launch synchronously (no dagster-daemon needed). Production uses the daemon's
+            # QueuedRunCoordinator, which calls the same launcher with the same workspace context.
+            "run_coordinator": {"module": "dagster._core.run_coordinator", "class": "DefaultRunCoordinator"},
         }
         if storage:
             config["storage"] = dict(storage)

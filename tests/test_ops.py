@@ -45,7 +45,7 @@ class Ticker:
     def __init__(self, instance):
         self.instance = instance
         self.cursor: str | None = None
-        self.sensor = defs.get_sensor_def("source_sensor")
+        self.sensor = defs.resolve_sensor_def("source_sensor")
 
     def tick(self):
         ctx = dg.build_sensor_context(cursor=self.cursor, definitions=defs, instance=self.instance,
@@ -179,7 +179,7 @@ def test_sensor_skips_in_demo_mode(data_root, instance):
 
 # ------------------------------------------------------------------------------------------- re-validation
 def test_schedule_defaults():
-    sched = defs.get_schedule_def("revalidate_daily")
+    sched = defs.resolve_schedule_def("revalidate_daily")
     assert sched.default_status == dg.DefaultScheduleStatus.RUNNING
     assert sched.job_name == "revalidate"
     assert sched.cron_schedule == ops.REVALIDATE_CRON
@@ -189,15 +189,10 @@ def test_schedule_defaults():
 
 
 def test_revalidate_cron_env_override(monkeypatch):
-    import importlib
-
+    assert ops.revalidate_cron()[0] == ops.REVALIDATE_CRON
     monkeypatch.setenv("CB_REVALIDATE_CRON", "*/5 * * * *")
-    try:
-        mod = importlib.reload(ops)
-        assert mod.revalidate_daily.cron_schedule == "*/5 * * * *"
-    finally:
-        monkeypatch.delenv("CB_REVALIDATE_CRON")
-        importlib.reload(ops)
+    monkeypatch.setenv("CB_REVALIDATE_TIMEZONE", "Europe/Berlin")
+    assert ops.revalidate_cron() == ("*/5 * * * *", "Europe/Berlin")
 
 
 def _xstest_source(tmp_path: Path, n: int = 12) -> Path:
@@ -218,7 +213,7 @@ def test_revalidate_reports_planted_bad_row(data_root, tmp_path, monkeypatch, in
         instance=instance
     )
     assert built.success
-    schedule = defs.get_schedule_def("revalidate_daily")
+    schedule = defs.resolve_schedule_def("revalidate_daily")
     # every check passes on what was just written
     ok_run = _run_schedule(schedule, instance)
     assert ok_run.success
@@ -259,7 +254,7 @@ def test_revalidate_reports_planted_bad_row(data_root, tmp_path, monkeypatch, in
 
 
 def test_revalidate_skips_when_nothing_materialized(data_root, instance):
-    schedule = defs.get_schedule_def("revalidate_daily")
+    schedule = defs.resolve_schedule_def("revalidate_daily")
     ctx = dg.build_schedule_context(instance=instance, repository_def=defs.get_repository_def())
     data = schedule.evaluate_tick(ctx)
     assert not data.run_requests and "nothing to re-validate" in data.skip_message

@@ -180,7 +180,7 @@ def find_injection(messages: list) -> tuple[int, int, int] | None:
 
 # ------------------------------------------------------------------------------------------- one record
 # A converted message is a tuple (role, content, tool_calls, tool_call_id, name): the reader builds the
-# `messages` column from flat arrays (see _frame), which is ~3x faster than nested dicts.
+# `messages` column from flat arrays (see traces_frame), which is ~3x faster than nested dicts.
 Msg = tuple
 
 
@@ -189,14 +189,17 @@ def convert_messages(raw_messages: list) -> tuple[list[Msg], list[tuple[str, str
 
     Returns (messages, calls as (name, canonical JSON arguments), tools seen {name: {arg: type}}). Tool results
     are paired with calls by id, or by position (first unanswered call of the preceding assistant message, same
-    name preferred) when ids are empty/null; calls with empty ids get `call_<n>` so renders can pair them.
+    name preferred) when ids are empty/null. Calls with empty ids get `call_<n>`, and an id a provider reused
+    within the trace (seen in the gpt-4o files) becomes `<id>_<n>`, so every call id in a trace is unique and
+    renders can pair results by id.
     """
     out: list[Msg] = []
     calls: list[tuple[str, str]] = []
     seen: dict[str, dict[str, str | None]] = {}
-    pending: list[dict] = []  # unanswered calls of the latest assistant message
-    by_id: dict[str, dict] = {}
+    pending: list[tuple[str | None, dict]] = []  # (source id, call) not yet answered, latest assistant msg
+    by_id: dict[str, dict] = {}  # source id -> latest call with it
     n_call = 0
+    used: set[str] = set()
     append = out.append
     for i, m in enumerate(raw_messages):
         if type(m) is not dict:
@@ -218,17 +221,13 @@ def convert_messages(raw_messages: list) -> tuple[list[Msg], list[tuple[str, str
             tid = m.get("tool_call_id") or None
             call = None
             if pending:
+                k = -1
                 if tid:
-                    for c in pending:
-                        if c["id"] == tid:
-                            call = c
-                            break
+                    k = next((j for j, (src, _) in enumerate(pending) if src == tid), -1)
                 else:
-                    call = pending[0]
-                    if hint_name and call["name"] != hint_name:
-                        call = next((c for c in pending if c["name"] == hint_name), call)
-                if call is not None:
-                    pending.remove(call)  # ids are unique within a message (generated when empty)
+                    k = next((j for j, (_, c) in enumerate(pending) if c["name"] == hint_name), 0)
+                if k >= 0:
+                    call = pending.pop(k)[1]
             if call is None and tid:
                 call = by_id.get(tid)
             if hint_name and hint_name not in seen:
@@ -239,12 +238,15 @@ def convert_messages(raw_messages: list) -> tuple[list[Msg], list[tuple[str, str
                 append(("tool", content, [], tid, hint_name))
         elif role == "assistant":
             tcs = []
+            new_pending = []
             raw_calls = m.get("tool_calls")
             if raw_calls:
                 for j, tc in enumerate(raw_calls):
                     fn = tc.get("function") if type(tc) is dict else None
-                    if type(fn) is dict:
+                    if type(fn) is dict:  # OpenAI style (Invariant export)
                         name, args = fn.get("name"), fn.get("arguments")
+                    elif type(fn) is str:  # AgentDojo's native FunctionCall {function, args, id}
+                        name, args = fn, tc.get("args", tc.get("arguments"))
                     elif type(tc) is dict:  # flat {id, name, arguments}
                         name, args = tc.get("name"), tc.get("arguments", tc.get("args"))
                     else:
@@ -260,7 +262,11 @@ def convert_messages(raw_messages: list) -> tuple[list[Msg], list[tuple[str, str
                         arg_text = "{}" if args is None or type(args) is dict else _canon(args)
                     else:
                         arg_text = args if type(args) is str else _canon(args)
-                    cid = tc.get("id") or f"call_{n_call}"
+                    src = tc.get("id") or None
+                    cid = src or f"call_{n_call}"
+                    if cid in used:  # providers reuse ids within a trace: keep them unique for renders
+                        cid = f"{cid}_{n_call}"
+                    used.add(cid)
                     n_call += 1
                     call = {"id": cid, "name": name, "arguments": arg_text}
                     tcs.append(call)
@@ -268,8 +274,10 @@ def convert_messages(raw_messages: list) -> tuple[list[Msg], list[tuple[str, str
                     props = seen.get(name)
                     if props is None or (type(args) is dict and (len(props) < len(args) or None in props.values())):
                         _add_seen_tool(seen, name, args)
-                    by_id[cid] = call
-            pending = tcs[:]
+                    if src:
+                        by_id[src] = call
+                    new_pending.append((src, call))
+            pending = new_pending
             append(("assistant", content, tcs, None, None))
         elif role in ROLES:
             pending = []
@@ -370,7 +378,7 @@ def convert_record(
         category, pclass, safe = "retain", "injection_resisted", True
     else:
         category, pclass, safe = "retain", "tool_capability", False
-    # make_trace builds the row; messages go in separately (flat arrays, see _frame) and the id hashes the
+    # make_trace builds the row; messages go in separately (flat arrays, see traces_frame) and the id hashes the
     # raw record text instead of re-serialising every message (the ETL_A speed budget).
     row = make_trace(
         dataset=DATASET,
@@ -386,8 +394,8 @@ def convert_record(
         is_adversarial_safe=safe,
         tool_attack=tool_attack,
     )
-    tid = digest([DATASET, locator, content_digest, row["provenance"]["tool_schema_digest"], row["tool_attack"]])
-    row["id"] = row["pair_group"] = tid  # benign/attacked runs of one user task are not twins
+    # make_trace's id covers dataset, locator, tools and tool attack; add the raw record's content hash
+    row["id"] = row["pair_group"] = digest(row["id"] + content_digest)  # benign/attacked runs of one user task are not twins
     return row, messages
 
 
@@ -411,8 +419,10 @@ def _arrow_schema() -> pa.Schema:
     return _ARROW_SCHEMA
 
 
-def _frame(rows: list[dict], msgs: list[list[Msg]]) -> pl.DataFrame:
-    """trace_v1 frame from rows (without messages) + per-row message tuples, via flat Arrow arrays."""
+def traces_frame(rows: list[dict], msgs: list[list[Msg]]) -> pl.DataFrame:
+    """trace_v1 frame from rows (their `messages` ignored) + per-row message tuples
+    (role, content, tool_calls [{id, name, arguments}], tool_call_id, name), via flat Arrow arrays:
+    ~3x faster than `pl.DataFrame(rows, schema=TRACE_SCHEMA)` on nested message dicts."""
     if not rows:
         return pl.DataFrame(schema=TRACE_SCHEMA)
     schema = _arrow_schema()
@@ -451,7 +461,7 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
     rows: list[dict] = []
     msgs: list[list[Msg]] = []
     rejected: list[dict] = []
-    header_lines = blank_lines = 0
+    header_lines = blank_lines = provider_errors = empty_messages = 0
     reasons: dict[str, int] = {}
     files: list[str] = []
     skipped: list[str] = []
@@ -499,6 +509,10 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
                 except _Bad as bad:
                     key = bad.field or "record"
                     reasons[key] = reasons.get(key, 0) + 1
+                    if bad.reason.startswith("provider error"):
+                        provider_errors += 1
+                    elif bad.reason.startswith("empty message list"):
+                        empty_messages += 1
                     rejected.append(
                         reject(dataset=DATASET, file=path.name, line=lineno, field=bad.field,
                                reason=bad.reason, raw=line.decode("utf-8", "replace").rstrip("\r\n"))
@@ -507,7 +521,7 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
                 rows.append(row)
                 msgs.append(ms)
     return SourceResult(
-        good=_frame(rows, msgs),
+        good=traces_frame(rows, msgs),
         rejected=pl.DataFrame(rejected, schema=QUARANTINE_SCHEMA),
         meta={
             "files": files,
@@ -515,5 +529,9 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
             "header_lines": header_lines,
             "blank_lines": blank_lines,
             "rejected_by_field": reasons,
+            "provider_error_traces": provider_errors,
+            "empty_message_traces": empty_messages,
+            "attacked": sum(r["labels"]["attack_present"] for r in rows),
+            "attack_succeeded": sum(r["labels"]["attack_succeeded"] for r in rows),
         },
     )

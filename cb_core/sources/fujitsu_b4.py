@@ -25,17 +25,86 @@ cfg keys (configs/datasets.yaml `fujitsu_b4:`): `tool_schema` (path of the schem
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
 from cb_core.config import config_path
-from cb_core.schemas import canonical_json, make_trace, message, reject
+from cb_core.schemas import canonical_json, digest, message, reject
 from cb_core.sources import SourceError, SourceResult
 
 DATASET = "fujitsu_b4"
 DEFAULT_SCHEMA = "configs/tool_schemas/b4_standard_v1.json"
 DEFAULT_REQUIRED = ("combined_query", "expected_tool", "simulated_tool", "success")
+
+
+_enc = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
+
+
+class SharedToolsTraces:
+    """`make_trace` for many rows that offer the same tools, without re-encoding the (large) tools JSON into
+    every row's id hash. Produces exactly the row `make_trace` produces (same id, same fields; a test checks
+    it): the id is sha256 of the canonical JSON list [dataset, locator, messages, tools_json, tool_attack],
+    and a list's canonical JSON is its items' canonical JSON joined, so the tools part is encoded once."""
+
+    def __init__(self, dataset: str, tools_json: str, placeholder: str | None = None):
+        from cb_core import INGEST_VERSION
+
+        self.dataset = dataset
+        self.tools_json = tools_json
+        # rows may carry a short placeholder instead of the tools JSON: building the frame from thousands of
+        # copies of a large string dominates the reader's time; `fill_tools` swaps the real JSON in afterwards
+        self.placeholder = placeholder
+        self._head = "[" + _enc(dataset) + ","
+        self._tools = "," + _enc(tools_json) + ","
+        self._provenance = {"ingest_version": INGEST_VERSION, "tool_schema_digest": digest(tools_json, 16)}
+
+    def __call__(self, *, source_locator: str, completeness: str, messages: list[dict], category: str,
+                 priority_class: str, subtype: str = "", attack_present: bool = False,
+                 attack_succeeded: bool = False, tool_attack: dict | None = None) -> dict:
+        if tool_attack is not None:
+            args = tool_attack.get("attacker_args")
+            tool_attack = {
+                "expected_tool": tool_attack.get("expected_tool"),
+                "attacker_tool": tool_attack.get("attacker_tool"),
+                "attacker_args": args if isinstance(args, (str, type(None))) else _enc(args),
+                "injection_text": tool_attack.get("injection_text"),
+                "injection_span": tool_attack.get("injection_span"),
+            }
+        text = self._head + _enc(source_locator) + "," + _enc(messages) + self._tools + _enc(tool_attack) + "]"
+        tid = hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+        return {
+            "id": tid,
+            "dataset": self.dataset,
+            "source_locator": source_locator,
+            "completeness": completeness,
+            "messages": messages,
+            "tools": self.placeholder if self.placeholder is not None else self.tools_json,
+            "labels": {
+                "category": category,
+                "priority_class": priority_class,
+                "subtype": subtype,
+                "attack_present": attack_present,
+                "attack_succeeded": attack_succeeded,
+                "is_adversarial_safe": False,
+            },
+            "tool_attack": tool_attack,
+            "pair_group": tid,
+            "split": None,
+            "provenance": {**self._provenance, "generation_params": None},
+        }
+
+
+def fill_tools(result: SourceResult, tools_by_placeholder: dict[str, str]) -> SourceResult:
+    """Replace `tools` placeholders (see SharedToolsTraces) with the real tools JSON, column-wise."""
+    if result.good.height:
+        result.good = result.good.with_columns(
+            pl.col("tools").replace_strict(tools_by_placeholder, return_dtype=pl.String)
+        )
+    return result
 
 
 def load_tool_schema(cfg: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -88,6 +157,10 @@ def injection_span(combined: str, injection: str, benign: str | None) -> tuple[s
 
 def _lines(path: Path) -> list[str | bytes]:
     data = path.read_bytes()
+    if data.endswith(b"\n"):
+        data = data[:-1]  # the final newline ends the last line; it does not start a blank one
+    if not data:
+        return []
     try:
         return data.decode("utf-8").split("\n")
     except UnicodeDecodeError:
@@ -105,6 +178,7 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
     schema = load_tool_schema(cfg)
     names = schema["_names"]
     tools_json = canonical_json(schema["tools"])
+    make = SharedToolsTraces(DATASET, tools_json, placeholder="b4")
     system_prompt = schema.get("system_prompt") or ""
     required = tuple(cfg.get("required_fields") or DEFAULT_REQUIRED)
     good: list[dict] = []
@@ -161,12 +235,10 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
             inj_text, span = injection_span(combined, inj if isinstance(inj, str) else "", benign)
             succeeded = bool(rec.get("success", True))
             good.append(
-                make_trace(
-                    dataset=DATASET,
+                make(
                     source_locator=f"{fname}:{lineno}",
                     completeness="skeleton",
                     messages=[message("system", system_prompt), message("user", combined)],
-                    tools=tools_json,
                     category="harmful" if succeeded else "retain",
                     priority_class="harmful_flip" if succeeded else "injection_resisted",
                     subtype=str(rec.get("subtype") or rec.get("category") or ""),
@@ -183,4 +255,5 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
             )
     if files == 0:
         raise SourceError(f"fujitsu_b4: no .jsonl file among {[str(p) for p in paths]} (set CB_FUJITSU_B4_PATH)")
-    return SourceResult.from_rows(good, bad, files=files, blank_lines=blank, tool_schema=schema.get("name", ""))
+    res = SourceResult.from_rows(good, bad, files=files, blank_lines=blank, tool_schema=schema.get("name", ""))
+    return fill_tools(res, {"b4": tools_json})

@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from cb_core.config import config_path
-from cb_core.schemas import canonical_json, make_trace, message, reject
+from cb_core.schemas import canonical_json, message, reject
 from cb_core.sources import SourceError, SourceResult
+from cb_core.sources.fujitsu_b4 import SharedToolsTraces, fill_tools
 
 DATASET = "tau2"
 DEFAULT_SYSTEM = (
@@ -139,7 +140,8 @@ def first_person(text: str) -> str:
 def user_request(task: dict) -> str | None:
     scen = task.get("user_scenario")
     if not isinstance(scen, dict):  # misspelled / missing key: find a key that looks like it
-        scen = next((v for k, v in task.items() if isinstance(v, dict) and "scenario" in k.lower()), None)
+        scen = next((v for k, v in task.items()
+                     if isinstance(v, dict) and (k.lower().startswith("user") or "scen" in k.lower())), None)
     instr = None
     if isinstance(scen, dict):
         instr = scen.get("instructions")
@@ -183,6 +185,7 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
     good: list[dict] = []
     bad: list[dict] = []
     per_domain: dict[str, int] = {}
+    tools_by_file: dict[str, str] = {}
     for tf in task_files:
         domain = tf.parent.name
         fname = str(tf)
@@ -198,6 +201,8 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
             continue
         tools = schemas.get(domain, [])
         tools_json = canonical_json(tools)
+        make = SharedToolsTraces(DATASET, tools_json, placeholder=fname)
+        tools_by_file[fname] = tools_json
         tool_names = {t.get("function", t).get("name") for t in tools}
         system = message("system", system_tpl.format(domain=domain))
         n_ok = 0
@@ -237,12 +242,10 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
             if calls:
                 msgs.append(message("assistant", "", tool_calls=calls))
             good.append(
-                make_trace(
-                    dataset=DATASET,
+                make(
                     source_locator=f"{fname}:{idx}",
                     completeness="skeleton",
                     messages=msgs,
-                    tools=tools_json,
                     category="retain",
                     priority_class="tool_capability",
                     subtype=domain,
@@ -250,4 +253,5 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
             )
             n_ok += 1
         per_domain[domain] = n_ok
-    return SourceResult.from_rows(good, bad, tasks_per_domain=per_domain, task_files=len(task_files))
+    res = SourceResult.from_rows(good, bad, tasks_per_domain=per_domain, task_files=len(task_files))
+    return fill_tools(res, tools_by_file)

@@ -1,0 +1,301 @@
+"""Tier C curation: `training_mix` -> `train_split` / `eval_split`, and the held-out `eval_attacks`.
+
+Stop-the-line: the merge gates are blocking checks on `training_mix` (a failing gate stops `train_split`);
+preflight, split disjointness and eval-attack disjointness are blocking checks on the splits. The curation
+profile is `$CB_CURATION_PROFILE`, else `demo` on the embedded demo sample, else `default`
+(configs/curation.yaml); every check uses the same profile as the assets.
+"""
+
+import dagster as dg
+import polars as pl
+
+from cb_assets.resources import DatasetsResource, ModelResource
+from cb_assets.validation import N_EXAMPLES, pandera_check, validate_or_fail
+from cb_core import curate
+from cb_core.io import write_json
+
+CURATION_GROUP = "curation"
+TAGS = {"cb/tier": "C", "cb/compute": "cpu"}
+GATE_NAMES = ("dr_ds_ratio", "adversarial_safe_count", "no_duplicate_ids", "tool_schemas_present")
+
+
+def curation_config(datasets: DatasetsResource) -> curate.CurationConfig:
+    return curate.load_curation_config(demo=datasets.selection().demo)
+
+
+def _read_generated(datasets: DatasetsResource, cfg: curate.CurationConfig) -> dict[str, pl.DataFrame | None]:
+    """Optional generated trace_v1 tables (GPU generation outputs) beside the other tiers; absent = None."""
+    out: dict[str, pl.DataFrame | None] = {}
+    for name in cfg.generated_tables:
+        p = datasets.data_root() / f"{name}.parquet"
+        out[name] = pl.read_parquet(p) if p.exists() else None
+    return out
+
+
+def _json_safe(obj):
+    """Lists and dicts as JSON metadata; scalars (and None) as they are."""
+    return dg.MetadataValue.json(obj) if isinstance(obj, (list, dict)) else obj
+
+
+# ---------------------------------------------------------------------------------------------- assets
+@dg.asset(
+    group_name=CURATION_GROUP,
+    kinds={"polars"},
+    tags=TAGS,
+    description="Training mix: harmful (Ds) + retain (Dr) samples with their lossmask under the configured "
+    "policy, de-duplicated by content hash, sampled per priority class (configs/curation.yaml). "
+    "Statistics in metadata and in `training_mix.stats.json`.",
+)
+def training_mix(
+    context: dg.AssetExecutionContext,
+    datasets: DatasetsResource,
+    traces: pl.DataFrame,
+    lossmasks: pl.DataFrame,
+) -> pl.DataFrame:
+    cfg = curation_config(datasets)
+    mix, stats = curate.build_training_mix(traces, lossmasks, cfg, _read_generated(datasets, cfg))
+    if mix.height == 0:
+        raise dg.Failure(
+            f"training_mix: no sample selected (profile {cfg.profile}; policies "
+            f"{cfg.training.lossmask_policy}; no lossmask: {stats['no_lossmask']}); nothing written",
+            metadata={"stats": _json_safe(stats)},
+        )
+    if stats["required_sources_missing"]:
+        raise dg.Failure(
+            f"training_mix: required source(s) {stats['required_sources_missing']} contribute no sample",
+            metadata={"stats": _json_safe(stats)},
+        )
+    validate_or_fail(curate.TrainingMixModel, mix, "training_mix")
+    stats_path = write_json(stats, datasets.data_root() / "training_mix.stats.json")
+    for name in stats["sources_missing"] + stats["generated_missing"]:
+        context.log.info(f"training_mix: optional source '{name}' not present (reported, not fatal)")
+    context.add_output_metadata(
+        {
+            "profile": cfg.profile,
+            "harmful": stats["harmful"],
+            "retain": stats["retain"],
+            "dr_ds_ratio": stats["dr_ds_ratio"],
+            "weighted_dr_ds_ratio": stats["weighted_dr_ds_ratio"],
+            "adversarial_safe": stats["adversarial_safe"],
+            "duplicates_dropped": stats["duplicates_dropped"],
+            "sources_missing": _json_safe(stats["sources_missing"] + stats["generated_missing"]),
+            "by_dataset_category_class": _json_safe(stats["by_dataset_category_class"]),
+            "stats": _json_safe(stats),
+            "stats_path": dg.MetadataValue.path(str(stats_path)),
+        }
+    )
+    return mix
+
+
+def _split_asset(which: str, model) -> dg.AssetsDefinition:
+    @dg.asset(
+        name=f"{which}_split",
+        group_name=CURATION_GROUP,
+        kinds={"polars"},
+        tags=TAGS,
+        description=f"The {which} part of `training_mix`: eval_fraction held out, stratified by dataset x "
+        "category x subtype, grouped by pair_group (twins never straddle), hash-based on the seed.",
+    )
+    def _asset(
+        context: dg.AssetExecutionContext, datasets: DatasetsResource, training_mix: pl.DataFrame
+    ) -> pl.DataFrame:
+        cfg = curation_config(datasets)
+        train, eval_ = curate.split(training_mix, cfg)
+        df = train if which == "train" else eval_
+        validate_or_fail(model, df, f"{which}_split")
+        st = curate.split_stats(train, eval_)
+        context.add_output_metadata(
+            {
+                "profile": cfg.profile,
+                "eval_fraction": cfg.eval_fraction,
+                "train": st["train"],
+                "eval": st["eval"],
+                "eval_share": st["eval_share"],
+                "strata": _json_safe(st[f"{which}_strata"]),
+            }
+        )
+        return df
+
+    return _asset
+
+
+train_split = _split_asset("train", curate.TrainSplitModel)
+eval_split = _split_asset("eval", curate.EvalSplitModel)
+
+
+@dg.asset(
+    group_name=CURATION_GROUP,
+    kinds={"polars"},
+    tags=TAGS,
+    description="Held-out attack skeletons for evaluation: attacked traces never in the training mix (nor "
+    "sharing a pair_group with it), assistant turns from the answer to the injection on stripped, new ids, "
+    "min/max per (dataset, subtype); labels and tool_attack kept for scoring.",
+)
+def eval_attacks(
+    context: dg.AssetExecutionContext,
+    datasets: DatasetsResource,
+    traces: pl.DataFrame,
+    training_mix: pl.DataFrame,
+) -> pl.DataFrame:
+    cfg = curation_config(datasets)
+    df = curate.build_eval_attacks(traces, training_mix.select("id", "pair_group"), cfg)
+    validate_or_fail(curate.EvalAttacksModel, df, "eval_attacks")
+    strata = curate.eval_attack_strata(df, cfg)
+    context.add_output_metadata(
+        {
+            "profile": cfg.profile,
+            "attacks": df.height,
+            "strata": _json_safe(strata),
+            "strata_below_min": sum(1 for s in strata if s["below_min"]),
+        }
+    )
+    return df
+
+
+# ---------------------------------------------------------------------------------------------- checks
+@dg.multi_asset_check(
+    specs=[
+        dg.AssetCheckSpec(f"gate_{g}", asset="training_mix", blocking=True, description=f"merge gate: {g}")
+        for g in GATE_NAMES
+    ],
+    ins={"training_mix": dg.AssetIn("training_mix")},
+    can_subset=False,
+)
+def training_mix_gates(datasets: DatasetsResource, training_mix: pl.DataFrame):
+    """Merge gates (thresholds from the curation profile; the demo profile lowers them, never skips)."""
+    cfg = curation_config(datasets)
+    for g in curate.gate_results(training_mix, cfg):
+        yield dg.AssetCheckResult(
+            check_name=f"gate_{g.name}",
+            asset_key="training_mix",
+            passed=bool(g.passed),
+            description=g.description,
+            metadata={
+                "profile": cfg.profile,
+                "value": _json_safe(g.value),
+                "threshold": _json_safe(g.threshold),
+                "examples": _json_safe(g.examples[:N_EXAMPLES]),
+            },
+        )
+
+
+@dg.asset_check(asset=training_mix, blocking=True, description="training_mix schema (TrainingMixModel)")
+def training_mix_schema(training_mix: pl.DataFrame) -> dg.AssetCheckResult:
+    return pandera_check(curate.TrainingMixModel, training_mix)
+
+
+@dg.asset_check(
+    asset=train_split,
+    blocking=True,
+    additional_ins={"renders": dg.AssetIn("renders"), "lossmasks": dg.AssetIn("lossmasks")},
+    description="preflight: every sample tokenizes with the training tokenizer, assistant boundary tokens are "
+    "found, no sample exceeds max_seq_length (unless truncated on purpose with a non-empty mask), tool-call "
+    "JSON parses against the schema, no empty masks",
+)
+def train_split_preflight(
+    datasets: DatasetsResource,
+    model: ModelResource,
+    train_split: pl.DataFrame,
+    renders: pl.DataFrame,
+    lossmasks: pl.DataFrame,
+) -> dg.AssetCheckResult:
+    cfg = curation_config(datasets)
+    fails = curate.preflight(train_split, None, renders, lossmasks, model.tokenizer(), cfg)
+    reasons = pl.DataFrame(fails, schema={"id": pl.String, "dataset": pl.String, "reason": pl.String})
+    by_reason = (
+        reasons.with_columns(pl.col("reason").str.replace(r"^(assistant )?message \d+: ", "").alias("reason"))
+        .group_by("reason")
+        .len()
+        .sort("len", descending=True)
+        .head(20)
+        .to_dicts()
+    )
+    return dg.AssetCheckResult(
+        passed=not fails,
+        metadata={
+            "rows": train_split.height,
+            "failing_rows": reasons["id"].n_unique() if fails else 0,
+            "problems": len(fails),
+            "max_seq_length": cfg.training.max_seq_length,
+            "by_reason": _json_safe(by_reason),
+            "examples": _json_safe(fails[:N_EXAMPLES]),
+        },
+    )
+
+
+@dg.asset_check(asset=train_split, blocking=True, description="train_split schema (TrainSplitModel)")
+def train_split_schema(train_split: pl.DataFrame) -> dg.AssetCheckResult:
+    return pandera_check(curate.TrainSplitModel, train_split)
+
+
+@dg.asset_check(asset=eval_split, blocking=True, description="eval_split schema (EvalSplitModel)")
+def eval_split_schema(eval_split: pl.DataFrame) -> dg.AssetCheckResult:
+    return pandera_check(curate.EvalSplitModel, eval_split)
+
+
+@dg.asset_check(
+    asset=train_split,
+    blocking=True,
+    additional_ins={"eval_split": dg.AssetIn("eval_split")},
+    description="no pair_group (and no id) in both train_split and eval_split",
+)
+def splits_disjoint(train_split: pl.DataFrame, eval_split: pl.DataFrame) -> dg.AssetCheckResult:
+    groups = sorted(set(train_split["pair_group"].to_list()) & set(eval_split["pair_group"].to_list()))
+    ids = sorted(set(train_split["id"].to_list()) & set(eval_split["id"].to_list()))
+    return dg.AssetCheckResult(
+        passed=not groups and not ids,
+        metadata={
+            "pair_groups_in_both": len(groups),
+            "ids_in_both": len(ids),
+            "examples": _json_safe((groups + ids)[:N_EXAMPLES]),
+        },
+    )
+
+
+@dg.asset_check(
+    asset=eval_attacks,
+    blocking=True,
+    additional_ins={"train_split": dg.AssetIn("train_split")},
+    description="eval_attacks ids (and source traces and pair groups) are disjoint from train_split",
+)
+def eval_attacks_disjoint(eval_attacks: pl.DataFrame, train_split: pl.DataFrame) -> dg.AssetCheckResult:
+    t_ids = set(train_split["id"].to_list())
+    t_groups = set(train_split["pair_group"].to_list())
+    ids = sorted(set(eval_attacks["id"].to_list()) & t_ids)
+    src = sorted(set(eval_attacks["source_trace_id"].to_list()) & t_ids)
+    groups = sorted(set(eval_attacks["pair_group"].to_list()) & t_groups)
+    return dg.AssetCheckResult(
+        passed=not (ids or src or groups),
+        metadata={
+            "ids_in_train": len(ids),
+            "source_traces_in_train": len(src),
+            "pair_groups_in_train": len(groups),
+            "examples": _json_safe((ids + src + groups)[:N_EXAMPLES]),
+        },
+    )
+
+
+@dg.asset_check(asset=eval_attacks, blocking=True, description="eval_attacks schema (EvalAttacksModel)")
+def eval_attacks_schema(eval_attacks: pl.DataFrame) -> dg.AssetCheckResult:
+    return pandera_check(curate.EvalAttacksModel, eval_attacks)
+
+
+@dg.asset_check(
+    asset=eval_attacks,
+    blocking=False,
+    description="every attack stratum (dataset x subtype) reaches eval_attacks.min_per_stratum",
+)
+def eval_attacks_strata(datasets: DatasetsResource, eval_attacks: pl.DataFrame) -> dg.AssetCheckResult:
+    cfg = curation_config(datasets)
+    strata = curate.eval_attack_strata(eval_attacks, cfg)
+    low = [s for s in strata if s["below_min"]]
+    return dg.AssetCheckResult(
+        passed=bool(strata) and not low,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "min_per_stratum": cfg.eval_attacks.min_per_stratum,
+            "max_per_stratum": cfg.eval_attacks.max_per_stratum,
+            "strata": _json_safe(strata),
+            "below_min": _json_safe(low),
+        },
+    )

@@ -1,0 +1,155 @@
+"""Dagster layer of Tier C: materialize the curation assets on hand-built upstream Parquet files (and, marked
+slow, the whole chain on the embedded demo sample), then read the invariants back from the Parquet files."""
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from cb_assets.assets import curation
+from cb_assets.io_manager import ParquetIOManager
+from cb_assets.resources import DatasetsResource, ModelResource
+from test_curate import _generated, make_renders_and_masks, make_traces
+
+CURATION_KEYS = ["training_mix", "train_split", "eval_split", "eval_attacks"]
+CHECKS = [
+    curation.training_mix_gates,
+    curation.training_mix_schema,
+    curation.train_split_preflight,
+    curation.train_split_schema,
+    curation.eval_split_schema,
+    curation.splits_disjoint,
+    curation.eval_attacks_disjoint,
+    curation.eval_attacks_schema,
+    curation.eval_attacks_strata,
+]
+ASSETS = [curation.training_mix, curation.train_split, curation.eval_split, curation.eval_attacks]
+UPSTREAM = [dg.AssetSpec("traces"), dg.AssetSpec("renders"), dg.AssetSpec("lossmasks")]
+
+
+@pytest.fixture(scope="module")
+def upstream_frames():
+    from cb_core.tokenizer import tokenizer_id
+
+    traces, gen = make_traces()
+    renders, lossmasks = make_renders_and_masks(pl.concat([traces, gen]), policies=("assistant_only",
+                                                                                     "cb_full_sequence"))
+    tok_id = tokenizer_id(ModelResource().tokenizer())
+    return traces, _generated(gen), renders.with_columns(pl.lit(tok_id).alias("tokenizer_id")), lossmasks
+
+
+@pytest.fixture
+def upstream(data_root, upstream_frames, monkeypatch):
+    monkeypatch.delenv("CB_CURATION_PROFILE", raising=False)
+    monkeypatch.delenv("CB_MODEL", raising=False)
+    traces, generated, renders, lossmasks = upstream_frames
+    traces.write_parquet(data_root / "traces.parquet")
+    renders.write_parquet(data_root / "renders.parquet")
+    lossmasks.write_parquet(data_root / "lossmasks.parquet")
+    for name, df in generated.items():
+        df.write_parquet(data_root / f"{name}.parquet")
+    return data_root
+
+
+def _materialize():
+    return dg.materialize(
+        [*UPSTREAM, *ASSETS, *CHECKS],
+        resources={"io_manager": ParquetIOManager(), "datasets": DatasetsResource(), "model": ModelResource()},
+        raise_on_error=False,
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+
+
+def _checks(res) -> dict[str, bool]:
+    return {e.check_name: e.passed for e in res.get_asset_check_evaluations()}
+
+
+def _assert_invariants(root):
+    mix = pl.read_parquet(root / "training_mix.parquet")
+    train = pl.read_parquet(root / "train_split.parquet")
+    eval_ = pl.read_parquet(root / "eval_split.parquet")
+    attacks = pl.read_parquet(root / "eval_attacks.parquet")
+    stats = json.loads((root / "training_mix.stats.json").read_text())
+    assert train.height > 0 and eval_.height > 0 and attacks.height > 0
+    assert train.height + eval_.height == mix.height == stats["total"]
+    assert set(train["pair_group"]).isdisjoint(set(eval_["pair_group"]))
+    assert set(attacks["id"]).isdisjoint(set(train["id"]))
+    assert set(attacks["source_trace_id"]).isdisjoint(set(train["id"]))
+    assert set(attacks["pair_group"]).isdisjoint(set(mix["pair_group"]))
+    assert mix["id"].is_unique().all() and mix["content_hash"].is_unique().all()
+    assert sum(r["n"] for r in stats["by_dataset_category_class"]) == stats["total"]
+    assert stats["harmful"] + stats["retain"] == stats["total"]
+    return mix, train, eval_, attacks, stats
+
+
+def test_materialize_curation_on_hand_built_upstream(upstream):
+    res = _materialize()
+    assert res.success, [str(e.event_specific_data) for e in res.all_events if e.is_failure][:3]
+    checks = _checks(res)
+    assert {f"gate_{g}" for g in curation.GATE_NAMES} <= set(checks)
+    assert all(checks.values()), checks
+    mix, train, eval_, attacks, stats = _assert_invariants(upstream)
+    assert stats["profile"] == "demo"  # no source path configured: the demo profile
+    assert stats["lossmask_policy"] == {"harmful": "cb_full_sequence", "retain": "assistant_only"}
+    assert set(mix["policy"]) == {"cb_full_sequence", "assistant_only"}
+    assert stats["sources_missing"] == ["llmail_inject"]
+    meta = res.asset_materializations_for_node("training_mix")[0].metadata
+    assert meta["harmful"].value == stats["harmful"] and meta["profile"].value == "demo"
+    # attacked stripped skeletons only
+    assert (attacks["completeness"] == "skeleton").all()
+    assert all(m[-1]["role"] != "assistant" for m in attacks["messages"].to_list())
+
+    # same config -> byte-identical split files
+    before = {k: (upstream / f"{k}.parquet").read_bytes() for k in ("train_split", "eval_split", "eval_attacks")}
+    assert _materialize().success
+    after = {k: (upstream / f"{k}.parquet").read_bytes() for k in before}
+    assert before == after
+
+
+def test_blocking_gate_failure_stops_train_split(upstream, monkeypatch):
+    monkeypatch.setenv("CB_CURATION_PROFILE", "default")  # 400 adversarial-safe and Dr:Ds 4.0: not met here
+    res = _materialize()
+    assert not res.success
+    checks = _checks(res)
+    assert checks["gate_adversarial_safe_count"] is False
+    assert checks["gate_no_duplicate_ids"] is True
+    assert (upstream / "training_mix.parquet").exists()  # the mix is written (gates check stored data)
+    assert not (upstream / "train_split.parquet").exists()
+    assert not (upstream / "eval_split.parquet").exists()
+    assert "train_split" not in {e.asset_key.to_user_string() for e in res.get_asset_materialization_events()}
+
+
+def test_preflight_failure_is_blocking(upstream, upstream_frames):
+    traces, generated, renders, lossmasks = upstream_frames
+    # renders made with another tokenizer: preflight fails on every sample
+    renders.with_columns(pl.lit("other-tokenizer").alias("tokenizer_id")).write_parquet(upstream / "renders.parquet")
+    res = _materialize()
+    checks = _checks(res)
+    assert checks["train_split_preflight"] is False
+    ev = next(e for e in res.get_asset_check_evaluations() if e.check_name == "train_split_preflight")
+    assert ev.metadata["failing_rows"].value > 0
+    assert "other-tokenizer" in json.dumps(ev.metadata["by_reason"].value)
+
+
+@pytest.mark.slow
+def test_whole_chain_on_demo_sample(data_root, monkeypatch):
+    """raw -> traces -> renders -> lossmasks -> curation on the embedded demo sample (real components)."""
+    monkeypatch.delenv("CB_CURATION_PROFILE", raising=False)
+    monkeypatch.delenv("CB_MODEL", raising=False)
+    from cb_assets.definitions import defs
+
+    wanted = dg.AssetSelection.assets(*CURATION_KEYS).upstream()
+    res = dg.materialize(
+        list(defs.assets) + list(defs.asset_checks or []),
+        resources=defs.resources,
+        selection=wanted,
+        raise_on_error=False,
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+    failures = [str(e.event_specific_data)[:500] for e in res.all_events if e.is_failure]
+    assert res.success, failures[:3]
+    checks = _checks(res)
+    assert all(v for k, v in checks.items() if k != "eval_attacks_strata"), checks
+    _assert_invariants(data_root)

@@ -1,0 +1,293 @@
+"""SlurmRunLauncher against a real single-node SLURM (scripts/slurm_local.sh), runs submitted as the UI does."""
+import os
+import shlex
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from cb_core import slurm
+from tests.slurm_fixtures import launcher_env, slurm_cluster  # noqa: F401  (session fixture)
+
+pytestmark = pytest.mark.slurm
+
+# --- pure helpers (no cluster) ---------------------------------------------------------------------
+
+
+def test_tag_values_validated_and_decoded():
+    assert slurm.options_from_tags({"slurm/gres": "gpu.1", "slurm/time": "04.00.00", "cb/compute": "gpu"}) == {
+        "gres": "gpu:1", "time": "04:00:00"}
+    assert slurm.options_from_tags({"slurm/gres": "gpu:a100:2", "slurm/mem": "32G", "slurm/cpus": "8"}) == {
+        "gres": "gpu:a100:2", "mem": "32G", "cpus": "8"}
+    assert slurm.options_from_tags({"slurm/gpus": "2"}) == {"gres": "gpu:2"}
+    assert slurm.options_from_tags({"slurm/gpus": "2", "slurm/gres": "gpu.1"}) == {"gres": "gpu:1"}
+    for bad in ({"slurm/gres": "gpu:1; touch /tmp/x"}, {"slurm/time": "1:00\n#SBATCH --uid=0"},
+                {"slurm/partition": "$(touch /tmp/x)"}, {"slurm/mem": "1G --wrap=x"}, {"slurm/cpus": "0"},
+                {"slurm/bogus": "1"}):
+        with pytest.raises(slurm.SlurmOptionError):
+            slurm.options_from_tags(bad)
+    with pytest.raises(slurm.SlurmOptionError, match="different values"):
+        slurm.merge_tag_options([{"slurm/gres": "gpu.1"}, {"slurm/gres": "gpu.2"}])
+    defaults = slurm.SlurmOptions(partition="p", time="01:00:00", gres="gpu:1")
+    assert defaults.overlay({"gres": "none", "time": "02:00:00"}).directives() == ["--partition=p", "--time=02:00:00"]
+
+
+def test_dagster_rejects_colons_in_asset_tags():
+    """Why asset tags spell ':' as '.': Dagster 1.13 asset tag values allow only [A-Za-z0-9_.-]."""
+    import dagster as dg
+
+    with pytest.raises(dg.DagsterInvalidDefinitionError):
+        @dg.asset(tags={"slurm/gres": "gpu:1"})
+        def _bad():
+            return 1
+
+
+def test_batch_script_is_inert(tmp_path):
+    """Working dir, env values and argv with shell metacharacters are passed through literally."""
+    evil_dir = tmp_path / "wd; touch PWNED_WD"
+    evil_dir.mkdir()
+    marker = tmp_path / "PWNED"
+    script = slurm.build_batch_script(
+        ["printf", "%s|", f"a; touch {marker}", f"$(touch {marker})", f"`touch {marker}`"],
+        slurm.SlurmOptions(gres="gpu:1", time="00:01:00"),
+        working_directory=evil_dir,
+        env={"EVIL": f"$(touch {marker})", "B": "x'y\"z"},
+    )
+    assert "#SBATCH --gres=gpu:1" in script
+    assert shlex.quote(f"a; touch {marker}") in script
+    p = tmp_path / "s.sh"
+    p.write_text(script)
+    out = subprocess.run(["bash", str(p)], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"a; touch {marker}|$(touch {marker})|`touch {marker}`|"
+    assert not marker.exists() and not (tmp_path / "PWNED_WD").exists() and not (evil_dir / "PWNED_WD").exists()
+
+
+def test_job_state_falls_back_to_jobcomp_when_aged_out(monkeypatch, tmp_path):
+    jobcomp = tmp_path / "jobcomp.txt"
+    jobcomp.write_text("JobId=41 UserId=root(0) JobState=COMPLETED ExitCode=0:0\n"
+                       "JobId=42 UserId=root(0) JobState=CANCELLED ExitCode=0:15\n")
+    real_run = slurm._run
+
+    def fake_run(args, **kw):
+        if args[0] in ("squeue", "scontrol"):
+            return subprocess.CompletedProcess(args, 1, "", "slurm_load_jobs error: Invalid job id specified")
+        if args[0] == "sacct":
+            return subprocess.CompletedProcess(args, 1, "", "sacct: error: jobcomp not readable")
+        return real_run(args, **kw)
+
+    monkeypatch.setattr(slurm, "_run", fake_run)
+    st = slurm.job_state("42", jobcomp_path=jobcomp)
+    assert (st.raw, st.status, st.source) == ("CANCELLED", "failed", "jobcomp")
+    assert slurm.job_state("41", jobcomp_path=jobcomp).status == "success"
+    assert slurm.job_state("43", jobcomp_path=jobcomp).status == "not_found"
+
+    def down(args, **kw):
+        return subprocess.CompletedProcess(args, 1, "", "Unable to contact slurm controller (connect failure)")
+
+    monkeypatch.setattr(slurm, "_run", down)
+    st = slurm.job_state("42")
+    assert st.status == "unknown" and st.source == "error"
+
+
+# --- real cluster ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def env(slurm_cluster, tmp_path_factory):  # noqa: F811
+    with launcher_env(tmp_path_factory.mktemp("dagster_home")) as e:
+        yield e
+
+
+def _squeue_active(cluster) -> set[str]:
+    return set(cluster.cmd("squeue", "-h", "-o", "%i").stdout.split())
+
+
+def _gone(cluster, job_id: str, timeout: float = 20) -> bool:
+    """True once the job has left squeue's active list (pending/running/completing)."""
+    deadline = time.monotonic() + timeout
+    while job_id in _squeue_active(cluster):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def test_sacct_reads_jobcomp_on_real_cluster(slurm_cluster):  # noqa: F811
+    out = slurm_cluster.cmd("sbatch", "--parsable", "--wrap", "true")
+    job_id = out.stdout.strip()
+    for _ in range(100):
+        st = slurm.job_state(job_id)
+        if st.finished:
+            break
+        time.sleep(0.1)
+    assert st.status == "success"
+    proc = slurm_cluster.cmd("sacct", "-c", "-n", "-P", "-o", "JobID,State", "-j", job_id)
+    assert f"{job_id}|COMPLETED" in proc.stdout
+
+
+def test_gpu_run_runs_in_slurm_with_gres(env, slurm_cluster):  # noqa: F811
+    import dagster as dg
+
+    run = env.submit(assets=["gpu_asset"])  # __ASSET_JOB + asset selection, as the UI's "Materialize"
+    job_id = run.tags.get("slurm/job_id")
+    assert job_id and job_id.isdigit()
+    # second form: an asset job without explicit asset selection (the job's assets' tags decide)
+    run2 = env.submit(job_name="gpu_job")
+    assert run2.tags.get("slurm/job_id")
+    done = env.wait(run.run_id, timeout=90)
+    assert done.status == dg.DagsterRunStatus.SUCCESS, env.engine_messages(run.run_id)[-5:]
+    proof = env.proof("gpu_asset", run.run_id)
+    assert proof["SLURM_JOB_ID"] == job_id
+    assert proof["CUDA_VISIBLE_DEVICES"] == "0" and proof["SLURM_JOB_GPUS"] == "0"
+    assert "gres:gpu:1" in (slurm.job_field(job_id, "TresPerNode") or "")
+    script = (env.log_dir / f"{run.run_id}.sbatch").read_text()
+    assert "#SBATCH --gres=gpu:1" in script and "#SBATCH --time=00:10:00" in script
+    ev = env.instance.get_latest_materialization_event(dg.AssetKey("gpu_asset"))
+    assert ev is not None and ev.run_id in (run.run_id, run2.run_id)
+    assert env.wait(run2.run_id, timeout=90).status == dg.DagsterRunStatus.SUCCESS
+    assert env.proof("gpu_asset", run2.run_id)["SLURM_JOB_ID"] == run2.tags["slurm/job_id"]
+    assert env.launcher.check_run_worker_health(done).status.value == "SUCCESS"
+
+
+def test_cpu_run_stays_local(env):
+    import dagster as dg
+
+    run = env.submit(job_name="cpu_job")
+    assert "slurm/job_id" not in run.tags
+    done = env.wait(run.run_id, timeout=60)
+    assert done.status == dg.DagsterRunStatus.SUCCESS
+    assert "slurm/job_id" not in done.tags
+    assert env.proof("cpu_asset", run.run_id)["SLURM_JOB_ID"] is None
+
+
+def _start_slow(env):
+    import dagster as dg
+
+    run = env.submit(assets=["slow_gpu_asset"])
+    job_id = run.tags["slurm/job_id"]
+    proof = env.proof("slow_gpu_asset", run.run_id, timeout=60)
+    assert proof is not None, "worker never started"
+    assert env.wait(run.run_id, statuses={dg.DagsterRunStatus.STARTED}, timeout=10)
+    return run, job_id, proof
+
+
+def test_terminate_cancels_job(env, slurm_cluster):  # noqa: F811
+    import dagster as dg
+
+    run, job_id, _ = _start_slow(env)
+    assert env.launcher.check_run_worker_health(env.instance.get_run_by_id(run.run_id)).status.value == "RUNNING"
+    assert env.instance.run_coordinator.cancel_run(run.run_id)  # what the UI's Terminate button calls
+    done = env.wait(run.run_id, timeout=30)
+    assert done.status == dg.DagsterRunStatus.CANCELED
+    assert _gone(slurm_cluster, job_id)
+    assert slurm.job_state(job_id).raw.startswith("CANCELLED")
+
+
+def test_external_scancel_fails_run(env, slurm_cluster):  # noqa: F811
+    import dagster as dg
+
+    run, job_id, _ = _start_slow(env)
+    slurm_cluster.cmd("scancel", job_id)
+    done = env.wait(run.run_id, timeout=40, monitor=True)
+    assert done.status == dg.DagsterRunStatus.FAILURE
+    assert _gone(slurm_cluster, job_id)
+    assert slurm.job_state(job_id).raw.startswith("CANCELLED")
+
+
+def test_kill9_worker_marked_failed_by_run_monitoring(env, slurm_cluster):  # noqa: F811
+    import dagster as dg
+
+    run, job_id, proof = _start_slow(env)
+    os.kill(proof["pid"], signal.SIGKILL)  # in-process executor: the asset runs in the run worker
+    done = env.wait(run.run_id, timeout=40, monitor=True)
+    assert done.status == dg.DagsterRunStatus.FAILURE
+    msgs = "\n".join(env.engine_messages(run.run_id))
+    assert "Detected run worker status" in msgs and f"SLURM job {job_id}" in msgs
+
+
+def test_unsatisfiable_request_fails_clearly(env):
+    import dagster as dg
+
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match="Requested node configuration is not available"):
+        env.submit(assets=["two_gpu_asset"])
+    assert time.monotonic() - t0 < 30
+    [run] = env.instance.get_runs(filters=dg.RunsFilter(tags={"dagster/code_location": "slurm_defs"}), limit=1)
+    assert run.status == dg.DagsterRunStatus.FAILURE and "slurm/job_id" not in run.tags
+    assert any("--gres=gpu:2" in m and "Requested node configuration is not available" in m
+               for m in env.engine_messages(run.run_id))
+
+
+def test_malicious_run_tag_is_inert(env, tmp_path):
+    import dagster as dg
+
+    marker = tmp_path / "pwned"
+    for key, value in [("slurm/gres", f"gpu:1; touch {marker}"), ("slurm/partition", f"$(touch {marker})"),
+                       ("slurm/time", f"1:00\n#SBATCH --wrap='touch {marker}'")]:
+        with pytest.raises(Exception, match="invalid value for SLURM option"):
+            env.submit(assets=["gpu_asset"], tags={key: value})
+        [run] = env.instance.get_runs(limit=1)
+        assert run.status == dg.DagsterRunStatus.FAILURE and "slurm/job_id" not in run.tags
+        assert not (env.log_dir / f"{run.run_id}.sbatch").exists()
+    time.sleep(1)
+    assert not marker.exists()
+
+
+def test_malicious_env_value_inert_inside_slurm(env, tmp_path):
+    """A launcher env var value with shell syntax reaches the job verbatim and runs nothing."""
+    import dagster as dg
+
+    marker = tmp_path / "pwned_env"
+    env.launcher.env_vars.append(f"CB_EVIL=$(touch {marker}); `touch {marker}`")
+    try:
+        run = env.submit(assets=["gpu_asset"])
+        assert env.wait(run.run_id, timeout=90).status == dg.DagsterRunStatus.SUCCESS
+    finally:
+        env.launcher.env_vars.pop()
+    script = (env.log_dir / f"{run.run_id}.sbatch").read_text()
+    assert shlex.quote(f"$(touch {marker}); `touch {marker}`") in script
+    assert not marker.exists()
+
+
+def test_pending_job_not_failed_and_lost_pending_job_detected(env, slurm_cluster):  # noqa: F811
+    """A PENDING job keeps its run STARTING (no start-timeout kill at the configured 3600 s); a job
+    cancelled while pending is found by fail_lost_slurm_runs."""
+    import dagster as dg
+
+    from cb_assets.slurm_launcher import fail_lost_slurm_runs
+
+    part = slurm_cluster.cmd("sinfo", "-h", "-o", "%R").stdout.split()[0]
+    assert slurm_cluster.cmd("scontrol", "update", f"PartitionName={part}", "State=DOWN").returncode == 0
+    try:
+        run = env.submit(assets=["gpu_asset"])
+        job_id = run.tags["slurm/job_id"]
+        time.sleep(1.5)
+        assert slurm.job_state(job_id).status == "pending"
+        env.monitor_once()
+        assert env.instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTING
+        assert fail_lost_slurm_runs(env.instance) == []
+        slurm_cluster.cmd("scancel", job_id)
+        time.sleep(0.5)
+        assert fail_lost_slurm_runs(env.instance) == [run.run_id]
+        assert env.instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+    finally:
+        slurm_cluster.cmd("scontrol", "update", f"PartitionName={part}", "State=UP")
+
+
+def test_stop_kills_only_own_daemons(slurm_cluster, tmp_path):  # noqa: F811
+    """start/stop of a second cluster leaves the session cluster (and its PIDs) alone."""
+    from tests.slurm_fixtures import start_cluster, stop_cluster
+
+    before = {p.name: p.read_text().strip() for p in (slurm_cluster.dir / "run").glob("*.pid")}
+    assert len(before) == 3
+    c2 = start_cluster(tmp_path / "c2")
+    pids2 = [int((c2.dir / "run" / f"{d}.pid").read_text()) for d in ("munged", "slurmctld", "slurmd")]
+    stop_cluster(c2)
+    for pid in pids2:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    for name, pid in before.items():
+        os.kill(int(pid), 0)  # still alive
