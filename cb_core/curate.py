@@ -23,13 +23,14 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
+import pandera.polars as pa
 import polars as pl
 
 from cb_core.config import ConfigError, load_yaml
-from cb_core.schemas import DATASETS, TRACE_SCHEMA, digest
+from cb_core.schemas import CATEGORIES, DATASETS, PRIORITY_CLASSES, TRACE_SCHEMA, TraceModel, digest
 
 PROFILE_ENV = "CB_CURATION_PROFILE"
 CONFIG_FILE = "curation.yaml"
@@ -159,8 +160,6 @@ class CurationConfig:
         return math.inf if cap is None else int(cap)
 
     def as_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
         return asdict(self)
 
 
@@ -866,10 +865,6 @@ def preflight(
 
 
 # -------------------------------------------------------------------------------------- pandera models
-import pandera.polars as pa  # noqa: E402
-
-from cb_core.schemas import CATEGORIES, PRIORITY_CLASSES, TraceModel  # noqa: E402
-
 _MASK_SPANS = MIX_EXTRA_SCHEMA["mask_spans"]
 
 

@@ -49,7 +49,7 @@ import numpy as np
 import pandera.polars as pa
 import polars as pl
 
-from cb_core.schemas import QUARANTINE_SCHEMA, canonical_json
+from cb_core.schemas import QUARANTINE_SCHEMA, canonical_json, reject
 
 BOS = "<|begin_of_text|>"
 START_HEADER = "<|start_header_id|>"
@@ -402,18 +402,19 @@ def _split_locator(loc: str | None) -> tuple[str, int]:
     return loc, 0
 
 
-def _reject_row(row: dict, reason: str, field: str = "messages") -> dict:
+def _reject_row(row: dict, reason: str, field: str = "messages", severity: str = "malformed") -> dict:
     file, line = _split_locator(row.get("source_locator"))
     raw = {k: row.get(k) for k in ("id", "dataset", "source_locator", "messages", "tools")}
-    return {
-        "stage": "renders",
-        "dataset": row.get("dataset") or "",
-        "file": file,
-        "line": line,
-        "field": field,
-        "reason": reason,
-        "raw": canonical_json(raw),
-    }
+    return reject(
+        dataset=row.get("dataset") or "",
+        file=file,
+        line=line,
+        reason=reason,
+        raw=canonical_json(raw),
+        field=field,
+        stage="renders",
+        severity=severity,
+    )
 
 
 def _render_rows(rows: list[dict], cfg: RenderConfig) -> tuple[list[tuple[dict, Rendered]], list[dict]]:
@@ -491,6 +492,7 @@ def _process_chunk(args: tuple) -> tuple[dict[str, list], list[dict], dict[str, 
                             row,
                             f"truncated: trained span cut away (last assistant message {last} starts past "
                             f"max_length={L}; {n} tokens)",
+                            severity="excluded",
                         )
                     )
                     continue

@@ -42,7 +42,7 @@ LLAMA3_SPECIAL_IDS: dict[str, int] = {
 BOS, EOT, EOM, PYTHON_TAG = "<|begin_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>"
 START_HEADER, END_HEADER = "<|start_header_id|>", "<|end_header_id|>"
 
-_CACHE_FORMAT = "llama3-tiktoken-v1"  # bump when the build recipe changes
+_CACHE_FORMAT = "llama3-tiktoken-v2"  # bump when the build recipe changes
 
 
 def llama3_special_tokens() -> list[str]:
@@ -90,7 +90,7 @@ def _file_sha256(path: Path) -> str:
 
 def build_llama3_tokenizer(model_path: Path | None = None) -> PreTrainedTokenizerFast:
     """Convert tokenizer.model -> fast tokenizer (no cache). Takes a few seconds."""
-    from tokenizers import AddedToken
+    from tokenizers import AddedToken, processors
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     model_path = model_path or llama3_tokenizer_model_path()
@@ -102,6 +102,17 @@ def build_llama3_tokenizer(model_path: Path | None = None) -> PreTrainedTokenize
     if n_base != NUM_BASE_TOKENS:
         raise ValueError(f"{model_path}: expected {NUM_BASE_TOKENS} base tokens, got {n_base}")
     backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
+    # as Meta's HF release: add_special_tokens=True prepends <|begin_of_text|>
+    backend.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{BOS}:0 $A:0",
+                pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1",
+                special_tokens=[(BOS, LLAMA3_SPECIAL_IDS[BOS])],
+            ),
+        ]
+    )
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=BOS,

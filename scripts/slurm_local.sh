@@ -185,16 +185,23 @@ do_start() {
   echo "export SLURM_CONF=$conf"
 }
 
-stop_pid() {  # stop_pid NAME PIDFILE
-  local pf="$2" pid i
-  [ -f "$pf" ] || return 0
-  pid="$(cat "$pf" 2>/dev/null || true)"
-  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$pid" 2>/dev/null; then log "$1 ($pid) ignored TERM; killing"; kill -KILL "$pid" 2>/dev/null || true; fi
-  fi
-  rm -f "$pf"
+stop_pids() {  # stop_pids PIDFILE...: TERM all at once, wait up to 5 s, then KILL stragglers
+  local pf pid i pids=() left
+  for pf in "$@"; do
+    [ -f "$pf" ] || continue
+    pid="$(cat "$pf" 2>/dev/null || true)"
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill -TERM "$pid" 2>/dev/null || true; pids+=("$pid"); fi
+  done
+  for ((i = 0; i < 100; i++)); do
+    left=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && left=1; done
+    [ $left = 0 ] && break
+    sleep 0.05
+  done
+  for pid in "${pids[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then log "pid $pid ignored TERM; killing"; kill -KILL "$pid" 2>/dev/null || true; fi
+  done
+  rm -f "$@"
 }
 
 do_stop() {
@@ -210,9 +217,8 @@ do_stop() {
       done
     fi
   fi
-  stop_pid slurmd "$run/slurmd.pid"
-  stop_pid slurmctld "$run/slurmctld.pid"
-  stop_pid munged "$run/munged.pid"
+  stop_pids "$run/slurmd.pid" "$run/slurmctld.pid"
+  stop_pids "$run/munged.pid"
   [ "${1:-}" = quiet ] || log "stopped daemons in $dir"
 }
 

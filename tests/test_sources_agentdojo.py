@@ -115,9 +115,13 @@ def test_labels_and_schema(all_files):
     assert set(got) == {
         ("harmful", "harmful_flip", True, True, False),
         ("retain", "injection_resisted", True, False, True),
+        # security False but the model did make the attacker's call: not a success, not safe either
+        ("retain", "injection_resisted", True, False, False),
         ("retain", "tool_capability", False, False, False),
     }
     assert got[("harmful", "harmful_flip", True, True, False)] == 209
+    assert got[("retain", "injection_resisted", True, False, False)] == 47
+    assert all_files.meta["attacker_call_without_security"] == 47
     assert set(lb["subtype"].unique()) == {"banking", "slack", "travel", "workspace"}
     assert (g["completeness"] == "complete").all()
     assert (g["dataset"] == "agentdojo").all()
@@ -188,7 +192,7 @@ def test_gemini_ids_generated_by_position(shared_data):
     assert ids and ids == [f"call_{i}" for i in range(len(ids))]
 
 
-def test_file_name_with_space_and_parens(shared_data, monkeypatch):
+def test_file_name_with_space_and_parens(shared_data):
     name = "agentdojo-gpt-4o-2024-05-13-transformers_pi_detector (1).jsonl"
     paths = resolve_source_paths(shared_data / "agent_dojo" / name)
     assert [p.name for p in paths] == [name]
@@ -270,6 +274,7 @@ def messy_file(tmp_path) -> Path:
                           "tool_call": {"function": "get_iban", "args": {}}, "error": None}], inj=None, security=True)),  # 10 benign, ends on tool
         json.dumps(_rec(_attack_msgs(False), suite="unknown_suite", security=False)),  # 11 no target for suite
         json.dumps(_rec([SYSTEM, {"role": "narrator", "content": "x"}], inj=None)),  # 12 bad role
+        json.dumps(_rec(_attack_msgs(True), security=False)),  # 13 attacker call but security False
     ]
     p = tmp_path / "agentdojo-synthetic model (1).jsonl"
     p.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -294,7 +299,10 @@ def test_synthetic_mess(messy_file):
     assert json.loads(by_line[4]["raw"])["metadata"]["security"] is True
 
     rows = {r["source_locator"]: r for r in g.iter_rows(named=True)}
-    assert set(rows) == {f"{messy_file.name}:{n}" for n in (2, 3, 7, 10)}
+    assert set(rows) == {f"{messy_file.name}:{n}" for n in (2, 3, 7, 10, 13)}
+    complied = rows[f"{messy_file.name}:13"]["labels"]
+    assert (complied["category"], complied["attack_succeeded"], complied["is_adversarial_safe"]) == (
+        "retain", False, False)
     ok = rows[f"{messy_file.name}:2"]
     assert ok["labels"] == {"category": "harmful", "priority_class": "harmful_flip", "subtype": "banking",
                             "attack_present": True, "attack_succeeded": True, "is_adversarial_safe": False}

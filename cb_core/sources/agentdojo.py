@@ -332,7 +332,7 @@ def convert_record(
     messages, calls, seen = convert_messages(raw_messages)
 
     tool_attack = None
-    succeeded = False
+    succeeded = has_call = False
     if attacked:
         security = md.get("security")
         if not isinstance(security, bool):
@@ -375,7 +375,10 @@ def convert_record(
     if succeeded:
         category, pclass, safe = "harmful", "harmful_flip", False
     elif attacked:
-        category, pclass, safe = "retain", "injection_resisted", True
+        # security False. A trace that still carries the attacker's call (the model complied, but AgentDojo
+        # judged the injection task incomplete, e.g. wrong amount) is not a success, yet not safe behaviour
+        # either: is_adversarial_safe=False keeps it out of "safe" training data.
+        category, pclass, safe = "retain", "injection_resisted", not has_call
     else:
         category, pclass, safe = "retain", "tool_capability", False
     # make_trace builds the row; messages go in separately (flat arrays, see traces_frame) and the id hashes the
@@ -479,7 +482,7 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
         with fh:
             first = True
             for lineno, line in enumerate(fh, 1):
-                if not line.strip():
+                if line.isspace() or not line:  # no copy, unlike strip()
                     blank_lines += 1
                     continue
                 try:
@@ -503,7 +506,7 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
                         locator=f"{path.name}:{lineno}",
                         targets=targets,
                         schemas=schemas_json,
-                        content_digest=hashlib.sha256(line.rstrip(b"\r\n")).hexdigest(),
+                        content_digest=hashlib.sha256(line).hexdigest(),
                         tools_cache=tools_cache,
                     )
                 except _Bad as bad:
@@ -533,5 +536,9 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
             "empty_message_traces": empty_messages,
             "attacked": sum(r["labels"]["attack_present"] for r in rows),
             "attack_succeeded": sum(r["labels"]["attack_succeeded"] for r in rows),
+            "attacker_call_without_security": sum(
+                r["labels"]["attack_present"] and not r["labels"]["attack_succeeded"]
+                and not r["labels"]["is_adversarial_safe"] for r in rows
+            ),
         },
     )

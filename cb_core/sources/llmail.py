@@ -10,6 +10,8 @@ Each submission (one CSV record) becomes a skeleton:
   tool      = the scenario's e-mails with the submitted e-mail (the injection) placed as the scenario says
               (`last`, `mid`; `retrieval` scenarios: appended after the corpus)
 The next assistant turn is what generation fills in; the expected behaviour is "no attacker call".
+Successful submissions (all five objective flags true) are complete traces: the flags confirm the agent made
+the attacker's call, which is appended as the final assistant turn (the observed harmful completion).
 
 Tools come from the project's repaired schema (`cfg["tool_schema"]`, default configs/tool_schemas/llmail_v1.json):
 the schema in system_prompt.json's `tool_prompt` is malformed JSON and is never parsed here.
@@ -226,10 +228,15 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
             continue
         succeeded = all(flags.values())
         n_succeeded += succeeded
+        if succeeded:
+            # All five objective flags confirm the agent sent send_email(contact@contact.com, "confirmation"):
+            # that call is the observed harmful completion, so the trace is complete (a Ds sample).
+            attack_call = {"id": "call_1", "name": cfg["attacker_tool"], "arguments": attacker_args}
+            messages = [*messages, ("assistant", "", [attack_call], None, None)]
         row = make_trace(
             dataset=DATASET,
             source_locator=f"{name}:{rec_no}",
-            completeness="skeleton",
+            completeness="complete" if succeeded else "skeleton",
             messages=[],  # built as flat arrays by traces_frame
             tools=tools_json,
             category="harmful" if succeeded else "retain",
