@@ -490,8 +490,8 @@ def _process_chunk(args: tuple) -> tuple[dict[str, list], list[dict], dict[str, 
                     rejected.append(
                         _reject_row(
                             row,
-                            f"truncated: trained span cut away (last assistant message {last} starts past "
-                            f"max_length={L}; {n} tokens)",
+                            f"truncated: trained span cut away (no content/tool-call token of the last assistant "
+                            f"message, index {last}, within max_length={L}; trace has {n} tokens)",
                             severity="excluded",
                         )
                     )

@@ -189,7 +189,9 @@ def test_no_system_message_gets_default_preamble():
     )
     msg = [s for s in r.spans if s.kind == "message"]
     assert [(s.message_index, s.role) for s in msg] == [(-1, "system"), (0, "user")]
-    assert not RenderConfig(add_bos=False) or render_conversation([message("user", "hi")], None, RenderConfig(add_bos=False)).text.startswith("<|start_header_id|>system")
+    no_bos = render_conversation([message("user", "hi")], None, RenderConfig(add_bos=False))
+    assert no_bos.text == r.text[len("<|begin_of_text|>") :]
+    assert not no_bos.of_kind("bos") and no_bos.spans[0].char_start == 0
 
 
 # ------------------------------------------------------------------------------------------------ spans
@@ -359,6 +361,20 @@ def test_render_traces_schema_and_token_spans(small_batch, llama_tokenizer):
                 assert ids[ts["token_start"]] in (128008, 128009)
             if ts["kind"] == "header":
                 assert ids[ts["token_start"]] == 128006
+
+
+def test_render_model_rejects_bad_spans(small_batch):
+    import pandera.errors
+
+    _, renders, _, _, _ = small_batch
+    first = renders.head(1)
+    spans = first["spans"][0].to_list()
+    spans[0]["token_end"] = first["n_tokens"][0] + 5
+    broken = first.with_columns(pl.Series("spans", [spans], dtype=RENDER_SCHEMA["spans"]))
+    with pytest.raises(pandera.errors.SchemaError):
+        RenderModel.validate(broken)
+    with pytest.raises(pandera.errors.SchemaError):
+        RenderModel.validate(first.with_columns(pl.lit(1, pl.Int32).alias("n_tokens")))
 
 
 def test_tool_id_and_tokenizer_id(small_batch, llama_tokenizer):

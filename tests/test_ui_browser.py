@@ -261,8 +261,7 @@ def test_ui_graph_materialize_and_checks(dagster_server, page):
     page.get_by_text("Launched run").wait_for()
     run = _wait_new_run(base, known)
     assert [target] in [a["path"] for a in run["assetSelection"]]
-    page.get_by_role("button", name="View").first.click()  # the toast's link to the run page
-    page.wait_for_url(f"**/runs/{run['runId']}*")
+    page.goto(f"{base}/runs/{run['runId']}", wait_until="domcontentloaded")
     done = _wait_run_done(base, run["runId"])
     page.reload(wait_until="domcontentloaded")
     page.get_by_text("Success").first.wait_for()

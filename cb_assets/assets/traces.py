@@ -38,6 +38,46 @@ def trace_stats(df: pl.DataFrame) -> list[dict]:
     group_name=ETL_A_GROUP,
     kinds={"polars"},
     tags={"cb/tier": "B", "cb/compute": "cpu"},
+    description="Every record ETL_A rejected: dataset, file, line, field, reason, severity, raw text.",
+)
+def quarantine(
+    context: dg.AssetExecutionContext,
+    raw_fujitsu_b4: SourceResult,
+    raw_agentdojo: SourceResult,
+    raw_llmail_inject: SourceResult,
+    raw_tau2: SourceResult,
+    raw_ultrachat: SourceResult,
+    raw_xstest: SourceResult,
+) -> pl.DataFrame:
+    raws = dict(
+        fujitsu_b4=raw_fujitsu_b4,
+        agentdojo=raw_agentdojo,
+        llmail_inject=raw_llmail_inject,
+        tau2=raw_tau2,
+        ultrachat=raw_ultrachat,
+        xstest=raw_xstest,
+    )
+    parts = [r.rejected for r in raws.values() if r.rejected.height]
+    df = pl.concat(parts, how="vertical") if parts else empty_quarantine()
+    validate_or_fail(QuarantineModel, df, "quarantine")
+    context.add_output_metadata(
+        {
+            "by_dataset": dg.MetadataValue.json(dict(df.group_by("dataset").len().sort("dataset").iter_rows())),
+            "by_reason": dg.MetadataValue.json(
+                df.group_by("reason").len().sort("len", descending=True).head(20).to_dicts()
+            ),
+        }
+    )
+    return df
+
+
+@dg.asset(
+    ins=RAW_INS,
+    # Rejects are recorded before the tier is published, and `--select +traces` materializes both.
+    deps=["quarantine"],
+    group_name=ETL_A_GROUP,
+    kinds={"polars"},
+    tags={"cb/tier": "B", "cb/compute": "cpu"},
     description="trace_v1: one row per conversation from every selected source (skeleton or complete).",
 )
 def traces(
@@ -69,44 +109,6 @@ def traces(
             "stats": dg.MetadataValue.json(trace_stats(df)),
             "skeleton": df.filter(pl.col("completeness") == "skeleton").height,
             "complete": df.filter(pl.col("completeness") == "complete").height,
-        }
-    )
-    return df
-
-
-@dg.asset(
-    ins=RAW_INS,
-    group_name=ETL_A_GROUP,
-    kinds={"polars"},
-    tags={"cb/tier": "B", "cb/compute": "cpu"},
-    description="Every record ETL_A rejected: dataset, file, line, field, reason, severity, raw text.",
-)
-def quarantine(
-    context: dg.AssetExecutionContext,
-    raw_fujitsu_b4: SourceResult,
-    raw_agentdojo: SourceResult,
-    raw_llmail_inject: SourceResult,
-    raw_tau2: SourceResult,
-    raw_ultrachat: SourceResult,
-    raw_xstest: SourceResult,
-) -> pl.DataFrame:
-    raws = dict(
-        fujitsu_b4=raw_fujitsu_b4,
-        agentdojo=raw_agentdojo,
-        llmail_inject=raw_llmail_inject,
-        tau2=raw_tau2,
-        ultrachat=raw_ultrachat,
-        xstest=raw_xstest,
-    )
-    parts = [r.rejected for r in raws.values() if r.rejected.height]
-    df = pl.concat(parts, how="vertical") if parts else empty_quarantine()
-    validate_or_fail(QuarantineModel, df, "quarantine")
-    context.add_output_metadata(
-        {
-            "by_dataset": dg.MetadataValue.json(dict(df.group_by("dataset").len().sort("dataset").iter_rows())),
-            "by_reason": dg.MetadataValue.json(
-                df.group_by("reason").len().sort("len", descending=True).head(20).to_dicts()
-            ),
         }
     )
     return df
