@@ -47,6 +47,7 @@ from typing import Any
 
 import dagster as dg
 
+from cb_assets.resources import DatasetsResource
 from cb_core.config import ConfigError, load_yaml, resolve_source_paths
 
 GPU_TAG = ("cb/compute", "gpu")
@@ -278,12 +279,10 @@ def run_request_for(datasets: list[str], asset_graph, run_key: str, reason: str)
     )
 
 
-def watched_sources() -> tuple[dict[str, str], str | None]:
+def watched_sources(datasets: DatasetsResource | None = None) -> tuple[dict[str, str], str | None]:
     """({dataset: configured path spec}, skip reason or None), from the same config the raw assets read."""
-    from cb_assets.resources import DatasetsResource
-
     try:
-        sel = DatasetsResource().selection()
+        sel = (datasets or DatasetsResource()).selection()
     except (ConfigError, OSError) as err:
         return {}, f"source configuration error: {err}"
     if sel.demo:
@@ -305,8 +304,8 @@ def watched_sources() -> tuple[dict[str, str], str | None]:
     description="Watches the configured Tier A source paths (size, mtime, sha256); on a settled change runs "
     "the changed raw_<dataset> assets and everything downstream that is CPU work (not cb/compute=gpu).",
 )
-def source_sensor(context: dg.SensorEvaluationContext):
-    specs, skip = watched_sources()
+def source_sensor(context: dg.SensorEvaluationContext, datasets: DatasetsResource):
+    specs, skip = watched_sources(datasets)
     if skip:
         return dg.SkipReason(skip)
     cursor = _load_cursor(context.cursor)

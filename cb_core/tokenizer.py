@@ -149,9 +149,12 @@ def llama3_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedTokenizer
     stamp_file = cache / "cb_build.json"
     if stamp_file.is_file():
         try:
-            if json.loads(stamp_file.read_text()) == stamp:
+            saved = json.loads(stamp_file.read_text())
+            if {k: saved.get(k) for k in stamp} == stamp:
                 tok = PreTrainedTokenizerFast.from_pretrained(str(cache), local_files_only=True)
                 check_llama3_special_ids(tok)
+                if saved.get("tokenizer_id"):
+                    tok._cb_tokenizer_id = saved["tokenizer_id"]  # digest computed at build time (saves ~2 s)
                 return tok
         except Exception:  # corrupt cache: rebuild below
             pass
@@ -160,7 +163,7 @@ def llama3_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedTokenizer
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
     try:
         tok.save_pretrained(str(tmp))
-        (tmp / "cb_build.json").write_text(json.dumps(stamp))
+        (tmp / "cb_build.json").write_text(json.dumps({**stamp, "tokenizer_id": tokenizer_id(tok)}))
         old = None
         if cache.exists():
             old = cache.parent / f".{cache.name}.old.{os.getpid()}"

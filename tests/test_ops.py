@@ -49,7 +49,7 @@ class Ticker:
 
     def tick(self):
         ctx = dg.build_sensor_context(cursor=self.cursor, definitions=defs, instance=self.instance,
-                                      sensor_name="source_sensor")
+                                      sensor_name="source_sensor", resources=defs.resources)
         data = self.sensor.evaluate_tick(ctx)
         if data.cursor is not None:
             self.cursor = data.cursor

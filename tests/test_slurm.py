@@ -3,13 +3,20 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from cb_core import slurm
-from tests.slurm_fixtures import launcher_env, slurm_cluster  # noqa: F401  (session fixture)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tests.*` importable under plain `pytest`
+
+from tests.slurm_fixtures import launcher_env  # noqa: E402
+
+# Registered as a plugin (not imported into each module) so the session-scoped `slurm_cluster`
+# fixture starts one cluster for all SLURM test modules.
+pytest_plugins = ["tests.slurm_fixtures"]
 
 pytestmark = pytest.mark.slurm
 
@@ -96,7 +103,7 @@ def test_job_state_falls_back_to_jobcomp_when_aged_out(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def env(slurm_cluster, tmp_path_factory):  # noqa: F811
+def env(slurm_cluster, tmp_path_factory):
     with launcher_env(tmp_path_factory.mktemp("dagster_home")) as e:
         yield e
 
@@ -115,7 +122,7 @@ def _gone(cluster, job_id: str, timeout: float = 20) -> bool:
     return True
 
 
-def test_sacct_reads_jobcomp_on_real_cluster(slurm_cluster):  # noqa: F811
+def test_sacct_reads_jobcomp_on_real_cluster(slurm_cluster):
     out = slurm_cluster.cmd("sbatch", "--parsable", "--wrap", "true")
     job_id = out.stdout.strip()
     for _ in range(100):
@@ -128,7 +135,7 @@ def test_sacct_reads_jobcomp_on_real_cluster(slurm_cluster):  # noqa: F811
     assert f"{job_id}|COMPLETED" in proc.stdout
 
 
-def test_gpu_run_runs_in_slurm_with_gres(env, slurm_cluster):  # noqa: F811
+def test_gpu_run_runs_in_slurm_with_gres(env, slurm_cluster):
     import dagster as dg
 
     run = env.submit(assets=["gpu_asset"])  # __ASSET_JOB + asset selection, as the UI's "Materialize"
@@ -174,7 +181,7 @@ def _start_slow(env):
     return run, job_id, proof
 
 
-def test_terminate_cancels_job(env, slurm_cluster):  # noqa: F811
+def test_terminate_cancels_job(env, slurm_cluster):
     import dagster as dg
 
     run, job_id, _ = _start_slow(env)
@@ -186,7 +193,7 @@ def test_terminate_cancels_job(env, slurm_cluster):  # noqa: F811
     assert slurm.job_state(job_id).raw.startswith("CANCELLED")
 
 
-def test_external_scancel_fails_run(env, slurm_cluster):  # noqa: F811
+def test_external_scancel_fails_run(env, slurm_cluster):
     import dagster as dg
 
     run, job_id, _ = _start_slow(env)
@@ -197,7 +204,7 @@ def test_external_scancel_fails_run(env, slurm_cluster):  # noqa: F811
     assert slurm.job_state(job_id).raw.startswith("CANCELLED")
 
 
-def test_kill9_worker_marked_failed_by_run_monitoring(env, slurm_cluster):  # noqa: F811
+def test_kill9_worker_marked_failed_by_run_monitoring(env, slurm_cluster):
     import dagster as dg
 
     run, job_id, proof = _start_slow(env)
@@ -252,7 +259,7 @@ def test_malicious_env_value_inert_inside_slurm(env, tmp_path):
     assert not marker.exists()
 
 
-def test_pending_job_not_failed_and_lost_pending_job_detected(env, slurm_cluster):  # noqa: F811
+def test_pending_job_not_failed_and_lost_pending_job_detected(env, slurm_cluster):
     """A PENDING job keeps its run STARTING (no start-timeout kill at the configured 3600 s); a job
     cancelled while pending is found by fail_lost_slurm_runs."""
     import dagster as dg
@@ -277,7 +284,7 @@ def test_pending_job_not_failed_and_lost_pending_job_detected(env, slurm_cluster
         slurm_cluster.cmd("scontrol", "update", f"PartitionName={part}", "State=UP")
 
 
-def test_stop_kills_only_own_daemons(slurm_cluster, tmp_path):  # noqa: F811
+def test_stop_kills_only_own_daemons(slurm_cluster, tmp_path):
     """start/stop of a second cluster leaves the session cluster (and its PIDs) alone."""
     from tests.slurm_fixtures import start_cluster, stop_cluster
 
@@ -291,3 +298,26 @@ def test_stop_kills_only_own_daemons(slurm_cluster, tmp_path):  # noqa: F811
             os.kill(pid, 0)
     for name, pid in before.items():
         os.kill(int(pid), 0)  # still alive
+
+
+def test_example_instance_configs_validate(tmp_path, monkeypatch):
+    """dagster.slurm.example.yaml (and the local launcher block) pass Dagster's instance schema and
+    build a SlurmRunLauncher."""
+    import shutil as _sh
+
+    import yaml
+    from dagster._core.instance.config import dagster_instance_config
+    from dagster._serdes import ConfigurableClassData
+
+    from cb_assets.slurm_launcher import SlurmRunLauncher
+
+    root = Path(__file__).resolve().parent.parent
+    for var in ("DAGSTER_PG_HOST", "DAGSTER_PG_PORT", "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB"):
+        monkeypatch.setenv(var, "5432" if var.endswith("PORT") else "x")
+    _sh.copy(root / "dagster_home" / "dagster.slurm.example.yaml", tmp_path / "dagster.yaml")
+    config, _ = dagster_instance_config(str(tmp_path))
+    rl = config["run_launcher"]
+    launcher = ConfigurableClassData(rl["module"], rl["class"], yaml.safe_dump(rl.get("config") or {})).rehydrate(
+        as_type=SlurmRunLauncher)
+    assert launcher.defaults.directives() == ["--partition=gpu", "--time=04:00:00", "--mem=64G", "--cpus-per-task=8"]
+    assert config["run_monitoring"]["max_resume_run_attempts"] == 0

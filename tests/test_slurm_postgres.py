@@ -5,12 +5,19 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.slurm_fixtures import launcher_env, slurm_cluster  # noqa: F401  (session fixture)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tests.*` importable under plain `pytest`
+
+from tests.slurm_fixtures import launcher_env  # noqa: E402
+
+# Registered as a plugin (not imported into each module) so the session-scoped `slurm_cluster`
+# fixture starts one cluster for all SLURM test modules.
+pytest_plugins = ["tests.slurm_fixtures"]
 
 pytestmark = [pytest.mark.slurm, pytest.mark.postgres]
 
@@ -76,7 +83,7 @@ def postgres_server():
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_gpu_run_through_slurm_with_postgres_storage(slurm_cluster, postgres_server, tmp_path, monkeypatch):  # noqa: F811
+def test_gpu_run_through_slurm_with_postgres_storage(slurm_cluster, postgres_server, tmp_path, monkeypatch):
     import dagster as dg
     import psycopg2
 

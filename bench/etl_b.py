@@ -1,0 +1,176 @@
+"""ETL_B benchmark on the real shared AgentDojo + TAU2 traces.
+
+Measures samples/s of
+  ours   render (span-recording) + one batch tokenization with offsets + span->token mapping + every
+         loss-mask policy (cb_core.render.render_traces + cb_core.lossmask.build_lossmasks);
+  (a)    plain batch tokenization of the same rendered text (no offsets, no spans, no masks): the lower
+         bound on cost, so ours/(a) <= 1 and the target is >= 0.8;
+  (b)    the decode -> regex -> re-encode baseline: render, tokenize, decode the ids, find the assistant
+         segments with a regex on the decoded text, re-encode the text before each segment and the segment
+         to locate it in tokens (prefix encodes batched, the most generous version); target ours/(b) >= 6.
+All three run in one process on the same traces. Each configuration runs in a fresh child process so the
+tokenizer's thread pool size is fixed per run: 1 thread, 2 threads (RAYON_NUM_THREADS), and 2 worker
+processes (render_traces num_workers=2), to report the speedup from using both cores.
+
+    .venv/bin/python bench/etl_b.py [--limit 600] [--repeat 2] [--json out.json]
+
+--limit picks that many traces spread evenly over the AgentDojo and TAU2 sets (0 = all; the full set is
+~10M tokens and takes minutes per pass on 2 cores). Timings exclude reading the sources and loading the
+tokenizer. Other processes on the machine add noise: the best of --repeat passes is reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def load_traces(limit: int):
+    import polars as pl
+
+    from cb_core.sources import agentdojo, tau2
+
+    shared = Path(os.environ.get("CB_SHARED_DATA", ROOT.parent / "shared" / "data"))
+    ad = agentdojo.read(sorted((shared / "agent_dojo").glob("*.jsonl")), {}).good
+    parts = [ad]
+    try:
+        parts.append(tau2.read([shared / "tau2"], {}).good)
+    except Exception as e:  # pragma: no cover - reader problems must not hide the AgentDojo numbers
+        print(f"tau2 reader failed ({e}); AgentDojo only", file=sys.stderr)
+    out = []
+    for df in parts:
+        if limit and df.height:
+            share = max(1, round(limit * df.height / sum(p.height for p in parts)))
+            step = max(1, df.height // share)
+            df = df.gather_every(step).head(share)
+        out.append(df)
+    return pl.concat(out)
+
+
+ASSISTANT_RE = re.compile(
+    r"<\|start_header_id\|>assistant<\|end_header_id\|>\n\n(.*?(?:<\|eot_id\|>|<\|eom_id\|>))", re.S
+)
+
+
+def baseline_b(traces, tok, cfg) -> int:
+    """decode -> regex -> re-encode: assistant_only ranges per trace. Returns the number of ranges."""
+    from cb_core.render import render_conversation
+
+    rows = traces.select("messages", "tools").to_dicts()
+    texts = [render_conversation(r["messages"], r["tools"], cfg).text for r in rows]
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    decoded = tok.batch_decode(ids, skip_special_tokens=False)
+    prefixes, segs = [], []
+    for text in decoded:
+        for m in ASSISTANT_RE.finditer(text):
+            prefixes.append(text[: m.start(1)])
+            segs.append(m.group(1))
+    if not prefixes:
+        return 0
+    pre = tok(prefixes, add_special_tokens=False)["input_ids"]
+    seg = tok(segs, add_special_tokens=False)["input_ids"]
+    ranges = [(len(p), len(p) + len(s)) for p, s in zip(pre, seg)]
+    return len(ranges)
+
+
+def child(args) -> dict:
+    import polars as pl
+
+    from cb_core.lossmask import POLICIES, build_lossmasks
+    from cb_core.render import RenderConfig, render_conversation, render_traces
+    from cb_core.tokenizer import llama3_tokenizer
+
+    traces = load_traces(args.limit)
+    tok = llama3_tokenizer()
+    cfg = RenderConfig()
+    rows = traces.select("messages", "tools").to_dicts()
+    texts = [render_conversation(r["messages"], r["tools"], cfg).text for r in rows]
+    tok(texts[:8], add_special_tokens=False)  # warm up
+    n = traces.height
+    res: dict = {"threads": os.environ.get("RAYON_NUM_THREADS", "default"), "workers": args.workers, "traces": n}
+
+    def best(fn):
+        ts = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            out = fn()
+            ts.append(time.perf_counter() - t0)
+        return min(ts), out
+
+    def ours(policies):
+        st: dict = {}
+        renders, _ = render_traces(traces, tok, cfg, num_workers=args.workers, stats=st)
+        masks, _ = build_lossmasks(renders, traces, policies)
+        return renders, masks, st
+
+    t, (renders, masks, st) = best(lambda: ours(list(POLICIES)))
+    res.update(ours_s=t, ours_sps=n / t, n_rendered=renders.height, n_masks=masks.height,
+               tokens=int(renders["n_tokens"].cast(pl.Int64).sum()),
+               stage_s={k: round(v, 3) for k, v in st.items() if k.endswith("_s")})
+    t1, _ = best(lambda: ours(["assistant_only"]))
+    res.update(ours1_s=t1, ours1_sps=n / t1)
+    ta, _ = best(lambda: tok(texts, add_special_tokens=False)["input_ids"])
+    res.update(a_s=ta, a_sps=n / ta)
+    if not args.skip_b:
+        tb, nr = best(lambda: baseline_b(traces, tok, cfg))
+        res.update(b_s=tb, b_sps=n / tb, b_ranges=nr)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--limit", type=int, default=600)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--json", type=str, default="")
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--skip-b", action="store_true")
+    args = ap.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args)))
+        return
+
+    configs = [("1 thread", {"RAYON_NUM_THREADS": "1"}, 1, False),
+               ("2 threads", {"RAYON_NUM_THREADS": "2"}, 1, False),
+               ("2 processes", {"RAYON_NUM_THREADS": "1"}, 2, True)]
+    results = {}
+    for name, env, workers, skip_b in configs:
+        cmd = [sys.executable, __file__, "--child", "--limit", str(args.limit), "--repeat", str(args.repeat),
+               "--workers", str(workers)] + (["--skip-b"] if skip_b else [])
+        p = subprocess.run(cmd, env={**os.environ, "TOKENIZERS_PARALLELISM": "true", **env},
+                           capture_output=True, text=True, cwd=ROOT)
+        line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if p.returncode or line is None:
+            print(f"{name}: child failed\n{p.stderr[-2000:]}", file=sys.stderr)
+            continue
+        r = json.loads(line[7:])
+        results[name] = r
+        print(f"\n== {name}: {r['traces']} traces, {r['tokens']:,} tokens, {r['n_masks']} masks")
+        print(f"  ours (render+tokenize+mask, {8} policies): {r['ours_sps']:8.1f} samples/s  ({r['ours_s']:.2f}s) stages {r['stage_s']}")
+        print(f"  ours (assistant_only only)           : {r['ours1_sps']:8.1f} samples/s  ({r['ours1_s']:.2f}s)")
+        print(f"  (a) plain batch tokenization         : {r['a_sps']:8.1f} samples/s  ({r['a_s']:.2f}s)")
+        if "b_sps" in r:
+            print(f"  (b) decode->regex->re-encode         : {r['b_sps']:8.1f} samples/s  ({r['b_s']:.2f}s)")
+            print(f"  ratio ours/(a) = {r['ours_sps'] / r['a_sps']:.2f}  (target >= 0.8)")
+            print(f"  ratio ours/(b) = {r['ours_sps'] / r['b_sps']:.2f}  (target >= 6)")
+        else:
+            print(f"  ratio ours/(a) = {r['ours_sps'] / r['a_sps']:.2f}")
+    if "1 thread" in results:
+        base = results["1 thread"]["ours_sps"]
+        for name in ("2 threads", "2 processes"):
+            if name in results:
+                print(f"speedup from both cores ({name} vs 1 thread): {results[name]['ours_sps'] / base:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
