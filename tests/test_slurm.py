@@ -12,8 +12,6 @@ import pytest
 from cb_core import slurm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tests.*` importable under plain `pytest`
 
-from tests.slurm_fixtures import launcher_env  # noqa: E402
-
 # Registered as a plugin (not imported into each module) so the session-scoped `slurm_cluster`
 # fixture starts one cluster for all SLURM test modules.
 pytest_plugins = ["tests.slurm_fixtures"]
@@ -104,6 +102,8 @@ def test_job_state_falls_back_to_jobcomp_when_aged_out(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def env(slurm_cluster, tmp_path_factory):
+    from tests.slurm_fixtures import launcher_env
+
     with launcher_env(tmp_path_factory.mktemp("dagster_home")) as e:
         yield e
 

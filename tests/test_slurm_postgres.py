@@ -13,8 +13,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tests.*` importable under plain `pytest`
 
-from tests.slurm_fixtures import launcher_env  # noqa: E402
-
 # Registered as a plugin (not imported into each module) so the session-scoped `slurm_cluster`
 # fixture starts one cluster for all SLURM test modules.
 pytest_plugins = ["tests.slurm_fixtures"]
@@ -86,6 +84,8 @@ def postgres_server():
 def test_gpu_run_through_slurm_with_postgres_storage(slurm_cluster, postgres_server, tmp_path, monkeypatch):
     import dagster as dg
     import psycopg2
+
+    from tests.slurm_fixtures import launcher_env
 
     # Credentials reach dagster.yaml through environment variables, as in dagster.slurm.example.yaml.
     monkeypatch.setenv("DAGSTER_PG_HOST", postgres_server["host"])
