@@ -138,6 +138,10 @@ def main() -> None:
     finally:
         env.close()
         stop_cluster(cluster)
+        import shutil
+
+        shutil.rmtree(cluster.dir, ignore_errors=True)
+        shutil.rmtree(env.home.parent, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ def test_gpu_run_runs_in_slurm_with_gres(env, slurm_cluster):
     # second form: an asset job without explicit asset selection (the job's assets' tags decide)
     run2 = env.submit(job_name="gpu_job")
     assert run2.tags.get("slurm/job_id")
-    done = env.wait(run.run_id, timeout=90)
+    done = env.wait(run.run_id, timeout=180)
     assert done.status == dg.DagsterRunStatus.SUCCESS, env.engine_messages(run.run_id)[-5:]
     proof = env.proof("gpu_asset", run.run_id)
     assert proof["SLURM_JOB_ID"] == job_id
@@ -154,7 +154,7 @@ def test_gpu_run_runs_in_slurm_with_gres(env, slurm_cluster):
     assert "#SBATCH --gres=gpu:1" in script and "#SBATCH --time=00:10:00" in script
     ev = env.instance.get_latest_materialization_event(dg.AssetKey("gpu_asset"))
     assert ev is not None and ev.run_id in (run.run_id, run2.run_id)
-    assert env.wait(run2.run_id, timeout=90).status == dg.DagsterRunStatus.SUCCESS
+    assert env.wait(run2.run_id, timeout=180).status == dg.DagsterRunStatus.SUCCESS
     assert env.proof("gpu_asset", run2.run_id)["SLURM_JOB_ID"] == run2.tags["slurm/job_id"]
     assert env.launcher.check_run_worker_health(done).status.value == "SUCCESS"
 
@@ -164,7 +164,7 @@ def test_cpu_run_stays_local(env):
 
     run = env.submit(job_name="cpu_job")
     assert "slurm/job_id" not in run.tags
-    done = env.wait(run.run_id, timeout=60)
+    done = env.wait(run.run_id, timeout=180)
     assert done.status == dg.DagsterRunStatus.SUCCESS
     assert "slurm/job_id" not in done.tags
     assert env.proof("cpu_asset", run.run_id)["SLURM_JOB_ID"] is None
@@ -175,9 +175,9 @@ def _start_slow(env):
 
     run = env.submit(assets=["slow_gpu_asset"])
     job_id = run.tags["slurm/job_id"]
-    proof = env.proof("slow_gpu_asset", run.run_id, timeout=60)
+    proof = env.proof("slow_gpu_asset", run.run_id, timeout=150)
     assert proof is not None, "worker never started"
-    assert env.wait(run.run_id, statuses={dg.DagsterRunStatus.STARTED}, timeout=10)
+    assert env.wait(run.run_id, statuses={dg.DagsterRunStatus.STARTED}, timeout=60)
     return run, job_id, proof
 
 
@@ -187,7 +187,7 @@ def test_terminate_cancels_job(env, slurm_cluster):
     run, job_id, _ = _start_slow(env)
     assert env.launcher.check_run_worker_health(env.instance.get_run_by_id(run.run_id)).status.value == "RUNNING"
     assert env.instance.run_coordinator.cancel_run(run.run_id)  # what the UI's Terminate button calls
-    done = env.wait(run.run_id, timeout=30)
+    done = env.wait(run.run_id, timeout=90)
     assert done.status == dg.DagsterRunStatus.CANCELED
     assert _gone(slurm_cluster, job_id)
     assert slurm.job_state(job_id).raw.startswith("CANCELLED")
@@ -198,7 +198,7 @@ def test_external_scancel_fails_run(env, slurm_cluster):
 
     run, job_id, _ = _start_slow(env)
     slurm_cluster.cmd("scancel", job_id)
-    done = env.wait(run.run_id, timeout=40, monitor=True)
+    done = env.wait(run.run_id, timeout=120, monitor=True)
     assert done.status == dg.DagsterRunStatus.FAILURE
     assert _gone(slurm_cluster, job_id)
     assert slurm.job_state(job_id).raw.startswith("CANCELLED")
@@ -209,7 +209,7 @@ def test_kill9_worker_marked_failed_by_run_monitoring(env, slurm_cluster):
 
     run, job_id, proof = _start_slow(env)
     os.kill(proof["pid"], signal.SIGKILL)  # in-process executor: the asset runs in the run worker
-    done = env.wait(run.run_id, timeout=40, monitor=True)
+    done = env.wait(run.run_id, timeout=120, monitor=True)
     assert done.status == dg.DagsterRunStatus.FAILURE
     msgs = "\n".join(env.engine_messages(run.run_id))
     assert "Detected run worker status" in msgs and f"SLURM job {job_id}" in msgs
@@ -251,7 +251,7 @@ def test_malicious_env_value_inert_inside_slurm(env, tmp_path):
     env.launcher.env_vars.append(f"CB_EVIL=$(touch {marker}); `touch {marker}`")
     try:
         run = env.submit(assets=["gpu_asset"])
-        assert env.wait(run.run_id, timeout=90).status == dg.DagsterRunStatus.SUCCESS
+        assert env.wait(run.run_id, timeout=180).status == dg.DagsterRunStatus.SUCCESS
     finally:
         env.launcher.env_vars.pop()
     script = (env.log_dir / f"{run.run_id}.sbatch").read_text()

@@ -66,7 +66,7 @@ def postgres_server():
         pytest.skip(f"initdb failed: {init.stderr[-1000:]}")
     opts = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off"
     start = _as_postgres([str(pg_bin / "pg_ctl"), "-D", str(data), "-l", str(base / "pg.log"), "-o", opts,
-                          "-w", "-t", "60", "start"], timeout=90)
+                          "-w", "-t", "60", "start"], timeout=180)
     if start.returncode != 0:
         log = (base / "pg.log").read_text() if (base / "pg.log").exists() else ""
         shutil.rmtree(base, ignore_errors=True)
@@ -108,7 +108,7 @@ def test_gpu_run_through_slurm_with_postgres_storage(slurm_cluster, postgres_ser
         assert type(env.instance.event_log_storage).__name__ == "PostgresEventLogStorage"
         run = env.submit(assets=["gpu_asset"])
         job_id = run.tags["slurm/job_id"]
-        done = env.wait(run.run_id, timeout=90)
+        done = env.wait(run.run_id, timeout=180)
         assert done.status == dg.DagsterRunStatus.SUCCESS, env.engine_messages(run.run_id)[-5:]
         assert env.proof("gpu_asset", run.run_id)["SLURM_JOB_ID"] == job_id
         script = (env.log_dir / f"{run.run_id}.sbatch").read_text()
