@@ -12,7 +12,7 @@ All three run in one process on the same traces. Each configuration runs in a fr
 tokenizer's thread pool size is fixed per run: 1 thread, 2 threads (RAYON_NUM_THREADS), and 2 worker
 processes (render_traces num_workers=2), to report the speedup from using both cores.
 
-    .venv/bin/python bench/etl_b.py [--limit 600] [--repeat 2] [--json out.json]
+    .venv/bin/python bench/etl_b.py [--limit 200] [--repeat 3] [--json out.json]
 
 --limit picks that many traces spread evenly over the AgentDojo and TAU2 sets (0 = all; the full set is
 ~10M tokens and takes minutes per pass on 2 cores). Timings exclude reading the sources and loading the
@@ -97,38 +97,45 @@ def child(args) -> dict:
     n = traces.height
     res: dict = {"threads": os.environ.get("RAYON_NUM_THREADS", "default"), "workers": args.workers, "traces": n}
 
-    def best(fn):
-        ts = []
-        for _ in range(args.repeat):
-            t0 = time.perf_counter()
-            out = fn()
-            ts.append(time.perf_counter() - t0)
-        return min(ts), out
-
-    def ours(policies):
+    def ours(policies, tr=traces):
         st: dict = {}
-        renders, _ = render_traces(traces, tok, cfg, num_workers=args.workers, stats=st)
-        masks, _ = build_lossmasks(renders, traces, policies)
+        renders, _ = render_traces(tr, tok, cfg, num_workers=args.workers, stats=st)
+        masks, _ = build_lossmasks(renders, tr, policies)
         return renders, masks, st
 
-    t, (renders, masks, st) = best(lambda: ours(list(POLICIES)))
-    res.update(ours_s=t, ours_sps=n / t, n_rendered=renders.height, n_masks=masks.height,
+    methods = {
+        "ours": lambda: ours(list(POLICIES)),
+        "ours1": lambda: ours(["assistant_only"]),
+        "a": lambda: tok(texts, add_special_tokens=False)["input_ids"],
+    }
+    if not args.skip_b:
+        methods["b"] = lambda: baseline_b(traces, tok, cfg)
+    # warm up every code path on a few traces, then interleave the repeats so machine noise hits all alike
+    ours(list(POLICIES), traces.head(20))
+    baseline_b(traces.head(20), tok, cfg)
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    outs: dict = {}
+    for _ in range(args.repeat):
+        for k, fn in methods.items():
+            t0 = time.perf_counter()
+            outs[k] = fn()
+            times[k].append(time.perf_counter() - t0)
+    renders, masks, st = outs["ours"]
+    for k, ts in times.items():
+        res[f"{k}_s"] = min(ts)
+        res[f"{k}_sps"] = n / min(ts)
+    res.update(n_rendered=renders.height, n_masks=masks.height,
                tokens=int(renders["n_tokens"].cast(pl.Int64).sum()),
                stage_s={k: round(v, 3) for k, v in st.items() if k.endswith("_s")})
-    t1, _ = best(lambda: ours(["assistant_only"]))
-    res.update(ours1_s=t1, ours1_sps=n / t1)
-    ta, _ = best(lambda: tok(texts, add_special_tokens=False)["input_ids"])
-    res.update(a_s=ta, a_sps=n / ta)
-    if not args.skip_b:
-        tb, nr = best(lambda: baseline_b(traces, tok, cfg))
-        res.update(b_s=tb, b_sps=n / tb, b_ranges=nr)
+    if "b" in outs:
+        res["b_ranges"] = outs["b"]
     return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--limit", type=int, default=600)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--limit", type=int, default=200)
+    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", type=str, default="")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--workers", type=int, default=1)

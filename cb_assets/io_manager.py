@@ -11,6 +11,7 @@ import dagster as dg
 import polars as pl
 
 from cb_core.io import data_root, write_parquet
+from cb_core.schemas import empty_quarantine
 from cb_core.sources import SourceResult
 
 
@@ -49,11 +50,11 @@ class ParquetIOManager(dg.ConfigurableIOManager):
                 f"(or point CB_DATA_ROOT at the folder that holds it)"
             )
         good = pl.read_parquet(path)
-        rejected_path = self.path_for(key, ".rejected.parquet")
-        if context.dagster_type.typing_type is SourceResult or rejected_path.exists():
-            from cb_core.schemas import empty_quarantine
-
+        wants_result = context.dagster_type.typing_type is SourceResult or (
+            (context.definition_metadata or {}).get("cb/load") == "source_result"
+        )
+        if wants_result:
+            rejected_path = self.path_for(key, ".rejected.parquet")
             rejected = pl.read_parquet(rejected_path) if rejected_path.exists() else empty_quarantine()
-            if context.dagster_type.typing_type is SourceResult:
-                return SourceResult(good=good, rejected=rejected)
+            return SourceResult(good=good, rejected=rejected)
         return good

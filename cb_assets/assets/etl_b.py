@@ -1,6 +1,11 @@
 """ETL_B: traces -> renders (tokenized, with token spans) -> lossmasks (every policy), plus their quarantines,
 the HTML mask preview and the blocking checks. Thin: the work is in cb_core.render / lossmask / mixture /
-preview."""
+preview.
+
+`renders` and `lossmasks` return a SourceResult, so the IO manager writes `<key>.parquet` and the rejected
+rows beside it (`<key>.rejected.parquet`) in the same step; `renders_quarantine` / `lossmasks_quarantine`
+publish those. (A two-output multi_asset would make `dagster asset materialize --select lossmasks` fail:
+a non-subsettable multi-asset must be selected whole.)"""
 
 import html
 import os

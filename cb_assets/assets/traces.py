@@ -8,7 +8,8 @@ from cb_core.schemas import DATASETS, QuarantineModel, TraceModel, empty_quarant
 from cb_core.sources import SourceResult
 
 ETL_A_GROUP = "etl_a"
-RAW_INS = {f"raw_{ds}": dg.AssetIn(key=f"raw_{ds}") for ds in DATASETS}
+# The IO manager hands these back as SourceResult (good rows + rejected rows), see io_manager.py.
+RAW_INS = {f"raw_{ds}": dg.AssetIn(key=f"raw_{ds}", metadata={"cb/load": "source_result"}) for ds in DATASETS}
 
 
 def combine_traces(results: dict[str, SourceResult]) -> pl.DataFrame:
@@ -40,23 +41,7 @@ def trace_stats(df: pl.DataFrame) -> list[dict]:
     tags={"cb/tier": "B", "cb/compute": "cpu"},
     description="Every record ETL_A rejected: dataset, file, line, field, reason, severity, raw text.",
 )
-def quarantine(
-    context: dg.AssetExecutionContext,
-    raw_fujitsu_b4: SourceResult,
-    raw_agentdojo: SourceResult,
-    raw_llmail_inject: SourceResult,
-    raw_tau2: SourceResult,
-    raw_ultrachat: SourceResult,
-    raw_xstest: SourceResult,
-) -> pl.DataFrame:
-    raws = dict(
-        fujitsu_b4=raw_fujitsu_b4,
-        agentdojo=raw_agentdojo,
-        llmail_inject=raw_llmail_inject,
-        tau2=raw_tau2,
-        ultrachat=raw_ultrachat,
-        xstest=raw_xstest,
-    )
+def quarantine(context: dg.AssetExecutionContext, **raws: SourceResult) -> pl.DataFrame:
     parts = [r.rejected for r in raws.values() if r.rejected.height]
     df = pl.concat(parts, how="vertical") if parts else empty_quarantine()
     validate_or_fail(QuarantineModel, df, "quarantine")
@@ -80,23 +65,7 @@ def quarantine(
     tags={"cb/tier": "B", "cb/compute": "cpu"},
     description="trace_v1: one row per conversation from every selected source (skeleton or complete).",
 )
-def traces(
-    context: dg.AssetExecutionContext,
-    raw_fujitsu_b4: SourceResult,
-    raw_agentdojo: SourceResult,
-    raw_llmail_inject: SourceResult,
-    raw_tau2: SourceResult,
-    raw_ultrachat: SourceResult,
-    raw_xstest: SourceResult,
-) -> pl.DataFrame:
-    raws = dict(
-        fujitsu_b4=raw_fujitsu_b4,
-        agentdojo=raw_agentdojo,
-        llmail_inject=raw_llmail_inject,
-        tau2=raw_tau2,
-        ultrachat=raw_ultrachat,
-        xstest=raw_xstest,
-    )
+def traces(context: dg.AssetExecutionContext, **raws: SourceResult) -> pl.DataFrame:
     df = combine_traces(raws)
     if df.height == 0:
         raise dg.Failure("traces: every selected source produced zero traces (empty tier); nothing written")
