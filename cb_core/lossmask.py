@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 import pandera.polars as pa
 import polars as pl
 
-from cb_core.schemas import QUARANTINE_SCHEMA, canonical_json
+from cb_core.schemas import QUARANTINE_SCHEMA, canonical_json, split_locator
 
 ASSISTANT = "assistant"
 TOOL_ROLES = ("tool", "ipython")
@@ -399,15 +399,6 @@ def compute_masks(renders: pl.DataFrame, policies: Sequence[str]) -> pl.DataFram
 
 
 # ------------------------------------------------------------------------------------- build (batch)
-def _split_locator(loc: str | None) -> tuple[str, int]:
-    if not loc:
-        return "", 0
-    head, sep, tail = loc.rpartition(":")
-    if sep and tail.isdigit():
-        return head, int(tail)
-    return loc, 0
-
-
 def build_lossmasks(
     renders: pl.DataFrame,
     traces: pl.DataFrame,
@@ -464,7 +455,7 @@ def build_lossmasks(
     empty = full.filter(pl.col("n_masked") == 0)
     rej_rows = []
     for r in empty.select("trace_id", "policy", "dataset", "source_locator", "n_tokens", "_has_calls").iter_rows(named=True):
-        file, line = _split_locator(r["source_locator"])
+        file, line = split_locator(r["source_locator"])
         no_calls = r["policy"] in TOOL_POLICIES and not r["_has_calls"]
         why = "the trace has no tool call" if no_calls else "no token selected (truncated or missing spans)"
         rej_rows.append(

@@ -49,7 +49,7 @@ import numpy as np
 import pandera.polars as pa
 import polars as pl
 
-from cb_core.schemas import QUARANTINE_SCHEMA, canonical_json, reject
+from cb_core.schemas import QUARANTINE_SCHEMA, canonical_json, reject, split_locator
 
 BOS = "<|begin_of_text|>"
 START_HEADER = "<|start_header_id|>"
@@ -393,17 +393,8 @@ _TRAINED_KINDS = ("content", "tool_call")
 _KIND_CODE = {k: i for i, k in enumerate(SPAN_KINDS)}
 
 
-def _split_locator(loc: str | None) -> tuple[str, int]:
-    if not loc:
-        return "", 0
-    head, sep, tail = loc.rpartition(":")
-    if sep and tail.isdigit():
-        return head, int(tail)
-    return loc, 0
-
-
 def _reject_row(row: dict, reason: str, field: str = "messages", severity: str = "malformed") -> dict:
-    file, line = _split_locator(row.get("source_locator"))
+    file, line = split_locator(row.get("source_locator"))
     raw = {k: row.get(k) for k in ("id", "dataset", "source_locator", "messages", "tools")}
     return reject(
         dataset=row.get("dataset") or "",

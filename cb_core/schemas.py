@@ -210,6 +210,16 @@ def make_trace(
     }
 
 
+def split_locator(loc: str | None) -> tuple[str, int]:
+    """"<file>:<line>" -> (file, line); (loc, 0) when there is no line part."""
+    if not loc:
+        return "", 0
+    head, sep, tail = loc.rpartition(":")
+    if sep and tail.isdigit():
+        return head, int(tail)
+    return loc, 0
+
+
 def reject(
     *,
     dataset: str,
