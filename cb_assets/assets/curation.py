@@ -245,6 +245,7 @@ def splits_disjoint(train_split: pl.DataFrame, eval_split: pl.DataFrame) -> dg.A
     return dg.AssetCheckResult(
         passed=not groups and not ids,
         metadata={
+            "failing_rows": len(groups) + len(ids),
             "pair_groups_in_both": len(groups),
             "ids_in_both": len(ids),
             "examples": _json_safe((groups + ids)[:N_EXAMPLES]),
@@ -267,6 +268,7 @@ def eval_attacks_disjoint(eval_attacks: pl.DataFrame, train_split: pl.DataFrame)
     return dg.AssetCheckResult(
         passed=not (ids or src or groups),
         metadata={
+            "failing_rows": len(ids) + len(src) + len(groups),
             "ids_in_train": len(ids),
             "source_traces_in_train": len(src),
             "pair_groups_in_train": len(groups),

@@ -258,6 +258,7 @@ def renders_assistant_boundaries(renders: pl.DataFrame) -> dg.AssetCheckResult:
         passed=probs.height == 0,
         metadata={
             "rows": renders.height,
+            "failing_rows": probs["trace_id"].n_unique() if "trace_id" in probs.columns else probs.height,
             "failing_messages": probs.height,
             "examples": dg.MetadataValue.json(probs.head(5).to_dicts()),
         },
