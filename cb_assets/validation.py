@@ -2,6 +2,8 @@
 with the failing rows counted and a few examples shown."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 import pandera.errors as pa_errors
 import polars as pl
@@ -59,3 +61,30 @@ def rows_check(df: pl.DataFrame, bad: pl.Series | pl.Expr, what: str, id_col: st
             "examples": dg.MetadataValue.json(examples.to_dicts()),
         },
     )
+
+
+def keep_rejects(what: str, rejected: pl.DataFrame) -> Path:
+    """A stage that fails still loses nothing: its rejected rows go to $CB_DATA_ROOT/_failed/<what>.rejected.parquet."""
+    from cb_core.io import data_root, write_parquet
+
+    return write_parquet(rejected, data_root() / "_failed" / f"{what}.rejected.parquet")
+
+
+def stop_the_line(what: str, n_in: int, rejected: pl.DataFrame, limit: float, metadata: dict | None = None) -> int:
+    """Fail before anything is written when more than `limit` of `n_in` rows were rejected as malformed
+    (rows excluded by policy do not count); the rejected rows are kept. Returns the malformed count."""
+    malformed = rejected.filter(pl.col("severity") == "malformed")
+    frac = malformed.height / n_in if n_in else 0.0
+    if n_in and frac > limit:
+        kept = keep_rejects(what, rejected)
+        examples = malformed.select("dataset", "file", "line", "field", "reason").head(N_EXAMPLES).to_dicts()
+        raise dg.Failure(
+            f"{what}: {malformed.height}/{n_in} rows malformed ({frac:.1%} > {limit:.0%} stop-the-line); "
+            f"nothing written; rejected rows kept in {kept}",
+            metadata={
+                **(metadata or {}),
+                "examples": dg.MetadataValue.json(examples),
+                "rejected_rows_file": dg.MetadataValue.path(str(kept)),
+            },
+        )
+    return malformed.height

@@ -14,8 +14,8 @@ import time
 import dagster as dg
 import polars as pl
 
-from cb_assets.resources import ModelResource
-from cb_assets.validation import pandera_check, rows_check, validate_or_fail
+from cb_assets.resources import DatasetsResource, ModelResource
+from cb_assets.validation import keep_rejects, pandera_check, rows_check, stop_the_line, validate_or_fail
 from cb_core.io import atomic_write_bytes, data_root
 from cb_core.lossmask import (
     LossmaskConfig,
@@ -30,7 +30,6 @@ from cb_core.schemas import QuarantineModel
 from cb_core.sources import SourceResult
 
 ETL_B_GROUP = "etl_b"
-STOP_THE_LINE = 0.10  # fraction of malformed rejections that fails an asset before it is written
 PREVIEW_FILE = "mask_preview.html"
 
 
@@ -42,28 +41,6 @@ class RendersConfig(dg.Config):
 class LossmasksConfig(dg.Config):
     config_file: str = "configs/lossmask.yaml"  # policies (default: all) and training defaults
     mwcs: str = "configs/mwcs/default.yaml"  # MWCS schedule: sample_weight = base class weight
-
-
-def _severity_filled(q: pl.DataFrame) -> pl.DataFrame:
-    """Render rejections: truncation is a policy decision (excluded); anything else is malformed."""
-    return q.with_columns(
-        pl.when(pl.col("severity").is_not_null())
-        .then(pl.col("severity"))
-        .when(pl.col("reason").str.starts_with("truncated"))
-        .then(pl.lit("excluded"))
-        .otherwise(pl.lit("malformed"))
-        .alias("severity")
-    )
-
-
-def _stop_the_line(what: str, n_in: int, rejected: pl.DataFrame) -> None:
-    malformed = rejected.filter(pl.col("severity") == "malformed").height
-    if n_in and malformed / n_in > STOP_THE_LINE:
-        examples = rejected.filter(pl.col("severity") == "malformed").select("dataset", "file", "line", "reason").head(5)
-        raise dg.Failure(
-            description=f"{what}: {malformed}/{n_in} rows rejected as malformed (> {STOP_THE_LINE:.0%}); nothing written",
-            metadata={"examples": dg.MetadataValue.json(examples.to_dicts())},
-        )
 
 
 # ------------------------------------------------------------------------------------------------ renders
@@ -78,7 +55,11 @@ def _stop_the_line(what: str, n_in: int, rejected: pl.DataFrame) -> None:
     "renders.rejected.parquet and published as `renders_quarantine`.",
 )
 def renders(
-    context: dg.AssetExecutionContext, config: RendersConfig, model: ModelResource, traces: pl.DataFrame
+    context: dg.AssetExecutionContext,
+    config: RendersConfig,
+    model: ModelResource,
+    datasets: DatasetsResource,
+    traces: pl.DataFrame,
 ) -> SourceResult:
     from cb_core.render import RenderModel, render_traces
 
@@ -91,11 +72,14 @@ def renders(
     stats: dict = {}
     t0 = time.perf_counter()
     df, rejected = render_traces(traces, tok, rcfg, num_workers=workers, stats=stats)
-    rejected = _severity_filled(rejected)
     dt = time.perf_counter() - t0
     if df.height == 0:
-        raise dg.Failure(f"renders: no trace rendered ({traces.height} in, {rejected.height} rejected); nothing written")
-    _stop_the_line("renders", traces.height, rejected)
+        kept = keep_rejects("renders", rejected)
+        raise dg.Failure(
+            f"renders: no trace rendered ({traces.height} in, {rejected.height} rejected); nothing written; "
+            f"rejected rows kept in {kept}"
+        )
+    stop_the_line("renders", traces.height, rejected, datasets.config().max_reject_fraction)
     validate_or_fail(RenderModel, df, "renders")
     validate_or_fail(QuarantineModel, rejected, "renders_quarantine")
     context.log.info(f"rendered {df.height}/{traces.height} traces in {dt:.1f}s ({df.height / max(dt, 1e-9):.0f}/s)")
@@ -175,6 +159,7 @@ def lossmasks(
     context: dg.AssetExecutionContext,
     config: LossmasksConfig,
     model: ModelResource,
+    datasets: DatasetsResource,
     renders: pl.DataFrame,
     traces: pl.DataFrame,
 ) -> SourceResult:
@@ -187,11 +172,13 @@ def lossmasks(
     df, rejected = build_lossmasks(renders, traces, lcfg.policies, mwcs, stats=stats)
     dt = time.perf_counter() - t0
     if df.height == 0:
+        kept = keep_rejects("lossmasks", rejected)
         raise dg.Failure(
             f"lossmasks: no mask written ({stats.get('training_bound', 0)} training-bound of {renders.height} "
-            f"renders; {rejected.height} rejected); nothing written"
+            f"renders; {rejected.height} rejected); nothing written; rejected rows kept in {kept}"
         )
-    _stop_the_line("lossmasks", max(1, stats.get("training_bound", 0) * len(lcfg.policies)), rejected)
+    n_in = max(1, stats.get("training_bound", 0) * len(lcfg.policies))
+    stop_the_line("lossmasks", n_in, rejected, datasets.config().max_reject_fraction)
     validate_or_fail(LossmaskModel, df, "lossmasks")
     validate_or_fail(QuarantineModel, rejected, "lossmasks_quarantine")
     per_policy = lossmask_stats(df, rejected)

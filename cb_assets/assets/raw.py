@@ -6,9 +6,8 @@ import dagster as dg
 import polars as pl
 
 from cb_assets.resources import DatasetsResource
-from cb_assets.validation import validate_or_fail
+from cb_assets.validation import stop_the_line, validate_or_fail
 from cb_core.config import SOURCE_ENV, ConfigError, resolve_source_paths
-from cb_core.io import write_parquet
 from cb_core.schemas import DATASETS, QuarantineModel, TraceModel, empty_quarantine, empty_traces
 from cb_core.sources import SourceError, SourceResult, get_reader
 
@@ -51,9 +50,6 @@ def load_source(dataset: str, datasets: DatasetsResource, log=None) -> tuple[Sou
     validate_or_fail(TraceModel, result.good, f"raw_{dataset}")
     validate_or_fail(QuarantineModel, result.rejected, f"raw_{dataset} quarantine")
 
-    malformed = result.rejected.filter(pl.col("severity") == "malformed").height
-    frac = malformed / result.n_records if result.n_records else 0.0
-    limit = datasets.config().max_reject_fraction
     reasons = (
         result.rejected.group_by("reason").len().sort("len", descending=True).head(10).to_dicts()
         if result.rejected.height
@@ -67,21 +63,14 @@ def load_source(dataset: str, datasets: DatasetsResource, log=None) -> tuple[Sou
         "records": result.n_records,
         "traces": result.good.height,
         "rejected": result.rejected.height,
-        "rejected_malformed": malformed,
+        "rejected_malformed": result.rejected.filter(pl.col("severity") == "malformed").height,
         "reject_reasons": dg.MetadataValue.json(reasons),
         "records_per_s": round(result.n_records / secs, 1) if secs else 0.0,
         **{f"meta_{k}": v for k, v in result.meta.items() if isinstance(v, (int, float, str, bool))},
     }
-    if result.n_records and frac > limit:
-        # Stop the line, but lose nothing: keep the rejected rows where the user can read them.
-        kept = write_parquet(
-            result.rejected, datasets.data_root() / "_failed" / f"raw_{dataset}.rejected.parquet"
-        )
-        raise dg.Failure(
-            f"{dataset}: {malformed}/{result.n_records} records malformed ({frac:.1%} > {limit:.0%} "
-            f"stop-the-line); rejected rows kept in {kept}",
-            metadata={**meta, "rejected_rows_file": dg.MetadataValue.path(str(kept))},
-        )
+    stop_the_line(
+        f"raw_{dataset}", result.n_records, result.rejected, datasets.config().max_reject_fraction, meta
+    )
     if log:
         log.info(f"{dataset}: {result.good.height} traces, {result.rejected.height} rejected in {secs:.2f}s")
     return result, meta
