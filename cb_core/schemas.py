@@ -32,6 +32,13 @@ LABELS = pl.Struct(
         "attack_present": pl.Boolean,
         "attack_succeeded": pl.Boolean,
         "is_adversarial_safe": pl.Boolean,
+        # An assistant call made *after* the injection was read that carries the attacker's target.
+        "attacker_call_made": pl.Boolean,
+        # null: no attack was configured for this run; False: configured but never read (no attack at all);
+        # True: the injection is in the context (then attack_present is True).
+        "injection_reached": pl.Boolean,
+        # The benchmark's own utility check (AgentDojo `metadata.success`); null where the source has none.
+        "task_success": pl.Boolean,
     }
 )
 INJECTION_SPAN = pl.Struct({"message_index": pl.Int32, "char_start": pl.Int32, "char_end": pl.Int32})
@@ -41,11 +48,17 @@ TOOL_ATTACK = pl.Struct(
         "attacker_tool": pl.String,
         "attacker_args": pl.String,  # JSON text
         "injection_text": pl.String,
-        "injection_span": INJECTION_SPAN,
+        "injection_span": INJECTION_SPAN,  # the first injection (kept for readers of one span)
+        "injection_spans": pl.List(INJECTION_SPAN),  # every injection in the trace, in message order
     }
 )
 PROVENANCE = pl.Struct(
-    {"ingest_version": pl.String, "generation_params": pl.String, "tool_schema_digest": pl.String}
+    {
+        "ingest_version": pl.String,
+        "generation_params": pl.String,
+        "tool_schema_digest": pl.String,
+        "parent_id": pl.String,  # generated traces: the id of the skeleton they complete; null otherwise
+    }
 )
 TRACE_SCHEMA = pl.Schema(
     {
@@ -72,6 +85,7 @@ PRIORITY_CLASSES = (
     "tool_capability",
     "general_conversation",
     "borderline",
+    "refusal",
 )
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -87,6 +101,34 @@ QUARANTINE_SCHEMA = pl.Schema(
         "raw": pl.String,  # the record's original text, so nothing is lost
     }
 )
+
+
+class BadRecord(Exception):
+    """A record-level problem naming the offending field: the reader turns it into one quarantine row
+    (file, line, field, reason) and goes on with the next record."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(reason)
+        self.field = field
+        self.reason = reason
+
+
+def arguments_json(args: Any, field: str = "tool_calls.arguments") -> str:
+    """Tool-call arguments as canonical JSON object text. A call's arguments must be a JSON object (a dict, or
+    text that parses to one); anything else (`{not json`, `[1,2]`, `5`) raises BadRecord naming the field."""
+    if args is None:
+        return "{}"
+    if isinstance(args, str):
+        try:
+            parsed = json.loads(args) if args.strip() else {}
+        except ValueError as e:
+            raise BadRecord(field, f"arguments are not valid JSON ({e.msg}): {args[:80]!r}") from None
+        if not isinstance(parsed, dict):
+            raise BadRecord(field, f"arguments are JSON {type(parsed).__name__}, not an object: {args[:80]!r}")
+        return canonical_json(parsed)
+    if not isinstance(args, dict):
+        raise BadRecord(field, f"arguments are a {type(args).__name__}, not a JSON object: {str(args)[:80]!r}")
+    return canonical_json(args)
 
 
 def empty_traces() -> pl.DataFrame:
@@ -120,12 +162,11 @@ def message(
     tool_call_id: str | None = None,
     name: str | None = None,
 ) -> dict:
-    """One trace_v1 message. Tool-call arguments are normalised to canonical JSON text."""
+    """One trace_v1 message. Tool-call arguments are normalised to canonical JSON object text (BadRecord
+    naming the field when they are not an object)."""
     calls = []
-    for c in tool_calls or []:
-        args = c.get("arguments")
-        if not isinstance(args, str):
-            args = canonical_json(args if args is not None else {})
+    for i, c in enumerate(tool_calls or []):
+        args = arguments_json(c.get("arguments"), f"tool_calls[{i}].arguments")
         calls.append({"id": c.get("id") or "", "name": c["name"], "arguments": args})
     return {
         "role": role,
@@ -149,10 +190,14 @@ def make_trace(
     attack_present: bool = False,
     attack_succeeded: bool = False,
     is_adversarial_safe: bool = False,
+    attacker_call_made: bool = False,
+    injection_reached: bool | None = None,
+    task_success: bool | None = None,
     tool_attack: dict | None = None,
     pair_group: str | None = None,
     generation_params: dict | None = None,
     ingest_version: str | None = None,
+    parent_id: str | None = None,
 ) -> dict:
     """Build one trace_v1 row (a plain dict; `pl.DataFrame(rows, schema=TRACE_SCHEMA)` makes the table).
 
@@ -173,6 +218,8 @@ def make_trace(
             ),
             "injection_text": tool_attack.get("injection_text"),
             "injection_span": tool_attack.get("injection_span"),
+            "injection_spans": tool_attack.get("injection_spans")
+            or ([tool_attack["injection_span"]] if tool_attack.get("injection_span") else []),
         }
     tools_enc, tools_digest = _tools_part(tools_json)
     # Same bytes as digest([dataset, source_locator, messages, tools_json, tool_attack]), cheaper.
@@ -198,6 +245,9 @@ def make_trace(
             "attack_present": attack_present,
             "attack_succeeded": attack_succeeded,
             "is_adversarial_safe": is_adversarial_safe,
+            "attacker_call_made": attacker_call_made,
+            "injection_reached": injection_reached,
+            "task_success": task_success,
         },
         "tool_attack": tool_attack,
         "pair_group": pair_group or tid,
@@ -206,6 +256,7 @@ def make_trace(
             "ingest_version": ingest_version or INGEST_VERSION,
             "generation_params": canonical_json(generation_params) if generation_params else None,
             "tool_schema_digest": tools_digest,
+            "parent_id": parent_id,
         },
     }
 

@@ -73,6 +73,8 @@ class SharedToolsTraces:
                 "attacker_args": args if isinstance(args, (str, type(None))) else _enc(args),
                 "injection_text": tool_attack.get("injection_text"),
                 "injection_span": tool_attack.get("injection_span"),
+                "injection_spans": tool_attack.get("injection_spans")
+                or ([tool_attack["injection_span"]] if tool_attack.get("injection_span") else []),
             }
         text = self._head + _enc(source_locator) + "," + _enc(messages) + self._tools + _enc(tool_attack) + "]"
         tid = hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
@@ -90,11 +92,14 @@ class SharedToolsTraces:
                 "attack_present": attack_present,
                 "attack_succeeded": attack_succeeded,
                 "is_adversarial_safe": False,
+                "attacker_call_made": False,
+                "injection_reached": None,
+                "task_success": None,
             },
             "tool_attack": tool_attack,
             "pair_group": tid,
             "split": None,
-            "provenance": {**self._provenance, "generation_params": None},
+            "provenance": {**self._provenance, "generation_params": None, "parent_id": None},
         }
 
 
