@@ -36,25 +36,50 @@ def pandera_check(model, df: pl.DataFrame) -> dg.AssetCheckResult:
     """A check result for stored data: pass, or fail with the failing rows counted plus examples."""
     try:
         model.validate(df, lazy=True)
-        return dg.AssetCheckResult(passed=True, metadata={"rows": df.height})
+        return dg.AssetCheckResult(
+            passed=True,
+            description=f"every row matches {model.__name__} ({df.height} rows checked)"
+            if df.height
+            else f"not measured: 0 rows to check against {model.__name__}",
+            metadata={"rows": df.height},
+        )
     except (pa_errors.SchemaErrors, pa_errors.SchemaError) as err:
         n, examples = _failure_summary(err)
         return dg.AssetCheckResult(
             passed=False,
+            description=f"{n} failure case(s) against {model.__name__} in {df.height} rows; "
+            f"first: {str(examples[:1])[:300]}",
             metadata={"rows": df.height, "failing_rows": n, "examples": dg.MetadataValue.json(examples)},
         )
 
 
-def rows_check(df: pl.DataFrame, bad: pl.Series | pl.Expr, what: str, id_col: str = "id") -> dg.AssetCheckResult:
-    """Fail when any row matches `bad` (a boolean expression/series); report count + example ids."""
+def rows_check(
+    df: pl.DataFrame,
+    bad: pl.Series | pl.Expr,
+    what: str,
+    id_col: str = "id",
+    *,
+    verified: str | None = None,
+) -> dg.AssetCheckResult:
+    """Fail when any row matches `bad` (a boolean expression/series). `what` names what a failing row has
+    ("duplicate trace ids"); `verified` is what a pass means (default "no <what>"). The description reads
+    as the outcome: "no duplicate trace ids (120 rows checked)" or "3 of 120 rows: duplicate trace ids
+    (e.g. id=a1, id=b2)"."""
     mask = df.select(bad).to_series() if isinstance(bad, pl.Expr) else bad
-    failing = df.filter(mask)
+    failing = df.filter(mask.fill_null(False))
     examples = failing.select([c for c in (id_col, "dataset", "source_locator") if c in df.columns]).head(
         N_EXAMPLES
     )
+    if failing.height:
+        eg = ", ".join(f"{id_col}={v}" for v in examples[id_col].to_list()) if id_col in examples.columns else ""
+        description = f"{failing.height} of {df.height} rows: {what}" + (f" (e.g. {eg})" if eg else "")
+    elif df.height:
+        description = f"{verified or 'no ' + what} ({df.height} rows checked)"
+    else:
+        description = f"not measured: 0 rows to check for {what}"
     return dg.AssetCheckResult(
         passed=failing.height == 0,
-        description=what,
+        description=description,
         metadata={
             "rows": df.height,
             "failing_rows": failing.height,

@@ -1,6 +1,11 @@
 """Configuration: YAML in configs/ -> plain dataclasses here -> Dagster resources with the same names.
 
 Environment variables override YAML (CB_DATA_ROOT, CB_DATASETS, CB_<SOURCE>_PATH, ...).
+
+`CB_CONFIG_DIR` (read at call time) moves the whole configs/ folder: every YAML file is read from it, and a
+relative path written inside a config file that starts with `configs/` is rewritten into it
+(`configs/tool_schemas/x.json` -> `$CB_CONFIG_DIR/tool_schemas/x.json`); any other relative path is relative
+to the project root; absolute paths (and `~`) are taken as they are.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import yaml
 from cb_core.schemas import DATASETS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = Path(os.environ.get("CB_CONFIG_DIR", PROJECT_ROOT / "configs"))
+CONFIG_PREFIX = "configs"
 
 SOURCE_ENV = {
     "fujitsu_b4": "CB_FUJITSU_B4_PATH",
@@ -31,18 +36,63 @@ class ConfigError(ValueError):
     """A configuration problem the user must fix; the message says what to set."""
 
 
+def config_dir() -> Path:
+    """$CB_CONFIG_DIR (read now, not at import), else the project's configs/."""
+    base = os.environ.get("CB_CONFIG_DIR")
+    return Path(os.path.expanduser(base)).resolve() if base else PROJECT_ROOT / CONFIG_PREFIX
+
+
+def __getattr__(name: str):  # CONFIG_DIR kept for callers of the old constant, now evaluated per access
+    if name == "CONFIG_DIR":
+        return config_dir()
+    raise AttributeError(name)
+
+
+def display_path(path: str | Path) -> str:
+    """A path as messages show it: relative to the project root when inside it."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(p)
+
+
 def load_yaml(name: str | Path) -> dict[str, Any]:
+    """A YAML mapping from the config folder (or an absolute path); problems name the file."""
     path = Path(name)
     if not path.is_absolute():
-        path = CONFIG_DIR / path
-    with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f) or {}
+        path = config_dir() / path
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {display_path(path)} not found (CB_CONFIG_DIR={os.environ.get('CB_CONFIG_DIR') or 'unset'})"
+        ) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{display_path(path)}: not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{display_path(path)}: must be a mapping of keys, got {type(data).__name__}")
+    return data
 
 
 def config_path(rel: str | Path) -> Path:
-    """Resolve a path named in a config file: absolute as is, else relative to the project root."""
+    """Resolve a path named in a config file: absolute (or ~) as is; `configs/...` inside the config folder
+    ($CB_CONFIG_DIR when set); any other relative path relative to the project root."""
     p = Path(os.path.expanduser(str(rel)))
-    return p if p.is_absolute() else PROJECT_ROOT / p
+    if p.is_absolute():
+        return p
+    if p.parts and p.parts[0] == CONFIG_PREFIX:
+        return config_dir().joinpath(*p.parts[1:])
+    return PROJECT_ROOT / p
+
+
+def _number_in(value: Any, lo: float, hi: float, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (lo <= value <= hi):
+        raise ConfigError(f"{where} must be a number in [{lo:g}, {hi:g}], got {value!r}")
+    return float(value)
 
 
 def resolve_source_paths(spec: str | Path) -> list[Path]:
@@ -87,15 +137,46 @@ class DatasetsConfig:
     xstest: dict[str, Any] = field(default_factory=dict)
     stop_the_line: dict[str, Any] = field(default_factory=dict)
 
+    file: str = "configs/datasets.yaml"  # shown in messages
+
     @classmethod
     def load(cls, name: str = "datasets.yaml") -> "DatasetsConfig":
-        raw = load_yaml(name)
-        known = {k: raw.get(k) or {} for k in cls.__dataclass_fields__}
-        return cls(**known)
+        path = Path(name) if Path(name).is_absolute() else config_dir() / name
+        raw = load_yaml(path)
+        shown = display_path(path)
+        known = {}
+        for k in cls.__dataclass_fields__:
+            if k == "file":
+                continue
+            val = raw.get(k)
+            if val is not None and not isinstance(val, dict):
+                raise ConfigError(f"{shown}: {k} must be a mapping, got {type(val).__name__} {val!r}")
+            known[k] = val or {}
+        cfg = cls(**known, file=shown)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Fail at load time, naming file and key, instead of silently misbehaving later."""
+        for ds, spec in self.sources.items():
+            if ds not in DATASETS:
+                raise ConfigError(f"{self.file}: sources.{ds} is not a known source ({', '.join(DATASETS)})")
+            if spec is not None and not isinstance(spec, dict):
+                raise ConfigError(f"{self.file}: sources.{ds} must be a mapping like {{path: ...}}, got {spec!r}")
+            path = (spec or {}).get("path")
+            if path is not None and not isinstance(path, str):
+                raise ConfigError(f"{self.file}: sources.{ds}.path must be a string or null, got {path!r}")
+        if "max_reject_fraction" in self.stop_the_line:
+            _number_in(self.stop_the_line["max_reject_fraction"], 0, 1,
+                       f"{self.file}: stop_the_line.max_reject_fraction")
+        max_rows = self.ultrachat.get("max_rows")
+        if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+            raise ConfigError(f"{self.file}: ultrachat.max_rows must be a positive integer or null, got {max_rows!r}")
 
     @property
     def max_reject_fraction(self) -> float:
-        return float(self.stop_the_line.get("max_reject_fraction", 0.10))
+        value = self.stop_the_line.get("max_reject_fraction", 0.10)
+        return _number_in(value, 0, 1, f"{self.file}: stop_the_line.max_reject_fraction")
 
     def selection(self, env: dict[str, str] | None = None) -> SourceSelection:
         env = dict(os.environ if env is None else env)
@@ -106,6 +187,11 @@ class DatasetsConfig:
         raw_sel = env.get("CB_DATASETS", "").strip()
         if raw_sel:
             selected = [s.strip() for s in raw_sel.split(",") if s.strip()]
+            if not selected:
+                raise ConfigError(
+                    f"CB_DATASETS={env['CB_DATASETS']!r} names no source; give a comma list of "
+                    f"{', '.join(DATASETS)}, or unset CB_DATASETS to run every configured source"
+                )
             unknown = [s for s in selected if s not in DATASETS]
             if unknown:
                 raise ConfigError(

@@ -233,7 +233,9 @@ class LossmaskConfig:
         cfg_dir = Path(os.environ.get("CB_CONFIG_DIR", root / "configs"))
         p = Path(path) if path else cfg_dir / "lossmask.yaml"
         if not p.is_absolute():
-            p = next((c for c in (root / p, cfg_dir / p) if c.is_file()), root / p)
+            from cb_core.config import config_path  # `configs/...` follows CB_CONFIG_DIR
+
+            p = next((c for c in (config_path(p), cfg_dir / p) if c.is_file()), config_path(p))
         if not p.is_file():
             if path:
                 raise FileNotFoundError(f"lossmask config {p} not found")

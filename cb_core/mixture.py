@@ -233,7 +233,9 @@ def _resolve(path: str | Path | None) -> Path:
     p = Path(os.path.expanduser(str(path)))
     if p.is_absolute():
         return p
-    for cand in (PROJECT_ROOT / p, cfg_dir / p, cfg_dir / "mwcs" / p, cfg_dir / "mwcs" / f"{p}.yaml"):
+    from cb_core.config import config_path  # `configs/...` follows CB_CONFIG_DIR
+
+    for cand in (config_path(p), cfg_dir / p, cfg_dir / "mwcs" / p, cfg_dir / "mwcs" / f"{p}.yaml"):
         if cand.is_file():
             return cand
-    return PROJECT_ROOT / p
+    return config_path(p)

@@ -6,7 +6,7 @@ import dagster as dg
 import polars as pl
 
 from cb_assets.resources import DatasetsResource
-from cb_assets.validation import stop_the_line, validate_or_fail
+from cb_assets.validation import keep_rejects, stop_the_line, validate_or_fail
 from cb_core.config import SOURCE_ENV, ConfigError, resolve_source_paths
 from cb_core.schemas import DATASETS, QuarantineModel, TraceModel, empty_quarantine, empty_traces
 from cb_core.sources import SourceError, SourceResult, get_reader
@@ -26,10 +26,23 @@ def source_path(dataset: str, datasets: DatasetsResource) -> str | None:
     return sel.path_for(dataset)
 
 
+def _fail_keeping(what: str, message: str, rejected: pl.DataFrame, **metadata) -> dg.Failure:
+    """A failure that loses nothing: any rejected rows go to _failed/ and the message says where."""
+    if rejected.height:
+        kept = keep_rejects(what, rejected)
+        message += f"; rejected rows kept in {kept}"
+        metadata["rejected_rows_file"] = dg.MetadataValue.path(str(kept))
+    return dg.Failure(message, metadata=metadata)
+
+
 def load_source(dataset: str, datasets: DatasetsResource, log=None) -> tuple[SourceResult, dict]:
-    """Read one source with stop-the-line validation; returns the result and its asset metadata."""
+    """Read one source with stop-the-line validation; returns the result and its asset metadata.
+    Fails (nothing written, the previous table kept) on a config problem, an unreadable file, a file
+    problem reported as a line-0 quarantine row, an empty source, or too many malformed records."""
+    what = f"raw_{dataset}"
     try:
         spec = source_path(dataset, datasets)
+        cfg_all = datasets.config()
     except ConfigError as err:
         raise dg.Failure(str(err)) from err
     if spec is None:
@@ -40,11 +53,24 @@ def load_source(dataset: str, datasets: DatasetsResource, log=None) -> tuple[Sou
         raise dg.Failure(
             f"{dataset}: path '{spec}' matches no file; set {SOURCE_ENV[dataset]} to a file, folder or glob"
         )
-    cfg = getattr(datasets.config(), dataset)
+    empty_files = [str(p) for p in paths if p.stat().st_size == 0]
+    if empty_files:
+        raise dg.Failure(
+            f"{dataset}: {', '.join(empty_files)} is empty (0 bytes); an empty source would wipe its traces; "
+            f"nothing written, the previous {what} table is kept. Fix or remove the file, or drop {dataset} "
+            f"from CB_DATASETS"
+        )
+    cfg = getattr(cfg_all, dataset)
     t0 = time.perf_counter()
     try:
         result = get_reader(dataset)(paths, cfg)
-    except (SourceError, ConfigError, FileNotFoundError) as err:
+    except SourceError as err:
+        named = [f"{k} {v}" for k, v in (("file", err.file), ("field", err.field)) if v and v not in str(err)]
+        raise _fail_keeping(
+            what, f"{dataset}: {err}" + (f" ({', '.join(named)})" if named else "") + "; nothing written",
+            err.rejected_frame(), file=err.file or "", field=err.field or "",
+        ) from err
+    except (ConfigError, FileNotFoundError) as err:
         raise dg.Failure(f"{dataset}: {err}") from err
     secs = time.perf_counter() - t0
     validate_or_fail(TraceModel, result.good, f"raw_{dataset}")
@@ -58,6 +84,7 @@ def load_source(dataset: str, datasets: DatasetsResource, log=None) -> tuple[Sou
     meta = {
         "selected": True,
         "demo": datasets.selection().demo,
+        "source_files": dg.MetadataValue.json([str(p) for p in paths[:50]]),
         "source": spec,
         "files": len(paths),
         "records": result.n_records,
@@ -68,9 +95,27 @@ def load_source(dataset: str, datasets: DatasetsResource, log=None) -> tuple[Sou
         "records_per_s": round(result.n_records / secs, 1) if secs else 0.0,
         **{f"meta_{k}": v for k, v in result.meta.items() if isinstance(v, (int, float, str, bool))},
     }
-    stop_the_line(
-        f"raw_{dataset}", result.n_records, result.rejected, datasets.config().max_reject_fraction, meta
-    )
+    whole_file = result.rejected.filter((pl.col("line") <= 0) & (pl.col("severity") == "malformed"))
+    if whole_file.height:
+        first = whole_file.row(0, named=True)
+        field = f", field '{first['field']}'" if first["field"] else ""
+        raise _fail_keeping(
+            what,
+            f"{dataset}: {first['file']}{field}: {first['reason']} (the whole file is unreadable, "
+            f"{whole_file.height} such file(s)); nothing written",
+            result.rejected, **meta,
+        )
+    if result.good.height == 0:
+        files = ", ".join(str(p) for p in paths[:5]) + (" ..." if len(paths) > 5 else "")
+        found = (f"all {result.rejected.height} record(s) rejected" if result.rejected.height
+                 else "no record (empty or header-only file?)")
+        raise _fail_keeping(
+            what,
+            f"{dataset}: {files}: {found}; a selected source with zero traces would wipe its traces; nothing "
+            f"written, the previous {what} table is kept. Fix the input or drop {dataset} from CB_DATASETS",
+            result.rejected, **meta,
+        )
+    stop_the_line(what, result.n_records, result.rejected, cfg_all.max_reject_fraction, meta)
     if log:
         log.info(f"{dataset}: {result.good.height} traces, {result.rejected.height} rejected in {secs:.2f}s")
     return result, meta

@@ -91,25 +91,28 @@ def traces_schema(traces: pl.DataFrame) -> dg.AssetCheckResult:
 
 @dg.asset_check(asset=traces, blocking=True, description="ids are unique")
 def traces_unique_ids(traces: pl.DataFrame) -> dg.AssetCheckResult:
-    return rows_check(traces, pl.col("id").is_duplicated(), "duplicate trace ids")
+    return rows_check(traces, pl.col("id").is_duplicated(), "duplicate trace ids", verified="every trace id is unique")
 
 
 @dg.asset_check(
     asset=traces,
     blocking=True,
-    description="label sanity: succeeded implies attacked; harmful implies succeeded; "
-    "adversarial-safe implies attacked and not succeeded; categories/classes known",
+    description="label sanity: succeeded implies attacked; harmful implies attacked; adversarial-safe implies "
+    "attacked and no attacker call; an injection never reached is no attack",
 )
 def traces_label_sanity(traces: pl.DataFrame) -> dg.AssetCheckResult:
     lab = pl.col("labels")
-    attacked = lab.struct.field("attack_present")
-    succeeded = lab.struct.field("attack_succeeded")
+    attacked = lab.struct.field("attack_present").fill_null(False)
+    succeeded = lab.struct.field("attack_succeeded").fill_null(False)
     bad = (
         (succeeded & ~attacked)
-        | ((lab.struct.field("category") == "harmful") & ~succeeded)
-        | (lab.struct.field("is_adversarial_safe") & (~attacked | succeeded))
+        | ((lab.struct.field("category") == "harmful") & ~attacked)
+        | (lab.struct.field("is_adversarial_safe").fill_null(False)
+           & (~attacked | lab.struct.field("attacker_call_made").fill_null(False)))
+        | ((lab.struct.field("injection_reached") == False) & attacked)  # noqa: E712 (null: no attack configured)
     )
-    result = rows_check(traces, bad, "rows violating label sanity")
+    result = rows_check(traces, bad, "rows violating label sanity",
+                        verified="every row's labels are consistent")
     counts = traces.select(attacked.sum().alias("attacked"), succeeded.sum().alias("succeeded")).row(0, named=True)
     return dg.AssetCheckResult(
         passed=result.passed and counts["succeeded"] <= counts["attacked"],

@@ -39,7 +39,24 @@ class SourceResult:
 
 
 class SourceError(ValueError):
-    """A whole source is unusable (missing file, unreadable header): names the file and what to fix."""
+    """A whole source (or one whole file of it) is unusable: missing file, unreadable header, a column or
+    key every record needs. The message names the file and what to fix; `file`/`field` repeat them for
+    the asset metadata, and `rejected` (quarantine rows, optional) holds records already rejected, which
+    the asset keeps in `_failed/` so nothing is lost. Never a line-0 quarantine row: that would let the
+    run pass with the whole file gone."""
+
+    def __init__(self, message: str, *, file: str | Path | None = None, field: str | None = None,
+                 rejected: list[dict] | pl.DataFrame | None = None):
+        super().__init__(message)
+        self.file = str(file) if file is not None else None
+        self.field = field
+        self.rejected = rejected
+
+    def rejected_frame(self) -> pl.DataFrame:
+        r = self.rejected
+        if r is None:
+            return pl.DataFrame(schema=QUARANTINE_SCHEMA)
+        return r if isinstance(r, pl.DataFrame) else pl.DataFrame(r, schema=QUARANTINE_SCHEMA)
 
 
 Reader = Callable[[list[Path], dict[str, Any]], SourceResult]
