@@ -154,6 +154,7 @@ def publish_together(frames: dict[Path, pl.DataFrame]) -> list[Path]:
         for t in temps.values():
             t.unlink(missing_ok=True)
         raise
+    _fault_point("publish_temps")  # every temp complete, nothing renamed yet
     journal = journal_path(paths[0])
     write_json({"renames": [[t.name, p.name] for p, t in temps.items()], "pid": os.getpid()}, journal)
     for i, (p, t) in enumerate(temps.items()):

@@ -25,3 +25,37 @@ def test_malformed_over_limit_fails_and_keeps_every_reject(data_root):
         stop_the_line("renders", 10, _rejects(2, 3), 0.10)
     kept = pl.read_parquet(data_root / "_failed" / "renders.rejected.parquet")
     assert kept.height == 5 and kept["line"].to_list() == [1, 2, 100, 101, 102]
+
+
+# ------------------------------------------------------------------- check descriptions read as outcomes
+from cb_assets.validation import pandera_check, rows_check  # noqa: E402
+from cb_core.schemas import QuarantineModel  # noqa: E402
+
+
+def test_passed_rows_check_says_what_was_verified():
+    df = pl.DataFrame({"id": ["a", "b", "c"]})
+    res = rows_check(df, pl.col("id").is_duplicated(), "duplicate trace ids")
+    assert res.passed and res.description == "no duplicate trace ids (3 rows checked)"
+    res = rows_check(df, pl.col("id").is_duplicated(), "duplicate trace ids", verified="every trace id is unique")
+    assert res.description == "every trace id is unique (3 rows checked)"
+    assert res.metadata["failing_rows"].value == 0
+
+
+def test_failed_rows_check_says_what_was_found_with_examples():
+    df = pl.DataFrame({"trace_id": ["a", "b", "b", "c", "c"]})
+    res = rows_check(df, pl.col("trace_id").is_duplicated(), "duplicate trace ids", id_col="trace_id")
+    assert not res.passed
+    assert res.description == "4 of 5 rows: duplicate trace ids (e.g. trace_id=b, trace_id=b, trace_id=c, trace_id=c)"
+    assert res.metadata["failing_rows"].value == 4
+
+
+def test_rows_check_on_zero_rows_says_not_measured():
+    res = rows_check(pl.DataFrame({"id": []}, schema={"id": pl.String}), pl.col("id").is_null(), "null ids")
+    assert res.passed and res.description == "not measured: 0 rows to check for null ids"
+
+
+def test_pandera_check_descriptions():
+    ok = pandera_check(QuarantineModel, _rejects(2, 1))
+    assert ok.passed and ok.description == "every row matches QuarantineModel (3 rows checked)"
+    bad = pandera_check(QuarantineModel, _rejects(2, 1).with_columns(pl.lit("").alias("reason")))
+    assert not bad.passed and bad.description.startswith("3 failure case(s) against QuarantineModel in 3 rows")

@@ -26,8 +26,9 @@ def source_path(dataset: str, datasets: DatasetsResource) -> str | None:
     return sel.path_for(dataset)
 
 
-def _fail_keeping(what: str, message: str, rejected: pl.DataFrame, **metadata) -> dg.Failure:
+def _fail_keeping(what: str, message: str, rejected: pl.DataFrame, metadata: dict | None = None) -> dg.Failure:
     """A failure that loses nothing: any rejected rows go to _failed/ and the message says where."""
+    metadata = dict(metadata or {})
     if rejected.height:
         kept = keep_rejects(what, rejected)
         message += f"; rejected rows kept in {kept}"
@@ -68,7 +69,7 @@ def load_source(dataset: str, datasets: DatasetsResource, log=None) -> tuple[Sou
         named = [f"{k} {v}" for k, v in (("file", err.file), ("field", err.field)) if v and v not in str(err)]
         raise _fail_keeping(
             what, f"{dataset}: {err}" + (f" ({', '.join(named)})" if named else "") + "; nothing written",
-            err.rejected_frame(), file=err.file or "", field=err.field or "",
+            err.rejected_frame(), {"file": err.file or "", "field": err.field or ""},
         ) from err
     except (ConfigError, FileNotFoundError) as err:
         raise dg.Failure(f"{dataset}: {err}") from err
@@ -103,7 +104,7 @@ def load_source(dataset: str, datasets: DatasetsResource, log=None) -> tuple[Sou
             what,
             f"{dataset}: {first['file']}{field}: {first['reason']} (the whole file is unreadable, "
             f"{whole_file.height} such file(s)); nothing written",
-            result.rejected, **meta,
+            result.rejected, meta,
         )
     if result.good.height == 0:
         files = ", ".join(str(p) for p in paths[:5]) + (" ..." if len(paths) > 5 else "")
@@ -113,7 +114,7 @@ def load_source(dataset: str, datasets: DatasetsResource, log=None) -> tuple[Sou
             what,
             f"{dataset}: {files}: {found}; a selected source with zero traces would wipe its traces; nothing "
             f"written, the previous {what} table is kept. Fix the input or drop {dataset} from CB_DATASETS",
-            result.rejected, **meta,
+            result.rejected, meta,
         )
     stop_the_line(what, result.n_records, result.rejected, cfg_all.max_reject_fraction, meta)
     if log:
