@@ -300,39 +300,12 @@ _DECODER = json.JSONDecoder()
 
 
 def parse_tool_calls(text: str) -> list[dict]:
-    """Tool calls in an assistant turn, in either Llama-3.1 form (``<|python_tag|>{json}<|eom_id|>`` or plain
-    ``{json}<|eot_id|>``), possibly after free text and possibly several. Returns
-    ``[{"name": str, "arguments": dict}]``; objects that are not calls (no "name" plus "parameters" or
-    "arguments") are skipped."""
-    for tok in (EOM, EOT):
-        text = text.replace(tok, "")
-    tag = text.find(PYTHON_TAG)
-    if tag >= 0:
-        text = text[tag + len(PYTHON_TAG) :]
-    calls, i, n = [], 0, len(text)
-    while i < n:
-        j = text.find("{", i)
-        if j < 0:
-            break
-        try:
-            obj, end = _DECODER.raw_decode(text, j)
-        except json.JSONDecodeError:
-            i = j + 1
-            continue
-        if isinstance(obj, dict) and isinstance(obj.get("name"), str) and (
-            "parameters" in obj or "arguments" in obj
-        ):
-            args = obj.get("parameters", obj.get("arguments"))
-            if isinstance(args, str):
-                try:
-                    args = json.loads(args)
-                except json.JSONDecodeError:
-                    pass
-            calls.append({"name": obj["name"], "arguments": args if args is not None else {}})
-            i = end
-        else:
-            i = j + 1
-    return calls
+    """Tool calls in an assistant turn, ``[{"name": str, "arguments": dict}]`` (``[]`` when the turn is a
+    final answer or does not parse). The one parser is ``cb_core.generate.parse.parse_completion``, which
+    also reports final answers and parse failures with their reason."""
+    from cb_core.generate.parse import parse_completion
+
+    return parse_completion(text).calls
 
 
 # ------------------------------------------------------------------------------------------- render_v1
