@@ -8,12 +8,16 @@ Determinism: every choice is ordered by a sha256 of (seed, stable key) -- conten
 never by input row order, and every output is sorted by id, so the same inputs and config give byte-identical
 Parquet files.
 
-* `build_training_mix` -- harmful (Ds) and retain (Dr) samples with their lossmasks, de-duplicated by content
-  hash, sampled per priority class (targets, caps, `dr_ratio`), with attack pair groups reserved for the
-  held-out attack set first.
-* `gate_results` -- merge gates (ratio, adversarial-safe count, duplicate ids, tool schemas present).
-* `split` -- train/eval, stratified by dataset x category x subtype, grouped by pair_group, hash-based.
-* `build_eval_attacks` -- attacked traces never trained on, assistant turns after the injection stripped.
+* `build_training_mix` -- harmful (Ds) and retain (Dr) samples with their lossmasks, de-duplicated by the
+  content hash of the message list (never of anything that differs by label, e.g. the tool list), retain
+  traces that failed the user's task left out (`retain_requires_task_success`), sampled per priority class
+  (targets, caps, `dr_ratio`), with attack pair groups reserved for the held-out attack set first.
+  Generated DS/DR twins take the pair_group of their parent skeleton (`provenance.parent_id`).
+* `gate_results` -- merge gates (ratio, true adversarial-safe count, duplicate ids, tool schemas present).
+* `split` -- train/eval, stratified by dataset x category x subtype, grouped by pair_group (the task
+  identity: a task's traces, benign and attacked, from every model, and its twins stay on one side).
+* `build_eval_attacks` -- skeletons cut right after the injected message of attacked traces whose injection is
+  in the context and whose pair_group was never trained on, each with its expected behaviour.
 * `preflight` -- per-sample checks a training run would otherwise discover hours in.
 """
 from __future__ import annotations
@@ -23,18 +27,29 @@ import hashlib
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Iterable
 
 import pandera.polars as pa
 import polars as pl
 
-from cb_core.config import ConfigError, load_yaml
+from cb_core.config import ConfigError, config_path, load_yaml
 from cb_core.schemas import CATEGORIES, DATASETS, PRIORITY_CLASSES, TRACE_SCHEMA, TraceModel, digest
 
 PROFILE_ENV = "CB_CURATION_PROFILE"
 CONFIG_FILE = "curation.yaml"
-EVAL_ATTACK_ID_VERSION = "eval_attack_v1"
+EVAL_ATTACK_ID_VERSION = "eval_attack_v2"
+# `tool_attack.expected_tool` of an AgentDojo eval attack whose user task's ground-truth calls were all made
+# before the cut: the expected behaviour is to answer the user (no further tool call, none to the attacker).
+FINAL_ANSWER = "final_answer"
+# `expected_behavior` of an eval attack: call `tool_attack.expected_tool` next (B4; AgentDojo with a ground-truth
+# call still to make), answer without a tool call (FINAL_ANSWER), or -- where the benchmark names no expected
+# call (LLMail-Inject; AgentDojo tasks without ground truth) -- anything but the attacker's call
+# (`expected_tool` null, `attacker_tool`/`attacker_args` set).
+EXPECTED_BEHAVIORS = ("expected_tool", "final_answer", "no_attacker_call")
+OTHER_STRATUM = "other"
 DEFAULT_END_IDS = (128009, 128008)  # <|eot_id|>, <|eom_id|>
 
 # Extra columns a training-mix row carries beside its trace_v1 columns.
@@ -52,7 +67,15 @@ MIX_EXTRA_SCHEMA = pl.Schema(
     }
 )
 MIX_SCHEMA = pl.Schema({**dict(TRACE_SCHEMA), **dict(MIX_EXTRA_SCHEMA)})
-EVAL_ATTACK_SCHEMA = pl.Schema({**dict(TRACE_SCHEMA), "source_trace_id": pl.String, "n_stripped": pl.Int32})
+EVAL_ATTACK_SCHEMA = pl.Schema(
+    {
+        **dict(TRACE_SCHEMA),
+        "source_trace_id": pl.String,
+        "n_stripped": pl.Int32,
+        "expected_behavior": pl.String,
+        "stratum": pl.String,  # "<dataset>:<subtype>", or "<dataset>:other" for merged small strata
+    }
+)
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -113,6 +136,13 @@ class CurationConfig:
     expected_sources: list[str] = field(default_factory=lambda: list(DATASETS))
     required_sources: list[str] = field(default_factory=list)
     generated_tables: list[str] = field(default_factory=list)
+    # Datasets whose retain traces must have done the user's task: `labels.task_success == False` leaves the
+    # mix (counted in the stats); null (unknown) stays. Retain data should teach doing the task.
+    retain_requires_task_success: list[str] = field(default_factory=lambda: ["agentdojo"])
+    # AgentDojo user tasks' ground truth ({version: {suite: {user_task_id: {prompt, ground_truth_functions}}}}),
+    # a path as in every config file (`configs/...` follows CB_CONFIG_DIR): the expected next call of each
+    # AgentDojo eval attack.
+    agentdojo_user_tasks: str | None = "configs/agentdojo/user_tasks.json"
     eval_fraction: float = 0.1
     gates: GateConfig = field(default_factory=GateConfig)
     eval_attacks: EvalAttackConfig = field(default_factory=EvalAttackConfig)
@@ -150,6 +180,12 @@ class CurationConfig:
                 raise ConfigError(f"curation: training.lossmask_policy.{cat} is missing")
         if self.eval_attacks.min_per_stratum > self.eval_attacks.max_per_stratum:
             raise ConfigError("curation: eval_attacks.min_per_stratum > max_per_stratum")
+        unknown = set(self.classes) - set(PRIORITY_CLASSES)
+        if unknown:
+            raise ConfigError(f"curation: classes {sorted(unknown)} are not priority classes {list(PRIORITY_CLASSES)}")
+        bad = set(self.retain_requires_task_success or []) - set(DATASETS)
+        if bad:
+            raise ConfigError(f"curation: retain_requires_task_success names unknown dataset(s) {sorted(bad)}")
 
     def class_target(self, pclass: str) -> int:
         return int((self.classes.get(pclass) or {}).get("target") or 0)
@@ -205,13 +241,23 @@ def hash_unit(seed: Any, key: str) -> float:
     return int(_h(seed, key)[:16], 16) / float(1 << 64)
 
 
-def content_hash(messages: list[dict] | None, tools: str | None) -> str:
-    """Hash of what the model sees (messages + tools), not of the id or source locator."""
-    try:
-        tools_obj = json.loads(tools) if tools else []
-    except (TypeError, ValueError):
-        tools_obj = tools
-    return digest({"messages": messages or [], "tools": tools_obj})
+def message_content(messages: list[dict] | None) -> list[list]:
+    """What a message list says: per message its role, content, name and tool calls (name, arguments).
+    Tool-call ids are left out (providers number them differently); so is everything outside the messages."""
+    out = []
+    for m in messages or []:
+        m = m or {}
+        calls = [[c.get("name"), c.get("arguments")] for c in (m.get("tool_calls") or [])]
+        out.append([m.get("role"), m.get("content") or "", m.get("name") or "", calls])
+    return out
+
+
+def content_hash(messages: list[dict] | None) -> str:
+    """De-duplication key: the hash of the message list content only (`message_content`). Nothing that can
+    differ by label enters it -- not the offered tool list (which once carried the attacker's tool on attacked
+    traces only), not labels, ids or source locators -- so two traces that show the model the same
+    conversation collapse whatever they are labelled."""
+    return digest(message_content(messages))
 
 
 def _hash_col(df: pl.DataFrame, seed: Any, col: str, salt: str = "") -> pl.Series:
@@ -219,12 +265,58 @@ def _hash_col(df: pl.DataFrame, seed: Any, col: str, salt: str = "") -> pl.Serie
 
 
 # ------------------------------------------------------------------------------------- trace features
+def adversarial_safe_expr() -> pl.Expr:
+    """True adversarial-safe: flagged `is_adversarial_safe` AND the injection is in the context
+    (`attack_present`, and `injection_reached` not False). An attack the model never read is no attack, so
+    a trace that was attacked but never reached the injection is never counted, whatever its flag says."""
+    lab = pl.col("labels")
+    return (
+        lab.struct.field("is_adversarial_safe").fill_null(False)
+        & lab.struct.field("attack_present").fill_null(False)
+        & lab.struct.field("injection_reached").fill_null(True)
+    )
+
+
+def _injection_index(msgs: list[dict], tool_attack: dict | None) -> int | None:
+    """Index of the first message holding an injection span (tool result or user message), or None when no
+    recorded span points inside the message list at a message that really holds the injected text."""
+    ta = tool_attack or {}
+    spans = [s for s in (ta.get("injection_spans") or []) if s] or ([ta["injection_span"]] if ta.get(
+        "injection_span") else [])
+    best = None
+    for sp in spans:
+        idx = sp.get("message_index")
+        if not isinstance(idx, int) or not 0 <= idx < len(msgs):
+            continue
+        m = msgs[idx] or {}
+        if m.get("role") not in ("tool", "user"):
+            continue
+        content = m.get("content") or ""
+        cs, ce = sp.get("char_start"), sp.get("char_end")
+        inside = isinstance(cs, int) and isinstance(ce, int) and 0 <= cs < ce <= len(content)
+        if not inside:
+            continue
+        best = idx if best is None else min(best, idx)
+    return best
+
+
+def injection_in_context(traces: pl.DataFrame) -> pl.Series:
+    """Per trace: attack_present, injection_reached not False, and an injection span inside a tool/user message."""
+    lab = traces["labels"]
+    attacked = lab.struct.field("attack_present").fill_null(False).to_list()
+    reached = lab.struct.field("injection_reached").to_list()
+    out = [
+        bool(a) and r is not False and _injection_index(m or [], ta) is not None
+        for a, r, m, ta in zip(attacked, reached, traces["messages"].to_list(), traces["tool_attack"].to_list())
+    ]
+    return pl.Series("_injected", out, dtype=pl.Boolean)
+
+
 def trace_features(traces: pl.DataFrame) -> pl.DataFrame:
     """Flat per-trace columns the curation logic needs (labels unnested, content hash, flags)."""
     lab = pl.col("labels")
     msgs = traces["messages"].to_list()
-    tools = traces["tools"].to_list()
-    hashes = [content_hash(m, t) for m, t in zip(msgs, tools)]
+    hashes = [content_hash(m) for m in msgs]
     has_asst = [any((x or {}).get("role") == "assistant" for x in (m or [])) for m in msgs]
     has_calls = [any((x or {}).get("tool_calls") for x in (m or [])) for m in msgs]
     return traces.with_columns(
@@ -232,10 +324,9 @@ def trace_features(traces: pl.DataFrame) -> pl.DataFrame:
         lab.struct.field("priority_class").alias("priority_class"),
         lab.struct.field("subtype").fill_null("").alias("subtype"),
         lab.struct.field("attack_present").fill_null(False).alias("_attacked"),
-        (
-            lab.struct.field("is_adversarial_safe").fill_null(False)
-            | (lab.struct.field("priority_class") == "adversarial_safe")
-        ).alias("_adv_safe"),
+        adversarial_safe_expr().alias("_adv_safe"),
+        lab.struct.field("task_success").alias("_task_success"),
+        injection_in_context(traces),
         pl.Series("content_hash", hashes, dtype=pl.String),
         pl.Series("_has_assistant", has_asst, dtype=pl.Boolean),
         pl.Series("_has_tool_calls", has_calls, dtype=pl.Boolean),
@@ -243,17 +334,35 @@ def trace_features(traces: pl.DataFrame) -> pl.DataFrame:
 
 
 def reserved_attack_groups(feats: pl.DataFrame, cfg: CurationConfig) -> set[str]:
-    """Pair groups held out of the mix up front so every attack stratum (dataset x subtype) keeps at least
-    `eval_attacks.min_per_stratum` groups for `eval_attacks` (never more than `max_reserve_fraction`)."""
+    """Pair groups held out of the mix up front for `eval_attacks`: per attack stratum (dataset x subtype),
+    groups holding an attacked trace with the injection in context are taken in sha256(seed, group) order
+    until their distinct eval-attack cuts number `eval_attacks.min_per_stratum`, never more than `max_reserve_fraction` of the
+    stratum's groups. A pair group is a task, so a reserved group takes the task's benign runs out too."""
     ea = cfg.eval_attacks
     if ea.min_per_stratum <= 0 or feats.height == 0:
         return set()
-    attacked = feats.filter(pl.col("_attacked")).select("dataset", "subtype", "pair_group").unique()
+    inj = feats.filter(pl.col("_injected"))
+    # count distinct cuts (identical cuts collapse into one eval attack)
+    keys = [
+        content_hash(cut_after_injection(m or [], ta)) + (t or "")
+        for m, ta, t in zip(inj["messages"].to_list(), inj["tool_attack"].to_list(), inj["tools"].to_list())
+    ]
+    rows = (
+        inj.with_columns(pl.Series("_cut", keys, dtype=pl.String))
+        .group_by("dataset", "subtype", "pair_group")
+        .agg(pl.col("_cut").n_unique().alias("len"))
+    )
     out: set[str] = set()
-    for (ds, st), grp in attacked.group_by(["dataset", "subtype"]):
-        groups = sorted(set(grp["pair_group"].to_list()), key=lambda g: (_h(cfg.seed, "holdout", g), g))
-        n = min(ea.min_per_stratum, int(math.floor(ea.max_reserve_fraction * len(groups))))
-        out.update(groups[:n])
+    for (_ds, _st), grp in rows.group_by(["dataset", "subtype"]):
+        sizes = dict(zip(grp["pair_group"].to_list(), grp["len"].to_list()))
+        groups = sorted(sizes, key=lambda g: (_h(cfg.seed, "holdout", g), g))
+        limit = int(math.floor(ea.max_reserve_fraction * len(groups)))
+        n_rows = 0
+        for g in groups[:limit]:
+            if n_rows >= ea.min_per_stratum:
+                break
+            out.add(g)
+            n_rows += sizes[g]
     return out
 
 
@@ -304,6 +413,25 @@ def _present_generated(generated: dict[str, pl.DataFrame | None] | None, cfg: Cu
     return present, missing
 
 
+def inherit_parent_groups(
+    base: pl.DataFrame, generated: dict[str, pl.DataFrame]
+) -> tuple[dict[str, pl.DataFrame], dict[str, int]]:
+    """Generated DS/DR twins join their parent's task: `pair_group` := the pair_group of the trace named by
+    `provenance.parent_id` (when that parent is among `base`), so twins and their task never straddle a split.
+    Returns the re-grouped tables and counts (inherited / parent_id not among the traces / no parent_id)."""
+    parents = base.select(pl.col("id").alias("_pid"), pl.col("pair_group").alias("_ppg"))
+    out, n = {}, {"inherited": 0, "parent_not_found": 0, "no_parent_id": 0}
+    for name, df in generated.items():
+        j = df.with_columns(pl.col("provenance").struct.field("parent_id").alias("_pid")).join(
+            parents, on="_pid", how="left"
+        )
+        n["no_parent_id"] += j.filter(pl.col("_pid").is_null()).height
+        n["parent_not_found"] += j.filter(pl.col("_pid").is_not_null() & pl.col("_ppg").is_null()).height
+        n["inherited"] += j.filter(pl.col("_ppg").is_not_null()).height
+        out[name] = j.with_columns(pl.coalesce("_ppg", "pair_group").alias("pair_group")).select(list(TRACE_SCHEMA))
+    return out, n
+
+
 def build_training_mix(
     traces: pl.DataFrame,
     lossmasks: pl.DataFrame,
@@ -319,7 +447,8 @@ def build_training_mix(
     """
     gen_present, gen_missing = _present_generated(generated, cfg)
     base = traces.select(list(TRACE_SCHEMA)).cast(dict(TRACE_SCHEMA))
-    all_traces = pl.concat([base, *gen_present.values()], how="vertical")
+    gen_frames, inherit = inherit_parent_groups(base, gen_present)
+    all_traces = pl.concat([base, *gen_frames.values()], how="vertical")
     all_traces = all_traces.unique("id", keep="first", maintain_order=True)  # traces win over generated
     feats = trace_features(all_traces)
 
@@ -333,8 +462,27 @@ def build_training_mix(
         "traces_in": all_traces.height,
         "with_completion": usable.height,
         "reserved_for_eval_attacks": usable.filter(pl.col("pair_group").is_in(list(reserved))).height,
+        "reserved_pair_groups": len(reserved),
+        "generated_pair_groups": inherit,
     }
     usable = usable.filter(~pl.col("pair_group").is_in(list(reserved)))
+
+    # retain data are runs that did the user's task (where the benchmark says so)
+    failed = usable.filter(
+        (pl.col("category") == "retain")
+        & pl.col("dataset").is_in(list(cfg.retain_requires_task_success or []))
+        & (pl.col("_task_success") == False)  # noqa: E712 - null (unknown) stays
+    )
+    counts["retain_failed_task_excluded"] = {
+        "datasets": list(cfg.retain_requires_task_success or []),
+        "total": failed.height,
+        "by_dataset_class": [
+            {"dataset": d, "priority_class": c, "n": n}
+            for d, c, n in failed.group_by("dataset", "priority_class").len().sort("dataset", "priority_class")
+            .iter_rows()
+        ],
+    }
+    usable = usable.filter(~pl.col("id").is_in(failed["id"].to_list()))
 
     parts, no_mask, empty_mask = [], {}, {}
     for cat in ("harmful", "retain"):
@@ -348,17 +496,22 @@ def build_training_mix(
         parts.append(joined.filter(pl.col("n_masked").fill_null(0) > 0))
     cands = pl.concat(parts, how="vertical_relaxed") if parts else usable.clear()
 
-    # de-duplicate by content: the smallest id of each content hash stays
+    # de-duplicate by message content (`content_hash`): the smallest id of each hash stays. A hash labelled
+    # harmful in one trace and retain in another is a label contradiction: none of its traces is trained on.
     before = cands.height
-    conflicts = (
-        cands.group_by("content_hash").agg(pl.col("category").n_unique().alias("k")).filter(pl.col("k") > 1).height
-    )
+    conflict = cands.group_by("content_hash").agg(
+        pl.col("category").n_unique().alias("k"), pl.col("id").sort().alias("ids")
+    ).filter(pl.col("k") > 1)
+    cands = cands.filter(~pl.col("content_hash").is_in(conflict["content_hash"].to_list()))
+    after_conflicts = cands.height
     cands = cands.sort("content_hash", "id").unique("content_hash", keep="first", maintain_order=True)
     counts.update(
         no_lossmask=no_mask,
         empty_mask=empty_mask,
-        duplicates_dropped=before - cands.height,
-        duplicate_label_conflicts=conflicts,
+        duplicates_dropped=after_conflicts - cands.height,
+        duplicate_label_conflicts=conflict.height,
+        duplicate_label_conflict_rows_dropped=before - after_conflicts,
+        duplicate_label_conflict_examples=[ids[:4] for ids in conflict.sort("content_hash")["ids"].to_list()[:5]],
     )
 
     cands = cands.with_columns(_hash_col(cands, cfg.seed, "content_hash", "mix").alias("_key")).sort("_key", "id")
@@ -419,6 +572,10 @@ def mix_stats(mix: pl.DataFrame, cfg: CurationConfig | None = None) -> dict[str,
         "weight_retain": round(w_r, 6),
         "weighted_dr_ds_ratio": (w_r / w_h) if w_h else None,
         "adversarial_safe": int(_adv_safe_mask(mix).sum()) if mix.height else 0,
+        # flagged adversarial-safe (flag or class) but without the injection in context: never counted
+        "adversarial_safe_flagged_not_counted": int(_adv_flag_mask(mix).sum() - _adv_safe_mask(mix).sum())
+        if mix.height
+        else 0,
         "by_dataset_category_class": [
             {**r, "weight": round(float(r["weight"] or 0.0), 6)} for r in by.to_dicts()
         ],
@@ -432,9 +589,16 @@ def mix_stats(mix: pl.DataFrame, cfg: CurationConfig | None = None) -> dict[str,
 
 
 def _adv_safe_mask(mix: pl.DataFrame) -> pl.Series:
+    return mix.select(adversarial_safe_expr()).to_series()
+
+
+def _adv_flag_mask(mix: pl.DataFrame) -> pl.Series:
+    """Rows that claim adversarial safety (flag or priority class), true or not; superset of _adv_safe_mask."""
     lab = pl.col("labels")
     return mix.select(
-        lab.struct.field("is_adversarial_safe").fill_null(False) | (pl.col("priority_class") == "adversarial_safe")
+        lab.struct.field("is_adversarial_safe").fill_null(False)
+        | (lab.struct.field("priority_class") == "adversarial_safe")
+        | adversarial_safe_expr()
     ).to_series()
 
 
@@ -475,30 +639,49 @@ def _called_tools(messages: list[dict] | None) -> list[str]:
 
 
 def gate_results(mix: pl.DataFrame, cfg: CurationConfig) -> list[GateResult]:
-    """Merge gates; thresholds come from the profile (the demo profile sets smaller ones, never skips)."""
+    """Merge gates; thresholds come from the profile (the demo profile sets smaller ones, never skips).
+    Each description says what was verified on pass and what was found on failure."""
     g = cfg.gates
     st = mix_stats(mix)
     out = []
     ratio = st["dr_ds_ratio"]
+    ok = ratio is not None and ratio >= g.min_dr_ds_ratio
     out.append(
         GateResult(
             "dr_ds_ratio",
-            ratio is not None and ratio >= g.min_dr_ds_ratio,
+            ok,
             ratio,
             g.min_dr_ds_ratio,
             [] if ratio is not None else [{"reason": "no harmful samples in the mix"}],
-            f"retain:harmful count ratio ({st['retain']}:{st['harmful']}) >= {g.min_dr_ds_ratio}",
+            (
+                f"retain:harmful = {st['retain']}:{st['harmful']} = {ratio:.2f} >= {g.min_dr_ds_ratio}"
+                if ok
+                else "no harmful sample in the mix: the ratio is not measured"
+                if ratio is None
+                else f"retain:harmful = {st['retain']}:{st['harmful']} = {ratio:.2f} is below {g.min_dr_ds_ratio}"
+            ),
         )
     )
-    adv = st["adversarial_safe"]
+    adv, flagged = st["adversarial_safe"], st["adversarial_safe_flagged_not_counted"]
+    ok = adv >= g.min_adversarial_safe
+    not_counted = []
+    if flagged:
+        rows = mix.filter(_adv_flag_mask(mix) & ~_adv_safe_mask(mix)).sort("id")
+        not_counted = [{"id": i, "reason": "flagged adversarial-safe, injection not in context"}
+                       for i in rows["id"].to_list()[:5]]
+    extra = f"; {flagged} row(s) flagged adversarial-safe without a reached injection not counted" if flagged else ""
     out.append(
         GateResult(
             "adversarial_safe_count",
-            adv >= g.min_adversarial_safe,
+            ok,
             adv,
             g.min_adversarial_safe,
-            [],
-            f"adversarial-safe samples >= {g.min_adversarial_safe}",
+            not_counted,
+            (
+                f"{adv} adversarial-safe samples (read the injection, did the expected thing) "
+                + (f">= {g.min_adversarial_safe}" if ok else f"found, below the required {g.min_adversarial_safe}")
+                + extra
+            ),
         )
     )
     dup = mix.filter(pl.col("id").is_duplicated())
@@ -510,14 +693,16 @@ def gate_results(mix: pl.DataFrame, cfg: CurationConfig) -> list[GateResult]:
             n_dup,
             g.max_duplicate_ids,
             sorted(set(dup["id"].to_list()))[:5],
-            "no id appears twice in the mix",
+            f"{mix.height} ids checked, {n_dup} appear more than once (allowed: {g.max_duplicate_ids})",
         )
     )
     bad = []
+    n_calling = 0
     for tid, msgs, tools in zip(mix["id"].to_list(), mix["messages"].to_list(), mix["tools"].to_list()):
         called = _called_tools(msgs)
         if not called:
             continue
+        n_calling += 1
         names = _tool_names(tools)
         if not names:
             bad.append({"id": tid, "reason": "tool calls but no tool schemas", "called": sorted(map(str, called))})
@@ -532,7 +717,12 @@ def gate_results(mix: pl.DataFrame, cfg: CurationConfig) -> list[GateResult]:
             len(bad),
             0 if g.require_tool_schemas else None,
             bad[:5],
-            "every sample whose messages contain tool calls carries the schemas of the tools it calls",
+            (
+                f"all {n_calling} samples with tool calls offer a schema for every tool they call"
+                if not bad
+                else f"{len(bad)} of {n_calling} samples with tool calls call a tool their `tools` do not offer"
+                + ("" if g.require_tool_schemas else " (not required by this profile)")
+            ),
         )
     )
     return out
@@ -610,53 +800,151 @@ def split_stats(train: pl.DataFrame, eval_: pl.DataFrame) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ eval attacks
-def _injection_index(msgs: list[dict], tool_attack: dict | None) -> int:
-    span = (tool_attack or {}).get("injection_span") or {}
-    idx = span.get("message_index")
-    if isinstance(idx, int) and 0 <= idx < len(msgs):
-        return idx
-    roles = [(m or {}).get("role") for m in msgs]
-    if "tool" in roles:
-        return roles.index("tool")
-    return roles.index("user") if "user" in roles else 0
+def load_user_tasks(cfg: CurationConfig) -> tuple[dict | None, str]:
+    """(AgentDojo user tasks' ground truth, where it came from / why it is missing). A missing file is not
+    fatal here: the affected eval attacks fall back to `no_attacker_call` and the count is reported."""
+    if not cfg.agentdojo_user_tasks:
+        return None, "not configured (agentdojo_user_tasks: null)"
+    path = config_path(cfg.agentdojo_user_tasks)
+    if not path.is_file():
+        return None, f"missing: {cfg.agentdojo_user_tasks}"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ConfigError(f"{path}: expected {{version: {{suite: {{user_task_id: {{...}}}}}}}}")
+    return data, str(cfg.agentdojo_user_tasks)
 
 
-def strip_after_injection(msgs: list[dict], tool_attack: dict | None, completeness: str) -> list[dict]:
-    """Messages up to (excluding) the first assistant message after the injection; skeletons as they are."""
-    if completeness == "skeleton":
-        return list(msgs)
+def agentdojo_task_key(pair_group: str | None) -> tuple[str, str] | None:
+    """(suite, user_task_id) from an AgentDojo pair_group `agentdojo:<suite>:<user_task_id>`."""
+    parts = (pair_group or "").split(":")
+    return (parts[1], parts[2]) if len(parts) == 3 and parts[0] == "agentdojo" and all(parts[1:]) else None
+
+
+def agentdojo_ground_truth(user_tasks: dict | None, suite: str, task_id: str, prompt: str | None) -> list[str] | None:
+    """Ground-truth function names of one user task. The benchmark version is the one whose prompt is the
+    trace's user prompt; without a match, the versions must agree (else None: ambiguous)."""
+    found = []
+    for version in sorted(user_tasks or {}):
+        t = ((user_tasks[version] or {}).get(suite) or {}).get(task_id)
+        if isinstance(t, dict) and isinstance(t.get("ground_truth_functions"), list):
+            found.append((version, t))
+    for _v, t in found:
+        if prompt is not None and (t.get("prompt") or "").strip() == prompt.strip():
+            return list(t["ground_truth_functions"])
+    gts = {tuple(t["ground_truth_functions"]) for _v, t in found}
+    return list(gts.pop()) if len(gts) == 1 else None
+
+
+def next_expected_call(ground_truth: list[str], calls_made: list[str]) -> str:
+    """The first ground-truth function (in order, counting repeats) not yet called, else FINAL_ANSWER."""
+    left = Counter(calls_made)
+    for fn in ground_truth:
+        if left[fn] > 0:
+            left[fn] -= 1
+        else:
+            return fn
+    return FINAL_ANSWER
+
+
+def cut_after_injection(msgs: list[dict], tool_attack: dict | None) -> list[dict] | None:
+    """The messages up to and including the first injected message (a tool result or a user message), plus the
+    tool results of the same assistant turn that follow it (a parallel call's results belong together), so the
+    next turn is the model's answer to the injection. None when no injection span lies in the messages."""
     inj = _injection_index(msgs, tool_attack)
-    for i in range(inj + 1, len(msgs)):
-        if (msgs[i] or {}).get("role") == "assistant":
-            return list(msgs[:i])
-    return list(msgs)
+    if inj is None:
+        return None
+    end = inj + 1
+    if (msgs[inj] or {}).get("role") == "tool":
+        while end < len(msgs) and (msgs[end] or {}).get("role") == "tool":
+            end += 1
+    return list(msgs[:end])
 
 
-def build_eval_attacks(
-    traces: pl.DataFrame, trained: pl.DataFrame | Iterable[str], cfg: CurationConfig
-) -> pl.DataFrame:
-    """Held-out attack skeletons: attacked traces whose id and pair_group are absent from `trained` (a frame
-    with id + pair_group, e.g. the whole training mix, or an iterable of ids), assistant turns from the one
-    answering the injection on stripped, new stable ids, at most `max_per_stratum` per (dataset, subtype)
-    (hash-ordered), identical stripped prompts collapsed. Labels and tool_attack kept for scoring."""
+# kept for callers of the old name: an eval-attack cut, or the messages as they are when none is found
+def strip_after_injection(msgs: list[dict], tool_attack: dict | None, completeness: str = "") -> list[dict]:
+    return cut_after_injection(msgs, tool_attack) or list(msgs)
+
+
+def _first_user(msgs: list[dict]) -> str | None:
+    return next(((m or {}).get("content") for m in msgs if (m or {}).get("role") == "user"), None)
+
+
+def build_eval_attacks_with_stats(
+    traces: pl.DataFrame,
+    trained: pl.DataFrame | Iterable[str],
+    cfg: CurationConfig,
+    user_tasks: dict | None | object = ...,
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Held-out attack skeletons and what was done to make them.
+
+    Candidates: attacked traces whose injection is in the context (`injection_in_context`) and whose id and
+    pair_group are absent from `trained` (a frame with id + pair_group, e.g. the whole training mix, or an
+    iterable of ids). Each is cut by `cut_after_injection` (never ends on a user message without the
+    injection), given a new stable id, and its expected behaviour: AgentDojo -> `tool_attack.expected_tool` =
+    `next_expected_call` of the user task's ground truth (`user_tasks`, default: `agentdojo_user_tasks` of
+    the config) given the calls made before the cut; B4 -> the record's expected_tool; otherwise (LLMail, or
+    AgentDojo without ground truth) -> `no_attacker_call`. Identical cuts collapse onto the smallest source
+    id. Strata (`<dataset>:<subtype>`) under `min_per_stratum` are merged into `<dataset>:other` (column
+    `stratum`; `labels.subtype` untouched); at most `max_per_stratum` per stratum, hash-ordered."""
+    if user_tasks is ...:
+        user_tasks, ut_source = load_user_tasks(cfg)
+    else:
+        ut_source = "given" if user_tasks else "none given"
     if isinstance(trained, pl.DataFrame):
         t_ids = set(trained["id"].to_list())
         t_groups = set(trained["pair_group"].to_list()) if "pair_group" in trained.columns else set()
     else:
         t_ids = set(trained)
-        t_groups = set(traces.filter(pl.col("id").is_in(list(t_ids)))["pair_group"].to_list())
-    lab = pl.col("labels")
-    cand = traces.select(list(TRACE_SCHEMA)).filter(
-        lab.struct.field("attack_present").fill_null(False)
-        & ~pl.col("id").is_in(list(t_ids))
-        & ~pl.col("pair_group").is_in(list(t_groups))
-    )
-    rows = []
+        t_groups = None
+    base = traces.select(list(TRACE_SCHEMA))
+    # generated rows among `traces` join their parent's task, as in the mix
+    own = base.filter(pl.col("provenance").struct.field("parent_id").is_null())
+    kids, _ = inherit_parent_groups(base, {"g": base.filter(pl.col("provenance").struct.field("parent_id")
+                                                            .is_not_null())})
+    base = pl.concat([own, kids["g"]], how="vertical")
+    if t_groups is None:
+        t_groups = set(base.filter(pl.col("id").is_in(list(t_ids)))["pair_group"].to_list())
+    attacked = base.filter(pl.col("labels").struct.field("attack_present").fill_null(False))
+    injected = attacked.filter(injection_in_context(attacked))
+    cand = injected.filter(~pl.col("id").is_in(list(t_ids)) & ~pl.col("pair_group").is_in(list(t_groups)))
+    stats: dict[str, Any] = {
+        "attacked_traces": attacked.height,
+        "excluded_injection_not_in_context": attacked.height - injected.height,
+        "excluded_trained_pair_group": injected.height - cand.height,
+        "agentdojo_user_tasks": ut_source,
+    }
+    rows, no_gt, no_behavior = [], 0, 0
     for r in cand.iter_rows(named=True):
-        msgs = strip_after_injection(r["messages"] or [], r["tool_attack"], r["completeness"])
+        orig = r["messages"] or []
+        msgs = cut_after_injection(orig, r["tool_attack"])
         if not msgs:
             continue
-        new_id = digest([EVAL_ATTACK_ID_VERSION, msgs, r["tools"], r["tool_attack"]])
+        ta = dict(r["tool_attack"] or {})
+        ta["injection_spans"] = [
+            sp for sp in (ta.get("injection_spans") or [])
+            if isinstance((sp or {}).get("message_index"), int) and sp["message_index"] < len(msgs)
+        ]
+        behavior = None
+        if r["dataset"] == "agentdojo":
+            key = agentdojo_task_key(r["pair_group"])
+            gt = agentdojo_ground_truth(user_tasks, key[0], key[1], _first_user(msgs)) if key else None
+            if gt is not None:
+                ta["expected_tool"] = next_expected_call(gt, _called_tools(msgs))
+                behavior = "final_answer" if ta["expected_tool"] == FINAL_ANSWER else "expected_tool"
+            else:
+                ta["expected_tool"] = None
+                no_gt += 1
+        elif ta.get("expected_tool"):
+            behavior = "expected_tool"
+        if behavior is None:
+            if not ta.get("attacker_tool"):
+                no_behavior += 1  # neither an expected call nor a known attacker call to avoid: unscorable
+                continue
+            behavior = "no_attacker_call"
+        new_id = digest([EVAL_ATTACK_ID_VERSION, content_hash(msgs), r["tools"], ta])
         if new_id in t_ids:  # never: 128-bit hash; guarded all the same
             continue
         rows.append(
@@ -665,36 +953,66 @@ def build_eval_attacks(
                 "id": new_id,
                 "completeness": "skeleton",
                 "messages": msgs,
+                "tool_attack": ta,
                 "split": "eval_attack",
                 "source_trace_id": r["id"],
-                "n_stripped": len(r["messages"] or []) - len(msgs),
+                "n_stripped": len(orig) - len(msgs),
+                "expected_behavior": behavior,
+                "stratum": f"{r['dataset']}:{(r['labels'] or {}).get('subtype') or ''}",
             }
         )
+    stats.update(agentdojo_without_ground_truth=no_gt, excluded_no_expected_behavior=no_behavior)
     df = pl.DataFrame(rows, schema=EVAL_ATTACK_SCHEMA)
-    if df.height == 0:
-        return df
-    # identical stripped prompts collapse onto the smallest source id
+    n_rows = df.height
+    # identical cuts collapse onto the smallest source id
     df = df.sort("id", "source_trace_id").unique("id", keep="first", maintain_order=True)
-    df = df.with_columns(
-        lab.struct.field("subtype").fill_null("").alias("_subtype"),
-        _hash_col(df, cfg.seed, "id", "eval_attacks").alias("_key"),
-    ).sort("dataset", "_subtype", "_key")
-    df = df.filter(pl.int_range(pl.len()).over("dataset", "_subtype") < cfg.eval_attacks.max_per_stratum)
-    return df.drop("_subtype", "_key").sort("id")
+    stats["identical_cuts_collapsed"] = n_rows - df.height
+    # small strata: merged into "<dataset>:other", never relabelled
+    natural = dict(df.group_by("stratum").len().iter_rows()) if df.height else {}
+    small = {k for k, n in natural.items() if n < cfg.eval_attacks.min_per_stratum}
+    merged = {k: k.split(":", 1)[0] + ":" + OTHER_STRATUM for k in small}
+    df = df.with_columns(pl.col("stratum").replace(merged))
+    df = df.with_columns(_hash_col(df, cfg.seed, "id", "eval_attacks").alias("_key")).sort("stratum", "_key")
+    before_cap = df.height
+    df = df.filter(pl.int_range(pl.len()).over("stratum") < cfg.eval_attacks.max_per_stratum)
+    stats.update(
+        candidates=before_cap,
+        capped_by_max_per_stratum=before_cap - df.height,
+        merged_strata={k: merged[k] for k in sorted(merged)},
+        merged_strata_rows={k: natural[k] for k in sorted(merged)},
+        rows=df.height,
+        by_expected_behavior=dict(df.group_by("expected_behavior").len().sort("expected_behavior").iter_rows())
+        if df.height
+        else {},
+    )
+    return df.drop("_key").sort("id"), stats
+
+
+def build_eval_attacks(
+    traces: pl.DataFrame,
+    trained: pl.DataFrame | Iterable[str],
+    cfg: CurationConfig,
+    user_tasks: dict | None | object = ...,
+) -> pl.DataFrame:
+    """`build_eval_attacks_with_stats` without the stats."""
+    return build_eval_attacks_with_stats(traces, trained, cfg, user_tasks)[0]
 
 
 def eval_attack_strata(eval_attacks: pl.DataFrame, cfg: CurationConfig) -> list[dict[str, Any]]:
-    """Per (dataset, subtype): count and whether it reaches min_per_stratum."""
+    """Per stratum: dataset, the labels' subtypes it holds (more than one only in a merged `other`), count,
+    and whether it reaches min_per_stratum."""
     if eval_attacks.height == 0:
         return []
     df = (
-        eval_attacks.group_by("dataset", pl.col("labels").struct.field("subtype").fill_null("").alias("subtype"))
-        .len()
-        .sort("dataset", "subtype")
+        eval_attacks.group_by("stratum")
+        .agg(
+            pl.col("dataset").first(),
+            pl.col("labels").struct.field("subtype").fill_null("").unique().sort().alias("subtypes"),
+            pl.len(),
+        )
+        .sort("stratum")
     )
-    return [
-        {**r, "below_min": r["len"] < cfg.eval_attacks.min_per_stratum} for r in df.to_dicts()
-    ]
+    return [{**r, "below_min": r["len"] < cfg.eval_attacks.min_per_stratum} for r in df.to_dicts()]
 
 
 # ------------------------------------------------------------------------------------------ preflight
@@ -906,12 +1224,15 @@ class EvalSplitModel(TrainingMixModel):
 
 
 class EvalAttacksModel(TraceModel):
-    """eval_attacks: trace_v1 skeletons (new ids) + the trace they were cut from."""
+    """eval_attacks: trace_v1 skeletons (new ids) cut right after the injection, + the trace they were cut
+    from, the expected behaviour and the stratum."""
 
     completeness: str = pa.Field(isin=["skeleton"])
     split: str = pa.Field(isin=["eval_attack"])
     source_trace_id: str = pa.Field(str_length={"min_value": 16})
     n_stripped: pl.Int32 = pa.Field(ge=0)  # type: ignore[valid-type]
+    expected_behavior: str = pa.Field(isin=list(EXPECTED_BEHAVIORS))
+    stratum: str = pa.Field(str_matches=r"^[a-z0-9_]+:")
 
     class Config:
         strict = True
@@ -921,7 +1242,30 @@ class EvalAttacksModel(TraceModel):
         return data.lazyframe.select(pl.col("labels").struct.field("attack_present"))
 
     @pa.dataframe_check
-    def no_answer_to_the_injection(cls, data: pa.PolarsData) -> pl.LazyFrame:
+    def injection_reached(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(pl.col("labels").struct.field("injection_reached").fill_null(True))
+
+    @pa.dataframe_check
+    def ends_right_after_the_injection(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        """The last message is a tool result, or the user message holding the injection (never an assistant
+        turn, never a user message without the injection); the injection lies inside the messages."""
+        idx = pl.col("tool_attack").struct.field("injection_span").struct.field("message_index")
+        last = pl.col("messages").list.len() - 1
+        role = pl.col("messages").list.last().struct.field("role")
         return data.lazyframe.select(
-            pl.col("messages").list.last().struct.field("role") != "assistant"
+            idx.is_not_null()
+            & (idx <= last)
+            & ((role == "tool") | ((role == "user") & (idx == last)))
+        )
+
+    @pa.dataframe_check
+    def has_expected_behavior(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        ta = pl.col("tool_attack")
+        b = pl.col("expected_behavior")
+        return data.lazyframe.select(
+            pl.when(b == "expected_tool")
+            .then(ta.struct.field("expected_tool").is_not_null() & (ta.struct.field("expected_tool") != FINAL_ANSWER))
+            .when(b == "final_answer")
+            .then(ta.struct.field("expected_tool") == FINAL_ANSWER)
+            .otherwise(ta.struct.field("expected_tool").is_null() & ta.struct.field("attacker_tool").is_not_null())
         )

@@ -11,6 +11,7 @@ import pytest
 from cb_assets.assets import curation
 from cb_assets.io_manager import ParquetIOManager
 from cb_assets.resources import DatasetsResource, ModelResource
+from cb_core import curate
 from test_curate import _generated, make_renders_and_masks, make_traces
 
 CURATION_KEYS = ["training_mix", "train_split", "eval_split", "eval_attacks"]
@@ -24,9 +25,16 @@ CHECKS = [
     curation.eval_attacks_disjoint,
     curation.eval_attacks_schema,
     curation.eval_attacks_strata,
+    curation.eval_attacks_expected_behavior,
 ]
 ASSETS = [curation.training_mix, curation.train_split, curation.eval_split, curation.eval_attacks]
 UPSTREAM = [dg.AssetSpec("traces"), dg.AssetSpec("renders"), dg.AssetSpec("lossmasks")]
+
+
+def _training_default() -> dict[str, str]:
+    from cb_core.lossmask import LossmaskConfig
+
+    return dict(LossmaskConfig.load().training_default)
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +42,8 @@ def upstream_frames():
     from cb_core.tokenizer import tokenizer_id
 
     traces, gen = make_traces()
-    renders, lossmasks = make_renders_and_masks(pl.concat([traces, gen]), policies=("assistant_only",
-                                                                                     "cb_full_sequence"))
+    renders, lossmasks = make_renders_and_masks(pl.concat([traces, gen]), policies=tuple(
+        sorted(set(_training_default().values()))))
     tok_id = tokenizer_id(ModelResource().tokenizer())
     return traces, _generated(gen), renders.with_columns(pl.lit(tok_id).alias("tokenizer_id")), lossmasks
 
@@ -66,6 +74,10 @@ def _checks(res) -> dict[str, bool]:
     return {e.check_name: e.passed for e in res.get_asset_check_evaluations()}
 
 
+def _evaluation(res, name: str):
+    return next(e for e in res.get_asset_check_evaluations() if e.check_name == name)
+
+
 def _assert_invariants(root):
     mix = pl.read_parquet(root / "training_mix.parquet")
     train = pl.read_parquet(root / "train_split.parquet")
@@ -78,6 +90,9 @@ def _assert_invariants(root):
     assert set(attacks["id"]).isdisjoint(set(train["id"]))
     assert set(attacks["source_trace_id"]).isdisjoint(set(train["id"]))
     assert set(attacks["pair_group"]).isdisjoint(set(mix["pair_group"]))
+    assert set(train["content_hash"]).isdisjoint(set(eval_["content_hash"]))
+    assert set(attacks["expected_behavior"]) <= set(curate.EXPECTED_BEHAVIORS)
+    assert all(m[-1]["role"] in ("tool", "user") for m in attacks["messages"].to_list())
     assert mix["id"].is_unique().all() and mix["content_hash"].is_unique().all()
     assert sum(r["n"] for r in stats["by_dataset_category_class"]) == stats["total"]
     assert stats["harmful"] + stats["retain"] == stats["total"]
@@ -92,14 +107,28 @@ def test_materialize_curation_on_hand_built_upstream(upstream):
     assert all(checks.values()), checks
     mix, train, eval_, attacks, stats = _assert_invariants(upstream)
     assert stats["profile"] == "demo"  # no source path configured: the demo profile
-    assert stats["lossmask_policy"] == {"harmful": "cb_full_sequence", "retain": "assistant_only"}
-    assert set(mix["policy"]) == {"cb_full_sequence", "assistant_only"}
+    assert stats["lossmask_policy"] == _training_default()  # configs/lossmask.yaml training_default
+    assert set(mix["policy"]) == set(_training_default().values())
     assert stats["sources_missing"] == ["llmail_inject"]
     meta = res.asset_materializations_for_node("training_mix")[0].metadata
     assert meta["harmful"].value == stats["harmful"] and meta["profile"].value == "demo"
-    # attacked stripped skeletons only
+    # attacked skeletons cut right after the injection, each with its expected behaviour
     assert (attacks["completeness"] == "skeleton").all()
     assert all(m[-1]["role"] != "assistant" for m in attacks["messages"].to_list())
+    assert set(attacks["dataset"]) == {"agentdojo", "fujitsu_b4"}
+    ad = attacks.filter(pl.col("dataset") == "agentdojo")
+    # the shipped ground truth names the synthetic user tasks' next call (none falls back)
+    assert ad.height and (ad["expected_behavior"] != "no_attacker_call").all()
+    assert ad["tool_attack"].struct.field("expected_tool").is_not_null().all()
+    ea_meta = res.asset_materializations_for_node("eval_attacks")[0].metadata
+    assert ea_meta["attacks"].value == attacks.height and ea_meta["agentdojo_without_ground_truth"].value == 0
+    # stats.json carries the retain filter and the twins' inherited groups
+    assert stats["retain_failed_task_excluded"]["total"] > 0
+    assert stats["generated_pair_groups"]["parent_not_found"] == 0
+    # checks say what they verified
+    assert _evaluation(res, "splits_disjoint").description.startswith("no pair_group, id or message list")
+    assert "adversarial-safe samples" in _evaluation(res, "gate_adversarial_safe_count").description
+    assert "carry an expected next call" in _evaluation(res, "eval_attacks_expected_behavior").description
 
     # same config -> byte-identical split files
     before = {k: (upstream / f"{k}.parquet").read_bytes() for k in ("train_split", "eval_split", "eval_attacks")}
@@ -114,6 +143,8 @@ def test_blocking_gate_failure_stops_train_split(upstream, monkeypatch):
     assert not res.success
     checks = _checks(res)
     assert checks["gate_adversarial_safe_count"] is False
+    ev = _evaluation(res, "gate_adversarial_safe_count")
+    assert "below the required 400" in ev.description  # says what was found
     assert checks["gate_no_duplicate_ids"] is True
     assert (upstream / "training_mix.parquet").exists()  # the mix is written (gates check stored data)
     assert not (upstream / "train_split.parquet").exists()

@@ -43,7 +43,8 @@ def _json_safe(obj):
     kinds={"polars"},
     tags=TAGS,
     description="Training mix: harmful (Ds) + retain (Dr) samples with their lossmask under the configured "
-    "policy, de-duplicated by content hash, sampled per priority class (configs/curation.yaml). "
+    "policy, de-duplicated by the hash of the message content (never the tool list or labels), retain runs that "
+    "failed the user's task left out, sampled per priority class (configs/curation.yaml). "
     "Statistics in metadata and in `training_mix.stats.json`.",
 )
 def training_mix(
@@ -77,7 +78,12 @@ def training_mix(
             "dr_ds_ratio": stats["dr_ds_ratio"],
             "weighted_dr_ds_ratio": stats["weighted_dr_ds_ratio"],
             "adversarial_safe": stats["adversarial_safe"],
+            "adversarial_safe_flagged_not_counted": stats["adversarial_safe_flagged_not_counted"],
             "duplicates_dropped": stats["duplicates_dropped"],
+            "duplicate_label_conflicts": stats["duplicate_label_conflicts"],
+            "retain_failed_task_excluded": stats["retain_failed_task_excluded"]["total"],
+            "reserved_for_eval_attacks": stats["reserved_for_eval_attacks"],
+            "generated_pair_groups": _json_safe(stats["generated_pair_groups"]),
             "sources_missing": _json_safe(stats["sources_missing"] + stats["generated_missing"]),
             "by_dataset_category_class": _json_safe(stats["by_dataset_category_class"]),
             "stats": _json_safe(stats),
@@ -94,7 +100,8 @@ def _split_asset(which: str, model) -> dg.AssetsDefinition:
         kinds={"polars"},
         tags=TAGS,
         description=f"The {which} part of `training_mix`: eval_fraction held out, stratified by dataset x "
-        "category x subtype, grouped by pair_group (twins never straddle), hash-based on the seed.",
+        "category x subtype, grouped by pair_group (the task identity: a task's runs from every model, benign "
+        "and attacked, and its generated twins never straddle), hash-based on the seed.",
     )
     def _asset(
         context: dg.AssetExecutionContext, datasets: DatasetsResource, training_mix: pl.DataFrame
@@ -111,6 +118,7 @@ def _split_asset(which: str, model) -> dg.AssetsDefinition:
                 "train": st["train"],
                 "eval": st["eval"],
                 "eval_share": st["eval_share"],
+                "pair_groups_in_both": st["pair_groups_in_both"],
                 "strata": _json_safe(st[f"{which}_strata"]),
             }
         )
@@ -127,9 +135,11 @@ eval_split = _split_asset("eval", curate.EvalSplitModel)
     group_name=CURATION_GROUP,
     kinds={"polars"},
     tags=TAGS,
-    description="Held-out attack skeletons for evaluation: attacked traces never in the training mix (nor "
-    "sharing a pair_group with it), assistant turns from the answer to the injection on stripped, new ids, "
-    "min/max per (dataset, subtype); labels and tool_attack kept for scoring.",
+    description="Held-out attack skeletons for evaluation: attacked traces whose injection is in the context and "
+    "whose pair_group (task) is absent from the training mix, cut right after the injected message (tool result "
+    "or user message), new ids, each with its expected behaviour (`expected_behavior`; AgentDojo: the user "
+    "task's next ground-truth call or `final_answer`; B4: the record's expected tool; LLMail: no attacker "
+    "call); small strata merged into `<dataset>:other` (column `stratum`), at most max_per_stratum each.",
 )
 def eval_attacks(
     context: dg.AssetExecutionContext,
@@ -138,15 +148,25 @@ def eval_attacks(
     training_mix: pl.DataFrame,
 ) -> pl.DataFrame:
     cfg = curation_config(datasets)
-    df = curate.build_eval_attacks(traces, training_mix.select("id", "pair_group"), cfg)
+    df, stats = curate.build_eval_attacks_with_stats(traces, training_mix.select("id", "pair_group"), cfg)
     validate_or_fail(curate.EvalAttacksModel, df, "eval_attacks")
     strata = curate.eval_attack_strata(df, cfg)
+    if stats["agentdojo_without_ground_truth"]:
+        context.log.warning(
+            f"eval_attacks: {stats['agentdojo_without_ground_truth']} AgentDojo attack(s) without ground truth "
+            f"({stats['agentdojo_user_tasks']}): expected behaviour `no_attacker_call`"
+        )
     context.add_output_metadata(
         {
             "profile": cfg.profile,
             "attacks": df.height,
             "strata": _json_safe(strata),
             "strata_below_min": sum(1 for s in strata if s["below_min"]),
+            "merged_strata": _json_safe(stats["merged_strata"]),
+            "by_expected_behavior": _json_safe(stats["by_expected_behavior"]),
+            "excluded_injection_not_in_context": stats["excluded_injection_not_in_context"],
+            "agentdojo_without_ground_truth": stats["agentdojo_without_ground_truth"],
+            "stats": _json_safe(stats),
         }
     )
     return df
@@ -233,22 +253,39 @@ def eval_split_schema(eval_split: pl.DataFrame) -> dg.AssetCheckResult:
     return pandera_check(curate.EvalSplitModel, eval_split)
 
 
+def _outcome(found: dict[str, int], verified: str, n_checked: str) -> str:
+    """`verified (checked)` on pass; the non-zero findings on failure."""
+    bad = [f"{n} {what}" for what, n in found.items() if n]
+    return f"{verified} ({n_checked})" if not bad else "found " + ", ".join(bad)
+
+
 @dg.asset_check(
     asset=train_split,
     blocking=True,
     additional_ins={"eval_split": dg.AssetIn("eval_split")},
-    description="no pair_group (and no id) in both train_split and eval_split",
+    description="no pair_group (task), no id and no identical message list (content_hash) in both train_split "
+    "and eval_split",
 )
 def splits_disjoint(train_split: pl.DataFrame, eval_split: pl.DataFrame) -> dg.AssetCheckResult:
     groups = sorted(set(train_split["pair_group"].to_list()) & set(eval_split["pair_group"].to_list()))
     ids = sorted(set(train_split["id"].to_list()) & set(eval_split["id"].to_list()))
+    hashes = sorted(set(train_split["content_hash"].to_list()) & set(eval_split["content_hash"].to_list()))
+    found = {"pair_groups in both": len(groups), "ids in both": len(ids), "identical message lists in both":
+             len(hashes)}
     return dg.AssetCheckResult(
-        passed=not groups and not ids,
+        passed=not (groups or ids or hashes),
+        description=_outcome(
+            found,
+            "no pair_group, id or message list in both splits",
+            f"{train_split.height} train / {eval_split.height} eval rows, "
+            f"{train_split['pair_group'].n_unique()} / {eval_split['pair_group'].n_unique()} pair groups",
+        ),
         metadata={
-            "failing_rows": len(groups) + len(ids),
+            "failing_rows": len(groups) + len(ids) + len(hashes),
             "pair_groups_in_both": len(groups),
             "ids_in_both": len(ids),
-            "examples": _json_safe((groups + ids)[:N_EXAMPLES]),
+            "content_hashes_in_both": len(hashes),
+            "examples": _json_safe((groups + ids + hashes)[:N_EXAMPLES]),
         },
     )
 
@@ -265,8 +302,15 @@ def eval_attacks_disjoint(eval_attacks: pl.DataFrame, train_split: pl.DataFrame)
     ids = sorted(set(eval_attacks["id"].to_list()) & t_ids)
     src = sorted(set(eval_attacks["source_trace_id"].to_list()) & t_ids)
     groups = sorted(set(eval_attacks["pair_group"].to_list()) & t_groups)
+    found = {"eval-attack ids in train": len(ids), "source traces in train": len(src),
+             "pair groups in train": len(groups)}
     return dg.AssetCheckResult(
         passed=not (ids or src or groups),
+        description=_outcome(
+            found,
+            "no eval attack id, source trace or pair group in train_split",
+            f"{eval_attacks.height} eval attacks against {train_split.height} train rows",
+        ),
         metadata={
             "failing_rows": len(ids) + len(src) + len(groups),
             "ids_in_train": len(ids),
@@ -285,19 +329,66 @@ def eval_attacks_schema(eval_attacks: pl.DataFrame) -> dg.AssetCheckResult:
 @dg.asset_check(
     asset=eval_attacks,
     blocking=False,
-    description="every attack stratum (dataset x subtype) reaches eval_attacks.min_per_stratum",
+    description="every eval-attack stratum (dataset:subtype, small ones merged into dataset:other) reaches "
+    "eval_attacks.min_per_stratum",
 )
 def eval_attacks_strata(datasets: DatasetsResource, eval_attacks: pl.DataFrame) -> dg.AssetCheckResult:
     cfg = curation_config(datasets)
     strata = curate.eval_attack_strata(eval_attacks, cfg)
     low = [s for s in strata if s["below_min"]]
+    merged = sorted(s["stratum"] for s in strata if s["stratum"].endswith(":" + curate.OTHER_STRATUM))
+    if not strata:
+        desc = "not measured: no eval attacks"
+    elif low:
+        desc = "below min_per_stratum {}: {}".format(
+            cfg.eval_attacks.min_per_stratum, ", ".join(f"{s['stratum']} ({s['len']})" for s in low)
+        )
+    else:
+        desc = f"all {len(strata)} strata hold >= {cfg.eval_attacks.min_per_stratum} attacks" + (
+            f" (merged: {', '.join(merged)})" if merged else ""
+        )
     return dg.AssetCheckResult(
         passed=bool(strata) and not low,
         severity=dg.AssetCheckSeverity.WARN,
+        description=desc,
         metadata={
             "min_per_stratum": cfg.eval_attacks.min_per_stratum,
             "max_per_stratum": cfg.eval_attacks.max_per_stratum,
             "strata": _json_safe(strata),
             "below_min": _json_safe(low),
+        },
+    )
+
+
+@dg.asset_check(
+    asset=eval_attacks,
+    blocking=False,
+    description="every AgentDojo eval attack has its expected next call from the user task's ground truth "
+    "(not the `no_attacker_call` fallback)",
+)
+def eval_attacks_expected_behavior(eval_attacks: pl.DataFrame) -> dg.AssetCheckResult:
+    ad = eval_attacks.filter(pl.col("dataset") == "agentdojo")
+    fallback = ad.filter(pl.col("expected_behavior") == "no_attacker_call")
+    by = (
+        dict(eval_attacks.group_by("expected_behavior").len().sort("expected_behavior").iter_rows())
+        if eval_attacks.height
+        else {}
+    )
+    if not ad.height:
+        desc = "not measured: no AgentDojo eval attacks"
+    elif fallback.height:
+        desc = (f"{fallback.height} of {ad.height} AgentDojo eval attacks lack ground truth "
+                "(expected behaviour fell back to no_attacker_call)")
+    else:
+        desc = f"all {ad.height} AgentDojo eval attacks carry an expected next call or final_answer"
+    return dg.AssetCheckResult(
+        passed=fallback.height == 0,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=desc,
+        metadata={
+            "agentdojo": ad.height,
+            "failing_rows": fallback.height,
+            "by_expected_behavior": _json_safe(by),
+            "examples": _json_safe(fallback["source_trace_id"].to_list()[:N_EXAMPLES]),
         },
     )
