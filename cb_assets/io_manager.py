@@ -40,6 +40,8 @@ class ParquetIOManager(dg.ConfigurableIOManager):
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         run_id = context.run.run_id if context.run else ""
         info = acquire_data_root(self._root(), run_id=run_id, timeout_s=self._timeout())
+        if context.log and info.get("waited_s", 0) >= 0.5:
+            context.log.info(f"waited {info['waited_s']:.1f}s for the lock on data root {info['root']}")
         if context.log and (info.get("recovered") or info.get("removed_temps")):
             context.log.info(
                 f"data root {info['root']}: finished {len(info['recovered'])} interrupted publish(es), "

@@ -58,11 +58,16 @@ def file_mode() -> int:
     return 0o666 & ~current_umask()
 
 
-def _fault_point(name: str) -> None:
-    """Fault injection for crash tests: CB_FAULT_PAUSE=<name>:<seconds> sleeps here (never set in production)."""
+def _fault_point(name: str, target: Path | None = None) -> None:
+    """Fault injection for crash tests (never set in production): CB_FAULT_PAUSE=<name>:<seconds>[:<file>]
+    sleeps here, only while publishing <file> (e.g. raw_xstest.parquet) when one is given."""
     spec = os.environ.get(FAULT_ENV, "")
-    if spec.partition(":")[0] == name:
-        time.sleep(float(spec.partition(":")[2] or 0))
+    if not spec:
+        return
+    point, _, rest = spec.partition(":")
+    secs, _, only = rest.partition(":")
+    if point == name and (not only or (target is not None and target.name == only)):
+        time.sleep(float(secs or 0))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -154,12 +159,12 @@ def publish_together(frames: dict[Path, pl.DataFrame]) -> list[Path]:
         for t in temps.values():
             t.unlink(missing_ok=True)
         raise
-    _fault_point("publish_temps")  # every temp complete, nothing renamed yet
+    _fault_point("publish_temps", paths[0])  # every temp complete, nothing renamed yet
     journal = journal_path(paths[0])
     write_json({"renames": [[t.name, p.name] for p, t in temps.items()], "pid": os.getpid()}, journal)
     for i, (p, t) in enumerate(temps.items()):
         if i:
-            _fault_point("publish_together")  # between the renames: the window a crash test kills in
+            _fault_point("publish_together", paths[0])  # between the renames: where a crash test kills
         os.replace(t, p)
     _fsync_dir(paths[0].parent)
     journal.unlink(missing_ok=True)
