@@ -59,3 +59,37 @@ def test_pandera_check_descriptions():
     assert ok.passed and ok.description == "every row matches QuarantineModel (3 rows checked)"
     bad = pandera_check(QuarantineModel, _rejects(2, 1).with_columns(pl.lit("").alias("reason")))
     assert not bad.passed and bad.description.startswith("3 failure case(s) against QuarantineModel in 3 rows")
+
+
+# ------------------------------------------------------------------------------ traces label sanity
+def _trace(i: int, **labels) -> dict:
+    from cb_core.schemas import make_trace, message
+
+    return make_trace(dataset="agentdojo", source_locator=f"a.jsonl:{i}", completeness="complete",
+                      messages=[message("user", f"q{i}")], tools=[], category=labels.pop("category", "retain"),
+                      priority_class=labels.pop("priority_class", "tool_capability"), **labels)
+
+
+def test_label_sanity_follows_the_compromised_is_harmful_semantics():
+    from cb_assets.assets.traces import traces_label_sanity
+    from cb_core.schemas import TRACE_SCHEMA
+
+    ok = [
+        _trace(1),
+        # compromised although AgentDojo's goal check failed: harmful, attack_succeeded False
+        _trace(2, category="harmful", priority_class="harmful_flip", attack_present=True, injection_reached=True,
+               attacker_call_made=True),
+        _trace(3, priority_class="adversarial_safe", attack_present=True, injection_reached=True,
+               is_adversarial_safe=True),
+        _trace(4, injection_reached=False),  # configured, never read: no attack
+    ]
+    res = traces_label_sanity(pl.DataFrame(ok, schema=TRACE_SCHEMA))
+    assert res.passed and res.description == "every row's labels are consistent (4 rows checked)"
+    bad = ok + [
+        _trace(5, is_adversarial_safe=True, attack_present=True, injection_reached=True, attacker_call_made=True),
+        _trace(6, attack_present=True, injection_reached=False),
+        _trace(7, attack_succeeded=True),
+    ]
+    res = traces_label_sanity(pl.DataFrame(bad, schema=TRACE_SCHEMA))
+    assert not res.passed and res.metadata["failing_rows"].value == 3
+    assert res.description.startswith("3 of 7 rows: rows violating label sanity (e.g. id=")
