@@ -36,6 +36,10 @@ class ConfigError(ValueError):
     """A configuration problem the user must fix; the message says what to set."""
 
 
+class ConfigFileNotFound(ConfigError, FileNotFoundError):
+    """A config file that is not there (still a FileNotFoundError for callers treating the file as optional)."""
+
+
 def config_dir() -> Path:
     """$CB_CONFIG_DIR (read now, not at import), else the project's configs/."""
     base = os.environ.get("CB_CONFIG_DIR")
@@ -66,7 +70,7 @@ def load_yaml(name: str | Path) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
-        raise ConfigError(
+        raise ConfigFileNotFound(
             f"config file {display_path(path)} not found (CB_CONFIG_DIR={os.environ.get('CB_CONFIG_DIR') or 'unset'})"
         ) from None
     except yaml.YAMLError as e:

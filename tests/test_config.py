@@ -133,3 +133,5 @@ def test_missing_config_file_names_it(configs_copy):
     (configs_copy / "operations.yaml").unlink()
     with pytest.raises(ConfigError, match=r"operations.yaml not found \(CB_CONFIG_DIR="):
         load_yaml("operations.yaml")
+    with pytest.raises(FileNotFoundError):  # callers that treat a config file as optional still work
+        load_yaml("operations.yaml")
