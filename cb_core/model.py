@@ -31,11 +31,12 @@ TINY_CONFIG: dict[str, Any] = {
 
 @dataclass
 class ModelProfile:
-    """One configs/models/<name>.yaml. ``model`` is "tiny" (random weights) or "local" (``path``)."""
+    """One configs/models/<name>.yaml. ``model`` is "tiny" (random weights), "local" (``path``) or "tiny_agent"
+    (the project's fine-tuned tiny agent, built and cached by ``cb_core.generate.tiny_agent``; ``build``)."""
 
     name: str
     tokenizer: str = "llama3"  # "llama3" (offline build) or a local tokenizer/model directory
-    model: str = "tiny"  # tiny | local
+    model: str = "tiny"  # tiny | local | tiny_agent
     path: str | None = None  # local HF model directory (model == "local")
     seed: int = 0
     max_length: int = 4096
@@ -44,30 +45,42 @@ class ModelProfile:
     date_string: str = "26 Jul 2024"
     torch_dtype: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # LlamaConfig overrides for the tiny model
+    build: dict[str, Any] = field(default_factory=dict)  # tiny_agent: TinyAgentConfig fields (cache key)
+    truncation: dict[str, Any] | None = None  # traces over max_length (cb_core.render.TruncationConfig)
 
     def __post_init__(self) -> None:
-        if self.model not in ("tiny", "local"):
-            raise ValueError(f"model profile {self.name}: model must be 'tiny' or 'local', got {self.model!r}")
+        if self.model not in ("tiny", "local", "tiny_agent"):
+            raise ValueError(
+                f"model profile {self.name}: model must be 'tiny', 'local' or 'tiny_agent', got {self.model!r}"
+            )
         if self.tool_call_format not in ("python_tag", "json"):
             raise ValueError(f"model profile {self.name}: tool_call_format must be python_tag|json")
         if self.model == "local" and not self.path:
             raise ValueError(f"model profile {self.name}: model 'local' needs a path")
+        from cb_core.render import TruncationConfig
+
+        TruncationConfig.from_dict(self.truncation, source=f"model profile {self.name}")  # fail at load
 
     @property
     def resolved_path(self) -> Path | None:
+        if self.model == "tiny_agent" and not self.path:
+            from cb_core.generate.tiny_agent import tiny_agent_dir
+
+            return tiny_agent_dir(self.build or None)  # built on first use, then cached
         if not self.path:
             return None
         p = Path(os.path.expanduser(self.path))
         return p if p.is_absolute() else PROJECT_ROOT / p
 
     def render_config(self):
-        from cb_core.render import RenderConfig
+        from cb_core.render import RenderConfig, TruncationConfig
 
         return RenderConfig(
             tool_call_format=self.tool_call_format,
             tools_in_user_message=self.tools_in_user_message,
             date_string=self.date_string,
             max_length=self.max_length,
+            truncation=TruncationConfig.from_dict(self.truncation, source=f"model profile {self.name}"),
         )
 
 
@@ -135,6 +148,10 @@ def load_model(profile: ModelProfile | str, tokenizer=None):
 
             tokenizer = load_tokenizer(profile.tokenizer)
         return tiny_llama(tokenizer, seed=profile.seed, **profile.overrides)
+    if profile.model == "tiny_agent" and not profile.path:
+        from cb_core.generate.tiny_agent import load_tiny_agent
+
+        return load_tiny_agent(profile.build or None)[0]
     import torch
     from transformers import AutoModelForCausalLM
 

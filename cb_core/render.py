@@ -58,7 +58,9 @@ EOT = "<|eot_id|>"
 EOM = "<|eom_id|>"
 PYTHON_TAG = "<|python_tag|>"
 
-SPAN_KINDS = ("bos", "message", "header", "content", "tool_call", "tool_name", "end_token", "tool_defs")
+SPAN_KINDS = (
+    "bos", "message", "header", "content", "tool_call", "tool_name", "end_token", "tool_defs", "injection",
+)
 TOOL_CALL_FORMATS = ("json", "python_tag")
 
 _SYSTEM_TOOLS_PREAMBLE = (
@@ -77,6 +79,78 @@ _USER_TOOLS_PREAMBLE = (
 class RenderError(ValueError):
     """A conversation the renderer cannot express (unknown role, malformed tool-call arguments...)."""
 
+    def __init__(self, msg: str, field: str = "messages"):
+        super().__init__(msg)
+        self.field = field
+
+
+TRUNCATION_STEPS = ("drop_turns", "shorten_tool_outputs", "cut")
+DEFAULT_MARKER = "…[truncated {n} chars]…"
+
+
+@dataclass
+class TruncationConfig:
+    """What the render stage does with a trace longer than ``max_length``, in order (then quarantine).
+
+    * ``drop_turns``: render only up to the end of the last *trained* message and drop later turns
+      (retain: the last assistant message; harmful: the last assistant message after the injection that
+      calls the attacker's tool with its target, else the last assistant message).
+    * ``shorten_tool_outputs``: cut the middle of every tool output longer than ``tool_output_max_chars``
+      (keeping ``head_fraction`` of the cap from its head, the rest from its tail, and every injection span
+      whole), replacing each cut with ``marker`` (``{n}`` = characters removed); halve the cap while the
+      trace is still too long, down to ``tool_output_min_chars``.
+    * ``cut`` (off by default; the old behaviour): keep the first ``max_length`` tokens when the last
+      trained message keeps a content/tool-call token. Off because a cut context trains on a trace nobody
+      saw and can cut through the injection.
+    """
+
+    steps: tuple[str, ...] = ("drop_turns", "shorten_tool_outputs")
+    tool_output_max_chars: int = 8000
+    tool_output_min_chars: int = 1000
+    head_fraction: float = 0.75
+    marker: str = DEFAULT_MARKER
+
+    def __post_init__(self) -> None:
+        self.steps = tuple(self.steps)
+        bad = [s for s in self.steps if s not in TRUNCATION_STEPS]
+        if bad:
+            raise ValueError(f"truncation.steps: unknown {bad} (known: {list(TRUNCATION_STEPS)})")
+        if len(set(self.steps)) != len(self.steps):
+            raise ValueError(f"truncation.steps: duplicates in {list(self.steps)}")
+        if "cut" in self.steps and self.steps[-1] != "cut":
+            raise ValueError("truncation.steps: `cut` must be the last step")
+        for k in ("tool_output_max_chars", "tool_output_min_chars"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"truncation.{k} must be an integer >= 1, got {v!r}")
+        if self.tool_output_min_chars > self.tool_output_max_chars:
+            raise ValueError("truncation.tool_output_min_chars must be <= tool_output_max_chars")
+        if isinstance(self.head_fraction, bool) or not isinstance(self.head_fraction, (int, float)) or not (
+            0.0 <= self.head_fraction <= 1.0
+        ):
+            raise ValueError(f"truncation.head_fraction must be a number in [0, 1], got {self.head_fraction!r}")
+        if not isinstance(self.marker, str) or "{n}" not in self.marker:
+            raise ValueError(f"truncation.marker must be a string holding '{{n}}', got {self.marker!r}")
+
+    @classmethod
+    def from_dict(cls, raw: dict | None, source: str = "<dict>") -> "TruncationConfig":
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            raise ValueError(f"{source}: truncation: expected a mapping, got {type(raw).__name__}")
+        known = {"steps", "tool_output_max_chars", "tool_output_min_chars", "head_fraction", "marker"}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"{source}: truncation: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+        kw = dict(raw)
+        if "steps" in kw:
+            st = kw["steps"]
+            kw["steps"] = () if st is None else ((st,) if isinstance(st, str) else tuple(st))
+        try:
+            return cls(**kw)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from None
+
 
 @dataclass
 class RenderConfig:
@@ -87,8 +161,11 @@ class RenderConfig:
     max_length: int = 4096
     tool_result_tojson: bool = True  # official: string tool results are JSON-encoded
     num_workers: int = 1  # render_traces: processes (1 = in-process; the Rust tokenizer is parallel anyway)
+    truncation: TruncationConfig = field(default_factory=TruncationConfig)  # traces over max_length
 
     def __post_init__(self) -> None:
+        if isinstance(self.truncation, dict):
+            self.truncation = TruncationConfig.from_dict(self.truncation)
         if self.tool_call_format not in TOOL_CALL_FORMATS:
             raise ValueError(f"tool_call_format must be one of {TOOL_CALL_FORMATS}, got {self.tool_call_format!r}")
         if self.max_length < 1:
@@ -181,22 +258,70 @@ def _tool_defs_text(tools: list[dict]) -> str:
     return "".join(json.dumps(t, ensure_ascii=False, indent=4) + "\n\n" for t in tools)
 
 
+def _injection_map(messages: Sequence[dict], injections: Any) -> dict[int, list[tuple[int, int]]]:
+    """``injections`` ((message_index, char_start, char_end) or INJECTION_SPAN dicts, characters of the
+    message's raw ``content``) -> {message_index: [(start, end)]}; a span outside its message is a
+    RenderError naming ``tool_attack.injection_spans``."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    for sp in injections or ():
+        if sp is None:
+            continue
+        i, a, b = (sp["message_index"], sp["char_start"], sp["char_end"]) if isinstance(sp, dict) else sp
+        if i is None or a is None or b is None:
+            raise RenderError(f"injection span with a null field: {sp}", "tool_attack.injection_spans")
+        n = len(messages[i].get("content") or "") if 0 <= i < len(messages) else -1
+        if n < 0 or not (0 <= a <= b <= n):
+            raise RenderError(
+                f"injection span {sp} lies outside its message ({len(messages)} messages"
+                + (f", content of {n} chars)" if n >= 0 else ")"),
+                "tool_attack.injection_spans",
+            )
+        if b > a:
+            out.setdefault(int(i), []).append((int(a), int(b)))
+    return out
+
+
+def _emit_injections(w: "_Writer", spans: list[tuple[int, int]] | None, raw: str, start: int, mode: str,
+                     index: int, role: str) -> None:
+    """Record ``injection`` spans inside a content span that starts at ``start``. ``mode``: "json" (the
+    content was JSON-encoded: encoding is per character, so the prefix's encoded length is the offset),
+    "strip" (the content was stripped) or "raw"."""
+    if not spans:
+        return
+    lead = len(raw) - len(raw.lstrip())
+    n = len(raw.strip())
+    for a, b in spans:
+        if mode == "json":
+            ca = start + len(json.dumps(raw[:a], ensure_ascii=False)) - 1
+            cb = start + len(json.dumps(raw[:b], ensure_ascii=False)) - 1
+        elif mode == "strip":
+            ca, cb = start + min(max(a - lead, 0), n), start + min(max(b - lead, 0), n)
+        else:
+            ca, cb = start + a, start + b
+        if cb > ca:
+            w.spans.append(CharSpan("injection", index, ca, cb, role))
+
+
 def render_conversation(
     messages: Sequence[dict],
     tools: Any = None,
     cfg: RenderConfig | None = None,
     *,
+    injections: Any = None,
     _tool_defs: str | None = None,
 ) -> Rendered:
-    """Render one conversation (trace_v1 messages; OpenAI-style tool_calls also accepted) with spans."""
+    """Render one conversation (trace_v1 messages; OpenAI-style tool_calls also accepted) with spans.
+    ``injections`` (trace_v1 ``tool_attack.injection_spans``: character spans of a message's raw content)
+    become ``injection`` spans over the same characters as rendered."""
     cfg = cfg or RenderConfig()
+    inj = _injection_map(messages, injections)
     tool_list = normalize_tools(tools)
     defs = None if tool_list is None else (_tool_defs if _tool_defs is not None else _tool_defs_text(tool_list))
     w = _Writer()
     if cfg.add_bos:
         w.emit(BOS, "bos", -1)
 
-    indexed = list(enumerate(messages))
+    indexed = indexed_all = list(enumerate(messages))
     if indexed and indexed[0][1].get("role") == "system":
         sys_index, sys_content = 0, (indexed[0][1].get("content") or "").strip()
         indexed = indexed[1:]
@@ -219,7 +344,9 @@ def render_conversation(
     w.emit(f"Cutting Knowledge Date: December 2023\nToday Date: {cfg.date_string}\n\n")
     if defs is not None and not tools_in_user:
         w.emit(_SYSTEM_TOOLS_PREAMBLE + defs, "tool_defs", -1, "system")
-    w.emit(sys_content, "content", sys_index, "system")
+    c0, _ = w.emit(sys_content, "content", sys_index, "system")
+    if sys_index >= 0:
+        _emit_injections(w, inj.get(sys_index), indexed_all[0][1].get("content") or "", c0, "strip", 0, "system")
     w.emit(EOT, "end_token", sys_index, "system")
     w.span("message", start, sys_index, "system")
 
@@ -230,7 +357,8 @@ def render_conversation(
         start = w.pos
         w.emit(f"{START_HEADER}user{END_HEADER}\n\n", "header", i, "user")
         w.emit(_USER_TOOLS_PREAMBLE + defs, "tool_defs", -1, "user")
-        w.emit((m.get("content") or "").strip(), "content", i, "user")
+        c0, _ = w.emit((m.get("content") or "").strip(), "content", i, "user")
+        _emit_injections(w, inj.get(i), m.get("content") or "", c0, "strip", i, "user")
         w.emit(EOT, "end_token", i, "user")
         w.span("message", start, i, "user")
 
@@ -243,7 +371,8 @@ def render_conversation(
         if role in ("tool", "ipython"):
             w.emit(f"{START_HEADER}ipython{END_HEADER}\n\n", "header", i, role)
             body = json.dumps(content, ensure_ascii=False) if cfg.tool_result_tojson else content
-            w.emit(body, "content", i, role)
+            c0, _ = w.emit(body, "content", i, role)
+            _emit_injections(w, inj.get(i), content, c0, "json" if cfg.tool_result_tojson else "raw", i, role)
             w.emit(EOT, "end_token", i, role)
         elif calls:
             if role != "assistant":
@@ -251,7 +380,8 @@ def render_conversation(
             w.emit(f"{START_HEADER}assistant{END_HEADER}\n\n", "header", i, role)
             text = content.strip()
             if text:
-                w.emit(text, "content", i, role)
+                c0, _ = w.emit(text, "content", i, role)
+                _emit_injections(w, inj.get(i), content, c0, "strip", i, role)
                 if not python_tag:
                     w.emit("\n\n")
             for k, call in enumerate(calls):
@@ -268,7 +398,8 @@ def render_conversation(
             w.emit(EOM if python_tag else EOT, "end_token", i, role)
         elif role in ("user", "assistant", "system"):
             w.emit(f"{START_HEADER}{role}{END_HEADER}\n\n", "header", i, role)
-            w.emit(content.strip(), "content", i, role)
+            c0, _ = w.emit(content.strip(), "content", i, role)
+            _emit_injections(w, inj.get(i), content, c0, "strip", i, role)
             w.emit(EOT, "end_token", i, role)
         else:
             raise RenderError(f"message {i}: unknown role {role!r}")
@@ -325,9 +456,11 @@ RENDER_SCHEMA = pl.Schema(
         "input_ids": pl.List(pl.Int32),
         "spans": pl.List(TOKEN_SPAN),
         "n_tokens": pl.Int32,
-        "truncated": pl.Boolean,
+        "truncated": pl.Boolean,  # the trace was changed to fit max_length
+        "truncation": pl.String,  # what was done: "none", or the steps "+"-joined (TRUNCATION_DONE)
     }
 )
+TRUNCATION_DONE = ("dropped_turns", "shortened_tool_outputs", "cut")
 
 
 class RenderModel(pa.DataFrameModel):
@@ -339,6 +472,7 @@ class RenderModel(pa.DataFrameModel):
     spans: pl.List(TOKEN_SPAN) = pa.Field()  # type: ignore[valid-type]
     n_tokens: pl.Int32 = pa.Field(ge=1)  # type: ignore[valid-type]
     truncated: bool
+    truncation: str
 
     class Config:
         strict = True
@@ -346,6 +480,14 @@ class RenderModel(pa.DataFrameModel):
     @pa.dataframe_check
     def n_tokens_matches(cls, data: pa.PolarsData) -> pl.LazyFrame:
         return data.lazyframe.select(pl.col("input_ids").list.len() == pl.col("n_tokens"))
+
+    @pa.dataframe_check
+    def truncation_matches(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        t = pl.col("truncation")
+        known = t.str.split("+").list.eval(pl.element().is_in(list(TRUNCATION_DONE))).list.all()
+        return data.lazyframe.select(
+            ((t == "none") & ~pl.col("truncated")) | (pl.col("truncated") & (t != "none") & known)
+        )
 
     @pa.dataframe_check
     def spans_inside_sequence(cls, data: pa.PolarsData) -> pl.LazyFrame:
@@ -381,27 +523,46 @@ def _reject_row(row: dict, reason: str, field: str = "messages", severity: str =
     )
 
 
-def _render_rows(rows: list[dict], cfg: RenderConfig) -> tuple[list[tuple[dict, Rendered]], list[dict]]:
-    tool_cache: dict[str, tuple[Any, str | None]] = {}
+def _row_injections(row: dict) -> list:
+    spans = row.get("_inj") or []
+    if not spans and row.get("_inj1"):
+        spans = [row["_inj1"]]
+    return [s for s in spans if s is not None]
+
+
+def _render_one(row: dict, messages: Sequence[dict], injections: list, cfg: RenderConfig,
+                tool_cache: dict[str, tuple[Any, str | None]]) -> Rendered:
+    tools_json = row.get("tools") or "[]"
+    cached = tool_cache.get(tools_json)
+    if cached is None:
+        tl = normalize_tools(tools_json)
+        cached = (tl, None if tl is None else _tool_defs_text(tl))
+        tool_cache[tools_json] = cached
+    return render_conversation(messages, cached[0], cfg, injections=injections, _tool_defs=cached[1])
+
+
+def _render_rows(rows: list[dict], cfg: RenderConfig, tool_cache: dict) -> tuple[list[tuple[dict, Rendered]], list[dict]]:
     ok, rejected = [], []
     for row in rows:
-        tools_json = row.get("tools") or "[]"
         try:
-            cached = tool_cache.get(tools_json)
-            if cached is None:
-                tl = normalize_tools(tools_json)
-                cached = (tl, None if tl is None else _tool_defs_text(tl))
-                tool_cache[tools_json] = cached
-            r = render_conversation(row.get("messages") or [], cached[0], cfg, _tool_defs=cached[1])
-        except (RenderError, json.JSONDecodeError) as e:
-            rejected.append(_reject_row(row, f"render error: {e}"))
+            r = _render_one(row, row.get("messages") or [], _row_injections(row), cfg, tool_cache)
+        except RenderError as e:
+            rejected.append(_reject_row(row, f"render error: {e}", field=e.field))
+            continue
+        except json.JSONDecodeError as e:
+            rejected.append(_reject_row(row, f"render error: {e}", field="tools"))
             continue
         ok.append((row, r))
     return ok, rejected
 
 
+_INJ_CODE = SPAN_KINDS.index("injection")
+
+
 def _token_spans(r: Rendered, starts: np.ndarray) -> np.ndarray:
-    """(k, 4) int array: kind code, message_index, token_start, token_end (char -> token, start-char rule)."""
+    """(k, 4) int array: kind code, message_index, token_start, token_end (char -> token, start-char rule;
+    ``injection`` spans cover every token that overlaps them, so their first token is the one holding the
+    injection's first character even when BPE merged it with the character before)."""
     sp = r.spans
     cs = np.fromiter((s.char_start for s in sp), np.int64, len(sp))
     ce = np.fromiter((s.char_end for s in sp), np.int64, len(sp))
@@ -410,6 +571,9 @@ def _token_spans(r: Rendered, starts: np.ndarray) -> np.ndarray:
     out[:, 1] = [s.message_index for s in sp]
     out[:, 2] = np.searchsorted(starts, cs, "left")
     out[:, 3] = np.searchsorted(starts, ce, "left")
+    inj = out[:, 0] == _INJ_CODE
+    if inj.any():
+        out[inj, 2] = np.maximum(np.searchsorted(starts, cs[inj], "right") - 1, 0)
     return out
 
 
@@ -421,25 +585,206 @@ def _last_trained_message(r: Rendered) -> int | None:
     return last
 
 
-def _process_chunk(args: tuple) -> tuple[dict[str, list], list[dict], dict[str, float]]:
+def _target_strings(attacker_args: str | None) -> list[str]:
+    """Leaf strings of the attacker's arguments (the target: an IBAN, an e-mail address, a URL)."""
+    if not attacker_args:
+        return []
+    try:
+        obj = json.loads(attacker_args)
+    except (json.JSONDecodeError, TypeError):
+        return [attacker_args] if isinstance(attacker_args, str) and len(attacker_args) >= 4 else []
+    out: list[str] = []
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, list):
+            stack.extend(o)
+        elif isinstance(o, str) and len(o) >= 4:
+            out.append(o.lower())
+    return out
+
+
+def last_trained_index(messages: Sequence[dict], category: str | None, attacker_tool: str | None = None,
+                       attacker_args: str | None = None, injections: Sequence[Any] = ()) -> int | None:
+    """Index of the last message the trace's loss mask trains on: for a harmful trace the last assistant
+    message after the (first) injection that calls the attacker's tool with its target (any leaf string of
+    ``attacker_args`` in the call's arguments), else its last assistant message; for retain the last
+    assistant message. None when there is no assistant message (skeletons)."""
+    asst = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    if not asst:
+        return None
+    if category == "harmful":
+        starts = [sp["message_index"] if isinstance(sp, dict) else sp[0] for sp in injections or () if sp]
+        after = min(starts) if starts else -1
+        targets = _target_strings(attacker_args)
+        hits = []
+        for i in asst:
+            if i <= after:
+                continue
+            for c in messages[i].get("tool_calls") or []:
+                name, args = c.get("name") or (c.get("function") or {}).get("name"), c.get("arguments")
+                if attacker_tool and name != attacker_tool:
+                    continue
+                text = (args if isinstance(args, str) else json.dumps(args or {}, ensure_ascii=False)).lower()
+                if not targets or any(t in text for t in targets):
+                    hits.append(i)
+                    break
+        if hits:
+            return hits[-1]
+    return asst[-1]
+
+
+def shorten_text(content: str, cap: int, protect: Sequence[tuple[int, int]], head_fraction: float = 0.75,
+                 marker: str = DEFAULT_MARKER) -> tuple[str, list[tuple[int, int]], int]:
+    """Cut ``content`` to about ``cap`` characters: keep ``head_fraction`` of the cap from the head, the
+    rest from the tail and every ``protect`` span whole; each removed run becomes ``marker`` with ``{n}``
+    = characters removed. Returns (text, the protect spans shifted into it, characters removed)."""
+    n = len(content)
+    if n <= cap:
+        return content, list(protect), 0
+    head = int(cap * head_fraction)
+    keep = sorted([(0, head), (n - (cap - head), n), *[(a, b) for a, b in protect if b > a]])
+    merged: list[list[int]] = []
+    for a, b in keep:
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    pieces, removed, shift = [], 0, []  # shift: (orig position, delta applying at/after it)
+    delta, pos = 0, 0
+    for a, b in merged:
+        if a > pos:
+            gap = a - pos
+            mark = marker.format(n=gap)
+            if len(mark) < gap:
+                pieces.append(mark)
+                delta += len(mark) - gap
+                removed += gap
+            else:
+                pieces.append(content[pos:a])
+            shift.append((a, delta))
+        pieces.append(content[a:b])
+        pos = b
+    text = "".join(pieces)
+
+    def moved(x: int) -> int:
+        d = 0
+        for at, dd in shift:
+            if x >= at:
+                d = dd
+        return x + d
+
+    return text, [(moved(a), moved(b)) for a, b in protect], removed
+
+
+def shorten_tool_outputs(messages: Sequence[dict], injections: Sequence[Any], cap: int,
+                         tc: TruncationConfig) -> tuple[list[dict], list[dict], int]:
+    """Every tool message longer than ``cap`` characters shortened by ``shorten_text`` (its injection
+    spans kept whole). Returns (messages, injection spans re-based onto them, messages shortened)."""
+    by: dict[int, list[tuple[int, int]]] = {}
+    for sp in injections:
+        by.setdefault(sp["message_index"], []).append((sp["char_start"], sp["char_end"]))
+    out, new_inj, n_short = [], [], 0
+    for i, m in enumerate(messages):
+        prot = by.get(i, [])
+        content = m.get("content") or ""
+        if m.get("role") in ("tool", "ipython") and len(content) > cap:
+            text, prot2, removed = shorten_text(content, cap, prot, tc.head_fraction, tc.marker)
+            if removed:
+                m = {**m, "content": text}
+                prot = prot2
+                n_short += 1
+        out.append(m)
+        new_inj.extend({"message_index": i, "char_start": a, "char_end": b} for a, b in prot)
+    return out, new_inj, n_short
+
+
+def _fit(row: dict, r: Rendered, ids: list, offs: list, tokenizer, cfg: RenderConfig, tool_cache: dict):
+    """Apply ``cfg.truncation.steps`` to a rendered trace over ``max_length``. Returns (rendered, ids,
+    offsets, steps done, saved_by) where saved_by is the step that made it fit ("cut": keep the head), or
+    None when nothing made it fit."""
+    tc, L = cfg.truncation, cfg.max_length
+    msgs = list(row.get("messages") or [])
+    inj = [dict(s) for s in _row_injections(row)]
+    done: list[str] = []
+
+    def tok(rr: Rendered):
+        e = tokenizer([rr.text], add_special_tokens=False, return_offsets_mapping=True)
+        return e["input_ids"][0], e["offset_mapping"][0]
+
+    for step in tc.steps:
+        if step == "drop_turns":
+            last = last_trained_index(msgs, row.get("_category"), row.get("_attacker_tool"),
+                                      row.get("_attacker_args"), inj)
+            if last is None or last + 1 >= len(msgs):
+                continue
+            msgs = msgs[: last + 1]
+            inj = [s for s in inj if s["message_index"] <= last]
+            r = _render_one(row, msgs, inj, cfg, tool_cache)
+            ids, offs = tok(r)
+            done.append("dropped_turns")
+        elif step == "shorten_tool_outputs":
+            cap, best = tc.tool_output_max_chars, None
+            while cap >= tc.tool_output_min_chars:
+                m2, inj2, n_short = shorten_tool_outputs(msgs, inj, cap, tc)
+                if n_short:
+                    r2 = _render_one(row, m2, inj2, cfg, tool_cache)
+                    best = (m2, inj2, r2, *tok(r2))
+                    if len(best[3]) <= L:
+                        break
+                cap //= 2
+            if best is None:
+                continue
+            msgs, inj, r, ids, offs = best
+            done.append("shortened_tool_outputs")
+        elif step == "cut":
+            return r, ids, offs, done, "cut"
+        if len(ids) <= L:
+            return r, ids, offs, done, step
+    return r, ids, offs, done, None
+
+
+def _process_chunk(args: tuple) -> tuple[dict[str, list], list[dict], dict[str, float], dict[str, dict]]:
     rows, tokenizer, tok_id, cfg = args
+    tool_cache: dict[str, tuple[Any, str | None]] = {}
     t0 = time.perf_counter()
-    rendered, rejected = _render_rows(rows, cfg)
+    rendered, rejected = _render_rows(rows, cfg, tool_cache)
     t1 = time.perf_counter()
     texts = [r.text for _, r in rendered]
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
     t2 = time.perf_counter()
     cols: dict[str, list] = {k: [] for k in RENDER_SCHEMA.names()}
+    trunc: dict[str, dict[str, int]] = {}
     L = cfg.max_length
     for j, (row, r) in enumerate(rendered):
         ids = enc["input_ids"][j]
         offs = enc["offset_mapping"][j]
+        n0 = len(ids)
+        how, cut = "none", False
+        if n0 > L:
+            c = trunc.setdefault(row.get("dataset") or "", dict.fromkeys(_TRUNC_COUNTS, 0))
+            c["over_length"] += 1
+            r, ids, offs, done, saved_by = _fit(row, r, ids, offs, tokenizer, cfg, tool_cache)
+            if saved_by is None:
+                c["quarantined"] += 1
+                rejected.append(
+                    _reject_row(
+                        row,
+                        f"too long: {n0} tokens > max_length={L}"
+                        + (f"; still {len(ids)} after {'+'.join(done)}" if done else "; no truncation step applies"),
+                        severity="excluded",
+                    )
+                )
+                continue
+            cut = saved_by == "cut"
+            how = "+".join(done + (["cut"] if cut else [])) or "none"
         starts = np.fromiter((o[0] for o in offs), np.int64, len(offs))
         ts = _token_spans(r, starts)
         n = len(ids)
-        truncated = n > L
         keep = np.ones(len(ts), bool)
-        if truncated:
+        if cut:
             ids = ids[:L]
             keep = ts[:, 2] < L
             ts[:, 3] = np.minimum(ts[:, 3], L)
@@ -451,6 +796,7 @@ def _process_chunk(args: tuple) -> tuple[dict[str, list], list[dict], dict[str, 
                     if s.message_index == last and s.kind in _TRAINED_KINDS and s.role == "assistant"
                 )
                 if not alive:
+                    c["quarantined"] += 1
                     rejected.append(
                         _reject_row(
                             row,
@@ -461,6 +807,8 @@ def _process_chunk(args: tuple) -> tuple[dict[str, list], list[dict], dict[str, 
                     )
                     continue
             n = L
+        if how != "none":
+            c[_SAVED_BY[saved_by]] += 1
         cols["trace_id"].append(row["id"])
         cols["tokenizer_id"].append(tok_id)
         cols["input_ids"].append(ids)
@@ -478,9 +826,16 @@ def _process_chunk(args: tuple) -> tuple[dict[str, list], list[dict], dict[str, 
             ]
         )
         cols["n_tokens"].append(n)
-        cols["truncated"].append(truncated)
+        cols["truncated"].append(how != "none")
+        cols["truncation"].append(how)
     t3 = time.perf_counter()
-    return cols, rejected, {"render_s": t1 - t0, "tokenize_s": t2 - t1, "map_s": t3 - t2}
+    return cols, rejected, {"render_s": t1 - t0, "tokenize_s": t2 - t1, "map_s": t3 - t2}, trunc
+
+
+# per-dataset counts of the truncation policy (renders metadata "truncation")
+_SAVED_BY = {"drop_turns": "saved_by_drop_turns", "shorten_tool_outputs": "saved_by_shorten_tool_outputs",
+             "cut": "saved_by_cut"}
+_TRUNC_COUNTS = ("over_length", *_SAVED_BY.values(), "quarantined")
 
 
 def render_traces(
@@ -493,12 +848,15 @@ def render_traces(
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """trace_v1 frame -> (render_v1 frame, quarantine rows with stage="renders").
 
-    Renders every trace once (spans recorded), tokenizes the batch once with offsets (fast tokenizer), and
-    maps character spans to token spans with ``searchsorted``. Rows longer than ``cfg.max_length`` are cut
-    (``truncated=True``; spans clipped, spans past the cut dropped); a trace whose last assistant message
-    with content or a tool call loses all of those tokens goes to quarantine instead. Traces without
-    assistant turns (skeletons) render normally. ``num_workers`` (default ``cfg.num_workers``) > 1 splits
-    the rows over that many processes. ``stats``, if given, receives timings and counts.
+    Renders every trace once (spans recorded, injection spans from ``tool_attack.injection_spans``),
+    tokenizes the batch once with offsets (fast tokenizer), and maps character spans to token spans with
+    ``searchsorted``. A trace longer than ``cfg.max_length`` goes through ``cfg.truncation.steps`` in order
+    (see ``TruncationConfig``; re-rendered and re-tokenized alone after each step) until it fits; the row
+    records ``truncated`` and ``truncation`` (the steps done, "+"-joined, or "none"). A trace no step makes
+    fit goes to quarantine (severity "excluded", the reason names its length). Traces without assistant
+    turns (skeletons) render normally. ``num_workers`` (default ``cfg.num_workers``) > 1 splits the rows
+    over that many processes. ``stats``, if given, receives timings and counts, and ``truncation``: per
+    dataset, traces over the length, saved by each step, and quarantined.
     """
     from cb_core.tokenizer import tokenizer_id
 
@@ -506,7 +864,18 @@ def render_traces(
     workers = max(1, int(num_workers if num_workers is not None else cfg.num_workers))
     tok_id = tokenizer_id(tokenizer)
     cols_needed = ["id", "dataset", "source_locator", "messages", "tools"]
-    rows = traces.select([c for c in cols_needed if c in traces.columns]).to_dicts()
+    sel = [c for c in cols_needed if c in traces.columns]
+    if "labels" in traces.columns:
+        sel.append(pl.col("labels").struct.field("category").alias("_category"))
+    if "tool_attack" in traces.columns:
+        ta = pl.col("tool_attack")
+        sel += [
+            ta.struct.field("injection_spans").alias("_inj"),
+            ta.struct.field("injection_span").alias("_inj1"),
+            ta.struct.field("attacker_tool").alias("_attacker_tool"),
+            ta.struct.field("attacker_args").alias("_attacker_args"),
+        ]
+    rows = traces.select(sel).to_dicts()
     t0 = time.perf_counter()
     if workers == 1 or len(rows) < 2 * workers:
         results = [_process_chunk((rows, tokenizer, tok_id, cfg))]
@@ -521,12 +890,17 @@ def render_traces(
     cols: dict[str, list] = {k: [] for k in RENDER_SCHEMA.names()}
     rejected: list[dict] = []
     timing = {"render_s": 0.0, "tokenize_s": 0.0, "map_s": 0.0}
-    for c, rej, tm in results:
+    trunc: dict[str, dict[str, int]] = {}
+    for c, rej, tm, tr in results:
         for k in cols:
             cols[k].extend(c[k])
         rejected.extend(rej)
         for k in timing:
             timing[k] += tm[k]
+        for ds, cnt in tr.items():
+            acc = trunc.setdefault(ds, dict.fromkeys(_TRUNC_COUNTS, 0))
+            for k, v in cnt.items():
+                acc[k] += v
     renders = pl.DataFrame(cols, schema=RENDER_SCHEMA)
     quarantine = pl.DataFrame(rejected, schema=QUARANTINE_SCHEMA) if rejected else pl.DataFrame(schema=QUARANTINE_SCHEMA)
     if stats is not None:
@@ -539,6 +913,7 @@ def render_traces(
             n_truncated=int(renders["truncated"].sum()) if renders.height else 0,
             n_tokens=int(renders["n_tokens"].sum()) if renders.height else 0,
             workers=workers,
+            truncation=dict(sorted(trunc.items())),
         )
     return renders, quarantine
 

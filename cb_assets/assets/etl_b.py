@@ -51,7 +51,7 @@ class LossmasksConfig(dg.Config):
     tags={"cb/tier": "B", "cb/compute": "cpu"},
     description="render_v1: each trace rendered in the model's chat format, tokenized once with offsets; "
     "token spans of every part (headers, content, tool calls, tool names, end tokens). Rejected traces "
-    "(render errors; truncation that cut away the trained span) are kept beside it as "
+    "(render errors; traces still over max_length after the truncation steps) are kept beside it as "
     "renders.rejected.parquet and published as `renders_quarantine`.",
 )
 def renders(
@@ -90,10 +90,13 @@ def renders(
             "tool_call_format": rcfg.tool_call_format,
             "max_length": rcfg.max_length,
             "truncated": int(df["truncated"].sum()),
+            # per dataset: traces over max_length, how many each truncation step saved, how many quarantined
+            "truncation": dg.MetadataValue.json(stats.get("truncation", {})),
+            "truncation_steps": dg.MetadataValue.json(list(rcfg.truncation.steps)),
             "rejected": rejected.height,
             "tokens": int(df["n_tokens"].cast(pl.Int64).sum()),
             "samples_per_s": round(df.height / max(dt, 1e-9), 1),
-            "timing": dg.MetadataValue.json({k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.items()}),
+            "timing": dg.MetadataValue.json({k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.items() if k != "truncation"}),
             "rejected_by_reason": _by_reason(rejected),
         }
     )
@@ -108,7 +111,8 @@ def _by_reason(q: pl.DataFrame) -> dg.MetadataValue:
     group_name=ETL_B_GROUP,
     kinds={"polars"},
     tags={"cb/tier": "B", "cb/compute": "cpu"},
-    description="Traces the renderer rejected: render errors, and truncation that cut away the trained span.",
+    description="Traces the renderer rejected: render errors, and traces no truncation step brought within "
+    "max_length (severity excluded).",
 )
 def renders_quarantine(context: dg.AssetExecutionContext, renders: SourceResult) -> pl.DataFrame:
     context.add_output_metadata({"by_reason": _by_reason(renders.rejected)})
@@ -198,6 +202,8 @@ def lossmasks(
             "training_bound": stats["training_bound"],
             "skipped_skeleton": stats["skipped_skeleton"],
             "missing_trace": stats["missing_trace"],
+            # training-bound traces without an injection span: cb_from_injection = cb_full_sequence for them
+            "cb_from_injection_fallback": dg.MetadataValue.json(stats.get("cb_from_injection_fallback", {})),
             "rejected": rejected.height,
             "build_s": round(dt, 3),
             "preview_path": dg.MetadataValue.path(str(path)),
