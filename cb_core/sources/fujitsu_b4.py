@@ -14,26 +14,33 @@ Each good record becomes a **skeleton** trace:
   Span: where `malicious_injection` occurs in `combined_query`; when it is "" or not found there, the part of
   `combined_query` that differs from `benign_query` (common prefix and suffix trimmed), and injection_text is
   then that differing text. No difference at all -> span null, injection_text "".
-  subtype = `subtype` (else `category`); pair_group = the skeleton's own id (DS/DR twins generated later
-  inherit it).
+  subtype = `subtype` (else `category`); pair_group = `fujitsu_b4:` + digest of `benign_query` (the task
+  identity: every attack built on one benign query is one group; DS/DR twins generated later inherit it);
+  tools = the schema file's FULL tool set for every record (never derived from the record's tools);
+  injection_reached = True (the injection is in the user message); source_locator = the file's path relative
+  to the folder the files were given from, so ids survive copying the data.
 
-Quarantined (file, 1-based line, field, reason, raw line): invalid JSON / not an object / not UTF-8 (field
-""), a missing or empty required field (field = its name), `success` not a boolean, a tool name outside
-the schema (field `expected_tool` / `simulated_tool`).
+Quarantined (file, 1-based line, field, reason, raw line): invalid JSON / not an object (field ""), a line
+that is not UTF-8 (raw = `base64:` of its bytes), a missing or empty required field (field = its name), a
+badly typed field (`success` not a boolean, `expected_tool` a list, a non-string query: field = its name), a
+tool name outside the schema (field `expected_tool` / `simulated_tool`). A file with no record at all (0 bytes,
+blank lines only) fails the source (SourceError naming it).
 
 cfg keys (configs/datasets.yaml `fujitsu_b4:`): `tool_schema` (path of the schema JSON), `required_fields`.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from cb_core.config import config_path
-from cb_core.schemas import canonical_json, digest, message, reject
+from cb_core.schemas import BadRecord, canonical_json, digest, message, reject
 from cb_core.sources import SourceError, SourceResult
 
 DATASET = "fujitsu_b4"
@@ -64,7 +71,10 @@ class SharedToolsTraces:
 
     def __call__(self, *, source_locator: str, completeness: str, messages: list[dict], category: str,
                  priority_class: str, subtype: str = "", attack_present: bool = False,
-                 attack_succeeded: bool = False, tool_attack: dict | None = None) -> dict:
+                 attack_succeeded: bool = False, is_adversarial_safe: bool = False,
+                 attacker_call_made: bool = False, injection_reached: bool | None = None,
+                 task_success: bool | None = None, tool_attack: dict | None = None,
+                 pair_group: str | None = None, generation_params: dict | None = None) -> dict:
         if tool_attack is not None:
             args = tool_attack.get("attacker_args")
             tool_attack = {
@@ -91,15 +101,19 @@ class SharedToolsTraces:
                 "subtype": subtype,
                 "attack_present": attack_present,
                 "attack_succeeded": attack_succeeded,
-                "is_adversarial_safe": False,
-                "attacker_call_made": False,
-                "injection_reached": None,
-                "task_success": None,
+                "is_adversarial_safe": is_adversarial_safe,
+                "attacker_call_made": attacker_call_made,
+                "injection_reached": injection_reached,
+                "task_success": task_success,
             },
             "tool_attack": tool_attack,
-            "pair_group": tid,
+            "pair_group": pair_group or tid,
             "split": None,
-            "provenance": {**self._provenance, "generation_params": None, "parent_id": None},
+            "provenance": {
+                **self._provenance,
+                "generation_params": _enc(generation_params) if generation_params else None,
+                "parent_id": None,
+            },
         }
 
 
@@ -178,6 +192,36 @@ def _lines(path: Path) -> list[str | bytes]:
         return out
 
 
+def relative_names(paths: list[Path]) -> dict[Path, str]:
+    """Each file's path relative to the folder the files were given from (their common parent): the part of
+    `source_locator` that survives copying the data elsewhere."""
+    files = [Path(p).resolve() for p in paths]
+    if not files:
+        return {}
+    root = Path(os.path.commonpath([str(f.parent) for f in files]))
+    return {Path(p): f.relative_to(root).as_posix() for p, f in zip(paths, files)}
+
+
+def _check(rec: dict, required: tuple[str, ...], names: frozenset) -> None:
+    """BadRecord naming the first missing, empty or badly typed field."""
+    for fld in required:
+        v = rec.get(fld)
+        if v is None or (isinstance(v, str) and not v.strip()):
+            how = "missing" if fld not in rec else ("null" if v is None else "empty")
+            raise BadRecord(fld, f"required field '{fld}' is {how}")
+    if not isinstance(rec.get("success", True), bool):
+        raise BadRecord("success", f"'success' is {type(rec['success']).__name__}, expected a boolean")
+    for fld in ("combined_query", "benign_query", "malicious_injection", "subtype", "category"):
+        if rec.get(fld) is not None and not isinstance(rec[fld], str):
+            raise BadRecord(fld, f"'{fld}' is a {type(rec[fld]).__name__}, expected a string")
+    for fld in ("expected_tool", "simulated_tool"):
+        v = rec[fld]
+        if not isinstance(v, str):
+            raise BadRecord(fld, f"'{fld}' is a {type(v).__name__} ({json.dumps(v)[:60]}), expected one tool name")
+        if v not in names:
+            raise BadRecord(fld, f"tool '{v}' is not in the B4 tool schema")
+
+
 def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
     cfg = cfg or {}
     schema = load_tool_schema(cfg)
@@ -189,17 +233,20 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
     good: list[dict] = []
     bad: list[dict] = []
     blank = 0
-    files = 0
-    for path in paths:
-        path = Path(path)
-        if path.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
-            continue
-        files += 1
+    files = [Path(p) for p in paths if Path(p).suffix.lower() in (".jsonl", ".json", ".ndjson")]
+    if not files:
+        raise SourceError(f"no .jsonl file among {[str(p) for p in paths]} (set CB_FUJITSU_B4_PATH)")
+    rel = relative_names(files)
+    for path in files:
         fname = str(path)
-        for lineno, line in enumerate(_lines(path), 1):
+        lines = _lines(path)
+        if not any(not isinstance(x, str) or x.strip() for x in lines):
+            raise SourceError(f"{path} holds no records (empty or blank lines only)", file=path)
+        for lineno, line in enumerate(lines, 1):
             if isinstance(line, bytes):
-                bad.append(reject(dataset=DATASET, file=fname, line=lineno, reason="line is not valid UTF-8",
-                                  raw=line.decode("utf-8", "replace")))
+                bad.append(reject(dataset=DATASET, file=fname, line=lineno,
+                                  reason="line is not valid UTF-8; its bytes are kept as base64 in raw",
+                                  raw="base64:" + base64.b64encode(line).decode("ascii")))
                 continue
             if not line.strip():
                 blank += 1
@@ -210,55 +257,39 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
             except ValueError as e:
                 bad.append(reject(dataset=DATASET, file=fname, line=lineno, reason=f"invalid JSON: {e}", raw=line))
                 continue
-            if not isinstance(rec, dict):
-                bad.append(reject(dataset=DATASET, file=fname, line=lineno,
-                                  reason=f"record is a JSON {type(rec).__name__}, not an object", raw=line))
-                continue
-            problem = None
-            for fld in required:
-                v = rec.get(fld)
-                if v is None or (isinstance(v, str) and not v.strip()):
-                    how = "missing" if fld not in rec else ("null" if v is None else "empty")
-                    problem = (fld, f"required field '{fld}' is {how}")
-                    break
-            if problem is None:
-                if not isinstance(rec.get("success", True), bool):
-                    problem = ("success", f"'success' is {type(rec['success']).__name__}, expected a boolean")
-                elif not isinstance(rec["combined_query"], str):
-                    problem = ("combined_query", "'combined_query' is not a string")
-                elif rec["expected_tool"] not in names:
-                    problem = ("expected_tool", f"tool '{rec['expected_tool']}' is not in the B4 tool schema")
-                elif rec["simulated_tool"] not in names:
-                    problem = ("simulated_tool", f"tool '{rec['simulated_tool']}' is not in the B4 tool schema")
-            if problem is not None:
-                bad.append(reject(dataset=DATASET, file=fname, line=lineno, field=problem[0], reason=problem[1],
-                                  raw=line))
-                continue
-            combined = rec["combined_query"]
-            inj = rec.get("malicious_injection")
-            benign = rec.get("benign_query")
-            inj_text, span = injection_span(combined, inj if isinstance(inj, str) else "", benign)
-            succeeded = bool(rec.get("success", True))
-            good.append(
-                make(
-                    source_locator=f"{fname}:{lineno}",
-                    completeness="skeleton",
-                    messages=[message("system", system_prompt), message("user", combined)],
-                    category="harmful" if succeeded else "retain",
-                    priority_class="harmful_flip" if succeeded else "injection_resisted",
-                    subtype=str(rec.get("subtype") or rec.get("category") or ""),
-                    attack_present=True,
-                    attack_succeeded=succeeded,
-                    tool_attack={
-                        "expected_tool": rec["expected_tool"],
-                        "attacker_tool": rec["simulated_tool"],
-                        "attacker_args": None,
-                        "injection_text": inj_text,
-                        "injection_span": span,
-                    },
+            try:
+                if not isinstance(rec, dict):
+                    raise BadRecord("", f"record is a JSON {type(rec).__name__}, not an object")
+                _check(rec, required, names)
+                combined = rec["combined_query"]
+                inj = rec.get("malicious_injection")
+                benign = rec.get("benign_query")
+                inj_text, span = injection_span(combined, inj or "", benign)
+                succeeded = bool(rec.get("success", True))
+                # the task identity: every attack built on one benign query is one group
+                group = f"{DATASET}:" + digest(benign if isinstance(benign, str) and benign.strip() else combined)
+                good.append(
+                    make(
+                        source_locator=f"{rel[path]}:{lineno}",
+                        completeness="skeleton",
+                        messages=[message("system", system_prompt), message("user", combined)],
+                        category="harmful" if succeeded else "retain",
+                        priority_class="harmful_flip" if succeeded else "injection_resisted",
+                        subtype=str(rec.get("subtype") or rec.get("category") or ""),
+                        attack_present=True,
+                        attack_succeeded=succeeded,
+                        injection_reached=True,
+                        tool_attack={
+                            "expected_tool": rec["expected_tool"],
+                            "attacker_tool": rec["simulated_tool"],
+                            "attacker_args": None,
+                            "injection_text": inj_text,
+                            "injection_span": span,
+                        },
+                        pair_group=group,
+                    )
                 )
-            )
-    if files == 0:
-        raise SourceError(f"fujitsu_b4: no .jsonl file among {[str(p) for p in paths]} (set CB_FUJITSU_B4_PATH)")
-    res = SourceResult.from_rows(good, bad, files=files, blank_lines=blank, tool_schema=schema.get("name", ""))
+            except BadRecord as e:
+                bad.append(reject(dataset=DATASET, file=fname, line=lineno, field=e.field, reason=e.reason, raw=line))
+    res = SourceResult.from_rows(good, bad, files=len(files), blank_lines=blank, tool_schema=schema.get("name", ""))
     return fill_tools(res, {"b4": tools_json})

@@ -9,23 +9,36 @@ Accepted shapes (whatever `resolve_source_paths` returns for them, or the folder
 `split_tasks.json` is not used (splits are made later, hash-based on pair_group). `cfg["domains"]` (a list)
 restricts the domains read.
 
-One task -> one trace:
-  system = `cfg["system_prompt"]` (with `{domain}`), user = a first-person message built from
-  `user_scenario.instructions` (a string, or a dict whose `known_info` + `reason_for_call` are used;
-  `task_instructions`/`unknown_info` steer the user simulator and are not what the user says), turned from
-  the scenario's second person ("You want to cancel ...") into first person ("I want to cancel ...").
-  When `evaluation_criteria.actions` holds calls made by the assistant (`requestor` absent or "assistant";
-  telecom's `requestor: "user"` actions are things the user does on their own phone and are left out), one
-  assistant message carries them all as tool calls, in order. There are no tool results in tau2 tasks, so
-  the trace is a **skeleton**: the reference calls are a target for generation, not a finished conversation
-  (a trace ending on unanswered tool calls cannot be rendered as complete). Tasks without assistant
-  actions (policy refusals, nl-assertion tasks) keep system + user only.
-  tools = the domain's `agent_tools` (assistant side; telecom's `user_tools` are not offered).
+One task -> one skeleton: system = `cfg["system_prompt"]` (with `{domain}`), user = the task's request in the
+user's own words, built from `user_scenario.instructions`: `known_info`, `reason_for_call`, `unknown_info` and
+the `task_instructions` sentences a caller could say (the simulator's meta rules -- "ground your responses on
+tool calls", "never make up ..." -- are left out), turned from the scenario's second person into the first
+("You want to cancel ..." -> "I want to cancel ...": `you` is "me" only after a verb/preposition that takes an
+object, "I" otherwise). String instructions (mock) are used whole; without instructions, `ticket`, then
+`description.purpose`.
+  tools = the domain's full `agent_tools` (assistant side; telecom's `user_tools` are not offered), never
+  derived from the task's calls. A domain without schemas fails the source.
+  Expected behaviour = the FIRST assistant action of `evaluation_criteria.actions` (`requestor` absent or
+  "assistant"; telecom's `requestor: "user"` actions are what the user does on their own phone), or
+  `final_answer` (answer without a tool call, `cb_core.curate.FINAL_ANSWER`) when there is none. Its name is in
+  `tool_attack.expected_tool` (attacker fields null, attack_present False); the rest of what the benchmark
+  checks is in `provenance.generation_params["tau2"]`: task_id, expected_first_action {name, arguments},
+  reference_actions (all assistant actions), user_actions, nl_assertions, communicate_info (e.g. "Agent should
+  refuse"), the instructions as given.
+  pair_group = `tau2:<domain>:<task id>`; source_locator = `domains/<domain>/tasks.json:<index + 1>` (relative to
+  the tau2 root, so ids survive copying the data elsewhere).
 
-Quarantined (file, list index + 1, field, reason, raw task JSON): a task that is not an object, has no usable
-user request (missing/misspelled `user_scenario`/`instructions`: the reader falls back to `ticket`, then
-`description.purpose`, before giving up), an action without a name, or an assistant action naming a tool
-the domain's schema does not offer. A tasks file that is not a JSON list is quarantined whole (line 0).
+Kept only where the user turn carries what the answer depends on; excluded (quarantine, severity "excluded",
+counted in `meta["excluded"]`), with the reason:
+  * `unsupported_first_action`: the first action's argument values (every scalar, e.g. ids, amounts) do not
+    all appear in the user's message (telecom's `refuel_data(customer_id="C1001", ...)` needs a lookup first);
+  * `ambiguous_prompt`: several tasks of a domain share the same user message but expect different first
+    actions (telecom's hidden `initial_state`): all of them are excluded, so in what is kept identical
+    messages always mean identical expected first actions.
+Quarantined as malformed (file, list index + 1, field, reason, raw task JSON): a task that is not an object,
+no usable user request, a badly typed field (instructions, actions, arguments that are not a JSON object), an
+action without a name, an assistant action naming a tool the domain's schema does not offer. A tasks file
+that cannot be read as a whole (invalid/truncated JSON, not a list, empty) fails the source (SourceError).
 Missing `persona` / `initial_state` is fine.
 """
 from __future__ import annotations
@@ -37,11 +50,12 @@ from pathlib import Path
 from typing import Any
 
 from cb_core.config import config_path
-from cb_core.schemas import canonical_json, message, reject
+from cb_core.schemas import BadRecord, arguments_json, canonical_json, message, reject
 from cb_core.sources import SourceError, SourceResult
 from cb_core.sources.fujitsu_b4 import SharedToolsTraces, fill_tools
 
 DATASET = "tau2"
+FINAL_ANSWER = "final_answer"  # = cb_core.curate.FINAL_ANSWER (a test checks it)
 DEFAULT_SYSTEM = (
     "You are a customer service agent for the {domain} domain. Help the user with their request by calling "
     "the provided tools. Follow the domain policy, verify the user's identity before changing anything, and "
@@ -82,6 +96,11 @@ def _roots_and_task_files(paths: list[Path]) -> tuple[list[Path], list[Path]]:
     return sorted(schemas), sorted(tasks)
 
 
+def relative_name(tasks_file: Path) -> str:
+    """`domains/<d>/tasks.json` (the path below the tau2 root), whatever folder the data was copied to."""
+    return f"domains/{tasks_file.parent.name}/{tasks_file.name}"
+
+
 def _load_schemas(files: list[Path], cfg: dict[str, Any]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     if cfg.get("tool_schemas"):
@@ -90,13 +109,34 @@ def _load_schemas(files: list[Path], cfg: dict[str, Any]) -> dict[str, list[dict
         try:
             with open(f, encoding="utf-8") as fh:
                 data = json.load(fh)
-        except (OSError, ValueError) as e:
-            raise SourceError(f"tau2: cannot read tool schemas {f}: {e}") from e
-        for domain, entry in (data or {}).items():
+        except ValueError as e:
+            raise SourceError(f"cannot read tool schemas {f}: invalid JSON: {e}") from e
+        except OSError as e:
+            raise SourceError(f"cannot read tool schemas {f}: {e}") from e
+        if not isinstance(data, dict):
+            raise SourceError(f"{f} must map domain -> {{agent_tools: [...], user_tools: [...]}}")
+        for domain, entry in data.items():
             tools = entry.get("agent_tools") if isinstance(entry, dict) else entry
-            if isinstance(tools, list):
-                out.setdefault(domain, tools)
+            if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+                raise SourceError(f"{f}: {domain}.agent_tools must be a list of function schemas")
+            out.setdefault(domain, tools)
     return out
+
+
+def _load_tasks(tf: Path) -> list:
+    """The whole tasks file or a SourceError naming it (a truncated file must not pass as zero tasks)."""
+    try:
+        with open(tf, encoding="utf-8") as fh:
+            tasks = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise SourceError(f"{tf}: invalid or truncated JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SourceError(f"cannot read {tf}: {e}") from e
+    if not isinstance(tasks, list):
+        raise SourceError(f"{tf}: the tasks file must be a JSON list of tasks, got a {type(tasks).__name__}")
+    if not tasks:
+        raise SourceError(f"{tf} holds no tasks (an empty list)")
+    return tasks
 
 
 # -------------------------------------------------------------------------------------- user message text
@@ -108,10 +148,16 @@ _PRONOUN_RX = re.compile(
     r"\b(?:" + "|".join(sorted((re.escape(k) for k in _PRONOUNS), key=len, reverse=True)) + r")\b", re.IGNORECASE
 )
 # "You mobile data" (a typo in the telecom set) reads as "your"
-_TYPO_RX = re.compile(r"\bYou (?=mobile|phone|account|internet|data)\b")
-# "you" after these words is the subject ("... and you want") -> "I"; otherwise an object ("told you") -> "me"
-_SUBJECT_BEFORE = re.compile(
-    r"(?:^|[.!?:;\n]\s*|\b(?:and|but|or|if|that|because|when|so|since|unless|while|then|as|where|although)\s+)$",
+_TYPO_RX = re.compile(r"\bYou (?=mobile|phone|account|internet|data|name|user id|email|order|zip)\b")
+# "you" right after one of these words is an object ("told you", "for you") -> "me"; everywhere else it is the
+# subject ("you want", "do you want", "the trip you want") -> "I"
+_OBJECT_BEFORE = re.compile(
+    r"\b(?:to|for|with|at|from|about|by|of|on|into|onto|than|like|without|towards?|upon|against|behind|around|"
+    r"through|tells?|told|telling|ask(?:s|ed|ing)?|gives?|gave|given|giving|offer(?:s|ed)?|help(?:s|ed)?|lets?|"
+    r"sends?|sent|call(?:s|ed)?|contact(?:s|ed)?|charge[sd]?|provide[sd]?|show(?:s|ed)?|remind(?:s|ed)?|"
+    r"transfer(?:s|red)?|inform(?:s|ed)?|assure[sd]?|pays?|paid|bother(?:s|ed)?|allow(?:s|ed)?|wants?|needs?|"
+    r"convince[sd]?|guide[sd]?|instruct(?:s|ed)?|reach(?:es)?|makes?|notif(?:y|ies|ied)|warn(?:s|ed)?|"
+    r"persuade[sd]?|pressure[sd]?|grant(?:s|ed)?|connect(?:s|ed)?|assist(?:s|ed)?|keeps?|kept)\s+$",
     re.IGNORECASE,
 )
 _YOU = re.compile(r"\b[Yy]ou\b")
@@ -130,42 +176,137 @@ def first_person(text: str) -> str:
     out, last = [], 0
     for m in _YOU.finditer(text):
         out.append(text[last:m.start()])
-        out.append("I" if _SUBJECT_BEFORE.search(text[max(0, m.start() - 16): m.start()]) or m.start() == 0
-                   else "me")
+        out.append("me" if _OBJECT_BEFORE.search(text[max(0, m.start() - 24): m.start()]) else "I")
         last = m.end()
     out.append(text[last:])
     return "".join(out).strip()
 
 
+# Sentences of task_instructions that steer the simulator rather than say anything a caller would say.
+_META = re.compile(
+    r"tool call|\bground (?:your|my|the)|make up|simulat|\bpersona\b|for example|transcript|###|\bSTOP\b",
+    re.IGNORECASE,
+)
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def _spoken(text: str, drop_meta: bool) -> list[str]:
+    out = []
+    for s in _SENTENCE.split(text):
+        s = re.sub(r"\s+", " ", s).strip()
+        if s and not (drop_meta and _META.search(s)):
+            out.append(first_person(s) + ("" if s[-1] in ".!?:;\"')" else "."))
+    return out
+
+
+def _find_key(obj: dict, test) -> Any:
+    return next((v for k, v in obj.items() if isinstance(k, str) and test(k.lower())), None)
+
+
 def user_request(task: dict) -> str | None:
+    """The user's first message. BadRecord when a field the text comes from has the wrong type."""
     scen = task.get("user_scenario")
-    if not isinstance(scen, dict):  # misspelled / missing key: find a key that looks like it
-        scen = next((v for k, v in task.items()
-                     if isinstance(v, dict) and (k.lower().startswith("user") or "scen" in k.lower())), None)
+    if scen is None:  # misspelled / missing key: find a key that looks like it
+        scen = _find_key(task, lambda k: k.startswith("user") or "scen" in k)
+    if scen is not None and not isinstance(scen, dict):
+        raise BadRecord("user_scenario", f"user_scenario is a {type(scen).__name__}, not an object")
     instr = None
     if isinstance(scen, dict):
         instr = scen.get("instructions")
         if instr is None:
-            instr = next((v for k, v in scen.items() if k.lower().startswith("instr")), None)
+            instr = _find_key(scen, lambda k: k.startswith("instr"))
     parts: list[str] = []
     if isinstance(instr, str):
-        parts.append(instr)
+        parts = _spoken(instr, drop_meta=False)
     elif isinstance(instr, dict):
-        for key in ("known_info", "reason_for_call"):
+        for key in ("known_info", "reason_for_call", "unknown_info", "task_instructions"):
             v = instr.get(key)
-            if isinstance(v, str) and v.strip():
-                parts.append(v.strip())
-        if not parts and isinstance(instr.get("task_instructions"), str):
-            parts.append(instr["task_instructions"])
+            if v is None:
+                continue
+            if not isinstance(v, str):
+                raise BadRecord(f"user_scenario.instructions.{key}", f"{key} is a {type(v).__name__}, not text")
+            parts += _spoken(v, drop_meta=key == "task_instructions")
+    elif instr is not None:
+        raise BadRecord("user_scenario.instructions",
+                        f"instructions is a {type(instr).__name__}, not text or an object")
     if not parts:
-        if isinstance(task.get("ticket"), str) and task["ticket"].strip():
-            return task["ticket"].strip()
-        desc = task.get("description")
-        if isinstance(desc, dict) and isinstance(desc.get("purpose"), str) and desc["purpose"].strip():
-            return desc["purpose"].strip()
+        for fallback in (task.get("ticket"), (task.get("description") or {}).get("purpose")
+                         if isinstance(task.get("description"), dict) else None):
+            if isinstance(fallback, str) and fallback.strip():
+                return re.sub(r"\s+", " ", fallback).strip()
         return None
-    text = " ".join(first_person(p) for p in parts)
-    return re.sub(r"[ \t]*\n\s*", " ", text).strip() or None
+    return " ".join(parts).strip() or None
+
+
+# ---------------------------------------------------------------------------------- expected first action
+def _scalars(v: Any):
+    if isinstance(v, dict):
+        for x in v.values():
+            yield from _scalars(x)
+    elif isinstance(v, list):
+        for x in v:
+            yield from _scalars(x)
+    elif v is not None:
+        yield v
+
+
+def unsupported_values(arguments: dict, text: str) -> list:
+    """Argument values (scalars) of a call that the text does not contain (case-insensitive); a float that
+    is a whole number also matches its integer form (2.0 ~ "2 GB"). Booleans never appear in prose."""
+    low = text.lower()
+    missing = []
+    for v in _scalars(arguments):
+        if isinstance(v, bool):
+            missing.append(v)
+            continue
+        forms = {str(v).lower()}
+        if isinstance(v, float) and v.is_integer():
+            forms.add(str(int(v)))
+        if isinstance(v, (int, float)):
+            if not any(re.search(rf"(?<![\d.]){re.escape(f)}(?![\d])", low) for f in forms):
+                missing.append(v)
+        elif not any(f in low for f in forms):
+            missing.append(v)
+    return missing
+
+
+def _actions(task: dict, tool_names: set[str], domain: str) -> tuple[list[dict], list[str]]:
+    """(assistant actions [{name, arguments, action_id}], user-side action names). BadRecord on bad types."""
+    crit = task.get("evaluation_criteria")
+    if crit is None:
+        crit = _find_key(task, lambda k: k.startswith("evaluation"))
+    if crit is None:
+        return [], []
+    if not isinstance(crit, dict):
+        raise BadRecord("evaluation_criteria", f"evaluation_criteria is a {type(crit).__name__}, not an object")
+    actions = crit.get("actions")
+    if actions is None:
+        return [], []
+    if not isinstance(actions, list):
+        raise BadRecord("evaluation_criteria.actions", f"actions is a {type(actions).__name__}, not a list")
+    out, user = [], []
+    for j, act in enumerate(actions):
+        fld = f"evaluation_criteria.actions[{j}]"
+        if not isinstance(act, dict):
+            raise BadRecord(fld, f"action is a {type(act).__name__}, not an object")
+        name = act.get("name")
+        if not isinstance(name, str) or not name:
+            raise BadRecord(f"{fld}.name", "action without a tool name")
+        if act.get("requestor", "assistant") not in (None, "assistant"):
+            user.append(name)  # user-side device action (telecom)
+            continue
+        if name not in tool_names:
+            raise BadRecord(f"{fld}.name", f"tool '{name}' is not among the {domain} agent tools")
+        args = json.loads(arguments_json(act.get("arguments"), f"{fld}.arguments"))
+        out.append({"name": name, "arguments": args, "action_id": act.get("action_id")})
+    return out, user
+
+
+def _crit_field(task: dict, key: str) -> Any:
+    crit = task.get("evaluation_criteria")
+    if crit is None:
+        crit = _find_key(task, lambda k: k.startswith("evaluation"))
+    return crit.get(key) if isinstance(crit, dict) else None
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -177,7 +318,7 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
         task_files = [f for f in task_files if f.parent.name in wanted]
     if not task_files:
         raise SourceError(
-            f"tau2: no domains/<domain>/tasks.json found from {[str(p) for p in paths]} "
+            f"no domains/<domain>/tasks.json found from {[str(p) for p in paths]} "
             "(set CB_TAU2_PATH to the tau2 folder that holds tool_schemas.json and domains/)"
         )
     schemas = _load_schemas(schema_files, cfg)
@@ -185,73 +326,97 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
     good: list[dict] = []
     bad: list[dict] = []
     per_domain: dict[str, int] = {}
+    excluded: dict[str, int] = {"unsupported_first_action": 0, "ambiguous_prompt": 0}
     tools_by_file: dict[str, str] = {}
     for tf in task_files:
         domain = tf.parent.name
-        fname = str(tf)
-        try:
-            with open(tf, encoding="utf-8") as fh:
-                tasks = json.load(fh)
-        except (OSError, ValueError) as e:
-            bad.append(reject(dataset=DATASET, file=fname, line=0, reason=f"unreadable tasks file: {e}", raw=""))
-            continue
-        if not isinstance(tasks, list):
-            bad.append(reject(dataset=DATASET, file=fname, line=0, reason="tasks file is not a JSON list",
-                              raw=json.dumps(tasks, ensure_ascii=False)[:100_000]))
-            continue
-        tools = schemas.get(domain, [])
+        fname, rel = str(tf), relative_name(tf)
+        tasks = _load_tasks(tf)
+        if domain not in schemas:
+            raise SourceError(
+                f"no agent tool schemas for domain '{domain}' ({tf}) in {[str(f) for f in schema_files]} "
+                "(tau2 traces offer the domain's full tool set: add it to tool_schemas.json or cfg tool_schemas)"
+            )
+        tools = schemas[domain]
         tools_json = canonical_json(tools)
-        make = SharedToolsTraces(DATASET, tools_json, placeholder=fname)
-        tools_by_file[fname] = tools_json
+        make = SharedToolsTraces(DATASET, tools_json, placeholder=rel)
+        tools_by_file[rel] = tools_json
         tool_names = {t.get("function", t).get("name") for t in tools}
         system = message("system", system_tpl.format(domain=domain))
-        n_ok = 0
+        # pass 1: parse every task (malformed -> quarantine), note its message and expected first action
+        cands: list[dict] = []
         for idx, task in enumerate(tasks, 1):
-            def bad_task(fld: str, reason: str) -> None:
-                bad.append(reject(dataset=DATASET, file=fname, line=idx, field=fld, reason=reason,
+            try:
+                if not isinstance(task, dict):
+                    raise BadRecord("", f"task is a JSON {type(task).__name__}, not an object")
+                tid = task.get("id")
+                if not isinstance(tid, (str, int)) or isinstance(tid, bool) or str(tid) == "":
+                    raise BadRecord("id", "task id is missing or not a string/integer")
+                text = user_request(task)
+                if not text:
+                    raise BadRecord("user_scenario.instructions", "no user request (user_scenario.instructions, "
+                                                                  "ticket, description.purpose all missing)")
+                calls, user_actions = _actions(task, tool_names, domain)
+            except BadRecord as e:
+                bad.append(reject(dataset=DATASET, file=fname, line=idx, field=e.field, reason=e.reason,
                                   raw=json.dumps(task, ensure_ascii=False)))
-
-            if not isinstance(task, dict):
-                bad_task("", f"task is a JSON {type(task).__name__}, not an object")
                 continue
-            text = user_request(task)
-            if not text:
-                bad_task("user_scenario.instructions", "no user request (user_scenario.instructions, ticket, "
-                                                       "description.purpose all missing)")
+            first = calls[0] if calls else None
+            cands.append({
+                "idx": idx, "task": task, "tid": str(tid), "text": text, "first": first, "calls": calls,
+                "user_actions": user_actions,
+                "key": canonical_json([first["name"], first["arguments"]]) if first else FINAL_ANSWER,
+                "missing": unsupported_values(first["arguments"], text) if first else [],
+            })
+        # pass 2: one prompt must mean one expected first action
+        keys_by_text: dict[str, set[str]] = {}
+        for c in cands:
+            keys_by_text.setdefault(c["text"], set()).add(c["key"])
+        n_ok = 0
+        for c in cands:
+            first = c["first"]
+            reason = field = None
+            if c["missing"]:
+                excluded["unsupported_first_action"] += 1
+                field = "evaluation_criteria.actions"
+                reason = (f"unsupported_first_action: the first expected action {first['name']} needs values the "
+                          f"user's message does not contain: {c['missing'][:6]}")
+            elif len(keys_by_text[c["text"]]) > 1:
+                excluded["ambiguous_prompt"] += 1
+                field = "user_scenario.instructions"
+                reason = (f"ambiguous_prompt: {len(keys_by_text[c['text']])} different first actions are expected "
+                          f"for this same user message in {domain} (they depend on state the prompt does not show)")
+            if reason:
+                bad.append(reject(dataset=DATASET, file=fname, line=c["idx"], field=field, reason=reason,
+                                  raw=json.dumps(c["task"], ensure_ascii=False), severity="excluded"))
                 continue
-            crit = task.get("evaluation_criteria")
-            actions = (crit.get("actions") if isinstance(crit, dict) else None) or []
-            calls, problem = [], None
-            for j, act in enumerate(actions if isinstance(actions, list) else []):
-                if not isinstance(act, dict) or not act.get("name"):
-                    problem = (f"evaluation_criteria.actions[{j}].name", "action without a tool name")
-                    break
-                if act.get("requestor", "assistant") not in (None, "assistant"):
-                    continue  # user-side device action (telecom)
-                if tools and act["name"] not in tool_names:
-                    problem = (f"evaluation_criteria.actions[{j}].name",
-                               f"tool '{act['name']}' is not among the {domain} agent tools")
-                    break
-                args = act.get("arguments")
-                calls.append({"id": f"call_{act.get('action_id') or j}", "name": act["name"],
-                              "arguments": args if isinstance(args, dict) else {}})
-            if problem:
-                bad_task(*problem)
-                continue
-            msgs = [system, message("user", text)]
-            if calls:
-                msgs.append(message("assistant", "", tool_calls=calls))
-            good.append(
-                make(
-                    source_locator=f"{fname}:{idx}",
-                    completeness="skeleton",
-                    messages=msgs,
-                    category="retain",
-                    priority_class="tool_capability",
-                    subtype=domain,
-                )
-            )
+            task = c["task"]
+            instr = task.get("user_scenario", {}).get("instructions") if isinstance(
+                task.get("user_scenario"), dict) else None
+            good.append(make(
+                source_locator=f"{rel}:{c['idx']}",
+                completeness="skeleton",
+                messages=[system, message("user", c["text"])],
+                category="retain",
+                priority_class="tool_capability",
+                subtype=domain,
+                tool_attack={"expected_tool": first["name"] if first else FINAL_ANSWER, "attacker_tool": None,
+                             "attacker_args": None, "injection_text": None, "injection_span": None},
+                pair_group=f"{DATASET}:{domain}:{c['tid']}",
+                generation_params={"tau2": {
+                    "task_id": c["tid"],
+                    "domain": domain,
+                    "expected_first_action": ({"name": first["name"], "arguments": first["arguments"]}
+                                              if first else None),
+                    "reference_actions": [{"name": a["name"], "arguments": a["arguments"]} for a in c["calls"]],
+                    "user_actions": c["user_actions"],
+                    "nl_assertions": _crit_field(task, "nl_assertions"),
+                    "communicate_info": _crit_field(task, "communicate_info"),
+                    "instructions": instr,
+                }},
+            ))
             n_ok += 1
         per_domain[domain] = n_ok
-    res = SourceResult.from_rows(good, bad, tasks_per_domain=per_domain, task_files=len(task_files))
+    res = SourceResult.from_rows(good, bad, tasks_per_domain=per_domain, task_files=len(task_files),
+                                 excluded=sum(excluded.values()), **{f"excluded_{k}": v for k, v in excluded.items()})
     return fill_tools(res, tools_by_file)

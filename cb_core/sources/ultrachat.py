@@ -7,20 +7,25 @@ caps the number of rows read over all files (in file order; the rest is not read
 
 Each row -> one complete trace with no tools: its `messages` as they are (roles system/user/assistant).
 subtype = the file's stem (e.g. `train_sft-00000-of-00003`), so a split's provenance stays visible.
+pair_group = `ultrachat:<prompt_id>`; source_locator = the file's path relative to the folder given + row.
+No row at all over the files read (empty file) fails the source (SourceError); a JSONL line that is not UTF-8
+is quarantined with `raw = "base64:<bytes>"`.
 Quarantined (file, 1-based row/line, field, reason, raw row as JSON): invalid JSON line, `messages` missing or
 empty or not a list, a message that is not {role, content} with a known role and string content, a
 conversation without any assistant turn or whose first turn is the assistant's.
 """
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any, Iterator
 
 import polars as pl
 
-from cb_core.schemas import make_trace, message, reject
+from cb_core.schemas import digest, make_trace, message, reject
 from cb_core.sources import SourceError, SourceResult
+from cb_core.sources.fujitsu_b4 import relative_names
 
 DATASET = "ultrachat"
 PARQUET = (".parquet", ".pq")
@@ -29,9 +34,12 @@ ROLES = ("system", "user", "assistant")
 
 
 def _parquet_rows(path: Path, limit: int | None) -> Iterator[tuple[int, Any, str | None]]:
-    cols = pl.read_parquet_schema(path)
+    try:
+        cols = pl.read_parquet_schema(path)
+    except (OSError, pl.exceptions.PolarsError) as e:
+        raise SourceError(f"cannot read {path} as Parquet: {e}", file=path) from None
     if "messages" not in cols:
-        raise SourceError(f"ultrachat: {path} has no 'messages' column (columns: {list(cols)})")
+        raise SourceError(f"{path} has no 'messages' column (columns: {list(cols)})", file=path, field="messages")
     use = [c for c in ("prompt_id", "messages") if c in cols]
     df = pl.read_parquet(path, columns=use, n_rows=limit)
     for i, rec in enumerate(df.iter_rows(named=True), 1):
@@ -40,17 +48,23 @@ def _parquet_rows(path: Path, limit: int | None) -> Iterator[tuple[int, Any, str
 
 def _jsonl_rows(path: Path, limit: int | None) -> Iterator[tuple[int, Any, str | None]]:
     n = 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             if limit is not None and n >= limit:
                 return
             n += 1
             try:
-                yield i, json.loads(line), line.rstrip("\r\n")
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                yield i, UnicodeError("line is not valid UTF-8; its bytes are kept as base64 in raw"), \
+                    "base64:" + base64.b64encode(raw.rstrip(b"\r\n")).decode("ascii")
+                continue
+            try:
+                yield i, json.loads(line), line
             except ValueError as e:
-                yield i, e, line.rstrip("\r\n")
+                yield i, ValueError(f"invalid JSON: {e}"), line
 
 
 def _check(msgs: Any) -> tuple[str, str] | None:
@@ -81,6 +95,8 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
     bad: list[dict] = []
     skipped: list[str] = []
     files = 0
+    n_records = 0
+    rel = relative_names([Path(p) for p in paths])
     for path in paths:
         path = Path(path)
         suffix = path.suffix.lower()
@@ -99,11 +115,15 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
                 if remaining <= 0:
                     break
                 remaining -= 1
+            n_records += 1
             if isinstance(rec, Exception):
-                bad.append(reject(dataset=DATASET, file=fname, line=line, reason=f"invalid JSON: {rec}", raw=raw))
+                bad.append(reject(dataset=DATASET, file=fname, line=line, reason=str(rec), raw=raw))
                 continue
             msgs = rec.get("messages") if isinstance(rec, dict) else None
-            problem = _check(msgs)
+            problem = _check(msgs) if isinstance(rec, dict) else ("", f"row is a {type(rec).__name__}, not an object")
+            pid = rec.get("prompt_id") if isinstance(rec, dict) else None
+            if problem is None and pid is not None and not isinstance(pid, str):
+                problem = ("prompt_id", f"prompt_id is a {type(pid).__name__}, not a string")
             if problem:
                 bad.append(reject(dataset=DATASET, file=fname, line=line, field=problem[0], reason=problem[1],
                                   raw=raw if raw is not None else json.dumps(rec, ensure_ascii=False, default=str)))
@@ -111,19 +131,25 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
             good.append(
                 make_trace(
                     dataset=DATASET,
-                    source_locator=f"{fname}:{line}",
+                    source_locator=f"{rel[path]}:{line}",
                     completeness="complete",
                     messages=[message(m["role"], m["content"]) for m in msgs],
                     tools=None,
                     category="retain",
                     priority_class="general_conversation",
                     subtype=subtype,
+                    # the task identity: UltraChat's prompt_id (else the first user turn)
+                    pair_group=f"{DATASET}:" + (pid or digest(next(m["content"] for m in msgs
+                                                                  if m["role"] == "user"))),
                 )
             )
         if remaining is not None and remaining <= 0:
             break
     if files == 0:
         raise SourceError(
-            f"ultrachat: no .parquet or .jsonl file among {[str(p) for p in paths]} (set CB_ULTRACHAT_PATH)"
+            f"no .parquet or .jsonl file among {[str(p) for p in paths]} (set CB_ULTRACHAT_PATH)"
         )
+    if n_records == 0:
+        read_files = [str(p) for p in paths if Path(p).suffix.lower() in PARQUET + JSONL]
+        raise SourceError(f"{', '.join(read_files)}: no rows (empty file or no records)", file=read_files[0])
     return SourceResult.from_rows(good, bad, files=files, skipped_files=skipped, max_rows=max_rows)

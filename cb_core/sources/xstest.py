@@ -1,35 +1,43 @@
-"""XSTest (Röttger et al.) -> `borderline` retain traces.
+"""XSTest (Röttger et al.) -> retain traces: `borderline` prompts and compliant answers, `refusal` refusals.
 
 Accepted shapes: the xstest folder (resolve gives its top-level `xstest_prompts.csv`; `completions/*.csv`
 beside it are found from there), the folder itself, the prompts CSV alone, completion CSVs alone, or a glob
 over any of them. A CSV is recognised by its header: `id, prompt, type, label, ...` = prompts;
 `id, type, prompt, completion, ..., final_label` = completions. Other files are skipped (`meta["skipped_files"]`).
 
-* Every prompt -> a **skeleton** trace (user message only), subtype = f"{label}:{type}" (e.g. `safe:homonyms`,
-  `unsafe:contrast_homonyms`), so curation can tell the safe prompts from their unsafe contrasts.
-* Every completion row with `final_label == 1_full_compliance` to a SAFE prompt -> a **complete** trace
-  (user = the completion row's prompt, assistant = the completion), subtype `safe:<type>`, and the answering
-  model (the file's stem) in `provenance.generation_params`. The prompt's label comes from the prompts file
-  by id (`v2-12` -> `12`); without one, types starting `contrast_` are unsafe (XSTest's convention).
-  Refusals, partial refusals and answers to unsafe prompts are not traces; their numbers are in
-  `meta["completions_not_used"]`.
+* Every prompt -> a **skeleton** trace (user message only), `borderline`, subtype = f"{label}:{type}" (e.g.
+  `safe:homonyms`, `unsafe:contrast_homonyms`), so curation can tell the safe prompts from their unsafe contrasts.
+* Every completion row with `final_label == 1_full_compliance` to a SAFE prompt -> a **complete** `borderline`
+  trace (user = the completion row's prompt, assistant = the completion), subtype `safe:<type>`.
+* Every completion row with `final_label == 2_full_refusal` to an UNSAFE prompt -> a **complete** `refusal`
+  trace, subtype `unsafe:<type>`: the retain data that teaches the model to keep refusing what it should refuse
+  (the reference circuit-breaker recipe trains on refusal retain data).
+  Both carry the answering model (the file's stem) and the final label in `provenance.generation_params`.
+  The prompt's label comes from the prompts file by id (`v2-12` -> `12`); without one, types starting
+  `contrast_` are unsafe (XSTest's convention). Partial refusals, refusals of safe prompts (over-refusal, not
+  retain data) and answers to unsafe prompts are not traces; their numbers are in `meta["completions_not_used"]`.
+pair_group = `xstest:<prompt id>` (a prompt and every completion of it are one group); source_locator =
+`<path relative to the xstest folder>:<line>` (`xstest_prompts.csv:12`, `completions/gpt4.csv:40`), so ids
+survive copying the data elsewhere.
 
 CSV facts handled: CRLF line ends, quoted fields with embedded quotes and newlines, non-ASCII text.
 Line numbers are physical 1-based lines where the record starts (header = line 1), also for records that
-span several lines. Quarantined (file, line, field, reason, raw row as JSON): empty id/prompt/completion,
-a label other than safe/unsafe, an unknown final_label; a file that cannot be parsed or lacks a required
-column is quarantined whole (line 0).
+span several lines. Quarantined (file, line, field, reason, raw row as JSON; invalid UTF-8: `base64:` of the
+record's bytes): empty id/prompt/completion, a label other than safe/unsafe, an unknown final_label, a record
+whose field count differs from the header. A file that cannot be read as a whole (broken quoting, a missing
+required column, empty or header only) fails the source with a SourceError naming the file and column.
 """
 from __future__ import annotations
 
+import base64
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-import polars as pl
-
 from cb_core.schemas import make_trace, message, reject
 from cb_core.sources import SourceError, SourceResult
+from cb_core.sources.llmail import _SURROGATE, read_csv_records
 
 DATASET = "xstest"
 PROMPT_COLS = ("id", "prompt", "type", "label")
@@ -61,6 +69,8 @@ def _classify(paths: list[Path]) -> tuple[list[Path], list[Path], list[str]]:
         if c.suffix.lower() != ".csv":
             skipped.append(c.name)
             continue
+        if c.stat().st_size == 0:
+            raise SourceError(f"{c} is empty (0 bytes): expected an XSTest prompts or completions CSV", file=c)
         head = set(_header(c))
         if "final_label" in head or "completion" in head:
             completions.append(c)
@@ -77,22 +87,38 @@ def _classify(paths: list[Path]) -> tuple[list[Path], list[Path], list[str]]:
     return prompts, completions, skipped
 
 
-def _read_csv(path: Path, required: tuple[str, ...], bad: list[dict]) -> tuple[list[dict], list[int]] | None:
-    """Rows as dicts (all strings) plus each record's physical start line; None (file quarantined) on failure."""
-    try:
-        df = pl.read_csv(path, infer_schema=False, encoding="utf8-lossy")
-    except (pl.exceptions.PolarsError, OSError, ValueError) as e:
-        bad.append(reject(dataset=DATASET, file=str(path), line=0, reason=f"unparsable CSV: {e}", raw=""))
-        return None
-    missing = [c for c in required if c not in df.columns]
+def _rows(path: Path, required: tuple[str, ...], bad: list[dict]) -> list[tuple[int, dict]]:
+    """(physical start line, row dict) per record; bad records -> `bad`; whole-file problems -> SourceError."""
+    header, records = read_csv_records(path)
+    missing = [c for c in required if c not in header]
     if missing:
-        bad.append(reject(dataset=DATASET, file=str(path), line=0, field=missing[0],
-                          reason=f"CSV lacks column(s) {missing}; has {df.columns}", raw=",".join(df.columns)))
-        return None
-    # record k starts at line 2 + sum over earlier records of (1 + their embedded newlines)
-    span = pl.sum_horizontal([pl.col(c).str.count_matches("\n").fill_null(0) for c in df.columns]) + 1
-    starts = df.select((span.cum_sum() - span + 2).alias("s")).get_column("s").to_list()
-    return df.to_dicts(), starts
+        raise SourceError(f"{path} (line 1, the header) lacks column(s) {missing}; has {header}",
+                          file=path, field=missing[0])
+    if not records:
+        raise SourceError(f"{path} has a header but no records", file=path)
+    out = []
+    for line, fields, raw in records:
+        text = raw.decode("utf-8", "surrogateescape")
+        if _SURROGATE.search(text):
+            col = next((h for h, v in zip(header, fields) if _SURROGATE.search(v)), "")
+            bad.append(reject(dataset=DATASET, file=str(path), line=line, field=col,
+                              reason=f"not valid UTF-8 (in column {col!r}); the record's bytes are kept as base64 "
+                                     "in raw", raw="base64:" + base64.b64encode(raw).decode("ascii")))
+            continue
+        row = dict(zip(header, fields))
+        if len(fields) != len(header):
+            bad.append(reject(dataset=DATASET, file=str(path), line=line, field="",
+                              reason=f"record has {len(fields)} fields, the header has {len(header)}",
+                              raw=json.dumps(row, ensure_ascii=False)))
+            continue
+        out.append((line, row))
+    return out
+
+
+def _root(files: list[Path]) -> Path:
+    """The xstest folder: the folder of the prompts file(s), else the common parent of everything read."""
+    parents = [str(f.resolve().parent) for f in files]
+    return Path(os.path.commonpath(parents)) if parents else Path(".")
 
 
 def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
@@ -100,20 +126,21 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
     prompt_files, completion_files, skipped = _classify([Path(p) for p in paths])
     if not prompt_files and not completion_files:
         raise SourceError(
-            f"xstest: no prompts or completions CSV among {[str(p) for p in paths]} "
+            f"no prompts or completions CSV among {[str(p) for p in paths]} "
             "(set CB_XSTEST_PATH to the folder holding xstest_prompts.csv)"
         )
+    root = _root(prompt_files + completion_files)
+
+    def rel(p: Path) -> str:
+        return p.resolve().relative_to(root).as_posix()
+
     good: list[dict] = []
     bad: list[dict] = []
     labels: dict[str, str] = {}
     n_prompts = 0
     for pf in prompt_files:
-        got = _read_csv(pf, PROMPT_COLS, bad)
-        if got is None:
-            continue
-        rows, starts = got
         fname = str(pf)
-        for row, line in zip(rows, starts):
+        for line, row in _rows(pf, PROMPT_COLS, bad):
             pid, prompt, label, typ = (row.get(k) or "" for k in ("id", "prompt", "label", "type"))
             label = label.strip().lower()
             problem = None
@@ -131,38 +158,38 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
             good.append(
                 make_trace(
                     dataset=DATASET,
-                    source_locator=f"{fname}:{line}",
+                    source_locator=f"{rel(pf)}:{line}",
                     completeness="skeleton",
                     messages=[message("user", prompt)],
                     tools=None,
                     category="retain",
                     priority_class="borderline",
                     subtype=f"{label}:{typ.strip()}",
+                    pair_group=f"{DATASET}:{pid.strip()}",
                 )
             )
             n_prompts += 1
-    used = not_used = 0
+    used = refusals = not_used = 0
     for cf in completion_files:
-        got = _read_csv(cf, COMPLETION_COLS, bad)
-        if got is None:
-            continue
-        rows, starts = got
         fname = str(cf)
         model = cf.stem
-        for row, line in zip(rows, starts):
+        for line, row in _rows(cf, COMPLETION_COLS, bad):
             cid, prompt, completion, typ, final = (
                 row.get(k) or "" for k in ("id", "prompt", "completion", "type", "final_label")
             )
             cid, typ, final = cid.strip(), typ.strip(), final.strip()
-            label = labels.get(cid) or labels.get(cid.rsplit("-", 1)[-1])
+            base_id = cid if cid in labels else cid.rsplit("-", 1)[-1]
+            label = labels.get(base_id)
             if label is None:
                 label = "unsafe" if typ.startswith("contrast_") else "safe"
+            kind = ("borderline" if final == "1_full_compliance" and label == "safe"
+                    else "refusal" if final == "2_full_refusal" and label == "unsafe" else None)
             problem = None
             if not cid:
                 problem = ("id", "empty id")
             elif final not in FINAL_LABELS:
                 problem = ("final_label", f"final_label {row.get('final_label')!r} is not one of {FINAL_LABELS}")
-            elif final == "1_full_compliance" and label == "safe":
+            elif kind is not None:
                 if not prompt.strip():
                     problem = ("prompt", "empty prompt")
                 elif not completion.strip():
@@ -171,23 +198,25 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
                 bad.append(reject(dataset=DATASET, file=fname, line=line, field=problem[0], reason=problem[1],
                                   raw=json.dumps(row, ensure_ascii=False)))
                 continue
-            if final != "1_full_compliance" or label != "safe":
+            if kind is None:
                 not_used += 1
                 continue
             good.append(
                 make_trace(
                     dataset=DATASET,
-                    source_locator=f"{fname}:{line}",
+                    source_locator=f"{rel(cf)}:{line}",
                     completeness="complete",
                     messages=[message("user", prompt), message("assistant", completion)],
                     tools=None,
                     category="retain",
-                    priority_class="borderline",
-                    subtype=f"safe:{typ}",
+                    priority_class=kind,
+                    subtype=f"{label}:{typ}",
+                    pair_group=f"{DATASET}:{base_id}",
                     generation_params={"completion_model": model, "final_label": final},
                 )
             )
-            used += 1
+            used += kind == "borderline"
+            refusals += kind == "refusal"
     return SourceResult.from_rows(
         good,
         bad,
@@ -195,6 +224,7 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
         completion_files=[c.name for c in completion_files],
         prompts=n_prompts,
         completions_used=used,
+        refusals_used=refusals,
         completions_not_used=not_used,
         skipped_files=skipped,
     )
