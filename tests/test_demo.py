@@ -139,11 +139,13 @@ def test_demo_llmail(demo):
 
 def test_demo_tau2(demo):
     res = _read("tau2", demo["tau2"])
-    assert res.rejected.height == 0
+    assert res.rejected.height == DEMO_EXPECTED["tau2_excluded"]
+    assert set(res.rejected["severity"]) == {"excluded"}
     assert res.meta["tasks_per_domain"] == DEMO_EXPECTED["tau2"]
     tel = res.good.filter(pl.col("labels").struct.field("subtype") == "telecom")
-    called = {c["name"] for ms in tel["messages"].to_list() for m in ms for c in m["tool_calls"]}
-    assert called == {"enable_roaming", "refuel_data"}  # user-side device actions left out
+    # the expected behaviour is the first assistant action (user-side device actions left out)
+    assert set(tel["tool_attack"].struct.field("expected_tool")) == {"enable_roaming"}
+    assert all(len(ms) == 2 for ms in tel["messages"].to_list())
 
 
 def test_demo_ultrachat(demo):
@@ -159,7 +161,9 @@ def test_demo_xstest(demo):
     assert res.rejected.height == 0
     g = res.good
     assert (g["completeness"] == "skeleton").sum() == exp["prompts"]
-    assert (g["completeness"] == "complete").sum() == exp["safe_full_compliance"]
+    comp = g.filter(pl.col("completeness") == "complete")
+    assert lab(comp, "priority_class").count("borderline") == exp["safe_full_compliance"]
+    assert lab(comp, "priority_class").count("refusal") == exp["unsafe_full_refusal"]
     sk_sub = lab(g.filter(pl.col("completeness") == "skeleton"), "subtype")
     assert sum(s.startswith("safe:") for s in sk_sub) == exp["safe_prompts"]
 
