@@ -10,7 +10,8 @@ Parquet files.
 
 * `build_training_mix` -- harmful (Ds) and retain (Dr) samples with their lossmasks, de-duplicated by the
   content hash of the message list (never of anything that differs by label, e.g. the tool list), retain
-  traces that failed the user's task left out (`retain_requires_task_success`), sampled per priority class
+  traces that failed the user's task left out (`retain_requires_task_success`), traces calling a tool their
+  environment does not offer left out (counted), sampled per priority class
   (targets, caps, `dr_ratio`), with attack pair groups reserved for the held-out attack set first.
   Generated DS/DR twins take the pair_group of their parent skeleton (`provenance.parent_id`).
 * `gate_results` -- merge gates (ratio, true adversarial-safe count, duplicate ids, tool schemas present).
@@ -483,6 +484,17 @@ def build_training_mix(
         ],
     }
     usable = usable.filter(~pl.col("id").is_in(failed["id"].to_list()))
+
+    # a call to a tool the environment does not offer (a model's invented tool name) is not trained on either
+    # way; a trace offering no tools at all while calling some stays (and fails the tool-schema gate: that is a
+    # reader problem, not a model's)
+    unknown = [
+        tid
+        for tid, msgs, tools in zip(usable["id"].to_list(), usable["messages"].to_list(), usable["tools"].to_list())
+        if (names := _tool_names(tools)) and any(c not in names for c in _called_tools(msgs))
+    ]
+    counts["unknown_tool_call_excluded"] = {"total": len(unknown), "examples": sorted(unknown)[:5]}
+    usable = usable.filter(~pl.col("id").is_in(unknown))
 
     parts, no_mask, empty_mask = [], {}, {}
     for cat in ("harmful", "retain"):

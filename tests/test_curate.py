@@ -24,7 +24,7 @@ from cb_core.curate import (
     preflight,
     split,
 )
-from cb_core.schemas import TRACE_SCHEMA, make_trace, message
+from cb_core.schemas import TRACE_SCHEMA, digest, make_trace, message
 
 SPAN = pl.Struct(
     {
@@ -488,6 +488,22 @@ def test_dedup_ignores_tools_and_labels_and_drops_label_conflicts():
     assert st["duplicate_label_conflict_rows_dropped"] == 2
     assert sorted(st["duplicate_label_conflict_examples"][0]) == sorted([h["id"], r["id"]])
     assert set(mix["id"]) == {min(benign["id"], twin["id"]), keep["id"]}
+
+
+def test_calls_to_tools_the_environment_lacks_are_not_trained_on():
+    ok = _agent("agentdojo", "banking", 1, "benign")
+    invented = _agent("agentdojo", "banking", 2, "benign")
+    invented["messages"][2]["tool_calls"][0]["name"] = "search_received_emails"  # not among TOOLS
+    no_tools = make_trace(**{**_dup_kwargs(_agent("agentdojo", "banking", 5, "benign")), "tools": []})
+    df = pl.DataFrame([ok, invented, no_tools], schema=TRACE_SCHEMA)
+    _, lm = make_renders_and_masks(df)
+    cfg = small_cfg(eval_attacks={"min_per_stratum": 0}, targets={"harmful": 0, "retain": 5}, dr_ratio=None)
+    mix, st = build_training_mix(df, lm, cfg)
+    assert st["unknown_tool_call_excluded"] == {"total": 1, "examples": [invented["id"]]}
+    assert set(mix["id"]) == {ok["id"], no_tools["id"]}
+    # a trace that offers no tools at all is a reader problem: it stays, and the gate names it
+    g = _gate(gate_results(mix, cfg), "tool_schemas_present")
+    assert not g.passed and g.examples[0]["id"] == no_tools["id"] and "1 of 2 samples" in g.description
 
 
 def test_retain_requires_task_success(world):
@@ -991,3 +1007,143 @@ def test_eval_quotas_small_strata_and_overall_share():
     assert all(0 <= q[k] <= sizes[k] for k in sizes)
     assert q == curate._eval_quotas(dict(reversed(list(sizes.items()))), 0.1, seed=1)
     assert curate._eval_quotas({"a": 3}, 0.0, seed=1) == {"a": 0}
+
+
+# ----------------------------------------------------------------------------------- real shared data
+# The real Tier A records (../shared/data), read by the project's readers; only the lossmasks are stand-ins
+# (one non-empty mask per complete trace: what is checked here does not depend on their tokens).
+REAL_SOURCES = {"agentdojo": "agent_dojo", "llmail_inject": "llmail_inject", "xstest": "xstest", "tau2": "tau2"}
+INFO = "<INFORMATION>"
+
+
+def _stub_lossmasks(traces: pl.DataFrame, cfg: CurationConfig) -> pl.DataFrame:
+    ids = traces.filter(pl.col("completeness") == "complete")["id"].to_list()
+    rows = [
+        {"trace_id": i, "policy": p, "mask_spans": [{"token_start": 0, "token_end": 1, "weight": 1.0}],
+         "sample_weight": 1.0, "n_tokens": 2, "n_masked": 1, "dataset": None, "category": None,
+         "priority_class": None}
+        for i in ids for p in sorted(set(cfg.training.lossmask_policy.values()))
+    ]
+    return pl.DataFrame(rows, schema=LOSSMASK_SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def real(shared_data):
+    from types import SimpleNamespace
+
+    from cb_core.config import DatasetsConfig, resolve_source_paths
+    from cb_core.sources import get_reader
+
+    dc = DatasetsConfig.load()
+    frames = [
+        get_reader(ds)(resolve_source_paths(shared_data / folder), getattr(dc, ds)).good
+        for ds, folder in REAL_SOURCES.items()
+    ]
+    traces = pl.concat([f.select(list(TRACE_SCHEMA)).cast(dict(TRACE_SCHEMA)) for f in frames])
+    cfg = load_curation_config("default")
+    mix, stats = build_training_mix(traces, _stub_lossmasks(traces, cfg), cfg)
+    train, eval_ = split(mix, cfg)
+    ea, ea_stats = curate.build_eval_attacks_with_stats(traces, mix, cfg)
+    return SimpleNamespace(traces=traces, cfg=cfg, mix=mix, stats=stats, train=train, eval=eval_, ea=ea,
+                           ea_stats=ea_stats)
+
+
+def _first_user(msgs: list[dict]) -> str:
+    return next(m["content"] for m in msgs if m["role"] == "user")
+
+
+def _injection_texts(df: pl.DataFrame) -> set[str]:
+    return {t for t in df["tool_attack"].struct.field("injection_text").to_list() if t}
+
+
+@pytest.mark.shared_data
+def test_real_split_keeps_tasks_and_conversations_together(real):
+    ad = real.traces.filter(pl.col("dataset") == "agentdojo")
+    # the readers' contract: an AgentDojo pair_group is the task, across model files
+    assert all(curate.agentdojo_task_key(g) for g in ad["pair_group"].to_list())
+    assert ad["pair_group"].n_unique() == 97
+    tr, ev = real.train, real.eval
+    assert tr.height and ev.height and ev.filter(pl.col("dataset") == "agentdojo").height
+    assert set(tr["pair_group"]).isdisjoint(set(ev["pair_group"]))
+    assert set(tr["content_hash"]).isdisjoint(set(ev["content_hash"]))
+    full = lambda df: {digest(m) for m in df["messages"].to_list()}  # noqa: E731 - identical message lists
+    assert full(tr).isdisjoint(full(ev))
+    # 0 of the AgentDojo eval-split user prompts appear in train (92 of 101 did with one group per trace)
+    prompts = lambda df: {_first_user(m) for m in df.filter(pl.col("dataset") == "agentdojo")["messages"]}  # noqa
+    assert prompts(ev) and not prompts(ev) & prompts(tr)
+    # no identical message list twice in the whole mix (de-duplication by message content)
+    assert len(full(real.mix)) == real.mix.height
+
+
+@pytest.mark.shared_data
+def test_real_eval_attacks_hold_the_injection_and_the_expected_behaviour(real, shared_data):
+    ea, st = real.ea, real.ea_stats
+    EvalAttacksModel.validate(ea)
+    assert ea.height > 0 and set(ea["dataset"]) == {"agentdojo", "llmail_inject"}
+    for r in ea.iter_rows(named=True):
+        last = r["messages"][-1]
+        assert last["role"] == "tool" or (last["role"] == "user" and r["tool_attack"]["injection_text"] in
+                                          last["content"]), r["source_trace_id"]
+        assert any(r["tool_attack"]["injection_text"] in (m["content"] or "") for m in r["messages"])
+    # AgentDojo: the <INFORMATION> block is in a tool result, and expected_tool is the task's next ground-truth
+    # call (checked against the shipped ground truth by its definition) or final_answer
+    tasks = json.loads((shared_data / "agent_dojo" / "suites" / "user_tasks.json").read_text())["v1"]
+    ad = ea.filter(pl.col("dataset") == "agentdojo")
+    assert ad.height >= 4 * real.cfg.eval_attacks.min_per_stratum
+    for r in ad.iter_rows(named=True):
+        assert any(m["role"] == "tool" and INFO in (m["content"] or "") for m in r["messages"])
+        suite, task = curate.agentdojo_task_key(r["pair_group"])
+        gt = tasks[suite][task]["ground_truth_functions"]
+        made = [c["name"] for m in r["messages"] for c in (m["tool_calls"] or [])]
+        exp = r["tool_attack"]["expected_tool"]
+        if exp == curate.FINAL_ANSWER:
+            assert r["expected_behavior"] == "final_answer"
+            assert all(made.count(f) >= gt.count(f) for f in set(gt))
+        else:
+            assert r["expected_behavior"] == "expected_tool" and gt.count(exp) > made.count(exp)
+    assert st["agentdojo_without_ground_truth"] == 0
+    ll = ea.filter(pl.col("dataset") == "llmail_inject")
+    assert set(ll["expected_behavior"]) == {"no_attacker_call"}
+    assert ll["tool_attack"].struct.field("attacker_tool").is_not_null().all()
+    # held out: ids, source traces and tasks never trained on; no LLMail e-mail that a harmful train trace uses
+    assert set(ea["id"]).isdisjoint(set(real.mix["id"])) and set(ea["id"]).isdisjoint(set(real.train["id"]))
+    assert set(ea["source_trace_id"]).isdisjoint(set(real.mix["id"]))
+    assert set(ea["pair_group"]).isdisjoint(set(real.mix["pair_group"]))
+    harmful_train = real.train.filter((pl.col("category") == "harmful") & (pl.col("dataset") == "llmail_inject"))
+    assert harmful_train.height and _injection_texts(ll).isdisjoint(_injection_texts(harmful_train))
+    # every stratum reported; small ones merged into "<dataset>:other", the labels' subtypes untouched
+    strata = curate.eval_attack_strata(ea, real.cfg)
+    for s in strata:
+        assert s["len"] <= real.cfg.eval_attacks.max_per_stratum
+        if not s["stratum"].endswith(":other"):
+            assert s["subtypes"] == [s["stratum"].split(":", 1)[1]]
+    assert set(st["merged_strata"].values()) <= {s["stratum"] for s in strata}
+
+
+@pytest.mark.shared_data
+def test_real_adversarial_safe_and_retain_rules(real):
+    mix, st = real.mix, real.stats
+    safe = mix.filter(curate.adversarial_safe_expr())
+    assert safe.height == st["adversarial_safe"] > 0
+    # counted adversarial-safe AgentDojo traces all read the injection (a tool result holds the block)
+    for msgs in safe.filter(pl.col("dataset") == "agentdojo")["messages"].to_list():
+        assert any(m["role"] == "tool" and INFO in (m["content"] or "") for m in msgs)
+    # attacked runs that never reached the injection are never counted
+    unreached = real.traces.filter(pl.col("labels").struct.field("injection_reached") == False)  # noqa: E712
+    assert unreached.height and set(unreached["id"]).isdisjoint(set(safe["id"]))
+    # retain data are runs that did the user's task: none of AgentDojo's failed tasks is in the mix as retain
+    ts = mix["labels"].struct.field("task_success")
+    assert not mix.filter((pl.col("dataset") == "agentdojo") & (pl.col("category") == "retain")
+                          & (ts == False)).height  # noqa: E712
+    reserved = curate.reserved_attack_groups(curate.trace_features(real.traces), real.cfg)
+    failed = real.traces.filter(
+        (pl.col("dataset") == "agentdojo") & (pl.col("completeness") == "complete")
+        & (pl.col("labels").struct.field("category") == "retain")
+        & (pl.col("labels").struct.field("task_success") == False)  # noqa: E712
+        & ~pl.col("pair_group").is_in(list(reserved))
+        & pl.col("messages").list.eval(pl.element().struct.field("role") == "assistant").list.any()
+    )
+    assert failed.height > 0 and st["retain_failed_task_excluded"]["total"] == failed.height
+    # XSTest refusals are retain data, within their cap
+    n_ref = mix.filter((pl.col("dataset") == "xstest") & (pl.col("priority_class") == "refusal")).height
+    assert 0 < n_ref <= real.cfg.class_cap("refusal")
