@@ -49,7 +49,10 @@ class Ticker:
 
     def tick(self):
         ctx = dg.build_sensor_context(cursor=self.cursor, definitions=defs, instance=self.instance,
-                                      sensor_name="source_sensor", resources=defs.resources)
+                                      sensor_name="source_sensor",
+                                      # what the daemon builds: only the resources the sensor requires (the IO
+                                      # manager takes the data-root lock, a run's job, not a sensor tick's)
+                                      resources={k: defs.resources[k] for k in self.sensor.required_resource_keys})
         data = self.sensor.evaluate_tick(ctx)
         if data.cursor is not None:
             self.cursor = data.cursor
