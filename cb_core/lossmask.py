@@ -138,6 +138,17 @@ def cb_full_sequence(spans: Sequence[dict], n_tokens: int) -> list[Range]:
     return merge_ranges(_subtract(ranges, defs), n_tokens)
 
 
+def cb_from_injection(spans: Sequence[dict], n_tokens: int) -> list[Range]:
+    """From the first token of the first ``injection`` span (the token holding the injection's first
+    character) through the end of the trace: the injected text and everything the model does after reading
+    it (its compromised calls), headers and end tokens included. Rerouting starts where the attack is read,
+    not at the user turn. A render without an injection span falls back to ``cb_full_sequence``."""
+    starts = [s["token_start"] for s in spans if s["kind"] == "injection" and s["token_end"] > s["token_start"]]
+    if not starts:
+        return cb_full_sequence(spans, n_tokens)
+    return merge_ranges([(min(starts), n_tokens, 1.0)], n_tokens)
+
+
 def assistant_and_tool(spans: Sequence[dict], n_tokens: int) -> list[Range]:
     """The body of every assistant message and of every tool-result message (content + end token;
     headers excluded)."""
@@ -193,6 +204,7 @@ POLICIES: dict[str, Callable[[Sequence[dict], int], list[Range]]] = {
     "completion_only": completion_only,
     "full_sequence": full_sequence,
     "cb_full_sequence": cb_full_sequence,
+    "cb_from_injection": cb_from_injection,
     "assistant_and_tool": assistant_and_tool,
     "tool_calls_only": tool_calls_only,
     "action_prefix_only": action_prefix_only,
@@ -218,7 +230,7 @@ class LossmaskConfig:
 
     policies: list[str] = field(default_factory=lambda: list(POLICIES))
     training_default: dict[str, str] = field(
-        default_factory=lambda: {"harmful": "cb_full_sequence", "retain": "assistant_only"}
+        default_factory=lambda: {"harmful": "cb_from_injection", "retain": "assistant_only"}
     )
     preview_samples: int = 3
     source: str = "<defaults>"
@@ -331,6 +343,15 @@ def _policy_ranges(policy: str, rows: pl.DataFrame, sp: pl.DataFrame, msg: pl.Da
         return msg.filter(asst & pl.col("ne").is_not_null() & pl.col("cs").is_not_null()).select(
             "_r", pl.col("cs").alias("s"), pl.col("ne").alias("e")
         )
+    if policy == "cb_from_injection":
+        inj = (
+            sp.filter((pl.col("kind") == "injection") & (pl.col("token_end") > pl.col("token_start")))
+            .group_by("_r")
+            .agg(pl.col("token_start").min().alias("s"))
+        )
+        from_inj = inj.join(rows, on="_r").select("_r", "s", pl.col("n_tokens").alias("e"))
+        fallback = _policy_ranges("cb_full_sequence", rows, sp, msg).join(inj.select("_r"), on="_r", how="anti")
+        return pl.concat([from_inj, fallback.select("_r", "s", "e")])
     if policy == "cb_full_sequence":
         m = msg.filter(role != "system").select("_r", "ms", "me")
         defs = (
@@ -477,6 +498,15 @@ def build_lossmasks(
         )
     rejected = pl.DataFrame(rej_rows, schema=QUARANTINE_SCHEMA)
     if stats is not None:
+        if "cb_from_injection" in policies:
+            # training-bound traces without an injection span: cb_from_injection fell back to
+            # cb_full_sequence for them (per category; harmful ones are the ones that matter)
+            no_inj = bound.filter(
+                ~pl.col("spans").list.eval(pl.element().struct.field("kind") == "injection").list.any()
+            )
+            stats["cb_from_injection_fallback"] = {
+                c: int((no_inj["category"] == c).sum()) for c in ("harmful", "retain")
+            }
         stats.update(
             n_renders=renders.height,
             training_bound=bound.height,

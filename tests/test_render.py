@@ -728,7 +728,7 @@ def test_renders_asset_reports_truncation_per_dataset(data_root):
     pl.DataFrame([drop, shorten, fits, too_long, ok], schema=TRACE_SCHEMA).write_parquet(data_root / "traces.parquet")
     job = defs.resolve_implicit_global_asset_job_def()
     res = job.execute_in_process(
-        asset_selection=[dg.AssetKey("renders"), dg.AssetKey("renders_quarantine")],
+        asset_selection=[dg.AssetKey(k) for k in ("renders", "renders_quarantine", "lossmasks", "lossmasks_quarantine")],
         run_config={"ops": {"renders": {"config": {"max_length": 3000}}}},
     )
     assert res.success
@@ -749,3 +749,6 @@ def test_renders_asset_reports_truncation_per_dataset(data_root):
     q = pl.read_parquet(data_root / "renders_quarantine.parquet")
     assert q["line"].to_list() == [4] and q["severity"].to_list() == ["excluded"]
     assert "max_length=3000" in q["reason"][0]
+    # the tau2 retain trace has no injection: cb_from_injection fell back to cb_full_sequence for it
+    assert md["lossmasks"]["cb_from_injection_fallback"].value == {"harmful": 0, "retain": 1}
+    assert md["lossmasks"]["training_default"].value["harmful"] == "cb_from_injection"
