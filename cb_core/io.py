@@ -243,8 +243,11 @@ def acquire_data_root(root: Path | None = None, *, run_id: str = "", timeout_s: 
         if root in _HELD:
             _HELD[root][1] += 1
             return {"root": str(root), "reentrant": True}
-        root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise DataRootBusy(f"CB_DATA_ROOT {root}: cannot create the run lock {root / LOCK_FILE}: {e}") from e
         t0 = time.monotonic()
         while True:
             try:
