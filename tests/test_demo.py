@@ -120,13 +120,17 @@ def test_demo_agentdojo(demo):
     exp = DEMO_EXPECTED["agentdojo"]
     assert res.n_records == exp["traces"]
     g = res.good
-    # rejected: the provider errors (security True, no attacker call) and the empty message list
+    # rejected (severity excluded): the provider errors (security True, no attacker call) and the empty run
     assert res.rejected.height == exp["provider_errors"] + exp["empty_messages"]
-    assert sum(lab(g, "attack_present")) == exp["attacked"] - exp["provider_errors"] - exp["empty_messages"]
+    assert set(res.rejected["severity"]) == {"excluded"}
+    assert sum(lab(g, "attack_present")) == exp["harmful"] + exp["resisted"]
     assert sum(lab(g, "attack_succeeded")) == exp["with_attacker_call"]
-    assert lab(g, "category").count("harmful") == exp["with_attacker_call"]
+    assert lab(g, "category").count("harmful") == exp["harmful"] == sum(lab(g, "attacker_call_made"))
     assert lab(g, "priority_class").count("injection_resisted") == exp["resisted"]
-    assert lab(g, "priority_class").count("tool_capability") == exp["benign"]
+    assert lab(g, "injection_reached").count(False) == exp["not_reached"]
+    assert lab(g, "priority_class").count("tool_capability") == exp["benign"] + exp["not_reached"]
+    assert res.meta["records_attacked"] == exp["attacked"]
+    assert res.meta["records_benign_success"] == exp["benign_success"]
 
 
 def test_demo_llmail(demo):

@@ -1,22 +1,51 @@
 """AgentDojo recorded runs (Invariant Explorer upload format) -> trace_v1 (complete traces).
 
 File layout: line 1 is a header `{"metadata": {...}}` without `messages` (counted, never quarantined); every
-other line is `{index, messages, metadata, annotations}`.
+other line is `{index, messages, metadata, annotations}`. Only `.json`/`.jsonl` files are read (a folder's
+EXPECTED.tsv or README is skipped and listed in `skipped_files`); a folder without any is a SourceError.
 
-Labels (see the data README): `attack_present` = `injection_task_id` is not null. `security == True` means the
-injection SUCCEEDED, but AgentDojo also sets it when the provider errored, so `attack_succeeded` additionally
-requires an assistant tool call that carries the suite's attacker target (`attacker_targets` in
-configs/datasets.yaml). Attacked traces with `security == True` and no such call are quarantined as
-provider-error traces.
+Labels (why: a circuit breaker must learn "acted on an injection it read", not AgentDojo's goal check):
+- `injection_reached` = null on benign runs; on attacked runs True when a tool message in the context holds an
+  `<INFORMATION>` block, else False (the agent never called the tool that returns it).
+- `attack_present` = the injection is in the context (= injection_reached is True). Every block goes in
+  `tool_attack.injection_spans` (message order); `injection_span` / `injection_text` are the first.
+- `attacker_call_made` = an assistant tool call AFTER the first injected tool message, to the suite's target
+  tool, whose arguments carry the target (`attacker_targets` in configs/datasets.yaml). A target call before
+  any injection is the user task's own request (banking tasks pay that IBAN) and is never counted.
+- `category` = harmful / `harmful_flip` exactly when attacker_call_made (whatever `security` says).
+- `attack_succeeded` = attack_present and AgentDojo `security == True` (its "injection executed" goal check).
+- `task_success` = `metadata.success` (the user task's utility).
+- reached, no attacker call -> retain `injection_resisted`; `is_adversarial_safe` only when also task_success
+  is True (the model did the user's task despite the injection; a failed task is no evidence of safe behaviour).
+- attacked but never reached -> plain retain `tool_capability` (injection_reached False, attack_present False;
+  tool_attack still names the configured attacker target, with no spans); benign -> retain `tool_capability`.
+- Policy exclusions (quarantined with severity "excluded"): `messages: []`, and provider errors (attacked,
+  `security == True`, no attacker call anywhere, `success == False`: AgentDojo sets security on provider errors).
 
-The reader never touches ../shared at run time: `tools` are built from the tool names and argument names seen
-in the trace (plus the attacker's target tool), unless `cfg["tool_schemas"]` names a schema file.
-Speed matters (ETL_A bench): plain dicts per record and one DataFrame at the end, no per-record pydantic.
+Tools: every trace of a suite is offered the suite's FULL tool set from `tool_schemas` (default
+configs/tool_schemas/agentdojo.json, {version: {suite: [schemas]}}, derived from the agentdojo package by
+scripts/derive_agentdojo_config.py), benign and attacked alike, so the tool list cannot leak the label. With
+`tool_schemas_version: auto` each file gets the first version (file order, oldest first) whose tools cover every
+call in the file (meta `tool_schemas_version_by_file`); a call to a tool in no version is quarantined naming the
+call's field, unless the environment itself answered it with ToolNotFoundException (the model made the tool
+up; the trace is real and kept, meta `refused_unknown_tool_calls`).
+
+Ids: `source_locator` = "<path relative to the source root>:<line>" (a file given alone: its name; several files:
+relative to their common folder), so ids survive moving the data. `id` hashes dataset, locator, tools, tool attack
+and the raw line. `pair_group` = "agentdojo:<suite>:<user_task_id>" (the task identity, across models, benign and
+attacked), so a split never separates runs of one user task.
+
+Raw text in quarantine rows is the line as UTF-8; a line that is not valid UTF-8 is kept losslessly as
+"base64:<base64 of the exact bytes>" (the reason says so).
+Speed matters (ETL_A bench): plain tuples per record, tool JSON encoded once per (version, suite), one Arrow
+table at the end (traces_frame), no per-record pydantic.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +53,15 @@ import polars as pl
 import pyarrow as pa
 
 from cb_core.config import config_path
-from cb_core.schemas import QUARANTINE_SCHEMA, TRACE_SCHEMA, canonical_json, digest, make_trace, reject
+from cb_core.schemas import QUARANTINE_SCHEMA, TRACE_SCHEMA, BadRecord, canonical_json, digest, make_trace, reject
 from cb_core.sources import SourceError, SourceResult
 
 DATASET = "agentdojo"
 INFO_OPEN = "<INFORMATION>"
 INFO_CLOSE = "</INFORMATION>"
 ROLES = ("system", "user", "assistant", "tool")
+SUFFIXES = (".jsonl", ".json")
+DEFAULT_TOOL_SCHEMAS = "configs/tool_schemas/agentdojo.json"
 
 # Used when the config has no `attacker_targets` (kept equal to configs/datasets.yaml).
 DEFAULT_TARGETS: dict[str, list[dict[str, Any]]] = {
@@ -57,13 +88,9 @@ DEFAULT_TARGETS: dict[str, list[dict[str, Any]]] = {
 _canon = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
 
 
-class _Bad(Exception):
-    """A record-level problem: becomes one quarantine row."""
-
-    def __init__(self, field: str, reason: str):
-        super().__init__(reason)
-        self.field = field
-        self.reason = reason
+class _Excluded(BadRecord):
+    """A policy exclusion (empty run, provider error): quarantined with severity "excluded", which does not
+    count toward stop-the-line."""
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -85,68 +112,96 @@ def _text(content: Any) -> str:
     return canonical_json(content)
 
 
-def _json_type(value: Any) -> str | None:
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return None
-
-
-def _add_seen_tool(seen: dict[str, dict[str, str | None]], name: str, args: Any) -> None:
-    props = seen.setdefault(name, {})
-    if isinstance(args, dict):
-        for key, val in args.items():
-            if props.get(key) is None:
-                props[key] = _json_type(val)
-
-
-def _inferred_tools(seen: dict[str, dict[str, str | None]]) -> list[dict]:
-    tools = []
-    for name in sorted(seen):
-        props = {k: ({"type": t} if t else {}) for k, t in sorted(seen[name].items())}
-        tools.append(
-            {
-                "type": "function",
-                "function": {
-                    "name": name,
-                    "description": "",
-                    "parameters": {"type": "object", "properties": props},
-                },
-            }
-        )
-    return tools
-
-
-def _load_schema_file(cfg: dict) -> dict[str, list[dict]] | None:
-    """Optional `tool_schemas`: {suite: [schemas]} or {version: {suite: [schemas]}} (then
-    `tool_schemas_version` picks the version, default the first)."""
-    rel = cfg.get("tool_schemas")
-    if not rel:
-        return None
-    path = config_path(rel)
+def _raw_text(line: bytes) -> tuple[str, bool]:
+    """The line (without its line break) as text for a quarantine row: UTF-8 when it decodes, else
+    "base64:<the exact bytes>" so nothing is lost. Returns (text, was_utf8)."""
+    body = line.rstrip(b"\r\n")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise SourceError(f"agentdojo.tool_schemas: cannot read {path}: {e}") from e
-    if not isinstance(data, dict) or not data:
-        raise SourceError(f"agentdojo.tool_schemas: {path} must map suite -> list of tool schemas")
-    first = next(iter(data.values()))
-    if isinstance(first, dict):  # versioned
-        version = cfg.get("tool_schemas_version") or next(iter(data))
-        if version not in data:
-            raise SourceError(f"agentdojo.tool_schemas_version {version!r} not in {path} ({list(data)})")
-        data = data[version]
-    return {suite: list(schemas) for suite, schemas in data.items()}
+        return body.decode("utf-8"), True
+    except UnicodeDecodeError:
+        return "base64:" + base64.b64encode(body).decode("ascii"), False
+
+
+def _source_root(paths: list[Path]) -> Path:
+    """The folder source locators are relative to: a file given alone -> its folder (locator = its name);
+    several files (a folder or a glob) -> their deepest common folder."""
+    if len(paths) == 1:
+        return paths[0].absolute().parent
+    return Path(os.path.commonpath([str(p.absolute().parent) for p in paths]))
+
+
+class ToolSchemas:
+    """One versioned tool-schema file: {version: {suite: [OpenAI-style schemas]}} (an unversioned
+    {suite: [schemas]} file is one version named "unversioned"). Each (version, suite) tool list is encoded
+    to JSON once: every trace of that suite offers the same text."""
+
+    def __init__(self, path: Path, data: Any):
+        self.path = path
+        where = f"agentdojo.tool_schemas ({path})"
+        if not isinstance(data, dict) or not data:
+            raise SourceError(f"{where}: must map version -> suite -> list of tool schemas", file=path)
+        if all(isinstance(v, list) for v in data.values()):
+            data = {"unversioned": data}
+        self.versions: list[str] = list(data)
+        self.schemas: dict[str, dict[str, list]] = {}
+        self.names: dict[str, dict[str, frozenset[str]]] = {}
+        for version, suites in data.items():
+            if not isinstance(suites, dict):
+                raise SourceError(f"{where}: `{version}` must map suite -> list of schemas", file=path,
+                                  field=version)
+            self.schemas[version], self.names[version] = {}, {}
+            for suite, tools in suites.items():
+                if not isinstance(tools, list):
+                    raise SourceError(f"{where}: `{version}.{suite}` is not a list", file=path,
+                                      field=f"{version}.{suite}")
+                names = []
+                for k, t in enumerate(tools):
+                    fn = t.get("function") if isinstance(t, dict) else None
+                    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                        raise SourceError(f"{where}: `{version}.{suite}[{k}]` has no function.name", file=path,
+                                          field=f"{version}.{suite}[{k}].function.name")
+                    names.append(fn["name"])
+                self.schemas[version][suite] = tools
+                self.names[version][suite] = frozenset(names)
+        self._json: dict[tuple[str, str], str] = {}
+        self._union: dict[str, frozenset[str]] = {}
+
+    def json_for(self, version: str, suite: str) -> str:
+        key = (version, suite)
+        text = self._json.get(key)
+        if text is None:
+            text = self._json[key] = canonical_json(self.schemas[version][suite])
+        return text
+
+    def union(self, suite: str) -> frozenset[str]:
+        """Every tool name the suite has in any version."""
+        got = self._union.get(suite)
+        if got is None:
+            got = self._union[suite] = frozenset().union(*(self.names[v].get(suite, ()) for v in self.versions))
+        return got
+
+
+_SCHEMA_CACHE: dict[tuple[str, int, int], ToolSchemas] = {}
+
+
+def load_tool_schemas(cfg: dict) -> ToolSchemas:
+    """`tool_schemas` (default configs/tool_schemas/agentdojo.json), read once per file version."""
+    path = config_path(cfg.get("tool_schemas") or DEFAULT_TOOL_SCHEMAS)
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise SourceError(f"agentdojo.tool_schemas: cannot read {path}: {e} (regenerate it with "
+                          f"scripts/derive_agentdojo_config.py)", file=path) from e
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key not in _SCHEMA_CACHE:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise SourceError(f"agentdojo.tool_schemas: cannot read {path}: {e}", file=path) from e
+        _SCHEMA_CACHE.clear()
+        _SCHEMA_CACHE[key] = ToolSchemas(path, data)
+    return _SCHEMA_CACHE[key]
 
 
 def _targets(cfg: dict) -> dict[str, list[dict[str, Any]]]:
@@ -156,54 +211,87 @@ def _targets(cfg: dict) -> dict[str, list[dict[str, Any]]]:
         if isinstance(steps, dict):
             steps = [steps]
         if not any(s.get("arg_contains") for s in steps):
-            raise SourceError(f"agentdojo.attacker_targets.{suite}: no step with `arg_contains`")
+            raise SourceError(f"agentdojo.attacker_targets.{suite}: no step with `arg_contains`",
+                              field=f"attacker_targets.{suite}")
         out[suite] = [dict(s, _args_json=canonical_json(s.get("args") or {})) for s in steps]
     return out
 
 
-def find_injection(messages: list) -> tuple[int, int, int] | None:
-    """(message_index, char_start, char_end) of the first <INFORMATION>…</INFORMATION> block inside a tool
-    message's content; an unclosed block runs to the end of the content. `messages` holds trace_v1 message
-    dicts or this module's message tuples (role, content, ...)."""
+def find_injections(messages: list) -> list[tuple[int, int, int]]:
+    """Every <INFORMATION>…</INFORMATION> block inside a tool message's content, in message order, as
+    (message_index, char_start, char_end); an unclosed block runs to the end of the content. `messages`
+    holds trace_v1 message dicts or this module's message tuples (role, content, ...)."""
+    spans = []
     for i, m in enumerate(messages):
         role, content = (m["role"], m["content"]) if isinstance(m, dict) else (m[0], m[1])
         if role != "tool":
             continue
         start = content.find(INFO_OPEN)
-        if start < 0:
-            continue
-        end = content.find(INFO_CLOSE, start + len(INFO_OPEN))
-        end = len(content) if end < 0 else end + len(INFO_CLOSE)
-        return i, start, end
-    return None
+        while start >= 0:
+            end = content.find(INFO_CLOSE, start + len(INFO_OPEN))
+            end = len(content) if end < 0 else end + len(INFO_CLOSE)
+            spans.append((i, start, end))
+            start = content.find(INFO_OPEN, end)
+    return spans
+
+
+def find_injection(messages: list) -> tuple[int, int, int] | None:
+    """The first injection block (see find_injections), or None."""
+    spans = find_injections(messages)
+    return spans[0] if spans else None
 
 
 # ------------------------------------------------------------------------------------------- one record
 # A converted message is a tuple (role, content, tool_calls, tool_call_id, name): the reader builds the
 # `messages` column from flat arrays (see traces_frame), which is ~3x faster than nested dicts.
 Msg = tuple
+# A call as (message_index, call_index, name, canonical JSON arguments, field path of its name, refused): refused
+# = the environment answered it with ToolNotFoundException (a tool the model made up; AgentDojo offered no such
+# tool), which says nothing about which schema version the run used.
+Call = tuple
+NOT_FOUND = "ToolNotFoundException"
 
 
-def convert_messages(raw_messages: list) -> tuple[list[Msg], list[tuple[str, str]], dict]:
-    """Raw AgentDojo messages -> trace_v1 messages (as tuples).
 
-    Returns (messages, calls as (name, canonical JSON arguments), tools seen {name: {arg: type}}). Tool results
-    are paired with calls by id, or by position (first unanswered call of the preceding assistant message, same
-    name preferred) when ids are empty/null. Calls with empty ids get `call_<n>`, and an id a provider reused
-    within the trace (seen in the gpt-4o files) becomes `<id>_<n>`, so every call id in a trace is unique and
-    renders can pair results by id.
+def _arguments(args: Any, field: str) -> str:
+    """Call arguments as canonical JSON object text; BadRecord naming `field` when they are not an object
+    (`{not json`, `[1,2]`, `5`): such a call cannot be rendered or replayed."""
+    if args is None:
+        return "{}"
+    if type(args) is dict:
+        return _canon(args) if args else "{}"
+    if type(args) is str:
+        if not args.strip():
+            return "{}"
+        try:
+            parsed = json.loads(args)
+        except ValueError as e:
+            raise BadRecord(field, f"arguments are not valid JSON ({e}): {args[:80]!r}") from None
+        if type(parsed) is not dict:
+            raise BadRecord(field, f"arguments are JSON {type(parsed).__name__}, not an object: {args[:80]!r}")
+        return _canon(parsed) if parsed else "{}"
+    raise BadRecord(field, f"arguments are a {type(args).__name__}, not a JSON object: {str(args)[:80]!r}")
+
+
+def convert_messages(raw_messages: list) -> tuple[list[Msg], list[Call]]:
+    """Raw AgentDojo messages -> trace_v1 messages (as tuples) and the assistant's calls.
+
+    Tool results are paired with calls by id, or by position (first unanswered call of the preceding assistant
+    message, same name preferred) when ids are empty/null. Calls with empty ids get `call_<n>`, and an id a
+    provider reused within the trace (seen in the gpt-4o files) becomes `<id>_<n>`, so every call id in a trace
+    is unique and renders can pair results by id. A badly typed field raises BadRecord naming it.
     """
     out: list[Msg] = []
-    calls: list[tuple[str, str]] = []
-    seen: dict[str, dict[str, str | None]] = {}
+    calls: list[Call] = []
     pending: list[tuple[str | None, dict]] = []  # (source id, call) not yet answered, latest assistant msg
     by_id: dict[str, dict] = {}  # source id -> latest call with it
     n_call = 0
     used: set[str] = set()
+    not_found: set[str] = set()  # ids of calls the environment answered with ToolNotFoundException
     append = out.append
     for i, m in enumerate(raw_messages):
         if type(m) is not dict:
-            raise _Bad(f"messages[{i}]", "message is not an object")
+            raise BadRecord(f"messages[{i}]", f"message is a {type(m).__name__}, not an object")
         role = m.get("role")
         content = m.get("content")
         if content is None:
@@ -218,10 +306,13 @@ def convert_messages(raw_messages: list) -> tuple[list[Msg], list[tuple[str, str
             hint_name = hint.get("function") if type(hint) is dict else None
             if type(hint_name) is not str:
                 hint_name = None
-            tid = m.get("tool_call_id") or None
+            tid = m.get("tool_call_id")
+            if tid is not None and type(tid) is not str:
+                raise BadRecord(f"messages[{i}].tool_call_id",
+                                f"tool_call_id is a {type(tid).__name__} ({tid!r}), not a string")
+            tid = tid or None
             call = None
             if pending:
-                k = -1
                 if tid:
                     k = next((j for j, (src, _) in enumerate(pending) if src == tid), -1)
                 else:
@@ -230,9 +321,9 @@ def convert_messages(raw_messages: list) -> tuple[list[Msg], list[tuple[str, str
                     call = pending.pop(k)[1]
             if call is None and tid:
                 call = by_id.get(tid)
-            if hint_name and hint_name not in seen:
-                _add_seen_tool(seen, hint_name, hint.get("args"))
             if call is not None:
+                if NOT_FOUND in content:  # the environment refused a tool it does not have
+                    not_found.add(call["id"])
                 append(("tool", content, [], call["id"], call["name"]))
             else:
                 append(("tool", content, [], tid, hint_name))
@@ -240,167 +331,192 @@ def convert_messages(raw_messages: list) -> tuple[list[Msg], list[tuple[str, str
             tcs = []
             new_pending = []
             raw_calls = m.get("tool_calls")
-            if raw_calls:
-                for j, tc in enumerate(raw_calls):
-                    fn = tc.get("function") if type(tc) is dict else None
-                    if type(fn) is dict:  # OpenAI style (Invariant export)
-                        name, args = fn.get("name"), fn.get("arguments")
-                    elif type(fn) is str:  # AgentDojo's native FunctionCall {function, args, id}
-                        name, args = fn, tc.get("args", tc.get("arguments"))
-                    elif type(tc) is dict:  # flat {id, name, arguments}
-                        name, args = tc.get("name"), tc.get("arguments", tc.get("args"))
-                    else:
-                        name, args = None, None
-                    if type(name) is not str or not name:
-                        raise _Bad(f"messages[{i}].tool_calls[{j}].function.name", "tool call without a name")
-                    if type(args) is str:
-                        try:
-                            args = json.loads(args) if args.strip() else {}
-                        except ValueError:
-                            pass  # keep the text: it is still the call's argument payload
-                    if not args:
-                        arg_text = "{}" if args is None or type(args) is dict else _canon(args)
-                    else:
-                        arg_text = args if type(args) is str else _canon(args)
-                    src = tc.get("id") or None
-                    cid = src or f"call_{n_call}"
-                    if cid in used:  # providers reuse ids within a trace: keep them unique for renders
-                        cid = f"{cid}_{n_call}"
-                    used.add(cid)
-                    n_call += 1
-                    call = {"id": cid, "name": name, "arguments": arg_text}
-                    tcs.append(call)
-                    calls.append((name, arg_text))
-                    props = seen.get(name)
-                    if props is None or (type(args) is dict and (len(props) < len(args) or None in props.values())):
-                        _add_seen_tool(seen, name, args)
-                    if src:
-                        by_id[src] = call
-                    new_pending.append((src, call))
+            if raw_calls is not None and type(raw_calls) is not list:
+                raise BadRecord(f"messages[{i}].tool_calls",
+                                f"tool_calls is a {type(raw_calls).__name__} ({str(raw_calls)[:40]!r}), not a list")
+            for j, tc in enumerate(raw_calls or ()):
+                at = f"messages[{i}].tool_calls[{j}]"
+                if type(tc) is not dict:
+                    raise BadRecord(at, f"tool call is a {type(tc).__name__}, not an object")
+                fn = tc.get("function")
+                if type(fn) is dict:  # OpenAI style (Invariant export)
+                    name, args, name_f, args_f = fn.get("name"), fn.get("arguments"), ".function.name", ".function.arguments"
+                elif type(fn) is str:  # AgentDojo's native FunctionCall {function, args, id}
+                    key = "args" if "args" in tc else "arguments"
+                    name, args, name_f, args_f = fn, tc.get(key), ".function", f".{key}"
+                else:  # flat {id, name, arguments}
+                    key = "arguments" if "arguments" in tc else "args"
+                    name, args, name_f, args_f = tc.get("name"), tc.get(key), ".name", f".{key}"
+                if type(name) is not str or not name:
+                    raise BadRecord(at + name_f, f"tool call without a name ({name!r})")
+                arg_text = _arguments(args, at + args_f)
+                src = tc.get("id")
+                if src is not None and type(src) is not str:
+                    raise BadRecord(at + ".id", f"tool call id is a {type(src).__name__} ({src!r}), not a string")
+                src = src or None
+                cid = src or f"call_{n_call}"
+                if cid in used:  # providers reuse ids within a trace: keep them unique for renders
+                    cid = f"{cid}_{n_call}"
+                used.add(cid)
+                n_call += 1
+                call = {"id": cid, "name": name, "arguments": arg_text}
+                tcs.append(call)
+                calls.append((i, j, name, arg_text, at + name_f, cid))
+                if src:
+                    by_id[src] = call
+                new_pending.append((src, call))
             pending = new_pending
             append(("assistant", content, tcs, None, None))
-        elif role in ROLES:
+        elif type(role) is str and role in ROLES:
             pending = []
             append((role, content, [], None, None))
         else:
-            raise _Bad(f"messages[{i}].role", f"unknown role {role!r}")
-    return out, calls, seen
+            raise BadRecord(f"messages[{i}].role", f"unknown role {role!r}")
+    if not_found:
+        calls = [c[:5] + (c[5] in not_found,) for c in calls]
+    else:
+        calls = [c[:5] + (False,) for c in calls]
+    return out, calls
 
 
-def _has_attacker_call(calls: list[tuple[str, str]], steps: list[dict]) -> bool:
-    for name, arg_text in calls:
-        for step in steps:
-            needle = step.get("arg_contains")
-            if needle and step["tool"] == name and needle in arg_text:
-                return True
+def _is_target(name: str, arg_text: str, steps: list[dict]) -> bool:
+    for step in steps:
+        needle = step.get("arg_contains")
+        if needle and step["tool"] == name and needle in arg_text:
+            return True
     return False
 
 
-def convert_record(
-    rec: Any,
-    *,
-    locator: str,
-    targets: dict[str, list[dict]],
-    schemas: dict[str, str] | None,
-    content_digest: str,
-    tools_cache: dict | None = None,
-) -> tuple[dict, list[Msg]]:
-    """One parsed AgentDojo line -> (trace_v1 row without `messages`, its messages as tuples).
-
-    Raises _Bad for a record to quarantine. `content_digest` is a hash of the record's raw text: the id hashes
-    it with the dataset, the source locator, the tools and the tool attack (all content, incl. tool calls).
-    """
+def parse_record(rec: Any, targets: dict[str, list[dict]]) -> tuple[str, list[Msg], list[Call], dict]:
+    """One parsed AgentDojo line -> (suite, messages as tuples, calls, make_trace keyword arguments without
+    dataset/locator/tools). Raises BadRecord (or _Excluded, a policy exclusion) for a record to quarantine."""
     if not isinstance(rec, dict):
-        raise _Bad("", "record is not a JSON object")
+        raise BadRecord("", f"record is a {type(rec).__name__}, not a JSON object")
     md = rec.get("metadata")
     if not isinstance(md, dict):
-        raise _Bad("metadata", "missing or non-object `metadata`")
+        raise BadRecord("metadata", "missing or non-object `metadata`")
     if "messages" not in rec:
-        raise _Bad("messages", "missing `messages`")
+        raise BadRecord("messages", "missing `messages`")
     raw_messages = rec["messages"]
     if not isinstance(raw_messages, list):
-        raise _Bad("messages", "`messages` is not a list")
+        raise BadRecord("messages", f"`messages` is a {type(raw_messages).__name__}, not a list")
     if not raw_messages:
-        raise _Bad("messages", "empty message list (messages: [])")
+        raise _Excluded("messages", "empty message list (messages: []): the run produced no conversation")
     suite = md.get("suite_name")
     if not isinstance(suite, str) or not suite:
-        raise _Bad("metadata.suite_name", "missing `metadata.suite_name`")
+        raise BadRecord("metadata.suite_name", "missing `metadata.suite_name`")
+    user_task = md.get("user_task_id")
+    if not isinstance(user_task, str) or not user_task:
+        raise BadRecord("metadata.user_task_id", f"missing or non-string `metadata.user_task_id` ({user_task!r})")
     if "injection_task_id" not in md:
-        raise _Bad("metadata.injection_task_id", "missing `metadata.injection_task_id` (null on benign runs)")
-    attacked = md["injection_task_id"] is not None
+        raise BadRecord("metadata.injection_task_id", "missing `metadata.injection_task_id` (null on benign runs)")
+    injection_task = md["injection_task_id"]
+    if injection_task is not None and not isinstance(injection_task, str):
+        raise BadRecord("metadata.injection_task_id", f"`injection_task_id` is not a string ({injection_task!r})")
+    success = md.get("success")
+    if success is not None and type(success) is not bool:
+        raise BadRecord("metadata.success", f"`success` is not a boolean ({success!r})")
+    attacked = injection_task is not None
 
-    messages, calls, seen = convert_messages(raw_messages)
+    messages, calls = convert_messages(raw_messages)
 
-    tool_attack = None
-    succeeded = has_call = False
-    if attacked:
-        security = md.get("security")
-        if not isinstance(security, bool):
-            raise _Bad("metadata.security", f"attacked trace without a boolean `security` ({security!r})")
-        steps = targets.get(suite)
-        if not steps:
-            raise _Bad("metadata.suite_name", f"no attacker target configured for suite {suite!r}")
-        final = [s for s in steps if s.get("arg_contains")][-1]
-        has_call = _has_attacker_call(calls, steps)
-        if security and not has_call:
-            raise _Bad(
-                "metadata.security",
-                f"provider error: security=True but no assistant call to {final['tool']} carrying "
-                f"{final['arg_contains']!r} (not a real injection success)",
-            )
-        succeeded = security and has_call
-        for step in steps:  # the attacker's tools are offered even when the model never called them
-            if step["tool"] not in seen:
-                _add_seen_tool(seen, step["tool"], step.get("args"))
-        span = find_injection(messages)
-        tool_attack = {
+    kw: dict[str, Any] = {"subtype": suite, "task_success": success, "pair_group": f"{DATASET}:{suite}:{user_task}"}
+    if not attacked:
+        kw.update(category="retain", priority_class="tool_capability")
+        return suite, messages, calls, kw
+
+    security = md.get("security")
+    if not isinstance(security, bool):
+        raise BadRecord("metadata.security", f"attacked trace without a boolean `security` ({security!r})")
+    steps = targets.get(suite)
+    if not steps:
+        raise BadRecord("metadata.suite_name", f"no attacker target configured for suite {suite!r}")
+    final = [s for s in steps if s.get("arg_contains")][-1]
+    spans = find_injections(messages)
+    first = spans[0][0] if spans else -1
+    any_call = made = False
+    for i, _, name, arg_text, *_ in calls:
+        if _is_target(name, arg_text, steps):
+            any_call = True
+            if first >= 0 and i > first:  # a target call before the injection is the user's own request
+                made = True
+                break
+    if security and not any_call and success is not True:
+        raise _Excluded(
+            "metadata.security",
+            f"provider error: security=True, success={success!r} and no assistant call to {final['tool']} "
+            f"carrying {final['arg_contains']!r} (AgentDojo sets security on provider errors; not a real "
+            f"injection success)",
+        )
+    reached = bool(spans)
+    if made:
+        kw.update(category="harmful", priority_class="harmful_flip")
+    elif reached:
+        # read the injection and made no attacker call: safe only if it also did the user's task (and
+        # AgentDojo's goal check does not say the attacker's goal was met some other way)
+        kw.update(category="retain", priority_class="injection_resisted",
+                  is_adversarial_safe=success is True and not security)
+    else:  # never read: no attack at all, a plain tool-use trace
+        kw.update(category="retain", priority_class="tool_capability")
+    span_dicts = [{"message_index": i, "char_start": a, "char_end": b} for i, a, b in spans]
+    kw.update(
+        attack_present=reached,
+        injection_reached=reached,
+        attacker_call_made=made,
+        attack_succeeded=security and reached,
+        tool_attack={
             "expected_tool": None,
             "attacker_tool": final["tool"],
             "attacker_args": final.get("_args_json") or canonical_json(final.get("args") or {}),
-            "injection_text": messages[span[0]][1][span[1]:span[2]] if span else None,
-            "injection_span": (
-                {"message_index": span[0], "char_start": span[1], "char_end": span[2]} if span else None
-            ),
-        }
-
-    if schemas is not None and suite in schemas:
-        tools_json = schemas[suite]
-    else:
-        key = repr(seen)  # cheap; insertion-order differences only cost a cache miss
-        cache = tools_cache if tools_cache is not None else {}
-        tools_json = cache.get(key)
-        if tools_json is None:
-            tools_json = cache[key] = canonical_json(_inferred_tools(seen))
-
-    if succeeded:
-        category, pclass, safe = "harmful", "harmful_flip", False
-    elif attacked:
-        # security False. A trace that still carries the attacker's call (the model complied, but AgentDojo
-        # judged the injection task incomplete, e.g. wrong amount) is not a success, yet not safe behaviour
-        # either: is_adversarial_safe=False keeps it out of "safe" training data.
-        category, pclass, safe = "retain", "injection_resisted", not has_call
-    else:
-        category, pclass, safe = "retain", "tool_capability", False
-    # make_trace builds the row; messages go in separately (flat arrays, see traces_frame) and the id hashes the
-    # raw record text instead of re-serialising every message (the ETL_A speed budget).
-    row = make_trace(
-        dataset=DATASET,
-        source_locator=locator,
-        completeness="complete",
-        messages=[],
-        tools=tools_json,
-        category=category,
-        priority_class=pclass,
-        subtype=suite,
-        attack_present=attacked,
-        attack_succeeded=succeeded,
-        is_adversarial_safe=safe,
-        tool_attack=tool_attack,
+            "injection_text": messages[spans[0][0]][1][spans[0][1]:spans[0][2]] if spans else None,
+            "injection_span": span_dicts[0] if spans else None,
+            "injection_spans": span_dicts,
+        },
     )
-    # make_trace's id covers dataset, locator, tools and tool attack; add the raw record's content hash
-    row["id"] = row["pair_group"] = digest(row["id"] + content_digest)  # benign/attacked runs of one user task are not twins
-    return row, messages
+    return suite, messages, calls, kw
 
+
+def _pick_version(
+    schemas: ToolSchemas, parsed: list[tuple[str, list[Call]]], fixed: str | None
+) -> tuple[str | None, dict[int, tuple[str, str]]]:
+    """The schema version for one file and the records it cannot serve ({index: (field, reason)}).
+
+    A record calling a tool that no version of its suite has (or whose suite no version has) is rejected;
+    then `fixed`, or else the first version (file order) covering every remaining record, or else the one
+    covering the most (the others rejected, naming the first call it lacks). Calls the environment refused
+    (ToolNotFoundException) are ignored: they say nothing about the version."""
+    bad: dict[int, tuple[str, str]] = {}
+    called: list[tuple[int, str, list[Call], frozenset[str]]] = []
+    for k, (suite, calls) in enumerate(parsed):
+        union = schemas.union(suite)
+        if not union:
+            bad[k] = ("metadata.suite_name", f"suite {suite!r} has no tool set in {schemas.path.name} "
+                                             f"(suites: {sorted(schemas.names[schemas.versions[-1]])})")
+            continue
+        calls = [c for c in calls if not c[5]]
+        names = frozenset(c[2] for c in calls)
+        if not names <= union:
+            unknown = next(c for c in calls if c[2] not in union)
+            bad[k] = (unknown[4], f"calls {unknown[2]!r}, a tool in no version of the {suite} tool set "
+                                  f"({schemas.path.name}: {', '.join(schemas.versions)})")
+            continue
+        called.append((k, suite, calls, names))
+    if fixed or not called:
+        version = fixed or schemas.versions[0]
+    else:
+        covered = {v: sum(names <= schemas.names[v].get(s, frozenset()) for _, s, _, names in called)
+                   for v in schemas.versions}
+        best = max(covered.values())
+        version = next(v for v in schemas.versions if covered[v] == best)
+    have = schemas.names[version]
+    for k, suite, calls, names in called:
+        if suite not in have:
+            bad[k] = ("metadata.suite_name", f"suite {suite!r} is not in tool-schema version {version}")
+        elif not names <= have[suite]:
+            miss = next(c for c in calls if c[2] not in have[suite])
+            bad[k] = (miss[4], f"calls {miss[2]!r}, not in the {suite} tools of version {version} "
+                               f"(the version picked for this file)")
+    return version, bad
 
 def _is_header(rec: Any) -> bool:
     return (
@@ -459,26 +575,49 @@ def traces_frame(rows: list[dict], msgs: list[list[Msg]]) -> pl.DataFrame:
 def read(paths: list[Path], cfg: dict) -> SourceResult:
     cfg = cfg or {}
     targets = _targets(cfg)
-    schemas = _load_schema_file(cfg)
-    schemas_json = {suite: canonical_json(s) for suite, s in schemas.items()} if schemas is not None else None
+    schemas = load_tool_schemas(cfg)
+    fixed = cfg.get("tool_schemas_version") or "auto"
+    if fixed == "auto":
+        fixed = None
+    elif fixed not in schemas.versions:
+        raise SourceError(f"agentdojo.tool_schemas_version {fixed!r} is not in {schemas.path} "
+                          f"(versions: {', '.join(schemas.versions)}; or `auto`)", field="tool_schemas_version")
+    paths = [Path(p) for p in paths]
+    root = _source_root(paths) if paths else Path(".")
+    files = [p for p in paths if p.suffix.lower() in SUFFIXES]
+    skipped = [p.absolute().relative_to(root).as_posix() for p in paths if p.suffix.lower() not in SUFFIXES]
+    if paths and not files:
+        raise SourceError(
+            f"agentdojo: no .jsonl/.json file in {root} (found only: {', '.join(skipped[:10])}); point "
+            f"CB_AGENTDOJO_PATH at the AgentDojo run files (agentdojo-<model>.jsonl)", file=root)
+
     rows: list[dict] = []
     msgs: list[list[Msg]] = []
     rejected: list[dict] = []
     header_lines = blank_lines = provider_errors = empty_messages = 0
     reasons: dict[str, int] = {}
-    files: list[str] = []
-    skipped: list[str] = []
-    tools_cache: dict = {}
-    paths = [Path(p) for p in paths]
-    for path in paths:
-        if len(paths) > 1 and path.suffix.lower() not in (".jsonl", ".json"):
-            skipped.append(path.name)  # e.g. EXPECTED.tsv or a README beside the files in a folder
-            continue
-        files.append(path.name)
+    versions_by_file: dict[str, str] = {}
+    file_names: list[str] = []
+    refused = 0
+    # over every record with metadata, kept or quarantined (the data README's EXPECTED.tsv columns)
+    facts = {"attacked": 0, "security_true_attacked": 0, "with_attacker_call": 0, "benign_success": 0}
+
+    def quarantine(rel: str, lineno: int, line: bytes, field: str, reason: str, severity: str) -> None:
+        raw, utf8 = _raw_text(line)
+        if not utf8:
+            reason += " (raw holds base64:<the line's exact bytes>: not valid UTF-8)"
+        reasons[field or "record"] = reasons.get(field or "record", 0) + 1
+        rejected.append(reject(dataset=DATASET, file=rel, line=lineno, field=field, reason=reason, raw=raw,
+                               severity=severity))
+
+    for path in files:
+        rel = path.absolute().relative_to(root).as_posix()
+        file_names.append(rel)
         try:
             fh = open(path, "rb")
         except OSError as e:
-            raise SourceError(f"agentdojo: cannot open {path}: {e} (check CB_AGENTDOJO_PATH)") from e
+            raise SourceError(f"agentdojo: cannot open {path}: {e} (check CB_AGENTDOJO_PATH)", file=path) from e
+        parsed: list[tuple[int, bytes, str, list[Msg], list[Call], dict]] = []
         with fh:
             first = True
             for lineno, line in enumerate(fh, 1):
@@ -489,56 +628,86 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
                     rec = json.loads(line)
                 except ValueError as e:  # includes invalid UTF-8
                     first = False
-                    reasons["json"] = reasons.get("json", 0) + 1
-                    rejected.append(
-                        reject(dataset=DATASET, file=path.name, line=lineno, field="",
-                               reason=f"invalid JSON: {e}", raw=line.decode("utf-8", "replace").rstrip("\r\n"))
-                    )
+                    quarantine(rel, lineno, line, "", f"invalid JSON: {e}", "malformed")
                     continue
                 if first and _is_header(rec):
                     header_lines += 1
                     first = False
                     continue
                 first = False
+                md = rec.get("metadata") if type(rec) is dict else None
+                attacked = security = False
+                if type(md) is dict:  # the benchmark's own per-record facts, for the EXPECTED-style counts
+                    attacked = md.get("injection_task_id") is not None
+                    security = attacked and md.get("security") is True
+                    facts["attacked"] += attacked
+                    facts["security_true_attacked"] += security
+                    facts["benign_success"] += not attacked and md.get("success") is True
                 try:
-                    row, ms = convert_record(
-                        rec,
-                        locator=f"{path.name}:{lineno}",
-                        targets=targets,
-                        schemas=schemas_json,
-                        content_digest=hashlib.sha256(line).hexdigest(),
-                        tools_cache=tools_cache,
-                    )
-                except _Bad as bad:
-                    key = bad.field or "record"
-                    reasons[key] = reasons.get(key, 0) + 1
-                    if bad.reason.startswith("provider error"):
-                        provider_errors += 1
-                    elif bad.reason.startswith("empty message list"):
+                    suite, ms, calls, kw = parse_record(rec, targets)
+                except _Excluded as bad:
+                    if bad.field == "messages":
                         empty_messages += 1
-                    rejected.append(
-                        reject(dataset=DATASET, file=path.name, line=lineno, field=bad.field,
-                               reason=bad.reason, raw=line.decode("utf-8", "replace").rstrip("\r\n"))
-                    )
+                    else:
+                        provider_errors += 1
+                    quarantine(rel, lineno, line, bad.field, bad.reason, "excluded")
                     continue
-                rows.append(row)
-                msgs.append(ms)
+                except BadRecord as bad:
+                    quarantine(rel, lineno, line, bad.field, bad.reason, "malformed")
+                    continue
+                except Exception as e:  # noqa: BLE001 - one odd record must never fail the whole source
+                    quarantine(rel, lineno, line, "", f"unexpected {type(e).__name__}: {e}", "malformed")
+                    continue
+                if security and any(_is_target(c[2], c[3], targets[suite]) for c in calls):
+                    facts["with_attacker_call"] += 1
+                parsed.append((lineno, line, suite, ms, calls, kw))
+        version, bad = _pick_version(schemas, [(p[2], p[4]) for p in parsed], fixed)
+        if parsed:
+            versions_by_file[rel] = version
+        for k, (lineno, line, suite, ms, _calls, kw) in enumerate(parsed):
+            if k in bad:
+                quarantine(rel, lineno, line, bad[k][0], bad[k][1], "malformed")
+                continue
+            # the id hashes dataset, locator, tools and tool attack (make_trace) plus the raw line's content
+            # hash instead of re-serialising every message (the ETL_A speed budget)
+            refused += sum(c[5] for c in _calls)
+            row = make_trace(dataset=DATASET, source_locator=f"{rel}:{lineno}", completeness="complete",
+                             messages=[], tools=schemas.json_for(version, suite), **kw)
+            row["id"] = digest(row["id"] + hashlib.sha256(line).hexdigest())
+            rows.append(row)
+            msgs.append(ms)
+    good = traces_frame(rows, msgs)
+    lab = good["labels"].struct.unnest() if good.height else None
+
+    def n(expr: pl.Expr) -> int:
+        return int(lab.select(expr.sum()).item()) if lab is not None else 0
+
+    distinct = sorted(set(versions_by_file.values()))
     return SourceResult(
-        good=traces_frame(rows, msgs),
+        good=good,
         rejected=pl.DataFrame(rejected, schema=QUARANTINE_SCHEMA),
         meta={
-            "files": files,
+            "files": file_names,
             "skipped_files": skipped,
             "header_lines": header_lines,
             "blank_lines": blank_lines,
             "rejected_by_field": reasons,
             "provider_error_traces": provider_errors,
             "empty_message_traces": empty_messages,
-            "attacked": sum(r["labels"]["attack_present"] for r in rows),
-            "attack_succeeded": sum(r["labels"]["attack_succeeded"] for r in rows),
-            "attacker_call_without_security": sum(
-                r["labels"]["attack_present"] and not r["labels"]["attack_succeeded"]
-                and not r["labels"]["is_adversarial_safe"] for r in rows
-            ),
+            "tool_schemas": schemas.path.name,
+            "tool_schemas_version": (distinct[0] if len(distinct) == 1 else
+                                     "; ".join(f"{f}={v}" for f, v in versions_by_file.items()) or "none"),
+            "tool_schemas_version_by_file": versions_by_file,
+            **{f"records_{k}": v for k, v in facts.items()},
+            "attacked": int(good["tool_attack"].is_not_null().sum()),
+            "injection_reached": n(pl.col("injection_reached").fill_null(False)),
+            "injection_not_reached": n(pl.col("injection_reached").eq(False).fill_null(False)),
+            "attacker_call_made": n(pl.col("attacker_call_made")),
+            "attack_succeeded": n(pl.col("attack_succeeded")),
+            "attacker_call_without_security": n(pl.col("attacker_call_made") & ~pl.col("attack_succeeded")),
+            "adversarial_safe": n(pl.col("is_adversarial_safe")),
+            "refused_unknown_tool_calls": refused,
+            "multi_injection_traces": int((good["tool_attack"].struct.field("injection_spans").list.len() >= 2)
+                                          .fill_null(False).sum()) if good.height else 0,
         },
     )
