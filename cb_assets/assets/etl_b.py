@@ -268,7 +268,8 @@ def lossmasks_schema(lossmasks: pl.DataFrame) -> dg.AssetCheckResult:
 )
 def lossmasks_nonempty(lossmasks: pl.DataFrame) -> dg.AssetCheckResult:
     bad = (pl.col("n_masked") <= 0) | (pl.col("mask_spans").list.len() == 0)
-    return rows_check(lossmasks, bad, "empty loss masks", id_col="trace_id")
+    return rows_check(lossmasks, bad, "empty loss masks", id_col="trace_id",
+                      verified="every training-bound mask is non-empty")
 
 
 @dg.asset_check(
@@ -280,7 +281,8 @@ def lossmasks_nonempty(lossmasks: pl.DataFrame) -> dg.AssetCheckResult:
 def lossmasks_spans_in_sequence(lossmasks: pl.DataFrame) -> dg.AssetCheckResult:
     if lossmasks.height == 0:
         return dg.AssetCheckResult(passed=True, metadata={"rows": 0})
-    return rows_check(lossmasks, bad_span_rows(lossmasks), "mask spans outside the sequence", id_col="trace_id")
+    return rows_check(lossmasks, bad_span_rows(lossmasks), "mask spans outside the sequence", id_col="trace_id",
+                      verified="no mask span outside its sequence")
 
 
 def _escape(s: str) -> str:  # pragma: no cover - kept for markdown snippets
