@@ -202,3 +202,42 @@ def test_lock_held_by_another_process_fails_the_run_naming_root_and_pid(xs, data
         holder.kill()
         holder.wait()
     assert materialize_keys(["raw_xstest"]).success  # holder gone: the lock is free again
+
+
+def _check_evals(res) -> dict:
+    return {e.event_specific_data.check_name: e.event_specific_data for e in res.all_events
+            if e.event_type_value == "ASSET_CHECK_EVALUATION"}
+
+
+def test_check_descriptions_in_a_real_run_read_as_outcomes(xs, data_root):
+    xstest_csv(xs, 3)
+    res = materialize_keys(ETL_A)
+    evals = _check_evals(res)
+    assert evals["traces_unique_ids"].passed
+    assert evals["traces_unique_ids"].description == "every trace id is unique (3 rows checked)"
+    assert evals["traces_label_sanity"].description == "every row's labels are consistent (3 rows checked)"
+    assert evals["traces_schema"].description == "every row matches TraceModel (3 rows checked)"
+
+
+def test_copied_config_dir_moves_the_schema_files_it_names(data_root, tmp_path, monkeypatch):
+    import shutil
+
+    cfg = tmp_path / "site configs"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "configs", cfg)
+    schema_file = cfg / "tool_schemas" / "b4_standard_v1.json"
+    schema = json.loads(schema_file.read_text())
+    schema["system_prompt"] = "Site-specific orchestrator prompt."
+    schema_file.write_text(json.dumps(schema))
+    monkeypatch.setenv("CB_CONFIG_DIR", str(cfg))
+    monkeypatch.setenv("CB_DATASETS", "fujitsu_b4")
+    monkeypatch.setenv("CB_FUJITSU_B4_PATH", str(b4_jsonl(tmp_path / "b4.jsonl", 2)))
+    assert materialize_keys(["raw_fujitsu_b4"]).success
+    raw = pl.read_parquet(data_root / "raw_fujitsu_b4.parquet")
+    assert [m[0]["content"] for m in raw["messages"].to_list()] == ["Site-specific orchestrator prompt."] * 2
+    # a bad value in the copied datasets.yaml fails the run naming that file and key
+    ds = cfg / "datasets.yaml"
+    ds.write_text(ds.read_text().replace("max_reject_fraction: 0.10", "max_reject_fraction: 5"))
+    res = materialize_keys(["raw_fujitsu_b4"], raise_on_error=False)
+    assert not res.success
+    assert (f"{cfg / 'datasets.yaml'}: stop_the_line.max_reject_fraction must be a number in [0, 1], got 5"
+            in failures(res))
