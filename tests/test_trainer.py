@@ -1,0 +1,293 @@
+"""The trainer on a real tiny LlamaForCausalLM (random weights) with synthetic renders/lossmasks frames:
+LoRA-only gradients, the hidden-state convention and the cut forward, a 30-step run that learns, real
+gradient accumulation, NaN stops, checkpoint ranking, exact resume after SIGKILL and 2-process DDP (gloo)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+from cb_core.train import losses as L
+from cb_core.train.config import from_dict
+from cb_core.train.data import BalancedSampler, build_train_data, collate
+from cb_core.train.trainer import NonFiniteLoss, Trainer, forward_hidden, llama_parts
+
+torch.set_num_threads(1)  # tiny matmuls on a shared 2-core machine: threads only contend
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def synthetic_frames(n: int = 16, T: int = 16, seed: int = 0) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """(train_split, renders, lossmasks): harmful rows draw tokens from one id range, retain rows from another;
+    the mask is the second half (the 'assistant turn'); lossmasks also hold a `full_sequence` row per trace."""
+    g = torch.Generator().manual_seed(seed)
+    rows, rend, lm = [], [], []
+    for i in range(n):
+        harm = i % 2 == 0
+        lo, hi = (1000, 3000) if harm else (5000, 9000)
+        ids = torch.randint(lo, hi, (T,), generator=g).tolist()
+        tid = f"t{i:03d}"
+        pc = "harmful_flip" if harm else ("benign_twin" if i % 4 == 1 else "tool_capability")
+        spans = [{"token_start": T // 2, "token_end": T, "weight": 1.0}]
+        rows.append({"id": tid, "category": "harmful" if harm else "retain", "priority_class": pc,
+                     "policy": "assistant_only", "mask_spans": spans, "sample_weight": 1.0})
+        rend.append({"trace_id": tid, "input_ids": ids})
+        lm.append({"trace_id": tid, "policy": "full_sequence",
+                   "mask_spans": [{"token_start": 0, "token_end": T, "weight": 1.0}]})
+    return pl.DataFrame(rows), pl.DataFrame(rend), pl.DataFrame(lm)
+
+
+def tiny_cfg(**over):
+    raw = {
+        "loss": {"target_layers": [2, 4], "gamma_kl": 0.5},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "layers_to_transform": [0, 1, 2, 3]},
+        "train": {"steps": 30, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "checkpoint_every": 100, "seed": 0},
+        "data": {"mwcs_schedule": None},
+        "log": {"every": 10, "wandb": False, "post_checks": False},
+    }
+    for k, v in over.items():
+        sec, f = k.split(".")
+        raw.setdefault(sec, {})[f] = v
+    return from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return synthetic_frames()
+
+
+@pytest.fixture(scope="module")
+def data(frames):
+    ts, rd, lm = frames
+    return build_train_data(ts, rd, lm, max_length=64, override_policies={"full_sequence"})
+
+
+def fresh_model(tok, **over):
+    from cb_core.model import tiny_llama
+
+    return tiny_llama(tok, seed=0, **over)
+
+
+def lora_weights(trainer) -> dict[str, torch.Tensor]:
+    return trainer.lora_state()
+
+
+# ------------------------------------------------------------------------------------------ data
+def test_dense_masks_overrides_and_multipliers(data):
+    b = collate(data, [0, 1], pad_id=0)
+    assert b["w"].shape == (2, 16) and b["w"][:, :8].sum() == 0 and torch.all(b["w"][:, 8:] == 1.0)
+    b = collate(data, [0, 1], pad_id=0, multipliers={"harmful_flip": 2.0}, lmp_overrides={"benign_twin": "full_sequence"})
+    assert torch.all(b["w"][0, 8:] == 2.0) and b["w"][0, :8].sum() == 0  # harmful_flip x2, own mask
+    assert torch.all(b["w"][1] == 1.0) and int(b["n_overridden"]) == 1  # benign_twin: full_sequence mask
+
+
+def test_window_keeps_the_mask_and_sampler_drops_nothing(frames):
+    ts, rd, _ = frames
+    d = build_train_data(ts, rd, max_length=6)
+    s = d.samples[0]
+    assert len(s.input_ids) == 6 and s.spans == [(0, 6, 1.0)]  # the window ends where the mask ends
+    assert s.input_ids == rd["input_ids"][0].to_list()[10:16]
+    smp = BalancedSampler(list(range(5)), list(range(5, 8)), seed=3)
+    seen_h = smp.take("harmful", 5)
+    assert sorted(seen_h) == list(range(5))  # one epoch = every harmful sample once
+    state = smp.state_dict()
+    a = smp.take("harmful", 7)
+    smp2 = BalancedSampler(list(range(5)), list(range(5, 8)), seed=3)
+    smp2.load_state_dict(state)
+    assert smp2.take("harmful", 7) == a  # the state is all a resume needs
+
+
+# ---------------------------------------------------------------------------------- model plumbing
+def test_hidden_state_convention_and_cut_forward(llama_tokenizer, tiny_model):
+    ids = torch.randint(1000, 9000, (2, 12))
+    att = torch.ones_like(ids)
+    with torch.no_grad():
+        ref = tiny_model.model(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states
+        calls = {"layer3": 0, "lm_head": 0}
+        h3 = tiny_model.model.layers[3].register_forward_hook(lambda *a: calls.__setitem__("layer3", calls["layer3"] + 1))
+        hl = tiny_model.lm_head.register_forward_hook(lambda *a: calls.__setitem__("lm_head", calls["lm_head"] + 1))
+        try:
+            reps, fin = forward_hidden(tiny_model, ids, att, [0, 1, 3], need_final=False)
+        finally:
+            h3.remove(), hl.remove()
+    for i, l in enumerate([0, 1, 3]):  # hidden_states[l]: 0 = embeddings, l = output of decoder layer l - 1
+        assert torch.allclose(reps[i], ref[l], atol=1e-6)
+    assert fin is None and calls == {"layer3": 0, "lm_head": 0}  # layers past the deepest target never ran
+    assert len(tiny_model.model.layers) == 4  # restored
+
+
+def test_gradients_reach_only_lora_parameters(llama_tokenizer, data):
+    cfg = tiny_cfg(**{"lora.layers_to_transform": [0, 1]})
+    tr = Trainer(cfg, fresh_model(llama_tokenizer), data, "/nonexistent", pad_id=0)
+    micro = tr.step_batches(0)
+    n = tr.step_counts(micro)
+    tr.init_scale(micro)
+    loss, terms, _ = tr.micro_loss(*micro[0], n, 1.0, 1.0)
+    loss.backward()
+    with_grad = {k for k, p in tr.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad and all("lora_" in k for k in with_grad)
+    assert all(".layers.0." in k or ".layers.1." in k for k in with_grad)  # layers_to_transform
+    assert any("lora_B" in k for k in with_grad)
+    frozen = [k for k, p in tr.model.named_parameters() if "lora_" not in k]
+    assert all(dict(tr.model.named_parameters())[k].grad is None for k in frozen)
+    # the base pass really is the base: adapter disabled gives the original model's states
+    _, lm_head = llama_parts(tr.model)
+    assert not any(p.requires_grad for p in lm_head.parameters())
+
+
+def test_thirty_steps_lower_the_objective_and_the_harmful_cos_sim(llama_tokenizer, data, tmp_path):
+    tr = Trainer(tiny_cfg(), fresh_model(llama_tokenizer), data, tmp_path, pad_id=0, log=lambda m: None)
+    start = tr.probe()
+    hist = tr.fit()
+    end = tr.probe()
+    first = sum(h["train/loss"] for h in hist[:3]) / 3
+    last = sum(h["train/loss"] for h in hist[-5:]) / 5
+    assert len(hist) == 30 and last < 0.5 * first, (first, last)
+    assert start["harmful_cos_sim"] == pytest.approx(1.0, abs=1e-5)  # LoRA B = 0 at start: adapter == base
+    assert end["harmful_cos_sim"] < 0.8 and end["retain_cos_sim"] > end["harmful_cos_sim"]
+    assert hist[-1]["rr/cos_sim_mean"] < hist[0]["rr/cos_sim_mean"]
+    assert tr.scale["margin_harmful"] == pytest.approx(0.5 * tr.scale["d_harmful_to_mu"])
+
+
+def test_accumulation_equals_one_big_batch(llama_tokenizer, data, tmp_path):
+    """k = 2 micro-batches of 2 (one optimizer step each time) == one batch of 4, for 3 steps, with KL on."""
+    out = {}
+    for name, (bs, k) in {"big": (4, 1), "accum": (2, 2)}.items():
+        cfg = tiny_cfg(**{"train.steps": 3, "train.batch_size": bs, "train.grad_accum": k})
+        tr = Trainer(cfg, fresh_model(llama_tokenizer), data, tmp_path / name, pad_id=0, log=lambda m: None)
+        tr.fit()
+        out[name] = (lora_weights(tr), tr.history)
+    for key, w in out["big"][0].items():
+        assert torch.allclose(w, out["accum"][0][key], atol=2e-6), key
+    assert out["big"][1][-1]["train/loss"] == pytest.approx(out["accum"][1][-1]["train/loss"], rel=1e-4)
+    assert any(w.abs().sum() > 0 for k, w in out["big"][0].items() if "lora_B" in k)  # it did train
+
+
+def test_non_finite_loss_stops_naming_step_and_term(llama_tokenizer, frames, tmp_path):
+    ts, rd, _ = frames
+    ts = ts.with_columns(pl.when(pl.col("category") == "harmful").then(float("nan")).otherwise(1.0).alias("sample_weight"))
+    d = build_train_data(ts, rd, max_length=64)
+    cfg = tiny_cfg(**{"loss.margin_scale": None})
+    tr = Trainer(cfg, fresh_model(llama_tokenizer), d, tmp_path, pad_id=0, log=lambda m: None)
+    with pytest.raises(NonFiniteLoss, match=r"step 0: term loss_rr is nan"):
+        tr.fit()
+
+
+def test_checkpoints_ranked_with_links_and_in_process_resume(llama_tokenizer, data, tmp_path):
+    cfg = tiny_cfg(**{"train.steps": 6, "train.checkpoint_every": 2, "train.keep_checkpoints": 2})
+    a = Trainer(cfg, fresh_model(llama_tokenizer), data, tmp_path / "a", pad_id=0, log=lambda m: None)
+    a.fit()
+    index = json.loads((tmp_path / "a" / "checkpoints" / "index.json").read_text())
+    ranked = sorted(index, key=lambda e: e["metric"])
+    assert (tmp_path / "a" / "best").resolve().name == ranked[0]["path"]
+    assert (tmp_path / "a" / "second_best").resolve().name == ranked[1]["path"]
+    assert len(index) <= 3 and any(e["step"] == 6 for e in index)  # best 2 + the latest
+    for p in (tmp_path / "a" / "checkpoints").glob("step_*"):
+        assert (p / "adapter_model.safetensors").is_file()
+    # resume from step 4 in a fresh trainer == the uninterrupted run
+    b_dir = tmp_path / "b"
+    cfg4 = tiny_cfg(**{"train.steps": 6, "train.checkpoint_every": 2})
+    b = Trainer(cfg4, fresh_model(llama_tokenizer), data, b_dir, pad_id=0, log=lambda m: None)
+    b.cfg.train.steps = 4
+    b.fit()
+    c = Trainer(tiny_cfg(**{"train.steps": 6, "train.checkpoint_every": 2}), fresh_model(llama_tokenizer), data, b_dir,
+                pad_id=0, log=lambda m: None)
+    c.fit()
+    assert c.history[0]["step"] == 1 and len(c.history) == 6
+    wa, wc = lora_weights(a), lora_weights(c)
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+# ----------------------------------------------------------------------------- subprocess workers
+def write_root(root: Path) -> Path:
+    ts, rd, lm = synthetic_frames()
+    root.mkdir(parents=True, exist_ok=True)
+    ts.write_parquet(root / "train_split.parquet")
+    rd.write_parquet(root / "renders.parquet")
+    lm.write_parquet(root / "lossmasks.parquet")
+    return root
+
+
+WORKER_OVERRIDES = [
+    "model.profile=tiny", "model.max_length=64", "loss.target_layers=[2,4]", "lora.dropout=0.0",
+    "lora.layers_to_transform=[0,1,2,3]", "lora.r=4", "data.mwcs_schedule=null", "log.wandb=false",
+    "log.post_checks=false", "train.lr=3e-3", "train.warmup_steps=2",
+]
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", CB_TORCH_THREADS="1", PYTHONHASHSEED="0")
+    env["PYTHONPATH"] = str(PROJECT_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def worker_cmd(run_dir: Path, root: Path, extra: list[str], nproc: int = 1) -> list[str]:
+    args = ["--preset", "tiny", "--run-dir", str(run_dir), "--data-root", str(root)]
+    for o in WORKER_OVERRIDES + extra:
+        args += ["--override", o]
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                "-m", "cb_core.train.worker", *args]
+    return [sys.executable, "-m", "cb_core.train.worker", *args]
+
+
+def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
+    root = write_root(tmp_path / "root")
+    extra = ["train.steps=10", "train.checkpoint_every=3", "train.throttle_s=0.4"]
+    env = worker_env()
+    ref = tmp_path / "ref"
+    subprocess.run(worker_cmd(ref, root, extra), env=env, check=True, capture_output=True, timeout=600)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(worker_cmd(run, root, extra), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    target = run / "checkpoints" / "step_000003" / "trainer_state.pt"
+    deadline = time.time() + 300
+    while not target.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(60) == -signal.SIGKILL  # it really was killed mid-run
+    assert not (run / "adapter").exists()
+    out = subprocess.run(worker_cmd(run, root, extra), env=env, check=True, capture_output=True, text=True, timeout=600)
+    assert "resumed from step_00000" in out.stdout
+    a, b = adapter_tensors(ref), adapter_tensors(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    hist_a = pl.read_parquet(ref / "history.parquet")
+    hist_b = pl.read_parquet(run / "history.parquet")
+    assert hist_a["train/loss"].to_list() == hist_b["train/loss"].to_list() and hist_a.height == 10
+    for name in ("preset.yaml", "overrides.yaml", "config.yaml", "run_metadata.json", "console.log", "curves.png"):
+        assert (run / name).is_file(), name
+    meta = json.loads((run / "run_metadata.json").read_text())
+    assert meta["PYTHONHASHSEED"] == "0" and meta["packages"]["torch"] and "cb_core.train.worker" in meta["command"]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process_with_doubled_batch(tmp_path):
+    root = write_root(tmp_path / "root")
+    env = worker_env()
+    common = ["train.steps=3", "train.checkpoint_every=100"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(worker_cmd(one, root, common + ["train.batch_size=8"]), env=env, check=True, capture_output=True,
+                   timeout=600)
+    r = subprocess.run(worker_cmd(two, root, common + ["train.batch_size=4"], nproc=2), env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((two / "final_metrics.json").read_text())["world_size"] == 2
+    a, b = adapter_tensors(one), adapter_tensors(two)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), (k, (a[k] - b[k]).abs().max())
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
