@@ -545,6 +545,9 @@ def test_refusal_class_is_used_within_its_cap(built):
     assert load_curation_config("demo").class_target("refusal") > 0
     with pytest.raises(curate.ConfigError, match="priority classes"):
         small_cfg(classes={"refusals": {"target": 1}})
+    with pytest.raises(curate.ConfigError, match="retain_requires_task_success"):
+        small_cfg(retain_requires_task_success=["agent_dojo"])
+    assert d.retain_requires_task_success == ["agentdojo"]
 
 
 # ------------------------------------------------------------------------------------------- gates
@@ -561,9 +564,10 @@ def test_gate_ratio_fails(built):
     few_retain = pl.concat([mix.filter(pl.col("category") == "harmful"),
                             mix.filter(pl.col("category") == "retain").head(3)])
     g = _gate(gate_results(few_retain, cfg), "dr_ds_ratio")
-    assert not g.passed and g.value < g.threshold
+    assert not g.passed and g.value < g.threshold and "is below 2.0" in g.description
+    assert ">= 2.0" in _gate(gate_results(mix, cfg), "dr_ds_ratio").description
     g0 = _gate(gate_results(mix.filter(pl.col("category") == "retain"), cfg), "dr_ds_ratio")
-    assert not g0.passed and g0.value is None  # no harmful samples at all
+    assert not g0.passed and g0.value is None and "not measured" in g0.description  # no harmful samples
 
 
 def test_gate_adversarial_safe_fails(built):
@@ -607,7 +611,7 @@ def test_gate_counts_only_true_adversarial_safe(built):
 def test_gate_duplicate_ids_fails(built):
     cfg, mix, _ = built
     g = _gate(gate_results(pl.concat([mix, mix.head(2)]), cfg), "no_duplicate_ids")
-    assert not g.passed and g.value == 2 and len(g.examples) == 2
+    assert not g.passed and g.value == 2 and len(g.examples) == 2 and "2 appear more than once" in g.description
 
 
 def test_gate_tool_schemas_fails(built):
