@@ -43,6 +43,7 @@ from cb_core.config import config_path
 from cb_core.schemas import BadRecord, canonical_json, digest, message, reject
 from cb_core.sources import SourceError, SourceResult
 
+_WIPE = "; an empty source would wipe its traces"
 DATASET = "fujitsu_b4"
 DEFAULT_SCHEMA = "configs/tool_schemas/b4_standard_v1.json"
 DEFAULT_REQUIRED = ("combined_query", "expected_tool", "simulated_tool", "success")
@@ -241,7 +242,7 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
         fname = str(path)
         lines = _lines(path)
         if not any(not isinstance(x, str) or x.strip() for x in lines):
-            raise SourceError(f"{path} holds no records (empty or blank lines only)", file=path)
+            raise SourceError(f"{path} holds no records (empty or blank lines only){_WIPE}", file=path)
         for lineno, line in enumerate(lines, 1):
             if isinstance(line, bytes):
                 bad.append(reject(dataset=DATASET, file=fname, line=lineno,

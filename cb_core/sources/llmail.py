@@ -62,6 +62,7 @@ from cb_core.config import config_path
 from cb_core.schemas import QUARANTINE_SCHEMA, TRACE_SCHEMA, BadRecord, canonical_json, digest, make_trace, reject
 from cb_core.sources import SourceError, SourceResult
 
+_WIPE = "; an empty source would wipe its traces"
 DATASET = "llmail_inject"
 OBJECTIVE_FLAGS = ("email.retrieved", "defense.undetected", "exfil.sent", "exfil.destination", "exfil.content")
 REQUIRED_COLUMNS = ("job_id", "scenario", "subject", "body", "objectives")
@@ -246,7 +247,8 @@ def read_csv_records(path: Path) -> tuple[list[str], list[tuple[int, list[str], 
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     if not data.strip():
-        raise SourceError(f"{path} is empty (0 records): expected a header and LLMail-Inject submissions")
+        raise SourceError(f"{path} is empty (no record){_WIPE}: expected a header and LLMail-Inject "
+                          "submissions", file=path)
     lines = io.StringIO(data.decode("utf-8", "surrogateescape"), newline="").readlines()
     reader = csv.reader(lines, strict=True)
     records: list[tuple[int, list[str], bytes]] = []
@@ -260,7 +262,7 @@ def read_csv_records(path: Path) -> tuple[list[str], list[tuple[int, list[str], 
             break
         except csv.Error as e:
             raise SourceError(f"{path}: broken CSV in the record starting at line {start} (read up to line "
-                              f"{reader.line_num}): {e}") from None
+                              f"{reader.line_num}): {e}", file=path) from None
         end, prev = reader.line_num, reader.line_num
         if not fields:  # blank line
             continue
@@ -297,9 +299,10 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
     header, records = read_csv_records(csv_path)
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
-        raise SourceError(f"{csv_path} (line 1, the header) lacks column(s) {missing}; has {header}")
+        raise SourceError(f"{csv_path} (line 1, the header) lacks column(s) {missing}; has {header}",
+                          file=csv_path, field=missing[0])
     if not records:
-        raise SourceError(f"{csv_path} has a header but no records")
+        raise SourceError(f"{csv_path} has a header but no records{_WIPE}", file=csv_path)
     col = {c: header.index(c) for c in header}
 
     name = csv_path.name

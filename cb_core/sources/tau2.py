@@ -54,6 +54,7 @@ from cb_core.schemas import BadRecord, arguments_json, canonical_json, message, 
 from cb_core.sources import SourceError, SourceResult
 from cb_core.sources.fujitsu_b4 import SharedToolsTraces, fill_tools
 
+_WIPE = "; an empty source would wipe its traces"
 DATASET = "tau2"
 FINAL_ANSWER = "final_answer"  # = cb_core.curate.FINAL_ANSWER (a test checks it)
 DEFAULT_SYSTEM = (
@@ -129,13 +130,15 @@ def _load_tasks(tf: Path) -> list:
         with open(tf, encoding="utf-8") as fh:
             tasks = json.load(fh)
     except json.JSONDecodeError as e:
-        raise SourceError(f"{tf}: invalid or truncated JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        raise SourceError(f"{tf}: invalid or truncated JSON at line {e.lineno} column {e.colno}: {e.msg}",
+                          file=tf) from None
     except (OSError, UnicodeDecodeError) as e:
         raise SourceError(f"cannot read {tf}: {e}") from e
     if not isinstance(tasks, list):
-        raise SourceError(f"{tf}: the tasks file must be a JSON list of tasks, got a {type(tasks).__name__}")
+        raise SourceError(f"{tf}: the tasks file must be a JSON list of tasks, got a {type(tasks).__name__}",
+                          file=tf)
     if not tasks:
-        raise SourceError(f"{tf} holds no tasks (an empty list)")
+        raise SourceError(f"{tf} holds no tasks (an empty list, no record){_WIPE}", file=tf)
     return tasks
 
 

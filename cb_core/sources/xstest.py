@@ -39,6 +39,7 @@ from cb_core.schemas import make_trace, message, reject
 from cb_core.sources import SourceError, SourceResult
 from cb_core.sources.llmail import _SURROGATE, read_csv_records
 
+_WIPE = "; an empty source would wipe its traces"
 DATASET = "xstest"
 PROMPT_COLS = ("id", "prompt", "type", "label")
 COMPLETION_COLS = ("id", "type", "prompt", "completion", "final_label")
@@ -70,7 +71,8 @@ def _classify(paths: list[Path]) -> tuple[list[Path], list[Path], list[str]]:
             skipped.append(c.name)
             continue
         if c.stat().st_size == 0:
-            raise SourceError(f"{c} is empty (0 bytes): expected an XSTest prompts or completions CSV", file=c)
+            raise SourceError(f"{c} is empty (0 bytes, no record){_WIPE}: expected an XSTest prompts or completions "
+                              "CSV", file=c)
         head = set(_header(c))
         if "final_label" in head or "completion" in head:
             completions.append(c)
@@ -95,7 +97,7 @@ def _rows(path: Path, required: tuple[str, ...], bad: list[dict]) -> list[tuple[
         raise SourceError(f"{path} (line 1, the header) lacks column(s) {missing}; has {header}",
                           file=path, field=missing[0])
     if not records:
-        raise SourceError(f"{path} has a header but no records", file=path)
+        raise SourceError(f"{path} has a header but no records{_WIPE}", file=path)
     out = []
     for line, fields, raw in records:
         text = raw.decode("utf-8", "surrogateescape")
