@@ -116,7 +116,9 @@ def test_cli_materialize_traces_on_one_agentdojo_file(shared_data, tmp_path, nam
     n_err = int(exp["security_true_attacked"]) - int(exp["with_attacker_call"])
     assert traces.height + quarantine.height == int(exp["traces"])
     assert quarantine.height == int(exp["empty_messages"]) + n_err
-    assert lab["attack_present"].sum() + n_err == int(exp["attacked"])
-    assert lab["attack_succeeded"].sum() == int(exp["with_attacker_call"])
-    assert (lab["category"] == "harmful").sum() == int(exp["with_attacker_call"])
+    assert lab["injection_reached"].is_not_null().sum() + n_err == int(exp["attacked"])  # every attacked run
+    # harmful = an attacker call after the injection was read (whatever AgentDojo's security says)
+    assert lab["attacker_call_made"].sum() == int(exp["attacker_call_after_injection"])
+    assert (lab["category"] == "harmful").sum() == int(exp["attacker_call_after_injection"])
+    assert set(quarantine["severity"]) <= {"excluded"}  # empty runs and provider errors are policy exclusions
     assert set(traces["dataset"]) == {"agentdojo"}
