@@ -16,6 +16,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   fi
 fi
 bash scripts/setup.sh dev
+[ "${CB_SKIP_VLLM:-0}" = 1 ] || bash scripts/setup.sh vllm  # .venv-vllm for the `vllm` tests (cached)
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 # Build the offline Llama-3 tokenizer once, before the workers start.
 .venv/bin/python -c "from cb_core.tokenizer import llama3_tokenizer; llama3_tokenizer()"
