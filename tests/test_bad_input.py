@@ -5,7 +5,6 @@ import json
 import os
 from pathlib import Path
 
-import dagster as dg
 import polars as pl
 import pytest
 

@@ -25,7 +25,6 @@ def test_failed_write_keeps_previous_version(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------- file modes, publish, lock
-import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
