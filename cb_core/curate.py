@@ -420,7 +420,7 @@ def inherit_parent_groups(
     """Generated DS/DR twins join their parent's task: `pair_group` := the pair_group of the trace named by
     `provenance.parent_id` (when that parent is among `base`), so twins and their task never straddle a split.
     Returns the re-grouped tables and counts (inherited / parent_id not among the traces / no parent_id)."""
-    parents = base.select(pl.col("id").alias("_pid"), pl.col("pair_group").alias("_ppg"))
+    parents = base.select(pl.col("id").alias("_pid"), pl.col("pair_group").alias("_ppg")).unique("_pid")
     out, n = {}, {"inherited": 0, "parent_not_found": 0, "no_parent_id": 0}
     for name, df in generated.items():
         j = df.with_columns(pl.col("provenance").struct.field("parent_id").alias("_pid")).join(
