@@ -51,6 +51,7 @@ def call(name, args="{}", tag=True):
         ("Kill a Python process with `kill <pid>`.<|eot_id|>", XSTEST, "final_answer", True, False),
         ("I'm sorry, but I can't help with that.<|eot_id|>", XSTEST, "final_answer", False, False),
         ("<|eot_id|>", XSTEST, "unparseable", False, False),
+        ("An answer that ran out of tok", LLMAIL, "final_answer", False, False),  # cut off: not finished
     ],
 )
 def test_outcomes(text, exp, outcome, expected, attacker):

@@ -14,6 +14,7 @@ import time
 import dagster as dg
 import polars as pl
 
+from cb_assets.assets.generation import generated_inputs_status, with_generated
 from cb_assets.resources import DatasetsResource, ModelResource
 from cb_assets.validation import keep_rejects, pandera_check, rows_check, stop_the_line, validate_or_fail
 from cb_core.io import atomic_write_bytes, data_root
@@ -30,6 +31,8 @@ from cb_core.schemas import QuarantineModel
 from cb_core.sources import SourceResult
 
 ETL_B_GROUP = "etl_b"
+# Generated trace tables enter renders and lossmasks as asset inputs (an unmaterialized one reads as empty).
+GENERATED_INS = {name: dg.AssetIn(name) for name in ("ds_completions", "dr_completions", "adversarial_safe")}
 PREVIEW_FILE = "mask_preview.html"
 
 
@@ -45,7 +48,7 @@ class LossmasksConfig(dg.Config):
 
 # ------------------------------------------------------------------------------------------------ renders
 @dg.asset(
-    ins={"traces": dg.AssetIn("traces")},
+    ins={"traces": dg.AssetIn("traces"), **GENERATED_INS},
     group_name=ETL_B_GROUP,
     kinds={"polars"},
     tags={"cb/tier": "B", "cb/compute": "cpu"},
@@ -60,8 +63,15 @@ def renders(
     model: ModelResource,
     datasets: DatasetsResource,
     traces: pl.DataFrame,
+    ds_completions: pl.DataFrame,
+    dr_completions: pl.DataFrame,
+    adversarial_safe: pl.DataFrame,
 ) -> SourceResult:
     from cb_core.render import RenderModel, render_traces
+
+    generated = {"ds_completions": ds_completions, "dr_completions": dr_completions,
+                 "adversarial_safe": adversarial_safe}
+    traces = with_generated(traces, generated)  # generated traces are rendered like any other trace
 
     profile = model.model_profile()
     tok = model.tokenizer()
@@ -86,6 +96,7 @@ def renders(
     context.add_output_metadata(
         {
             "profile": profile.name,
+            "generated": dg.MetadataValue.json(generated_inputs_status(generated)),
             "tokenizer_id": df["tokenizer_id"][0],
             "tool_call_format": rcfg.tool_call_format,
             "max_length": rcfg.max_length,
@@ -150,7 +161,7 @@ def _preview_markdown(stats: dict, path: str, lossmasks: pl.DataFrame, renders_d
 
 
 @dg.asset(
-    ins={"renders": dg.AssetIn("renders"), "traces": dg.AssetIn("traces")},
+    ins={"renders": dg.AssetIn("renders"), "traces": dg.AssetIn("traces"), **GENERATED_INS},
     group_name=ETL_B_GROUP,
     kinds={"polars"},
     tags={"cb/tier": "B", "cb/compute": "cpu"},
@@ -166,6 +177,9 @@ def lossmasks(
     datasets: DatasetsResource,
     renders: pl.DataFrame,
     traces: pl.DataFrame,
+    ds_completions: pl.DataFrame,
+    dr_completions: pl.DataFrame,
+    adversarial_safe: pl.DataFrame,
 ) -> SourceResult:
     from cb_core.preview import mask_preview_html
 
@@ -173,6 +187,9 @@ def lossmasks(
     mwcs = MixtureSchedule.load(config.mwcs)
     stats: dict = {}
     t0 = time.perf_counter()
+    generated = {"ds_completions": ds_completions, "dr_completions": dr_completions,
+                 "adversarial_safe": adversarial_safe}
+    traces = with_generated(traces, generated)
     df, rejected = build_lossmasks(renders, traces, lcfg.policies, mwcs, stats=stats)
     dt = time.perf_counter() - t0
     if df.height == 0:
@@ -195,6 +212,7 @@ def lossmasks(
     context.add_output_metadata(
         {
             "policies": dg.MetadataValue.json(lcfg.policies),
+            "generated": dg.MetadataValue.json(generated_inputs_status(generated)),
             "training_default": dg.MetadataValue.json(lcfg.training_default),
             "mwcs": mwcs.name,
             "per_policy": dg.MetadataValue.json(per_policy),
