@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -216,9 +216,44 @@ def parse_overrides(items: Iterable[str] | dict | None) -> dict[str, Any]:
             raise TrainConfigError(f"override {item!r}: expected section.field=value")
         k, v = item.split("=", 1)
         try:
-            out[k.strip()] = yaml.safe_load(v) if v.strip() else None
+            val = yaml.safe_load(v) if v.strip() else None
         except yaml.YAMLError as e:
             raise TrainConfigError(f"override {item!r}: cannot parse value: {e}") from e
+        out[k.strip()] = _number(val)
+    return out
+
+
+def _number(val: Any) -> Any:
+    """YAML 1.1 reads ``3e-5`` (no dot) as a string: numbers written that way are numbers here."""
+    if isinstance(val, str):
+        try:
+            return float(val)
+        except ValueError:
+            return val
+    return val
+
+
+def _coerce(cls, body: dict, where: str) -> dict:
+    """Check each field against its default's type (ints stay ints, floats accept ints and 1e-5 strings)."""
+    out = {}
+    defaults = {f.name: f for f in fields(cls)}
+    for k, v in body.items():
+        f = defaults[k]
+        kind = type(f.default) if f.default is not MISSING and f.default is not None else None
+        if kind is float and not isinstance(v, bool):
+            v = _number(v)
+            if isinstance(v, int):
+                v = float(v)
+            if not isinstance(v, float):
+                raise TrainConfigError(f"{where}.{k}: expected a number, got {v!r}")
+        elif kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+            else:
+                raise TrainConfigError(f"{where}.{k}: expected an integer, got {v!r}")
+        elif kind is bool and not isinstance(v, bool):
+            raise TrainConfigError(f"{where}.{k}: expected true/false, got {v!r}")
+        out[k] = v
     return out
 
 
@@ -256,7 +291,7 @@ def from_dict(raw: dict, source: str = "<dict>") -> TrainConfig:
         if bad:
             raise TrainConfigError(f"{source}: {sec}: unknown fields {sorted(bad)} (known: {sorted(names)})")
         try:
-            kwargs[sec] = cls(**body)
+            kwargs[sec] = cls(**_coerce(cls, body, f"{source}: {sec}"))
         except TypeError as e:
             raise TrainConfigError(f"{source}: {sec}: {e}") from e
     return TrainConfig(**kwargs).validate(source)

@@ -256,7 +256,8 @@ def train(args: argparse.Namespace, argv: list[str], pipes=None) -> dict[str, An
 
 
 def pipes_metadata(r: dict[str, Any]) -> dict[str, Any]:
-    md: dict[str, Any] = {k: {"raw_value": r[k], "type": "float"} for k in HEADLINE if isinstance(r.get(k), (int, float))}
+    md: dict[str, Any] = {k: {"raw_value": r[k], "type": "int" if isinstance(r[k], int) else "float"}
+                          for k in HEADLINE if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)}
     md["run_dir"] = {"raw_value": r["run_dir"], "type": "path"}
     md["adapter_path"] = {"raw_value": str(Path(r["run_dir"]) / "adapter"), "type": "path"}
     if r.get("curves"):

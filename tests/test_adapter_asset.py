@@ -1,0 +1,105 @@
+"""The `adapter` asset through Dagster for real: the worker runs in a subprocess under Dagster Pipes, its
+logs and materialization come back, the adapter is published, the post-training checks evaluate; and
+(slow) the whole chain on the embedded demo sample with the `tiny` preset on the tiny agent."""
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from cb_assets.assets import training
+from cb_assets.io_manager import ParquetIOManager
+from cb_assets.resources import DatasetsResource, ModelResource
+from test_trainer import WORKER_OVERRIDES, write_root
+
+CHECKS = [training.adapter_kl_above_eps, training.adapter_harmful_cos_sim_dropped, training.adapter_retain_cos_sim,
+          training.adapter_coherence]
+UPSTREAM = [dg.AssetSpec("train_split"), dg.AssetSpec("renders"), dg.AssetSpec("lossmasks")]
+
+
+def _materialize(overrides, instance=None, **cfg):
+    return dg.materialize(
+        [*UPSTREAM, training.adapter, *CHECKS],
+        selection=dg.AssetSelection.assets("adapter"),
+        resources={"io_manager": ParquetIOManager(), "datasets": DatasetsResource(), "model": ModelResource()},
+        run_config={"ops": {"adapter": {"config": {"preset": "tiny", "overrides": overrides, **cfg}}}},
+        raise_on_error=False,
+        instance=instance or dg.DagsterInstance.ephemeral(),
+    )
+
+
+def test_adapter_asset_trains_through_pipes_and_publishes(data_root, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("CB_TORCH_THREADS", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    write_root(data_root)
+    ov = [o for o in WORKER_OVERRIDES if not o.startswith("log.")] + ["train.steps=6", "train.checkpoint_every=3",
+                                                                     "log.wandb=true", "log.generation_tokens=8"]
+    instance = dg.DagsterInstance.ephemeral()
+    res = _materialize(ov, instance)
+    failures = [str(e.event_specific_data)[:800] for e in res.all_events if e.is_failure]
+    assert res.success, failures[:2]
+    mat = next(e for e in res.get_asset_materialization_events() if e.asset_key == dg.AssetKey("adapter"))
+    meta = mat.materialization.metadata
+    # headline numbers are numeric metadata (plotted across materializations); curves shown as markdown
+    assert isinstance(meta["final_loss"], dg.FloatMetadataValue) and meta["steps"].value == 6
+    assert meta["harmful_cos_sim_end"].value < meta["harmful_cos_sim_start"].value
+    assert "data:image/png;base64," in meta["loss_curves"].value
+    assert meta["preset"].value == "tiny" and meta["loss_mode"].value == "triplet_full"
+    # worker logs came back through Pipes
+    logs = [e.user_message for e in instance.all_logs(res.run_id)]
+    assert any("step 6/6" in m and "tok/s" in m and "ETA" in m for m in logs), logs[-5:]
+    published = data_root / "adapter"
+    assert (published / "adapter_model.safetensors").is_file() and (published / "adapter_config.json").is_file()
+    hist = pl.read_parquet(published / "history.parquet")
+    assert hist.height == 6 and {"train/loss", "rr/cos_sim_mean", "lr", "cs", "cr", "train/grad_norm"} <= set(hist.columns)
+    run_dir = (data_root / "train_runs" / "latest").resolve()
+    assert (run_dir / "best").is_symlink() and (run_dir / "console.log").read_text().count("step 6/6") == 1
+    assert list((run_dir / "wandb").glob("offline-run-*")), "W&B ran offline in the run folder"
+    assert "WANDB_API_KEY" not in (run_dir / "console.log").read_text()
+    checks = {e.check_name: e for e in res.get_asset_check_evaluations()}
+    assert checks["adapter_kl_above_eps"].passed and checks["adapter_harmful_cos_sim_dropped"].passed
+    assert checks["adapter_retain_cos_sim"].metadata["end"].value > 0
+    assert "adapter_coherence" in checks  # random weights: judged, whichever way it goes
+    # a second materialization resumes the finished run (same folder) and trains no further steps
+    res2 = _materialize(ov)
+    assert res2.success
+    assert "resumed from step_000006" in (run_dir / "console.log").read_text()
+
+
+def test_bad_override_fails_before_training(data_root):
+    write_root(data_root)
+    res = _materialize(["train.lrr=1"])
+    assert not res.success
+    err = next(e for e in res.all_events if e.is_failure)
+    assert "unknown field 'lrr'" in str(err.event_specific_data)
+    assert not (data_root / "adapter").exists()
+
+
+@pytest.mark.slow
+def test_whole_chain_to_adapter_on_demo_sample_with_tiny_agent(data_root, monkeypatch):
+    """raw -> ... -> train_split -> adapter (`tiny` preset, tiny agent, CPU) on the embedded demo sample."""
+    monkeypatch.delenv("CB_CURATION_PROFILE", raising=False)
+    monkeypatch.delenv("CB_MODEL", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("CB_TORCH_THREADS", "1")
+    from cb_assets.definitions import defs
+
+    res = dg.materialize(
+        list(defs.assets) + list(defs.asset_checks or []),
+        resources=defs.resources,
+        selection=dg.AssetSelection.assets("adapter").upstream() - dg.AssetSelection.assets("tiny_agent_model"),
+        run_config={"ops": {"adapter": {"config": {"overrides": ["train.steps=12", "log.wandb=false"]}}}},
+        raise_on_error=False,
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+    failures = [str(e.event_specific_data)[:800] for e in res.all_events if e.is_failure]
+    assert res.success, failures[:2]
+    final = json.loads((data_root / "adapter" / "final_metrics.json").read_text())
+    assert final["steps"] == 12 and final["data"]["harmful"] > 0 and final["data"]["retain"] > 0
+    assert final["harmful_cos_sim_end"] < final["harmful_cos_sim_start"]
+    cfg = (data_root / "adapter" / "config.yaml").read_text()
+    assert "profile: tiny_agent" in cfg
