@@ -515,7 +515,7 @@ def test_invalid_utf8_line_kept_losslessly(tmp_path):
     res = agentdojo.read([p], cfg())
     assert res.good.height == 1
     r = res.rejected.row(0, named=True)
-    assert r["line"] == 2 and r["raw"].startswith("base64:") and "base64" in r["reason"]
+    assert r["line"] == 2 and r["raw"].startswith("base64:") and "base64" in r["reason"] and "UTF-8" in r["reason"]
     assert base64.b64decode(r["raw"][len("base64:"):]) == bad
 
 
@@ -635,3 +635,12 @@ def test_header_only_file_gives_empty_frames(tmp_path):
     res = agentdojo.read([p], cfg())
     assert res.good.height == 0 and res.rejected.height == 0 and res.good.schema == TRACE_SCHEMA
     assert res.meta["header_lines"] == 1
+
+
+def test_run_facts_in_provenance(messy_file):
+    g = agentdojo.read([messy_file], cfg()).good
+    facts = {r["source_locator"].rsplit(":", 1)[1]: json.loads(r["provenance"]["generation_params"])["agentdojo"]
+             for r in g.iter_rows(named=True)}
+    assert facts["2"] == {"suite": "banking", "user_task_id": "user_task_0", "injection_task_id": "injection_task_3",
+                          "security": True, "model": "m", "benchmark_version": "v1"}
+    assert facts["10"]["injection_task_id"] is None

@@ -33,7 +33,9 @@ up; the trace is real and kept, meta `refused_unknown_tool_calls`).
 Ids: `source_locator` = "<path relative to the source root>:<line>" (a file given alone: its name; several files:
 relative to their common folder), so ids survive moving the data. `id` hashes dataset, locator, tools, tool attack
 and the raw line. `pair_group` = "agentdojo:<suite>:<user_task_id>" (the task identity, across models, benign and
-attacked), so a split never separates runs of one user task.
+attacked), so a split never separates runs of one user task. `provenance.generation_params.agentdojo` keeps the
+run's facts for lookups in configs/agentdojo/*.json: suite, user_task_id, injection_task_id, security, model and
+the benchmark_version picked for its file.
 
 Raw text in quarantine rows is the line as UTF-8; a line that is not valid UTF-8 is kept losslessly as
 "base64:<base64 of the exact bytes>" (the reason says so).
@@ -420,7 +422,12 @@ def parse_record(rec: Any, targets: dict[str, list[dict]]) -> tuple[str, list[Ms
 
     messages, calls = convert_messages(raw_messages)
 
-    kw: dict[str, Any] = {"subtype": suite, "task_success": success, "pair_group": f"{DATASET}:{suite}:{user_task}"}
+    model = md.get("model")
+    facts = {"suite": suite, "user_task_id": user_task, "injection_task_id": injection_task,
+             "security": md.get("security") if isinstance(md.get("security"), bool) else None,
+             "model": model if isinstance(model, str) else None}
+    kw: dict[str, Any] = {"subtype": suite, "task_success": success, "pair_group": f"{DATASET}:{suite}:{user_task}",
+                          "generation_params": {DATASET: facts}}
     if not attacked:
         kw.update(category="retain", priority_class="tool_capability")
         return suite, messages, calls, kw
@@ -626,7 +633,11 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
                     continue
                 try:
                     rec = json.loads(line)
-                except ValueError as e:  # includes invalid UTF-8
+                except UnicodeDecodeError as e:
+                    first = False
+                    quarantine(rel, lineno, line, "", f"invalid UTF-8 ({e.reason} at byte {e.start})", "malformed")
+                    continue
+                except (ValueError, RecursionError) as e:
                     first = False
                     quarantine(rel, lineno, line, "", f"invalid JSON: {e}", "malformed")
                     continue
@@ -671,6 +682,7 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
             # the id hashes dataset, locator, tools and tool attack (make_trace) plus the raw line's content
             # hash instead of re-serialising every message (the ETL_A speed budget)
             refused += sum(c[5] for c in _calls)
+            kw["generation_params"][DATASET]["benchmark_version"] = version
             row = make_trace(dataset=DATASET, source_locator=f"{rel}:{lineno}", completeness="complete",
                              messages=[], tools=schemas.json_for(version, suite), **kw)
             row["id"] = digest(row["id"] + hashlib.sha256(line).hexdigest())
