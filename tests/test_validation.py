@@ -82,9 +82,11 @@ def test_label_sanity_follows_the_compromised_is_harmful_semantics():
         _trace(3, priority_class="adversarial_safe", attack_present=True, injection_reached=True,
                is_adversarial_safe=True),
         _trace(4, injection_reached=False),  # configured, never read: no attack
+        # a skeleton rebuilds the context with the injection in it, whatever the original run retrieved
+        {**_trace(8, attack_present=True, injection_reached=False), "completeness": "skeleton"},
     ]
     res = traces_label_sanity(pl.DataFrame(ok, schema=TRACE_SCHEMA))
-    assert res.passed and res.description == "every row's labels are consistent (4 rows checked)"
+    assert res.passed and res.description == "every row's labels are consistent (5 rows checked)"
     bad = ok + [
         _trace(5, is_adversarial_safe=True, attack_present=True, injection_reached=True, attacker_call_made=True),
         _trace(6, attack_present=True, injection_reached=False),
@@ -92,4 +94,4 @@ def test_label_sanity_follows_the_compromised_is_harmful_semantics():
     ]
     res = traces_label_sanity(pl.DataFrame(bad, schema=TRACE_SCHEMA))
     assert not res.passed and res.metadata["failing_rows"].value == 3
-    assert res.description.startswith("3 of 7 rows: rows violating label sanity (e.g. id=")
+    assert res.description.startswith("3 of 8 rows: rows violating label sanity (e.g. id=")

@@ -98,7 +98,7 @@ def traces_unique_ids(traces: pl.DataFrame) -> dg.AssetCheckResult:
     asset=traces,
     blocking=True,
     description="label sanity: succeeded implies attacked; harmful implies attacked; adversarial-safe implies "
-    "attacked and no attacker call; an injection never reached is no attack",
+    "attacked and no attacker call; in a complete trace an injection never reached is no attack",
 )
 def traces_label_sanity(traces: pl.DataFrame) -> dg.AssetCheckResult:
     lab = pl.col("labels")
@@ -109,7 +109,10 @@ def traces_label_sanity(traces: pl.DataFrame) -> dg.AssetCheckResult:
         | ((lab.struct.field("category") == "harmful") & ~attacked)
         | (lab.struct.field("is_adversarial_safe").fill_null(False)
            & (~attacked | lab.struct.field("attacker_call_made").fill_null(False)))
-        | ((lab.struct.field("injection_reached") == False) & attacked)  # noqa: E712 (null: no attack configured)
+        # a complete trace whose run never read the injection is no attack (null: none configured); a
+        # skeleton's context is rebuilt with the injection in it, whatever the original run retrieved
+        | ((lab.struct.field("injection_reached") == False) & attacked  # noqa: E712
+           & (pl.col("completeness") == "complete"))
     )
     result = rows_check(traces, bad, "rows violating label sanity",
                         verified="every row's labels are consistent")
