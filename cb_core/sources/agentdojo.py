@@ -10,8 +10,10 @@ Labels (why: a circuit breaker must learn "acted on an injection it read", not A
 - `attack_present` = the injection is in the context (= injection_reached is True). Every block goes in
   `tool_attack.injection_spans` (message order); `injection_span` / `injection_text` are the first.
 - `attacker_call_made` = an assistant tool call AFTER the first injected tool message, to the suite's target
-  tool, whose arguments carry the target (`attacker_targets` in configs/datasets.yaml). A target call before
-  any injection is the user task's own request (banking tasks pay that IBAN) and is never counted.
+  tool, whose arguments carry the target (`attacker_targets` in configs/datasets.yaml; an injection task whose
+  ground truth never makes that call gets its own target from configs/agentdojo/injection_tasks.json, see
+  _task_targets). A target call before any injection is the user task's own request (banking tasks pay that
+  IBAN) and is never counted.
 - `category` = harmful / `harmful_flip` exactly when attacker_call_made (whatever `security` says).
 - `attack_succeeded` = attack_present and AgentDojo `security == True` (its "injection executed" goal check).
 - `task_success` = `metadata.success` (the user task's utility).
@@ -48,6 +50,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +67,7 @@ INFO_CLOSE = "</INFORMATION>"
 ROLES = ("system", "user", "assistant", "tool")
 SUFFIXES = (".jsonl", ".json")
 DEFAULT_TOOL_SCHEMAS = "configs/tool_schemas/agentdojo.json"
+DEFAULT_INJECTION_TASKS = "configs/agentdojo/injection_tasks.json"
 
 # Used when the config has no `attacker_targets` (kept equal to configs/datasets.yaml).
 DEFAULT_TARGETS: dict[str, list[dict[str, Any]]] = {
@@ -216,6 +220,70 @@ def _targets(cfg: dict) -> dict[str, list[dict[str, Any]]]:
             raise SourceError(f"agentdojo.attacker_targets.{suite}: no step with `arg_contains`",
                               field=f"attacker_targets.{suite}")
         out[suite] = [dict(s, _args_json=canonical_json(s.get("args") or {})) for s in steps]
+    return out
+
+
+def _leaves(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return [x for v in value for x in _leaves(v)]
+    return []
+
+
+_TOKEN = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+|(?:https?://)?www\.[\w.-]+(?:/[\w./-]*)?|\b[A-Z]{2}\d{12,}\b")
+
+
+def _steps_from_ground_truth(calls: list[dict]) -> list[dict[str, Any]]:
+    """An injection task's ground-truth calls as target steps. The target is ONE call: the last whose
+    arguments hold an identifier (e-mail address, URL, IBAN), else the last call; its `arg_contains` is that
+    identifier, else its longest one-line argument (a file id, a password, a hotel). The other calls are
+    preparatory (no `arg_contains`): reading the channels is not the attack, posting them is."""
+    steps = [{"tool": c.get("function"), "args": c.get("args") if isinstance(c.get("args"), dict) else {}}
+             for c in calls]
+    tokens = [[t for x in _leaves(st["args"]) for t in _TOKEN.findall(x)] for st in steps]
+    k = next((i for i in reversed(range(len(steps))) if tokens[i]), len(steps) - 1)
+    if k < 0:
+        return steps
+    needle = tokens[k][0] if tokens[k] else next(
+        iter(sorted((x for x in _leaves(steps[k]["args"]) if 0 < len(x) <= 80 and "\n" not in x), key=len,
+                    reverse=True)), None)
+    if needle:
+        steps[k]["arg_contains"] = _canon(needle)[1:-1]  # as it appears in the call's JSON text
+    return steps
+
+
+def _task_targets(cfg: dict, targets: dict[str, list[dict]]) -> dict[tuple[str, str], list[dict]]:
+    """Targets for injection tasks the suite's configured target does not describe, derived from their ground
+    truth in `injection_tasks` (default configs/agentdojo/injection_tasks.json; null: off). The configured
+    suite target stays the rule wherever an injection task's ground truth makes that very call (all of the
+    shared data: injection_task_3), so EXPECTED.tsv's semantics are untouched; e.g. banking injection_task_7
+    (update_password "new_password") or workspace injection_task_1 (delete_file "13") get their own."""
+    rel = cfg.get("injection_tasks", DEFAULT_INJECTION_TASKS)
+    if not rel:
+        return {}
+    path = config_path(rel)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SourceError(f"agentdojo.injection_tasks: cannot read {path}: {e}", file=path) from e
+    out: dict[tuple[str, str], list[dict]] = {}
+    seen: set[tuple[str, str]] = set()
+    for version in reversed(list(data)):  # the newest version that has the task
+        for suite, tasks in (data[version] or {}).items():
+            for tid, task in (tasks or {}).items():
+                if (suite, tid) in seen:
+                    continue
+                seen.add((suite, tid))
+                calls = [c for c in task.get("ground_truth_calls") or [] if isinstance(c, dict)]
+                texts = [(c.get("function"), _canon(c.get("args") or {})) for c in calls]
+                if suite in targets and any(_is_target(n, a, targets[suite]) for n, a in texts):
+                    continue
+                steps = _steps_from_ground_truth(calls)
+                if any(st.get("arg_contains") for st in steps):
+                    out[(suite, tid)] = [dict(st, _args_json=canonical_json(st["args"])) for st in steps]
     return out
 
 
@@ -389,7 +457,7 @@ def _is_target(name: str, arg_text: str, steps: list[dict]) -> bool:
     return False
 
 
-def parse_record(rec: Any, targets: dict[str, list[dict]]) -> tuple[str, list[Msg], list[Call], dict]:
+def parse_record(rec: Any, targets: dict) -> tuple[str, list[Msg], list[Call], dict]:
     """One parsed AgentDojo line -> (suite, messages as tuples, calls, make_trace keyword arguments without
     dataset/locator/tools). Raises BadRecord (or _Excluded, a policy exclusion) for a record to quarantine."""
     if not isinstance(rec, dict):
@@ -435,7 +503,7 @@ def parse_record(rec: Any, targets: dict[str, list[dict]]) -> tuple[str, list[Ms
     security = md.get("security")
     if not isinstance(security, bool):
         raise BadRecord("metadata.security", f"attacked trace without a boolean `security` ({security!r})")
-    steps = targets.get(suite)
+    steps = targets.get((suite, injection_task)) or targets.get(suite)
     if not steps:
         raise BadRecord("metadata.suite_name", f"no attacker target configured for suite {suite!r}")
     final = [s for s in steps if s.get("arg_contains")][-1]
@@ -581,7 +649,8 @@ def traces_frame(rows: list[dict], msgs: list[list[Msg]]) -> pl.DataFrame:
 # ------------------------------------------------------------------------------------------------- read
 def read(paths: list[Path], cfg: dict) -> SourceResult:
     cfg = cfg or {}
-    targets = _targets(cfg)
+    targets: dict = _targets(cfg)
+    targets.update(_task_targets(cfg, targets))
     schemas = load_tool_schemas(cfg)
     fixed = cfg.get("tool_schemas_version") or "auto"
     if fixed == "auto":
