@@ -289,5 +289,8 @@ def test_two_process_ddp_equals_one_process_with_doubled_batch(tmp_path):
     a, b = adapter_tensors(one), adapter_tensors(two)
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5), (k, (a[k] - b[k]).abs().max())
-    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
+        assert torch.allclose(a[k], b[k], atol=5e-5), (k, (a[k] - b[k]).abs().max())  # Adam amplifies float noise
+    assert max(float(a[k].abs().max()) for k in a if "lora_B" in k) > 1e-3  # moved far beyond the tolerance
+    la = pl.read_parquet(one / "history.parquet")["train/loss"].to_list()
+    lb = pl.read_parquet(two / "history.parquet")["train/loss"].to_list()
+    assert la == pytest.approx(lb, rel=1e-4)  # global token normalisation: the same objective
