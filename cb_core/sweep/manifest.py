@@ -1,0 +1,310 @@
+"""Sweep manifests (configs/sweeps/<name>.yaml) -> grid points with readable, hashed keys.
+
+A manifest names a training preset, shared overrides and a grid. The grid is a mapping of axes to value lists
+(or a list of such mappings, whose points are united), e.g.::
+
+    preset: stage1
+    overrides: {train.steps: 200}
+    grid:
+      alpha: [5, 10, 15]
+      layers: [[10, 20], [8, 16, 24]]
+      policy: [assistant_only, cb_full_sequence]
+
+An axis is a short name from ``AXES`` or any dotted training key (``train.warmup_steps``). Each point is the
+preset + shared overrides + its axis values as dotted overrides, resolved by the same
+``cb_core.train.config.load_train_config`` the ``adapter`` asset uses. A point's key is readable and carries
+a hash of everything that defines it (``quick-a5-L10.20-assistant_only-3f9c0a1b``): two points with the same
+hyper-parameters get the same key (re-running a sweep reuses finished points), any difference changes it.
+
+An axis the point's loss mode ignores is rejected (``alpha`` does nothing under ``triplet_full``, whose weights
+are ``alpha_benign``/``beta_harmful``/``gamma_kl``), so a sweep never spends GPU hours on identical runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+# short axis name -> dotted training key
+AXES: dict[str, str] = {
+    "loss_mode": "loss.mode",
+    "alpha": "loss.alpha",
+    "alpha_benign": "loss.alpha_benign",
+    "beta_harmful": "loss.beta_harmful",
+    "gamma_kl": "loss.gamma_kl",
+    "margin_benign": "loss.margin_benign",
+    "margin_harmful": "loss.margin_harmful",
+    "layers": "loss.target_layers",
+    "policy": "data.mask_policy",
+    "lr": "train.lr",
+    "seed": "train.seed",
+    "steps": "train.steps",
+}
+# how an axis value reads inside a key
+_KEY_ABBREV = {"loss.mode": "", "loss.alpha": "a", "loss.alpha_benign": "ab", "loss.beta_harmful": "bh",
+               "loss.gamma_kl": "gk", "loss.margin_benign": "mb", "loss.margin_harmful": "mh",
+               "loss.target_layers": "L", "data.mask_policy": "", "train.lr": "lr", "train.seed": "s",
+               "train.steps": "n"}
+
+_TRIPLET_ONLY = {"loss.alpha_benign", "loss.beta_harmful", "loss.margin_benign", "loss.margin_harmful",
+                 "loss.margin_scale", "loss.benign_pos_distance", "loss.benign_neg_distance",
+                 "loss.harmful_pos_distance", "loss.harmful_neg_distance", "loss.mix_l2_weight",
+                 "loss.mix_cos_weight", "loss.centroid", "loss.centroid_decay"}
+_LEGACY_ONLY = {"loss.alpha", "loss.schedule", "loss.weighting"}
+# training keys each loss mode never reads (cb_core/train/trainer.py: Trainer.loss_terms)
+IGNORED_BY_MODE: dict[str, set[str]] = {
+    "triplet_full": _LEGACY_ONLY | {"loss.use_kl"},
+    "legacy_cb": set(_TRIPLET_ONLY),  # gamma_kl / kl_temperature are read only with use_kl (checked per point)
+    "legacy_schema": _TRIPLET_ONLY | {"loss.use_kl", "loss.gamma_kl", "loss.kl_temperature"},
+}
+_WEIGHTS_OF = {"triplet_full": "alpha_benign / beta_harmful / gamma_kl", "legacy_cb": "alpha (with schedule)",
+               "legacy_schema": "alpha (with schedule)"}
+KEY_RE = re.compile(r"^[A-Za-z0-9_.-]{1,120}$")
+MANIFEST_KEYS = {"name", "description", "preset", "overrides", "grid", "eval", "selection", "final",
+                 "continue_on_error"}
+
+
+class SweepError(ValueError):
+    """A bad manifest: the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Point:
+    """One grid point: its key, the axis values (short names) and every override it adds to the preset."""
+
+    sweep: str
+    key: str
+    preset: str
+    axes: dict[str, Any]
+    overrides: dict[str, Any]
+    eval: dict[str, Any] = field(default_factory=dict)
+
+    def override_strings(self) -> list[str]:
+        """``["loss.alpha=10", "loss.target_layers=[10, 20]"]``: what `adapter`'s `overrides` config takes."""
+        return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sorted(self.overrides.items())]
+
+    def row(self) -> dict[str, Any]:
+        return {"sweep": self.sweep, "key": self.key, "preset": self.preset,
+                "axes": json.dumps(self.axes, sort_keys=True), "overrides": self.override_strings(),
+                "eval": json.dumps(self.eval, sort_keys=True)}
+
+
+@dataclass
+class Selection:
+    """How the leaderboard ranks points: the adapter's `metric` (lower is better unless `higher_is_better`)
+    among the points whose `gates` passed; a gate that is "not measured" counts as `not_measured`."""
+
+    metric: str = "tool_flip_asr"
+    higher_is_better: bool | None = None  # None: from cb_core.evaluate.scores.LOWER_IS_BETTER
+    gates: list[str] = field(default_factory=lambda: ["capability", "over_refusal"])
+    not_measured: str = "fail"  # fail | pass
+
+
+@dataclass
+class Manifest:
+    name: str
+    preset: str
+    grids: list[dict[str, list[Any]]]
+    overrides: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    eval: dict[str, Any] = field(default_factory=dict)
+    selection: Selection = field(default_factory=Selection)
+    final: dict[str, Any] = field(default_factory=lambda: {"seeds": [101, 555, 888], "overrides": {}})
+    continue_on_error: bool = True
+    source: str = "<manifest>"
+
+    def expand(self, *, validate: bool = True) -> list[Point]:
+        return expand(self, validate=validate)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def sweeps_dir() -> Path:
+    base = os.environ.get("CB_CONFIG_DIR")
+    return (Path(os.path.expanduser(base)).resolve() if base else PROJECT_ROOT / "configs") / "sweeps"
+
+
+def manifest_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    cand = sweeps_dir() / f"{name_or_path}.yaml"
+    if not cand.is_file():
+        known = sorted(x.stem for x in sweeps_dir().glob("*.yaml"))
+        raise SweepError(f"sweep manifest {name_or_path!r} not found (looked for {cand}; known: {known})")
+    return cand
+
+
+def axis_key(axis: str, source: str = "<manifest>") -> str:
+    if axis in AXES:
+        return AXES[axis]
+    if re.fullmatch(r"[a-z_]+\.[a-z_0-9]+", axis):
+        return axis
+    raise SweepError(f"{source}: grid axis {axis!r}: not a known axis ({sorted(AXES)}) nor a dotted training key")
+
+
+def _dotted(d: dict | None, where: str) -> dict[str, Any]:
+    out = {}
+    for k, v in (d or {}).items():
+        out[axis_key(str(k), where)] = v
+    return out
+
+
+def from_dict(raw: dict, source: str = "<manifest>") -> Manifest:
+    if not isinstance(raw, dict):
+        raise SweepError(f"{source}: expected a mapping at the top level")
+    unknown = set(raw) - MANIFEST_KEYS
+    if unknown:
+        raise SweepError(f"{source}: unknown keys {sorted(unknown)} (known: {sorted(MANIFEST_KEYS)})")
+    name = str(raw.get("name") or Path(source).stem)
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", name):
+        raise SweepError(f"{source}: name {name!r} must match [A-Za-z0-9_-]{{1,32}} (it starts every point key)")
+    if not raw.get("preset"):
+        raise SweepError(f"{source}: preset: required (a configs/train/<preset>.yaml name)")
+    grid = raw.get("grid")
+    grids = grid if isinstance(grid, list) else [grid]
+    out_grids = []
+    for i, g in enumerate(grids):
+        where = f"{source}: grid" + (f"[{i}]" if isinstance(grid, list) else "")
+        if not isinstance(g, dict) or not g:
+            raise SweepError(f"{where}: expected a non-empty mapping of axis -> list of values")
+        axes = {}
+        for axis, values in g.items():
+            if not isinstance(values, list) or not values:
+                raise SweepError(f"{where}.{axis}: expected a non-empty list of values, got {values!r}")
+            axis_key(str(axis), where)
+            axes[str(axis)] = values
+        out_grids.append(axes)
+    sel_raw = raw.get("selection") or {}
+    bad = set(sel_raw) - set(Selection.__dataclass_fields__)
+    if bad:
+        raise SweepError(f"{source}: selection: unknown keys {sorted(bad)}")
+    sel = Selection(**sel_raw)
+    if sel.not_measured not in ("fail", "pass"):
+        raise SweepError(f"{source}: selection.not_measured must be fail or pass, got {sel.not_measured!r}")
+    final = {"seeds": [101, 555, 888], "overrides": {}, **(raw.get("final") or {})}
+    seeds = final["seeds"]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise SweepError(f"{source}: final.seeds must be a non-empty list of integers, got {seeds!r}")
+    final["overrides"] = _dotted(final.get("overrides"), f"{source}: final.overrides")
+    ev = raw.get("eval") or {}
+    if not isinstance(ev, dict):
+        raise SweepError(f"{source}: eval: expected a mapping (e.g. {{limit: 20}})")
+    return Manifest(name=name, preset=str(raw["preset"]), grids=out_grids,
+                    overrides=_dotted(raw.get("overrides"), f"{source}: overrides"),
+                    description=str(raw.get("description", "")), eval=dict(ev), selection=sel, final=final,
+                    continue_on_error=bool(raw.get("continue_on_error", True)), source=source)
+
+
+def load_manifest(name_or_path: str, overrides: dict[str, Any] | None = None) -> Manifest:
+    """Load a manifest; ``overrides`` (dotted keys) are added to its shared overrides (sbatch toggles)."""
+    path = manifest_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise SweepError(f"{path}: invalid YAML: {e}") from e
+    m = from_dict(raw, source=str(path))
+    if overrides:
+        m.overrides.update(_dotted(overrides, f"{path}: overrides"))
+    return m
+
+
+# ---------------------------------------------------------------------------------------------- expansion
+def _fmt(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return ".".join(_fmt(x) for x in v)
+    if isinstance(v, float):
+        return f"{v:g}"
+    return re.sub(r"[^A-Za-z0-9_.]", "_", str(v))
+
+
+def point_key(sweep: str, preset: str, axes: dict[str, Any], overrides: dict[str, Any]) -> str:
+    """``<sweep>-<axis values>-<8 hex of sha256(preset, every override)>``, at most 120 chars of [A-Za-z0-9_.-]."""
+    digest = hashlib.sha256(json.dumps({"preset": preset, "overrides": overrides}, sort_keys=True,
+                                       default=str).encode()).hexdigest()[:8]
+    parts = [_KEY_ABBREV.get(axis_key(a), a.split(".")[-1][:3]) + _fmt(v) for a, v in axes.items()]
+    readable = "-".join(p for p in parts if p)[: 120 - len(sweep) - 10]
+    return f"{sweep}-{readable}-{digest}" if readable else f"{sweep}-{digest}"
+
+
+def _loss_mode(preset: str, overrides: dict[str, Any]) -> tuple[str, dict]:
+    from cb_core.train.config import load_preset_raw
+
+    raw, _ = load_preset_raw(preset)
+    mode = overrides.get("loss.mode", (raw.get("loss") or {}).get("mode", "triplet_full"))
+    use_kl = overrides.get("loss.use_kl", (raw.get("loss") or {}).get("use_kl", False))
+    return str(mode), {"use_kl": bool(use_kl)}
+
+
+def check_ignored_axes(m: Manifest, grid: dict[str, list], grid_index: int | None) -> None:
+    """Reject an axis that no point of this grid's loss mode(s) reads."""
+    where = f"{m.source}: grid" + (f"[{grid_index}]" if grid_index is not None else "")
+    modes = grid.get("loss_mode") or grid.get("loss.mode")
+    for mode in (modes or [None]):
+        ov = {**m.overrides, **({"loss.mode": mode} if mode else {})}
+        resolved, extra = _loss_mode(m.preset, ov)
+        ignored = set(IGNORED_BY_MODE.get(resolved, set()))
+        if resolved == "legacy_cb" and not extra["use_kl"]:
+            ignored |= {"loss.gamma_kl", "loss.kl_temperature"}
+        for axis in grid:
+            key = axis_key(axis, where)
+            if key in ignored:
+                raise SweepError(
+                    f"{where}.{axis}: the loss mode {resolved!r} ignores {key} (its weights are "
+                    f"{_WEIGHTS_OF.get(resolved, '?')}); every value of this axis would train the same adapter. "
+                    f"Sweep the mode's own weights, or split the grid per loss mode (grid: [{{loss_mode: [...], ...}}])")
+
+
+def expand(m: Manifest, *, validate: bool = True) -> list[Point]:
+    """Every point of every grid (union, first occurrence kept), in manifest order.
+
+    ``validate`` resolves each point's training config (unknown keys and bad values fail here, before anything
+    is launched)."""
+    points: dict[str, Point] = {}
+    for gi, grid in enumerate(m.grids):
+        check_ignored_axes(m, grid, gi if len(m.grids) > 1 else None)
+        names = list(grid)
+        for combo in itertools.product(*(grid[a] for a in names)):
+            axes = dict(zip(names, combo))
+            ov = {**m.overrides, **{axis_key(a): v for a, v in axes.items()}}
+            key = point_key(m.name, m.preset, axes, ov)
+            if key in points:
+                continue
+            p = Point(sweep=m.name, key=key, preset=m.preset, axes=axes, overrides=ov, eval=dict(m.eval))
+            if validate:
+                from cb_core.train.config import TrainConfigError, load_train_config
+
+                try:
+                    load_train_config(m.preset, p.override_strings())
+                except TrainConfigError as e:
+                    raise SweepError(f"{m.source}: point {key}: {e}") from e
+            points[key] = p
+    return list(points.values())
+
+
+def final_points(m: Manifest, best: Point | dict, seeds: list[int] | None = None) -> list[Point]:
+    """The best point trained again (``final.overrides``, e.g. more steps) once per seed: partition keys
+    ``<best key>-seed<N>``."""
+    b = best if isinstance(best, Point) else point_from_row(best)
+    out = []
+    for seed in seeds or m.final["seeds"]:
+        ov = {**b.overrides, **m.final.get("overrides", {}), "train.seed": int(seed)}
+        out.append(Point(sweep=b.sweep, key=f"{b.key}-seed{int(seed)}", preset=b.preset,
+                         axes={**b.axes, "seed": int(seed)}, overrides=ov, eval=dict(b.eval)))
+    return out
+
+
+def point_from_row(row: dict) -> Point:
+    """Inverse of ``Point.row`` (a row of the sweep_points table)."""
+    from cb_core.train.config import parse_overrides
+
+    return Point(sweep=row["sweep"], key=row["key"], preset=row["preset"], axes=json.loads(row["axes"]),
+                 overrides=parse_overrides(list(row["overrides"])), eval=json.loads(row.get("eval") or "{}"))
