@@ -28,6 +28,7 @@ from cb_core.sources import SourceResult
 
 # Generated trace tables (cb_assets/assets/generation.py): read as an empty trace table until materialized.
 GENERATED_ASSETS = ("ds_completions", "dr_completions", "adversarial_safe")
+SHARED_LOCK_TAG = ("cb/data_root_lock", "shared")  # run tag: a reader's (shared) lock on the data root
 
 
 class ParquetIOManager(dg.ConfigurableIOManager):
@@ -42,7 +43,10 @@ class ParquetIOManager(dg.ConfigurableIOManager):
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         run_id = context.run.run_id if context.run else ""
-        info = acquire_data_root(self._root(), run_id=run_id, timeout_s=self._timeout())
+        # Sweep point runs (tag cb/data_root_lock=shared) read the tiers and write only their own folder:
+        # many run at once under a shared lock, which still keeps every writing run out.
+        shared = bool(context.run and context.run.tags.get(SHARED_LOCK_TAG[0]) == SHARED_LOCK_TAG[1])
+        info = acquire_data_root(self._root(), run_id=run_id, timeout_s=self._timeout(), shared=shared)
         if context.log and info.get("waited_s", 0) >= 0.5:
             context.log.info(f"waited {info['waited_s']:.1f}s for the lock on data root {info['root']}")
         if context.log and (info.get("recovered") or info.get("removed_temps")):

@@ -14,7 +14,7 @@ Re-validation (`revalidate` job, `revalidate_daily` schedule, RUNNING by default
     timezone `CB_REVALIDATE_TIMEZONE` / `revalidate.timezone` (default UTC). Both are read when the code
     location loads (reload it after a change).
 
-Source sensor (`source_sensor`, STOPPED by default; start it from the UI or `dagster sensor start`)
+Source sensor (`source_sensor`, RUNNING by default, inert on the demo sample; target: job `source_refresh`)
     Watches the configured Tier A source paths (file, folder or glob, resolved by cb_core.config exactly as the
     raw assets resolve them). Per file it keeps size, mtime and a SHA-256 of the content in the sensor's JSON
     cursor (stored by Dagster); the content is re-hashed only when size or mtime changed, so a tick over
@@ -51,6 +51,7 @@ from cb_assets.resources import DatasetsResource
 from cb_core.config import ConfigError, load_yaml, resolve_source_paths
 
 GPU_TAG = ("cb/compute", "gpu")
+SWEEPS_GROUP = "sweeps"
 RAW_PREFIX = "raw_"
 MISSING = "<missing>"
 CURSOR_VERSION = 1
@@ -84,12 +85,14 @@ def revalidate_cron() -> tuple[str, str]:
 REVALIDATE_CRON, REVALIDATE_TIMEZONE = revalidate_cron()
 SENSOR_INTERVAL_S = int(_setting("CB_SOURCE_SENSOR_INTERVAL_S", "source_sensor", "minimum_interval_seconds", 60))
 SENSOR_MAX_WAIT_S = float(_setting("CB_SOURCE_SENSOR_MAX_WAIT_S", "source_sensor", "max_wait_seconds", 900))
+# RUNNING by default: inert on the demo sample (skips with a reason), fires only for changed real sources.
 SENSOR_DEFAULT_STATUS = (
-    dg.DefaultSensorStatus.RUNNING
-    if str(_setting("CB_SOURCE_SENSOR_DEFAULT_STATUS", "source_sensor", "default_status", "STOPPED")).upper()
-    == "RUNNING"
-    else dg.DefaultSensorStatus.STOPPED
+    dg.DefaultSensorStatus.STOPPED
+    if str(_setting("CB_SOURCE_SENSOR_DEFAULT_STATUS", "source_sensor", "default_status", "RUNNING")).upper()
+    == "STOPPED"
+    else dg.DefaultSensorStatus.RUNNING
 )
+WATCHDOG_INTERVAL_S = int(_setting("CB_SLURM_WATCHDOG_INTERVAL_S", "slurm_watchdog", "minimum_interval_seconds", 30))
 
 
 # ------------------------------------------------------------------------------------------- selections
@@ -98,8 +101,9 @@ def gpu_assets() -> dg.AssetSelection:
 
 
 def cpu_downstream(raw_keys: list[dg.AssetKey]) -> dg.AssetSelection:
-    """The given Tier A assets and everything downstream of them that is not tagged `cb/compute: gpu`."""
-    return dg.AssetSelection.assets(*raw_keys).downstream() - gpu_assets()
+    """The given Tier A assets and everything downstream of them that is not tagged `cb/compute: gpu`, nor in
+    the `sweeps` group (a leaderboard ranks GPU runs a source change does not redo)."""
+    return dg.AssetSelection.assets(*raw_keys).downstream() - gpu_assets() - dg.AssetSelection.groups(SWEEPS_GROUP)
 
 
 def raw_key(dataset: str) -> dg.AssetKey:
@@ -296,9 +300,20 @@ def watched_sources(datasets: DatasetsResource | None = None) -> tuple[dict[str,
     return specs, None
 
 
+# The source sensor's target, as a named job so the UI reads it as words (an AssetSelection difference showed
+# as `(not ) and code_location:...`); each run request selects the changed sources' subset of it.
+source_refresh_job = dg.define_asset_job(
+    "source_refresh",
+    selection=dg.AssetSelection.groups("raw").downstream() - gpu_assets() - dg.AssetSelection.groups(SWEEPS_GROUP),
+    description="Tier A sources and every CPU asset downstream of them (nothing tagged cb/compute=gpu, no "
+    "sweep asset): what source_sensor re-materializes for a changed source.",
+    tags={"cb/trigger": "source_sensor"},
+)
+
+
 @dg.sensor(
     name="source_sensor",
-    target=dg.AssetSelection.all() - gpu_assets(),
+    job=source_refresh_job,
     minimum_interval_seconds=SENSOR_INTERVAL_S,
     default_status=SENSOR_DEFAULT_STATUS,
     description="Watches the configured Tier A source paths (size, mtime, sha256); on a settled change runs "
@@ -326,6 +341,62 @@ def source_sensor(context: dg.SensorEvaluationContext, datasets: DatasetsResourc
     return request
 
 
-jobs: list = [revalidate_job]
+# ------------------------------------------------------------------------------------------- SLURM watchdog
+CANCEL_DONE_TAG = "slurm/cancel_checked"
+
+
+def cancel_jobs_of_canceled_runs(instance, launcher) -> list[str]:
+    """scancel the SLURM job of every run Dagster marked CANCELED/CANCELING while its job may still be queued
+    (a forced cancel of a STARTING run never reached `terminate`). Each run is handled once (tag
+    `slurm/cancel_checked`). Returns the job ids cancelled."""
+    from cb_assets.slurm_launcher import JOB_ID_TAG
+    from cb_core import slurm
+
+    done = []
+    records = instance.get_run_records(filters=dg.RunsFilter(
+        statuses=[dg.DagsterRunStatus.CANCELED, dg.DagsterRunStatus.CANCELING]))
+    for rec in records:
+        run = rec.dagster_run
+        job_id = run.tags.get(JOB_ID_TAG)
+        if not job_id or run.tags.get(CANCEL_DONE_TAG):
+            continue
+        st = slurm.job_state(job_id, env=launcher._slurm_env, jobcomp_path=launcher._jobcomp_path())
+        if st.status in ("pending", "running"):
+            try:
+                slurm.cancel(job_id, env=launcher._slurm_env)
+            except slurm.SlurmError as e:  # retried next tick (no tag written)
+                instance.report_engine_event(f"scancel {job_id} failed: {e}", run)
+                continue
+            done.append(job_id)
+            instance.report_engine_event(
+                f"SLURM job {job_id} was still {st.raw} after the run was cancelled: scancel sent", run)
+        instance.add_run_tags(run.run_id, {CANCEL_DONE_TAG: st.raw or st.status})
+    return done
+
+
+@dg.sensor(
+    name="slurm_watchdog",
+    minimum_interval_seconds=WATCHDOG_INTERVAL_S,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="With SlurmRunLauncher: scancel the jobs of runs cancelled in Dagster while still PENDING in "
+    "SLURM, and fail runs stuck in STARTING whose job ended or vanished (fail_lost_slurm_runs). Launches nothing.",
+)
+def slurm_watchdog(context: dg.SensorEvaluationContext):
+    from cb_assets.slurm_launcher import SlurmRunLauncher, fail_lost_slurm_runs
+
+    launcher = context.instance.run_launcher
+    if not isinstance(launcher, SlurmRunLauncher):
+        return dg.SkipReason(f"run launcher is {type(launcher).__name__}, not SlurmRunLauncher: nothing to watch")
+    cancelled = cancel_jobs_of_canceled_runs(context.instance, launcher)
+    failed = fail_lost_slurm_runs(context.instance, launcher=launcher)
+    msg = f"scancelled {len(cancelled)} job(s) of cancelled runs {cancelled}; failed {len(failed)} lost run(s) {failed}"
+    context.log.info(msg)
+    return dg.SkipReason(msg)
+
+
+from cb_assets.assets import sweeps as _sweeps  # noqa: E402  (the sweep jobs and sensor live with their assets)
+
+jobs: list = [revalidate_job, source_refresh_job, _sweeps.sweep_register_job, _sweeps.sweep_point_job,
+              _sweeps.sweep_rank_job, _sweeps.final_seed_job, _sweeps.release_job]
 schedules: list = [revalidate_daily]
-sensors: list = [source_sensor]
+sensors: list = [source_sensor, slurm_watchdog, _sweeps.sweep_sensor]

@@ -233,10 +233,14 @@ def _holder(fd: int) -> str:
             f"since {info.get('since')}")
 
 
-def acquire_data_root(root: Path | None = None, *, run_id: str = "", timeout_s: float | None = None) -> dict:
+def acquire_data_root(root: Path | None = None, *, run_id: str = "", timeout_s: float | None = None,
+                      shared: bool = False) -> dict:
     """Take the exclusive lock on `root` (default $CB_DATA_ROOT), waiting up to `timeout_s`
     (default $CB_LOCK_TIMEOUT, else 120 s); then finish interrupted publishes and delete stale temps.
-    Re-entrant in one process. Raises DataRootBusy naming the root and the holder."""
+    Re-entrant in one process. Raises DataRootBusy naming the root and the holder.
+
+    `shared`: a reader's lock (sweep points: many at once, each reading the tiers and writing only its own
+    folder); it excludes every exclusive holder, and it never recovers or cleans (other readers' temps)."""
     root = Path(root or data_root()).resolve()
     timeout = lock_timeout_s() if timeout_s is None else timeout_s
     with _HELD_GUARD:
@@ -251,7 +255,7 @@ def acquire_data_root(root: Path | None = None, *, run_id: str = "", timeout_s: 
         t0 = time.monotonic()
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() - t0 >= timeout:
@@ -264,11 +268,14 @@ def acquire_data_root(root: Path | None = None, *, run_id: str = "", timeout_s: 
                     ) from None
                 time.sleep(0.2)
         waited = time.monotonic() - t0
+        _HELD[root] = [fd, 1, shared]
+        if shared:
+            return {"root": str(root), "waited_s": round(waited, 2), "recovered": [], "removed_temps": [],
+                    "shared": True}
         info = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id,
                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
-        _HELD[root] = [fd, 1]
     try:
         recovered = recover_publishes(root)
         removed = clean_stale_temps(root)
@@ -290,7 +297,8 @@ def release_data_root(root: Path | None = None) -> None:
         fd = held[0]
         del _HELD[root]
         try:
-            os.ftruncate(fd, 0)
+            if not (len(held) > 2 and held[2]):
+                os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)

@@ -89,12 +89,14 @@ class TrainSection:
     fast_dev_run: bool = False  # a handful of steps for a smoke run
     fast_dev_steps: int = 3
     throttle_s: float = 0.0  # sleep per step (tests that kill a run mid-way; demos)
+    deterministic: bool = False  # torch.use_deterministic_algorithms (recorded in run_metadata.json)
 
 
 @dataclass
 class DataSection:
     mwcs_schedule: str | None = "default"  # configs/mwcs/<name>.yaml; null: static sample weights
     mask_prompt_tokens: bool = False  # stage2: never a loss on system/user tokens (drops them from masks)
+    mask_policy: str | None = None  # one lossmask policy for every sample (sweeps); null: curation's per category
 
 
 @dataclass
@@ -170,6 +172,11 @@ class TrainConfig:
                       "leave >= 1 harmful and >= 1 retain sample per micro-batch")
         if self.model.dtype not in ("float32", "bfloat16", "float16"):
             raise err("model.dtype", f"unknown dtype {self.model.dtype!r}")
+        if self.data.mask_policy is not None:
+            from cb_core.lossmask import POLICIES
+
+            if self.data.mask_policy not in POLICIES:
+                raise err("data.mask_policy", f"unknown loss-mask policy {self.data.mask_policy!r} (known: {list(POLICIES)})")
         unknown = set(self.lora.target_modules) - set(ALL_PROJECTIONS)
         if unknown:
             raise err("lora.target_modules", f"unknown projections {sorted(unknown)} (known: {ALL_PROJECTIONS})")

@@ -88,6 +88,7 @@ def build_train_data(
     max_length: int,
     override_policies: set[str] | frozenset[str] = frozenset(),
     mask_prompt_tokens: bool = False,
+    mask_policy: str | None = None,
 ) -> TrainData:
     """Join train_split with renders (and lossmasks for override policies) into samples.
 
@@ -106,14 +107,23 @@ def build_train_data(
         raise ValueError(f"train_split: {len(no_render)} trace(s) have no render (first: {no_render[:3]}); "
                          "materialize `renders` for the same traces")
     over: dict[tuple[str, str], list] = {}
-    if override_policies and lossmasks is not None and lossmasks.height:
-        lm = lossmasks.filter(pl.col("policy").is_in(sorted(override_policies)) & pl.col("trace_id").is_in(j["id"].to_list()))
+    wanted = set(override_policies) | ({mask_policy} if mask_policy else set())
+    if mask_policy and (lossmasks is None or not lossmasks.height):
+        raise ValueError(f"data.mask_policy={mask_policy!r} needs the lossmasks table (materialize `lossmasks`)")
+    if wanted and lossmasks is not None and lossmasks.height:
+        lm = lossmasks.filter(pl.col("policy").is_in(sorted(wanted)) & pl.col("trace_id").is_in(j["id"].to_list()))
         for tid, pol, ms in lm.select("trace_id", "policy", "mask_spans").iter_rows():
             over[(tid, pol)] = _spans(ms)
-    samples, n_windowed, n_prompt_empty = [], 0, 0
+    samples, n_windowed, n_prompt_empty, n_policy_kept = [], 0, 0, 0
     for row in j.sort("id").iter_rows(named=True):
         ids = list(row["input_ids"])
         spans = _spans(row["mask_spans"])
+        if mask_policy:  # one policy for every sample (a sweep's policy axis); no row under it: curation's mask
+            alt = over.get((row["id"], mask_policy))
+            if alt:
+                spans = alt
+            else:
+                n_policy_kept += 1
         holes = []
         if mask_prompt_tokens:
             holes = [(s["token_start"], s["token_end"]) for s in row["spans"] or []
@@ -146,6 +156,7 @@ def build_train_data(
         "samples": len(samples), "harmful": len(data.harmful), "retain": len(data.retain),
         "windowed": n_windowed, "prompt_only_masks_kept": n_prompt_empty, "max_length": max_length,
         "override_masks": len(over),
+        **({"mask_policy": mask_policy, "mask_policy_missing_kept_default": n_policy_kept} if mask_policy else {}),
     }
     if not data.harmful or not data.retain:
         raise ValueError(f"train_split: need harmful and retain samples, got {data.stats}")

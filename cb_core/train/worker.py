@@ -201,9 +201,16 @@ def train(args: argparse.Namespace, argv: list[str], pipes=None) -> dict[str, An
     schedule = MixtureSchedule.load(cfg.data.mwcs_schedule) if cfg.data.mwcs_schedule else None
     over = {p for ph in (schedule.phases if schedule else []) for p in ph.lmp_overrides.values()}
     data = build_train_data(train_split, renders, lossmasks, max_length=cfg.model.max_length,
-                            override_policies=over, mask_prompt_tokens=cfg.data.mask_prompt_tokens)
+                            override_policies=over, mask_prompt_tokens=cfg.data.mask_prompt_tokens,
+                            mask_policy=cfg.data.mask_policy)
     log(f"data: {data.stats}")
     model, tok = load_model_and_tokenizer(cfg.model.profile, cfg.model.dtype)
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        model = model.to(f"cuda:{local}")
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     wb = None

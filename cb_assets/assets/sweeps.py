@@ -1,0 +1,571 @@
+"""Sweeps: grid points as dynamic partitions, the leaderboard, the best configuration and its seed fan-out.
+
+Design: `adapter` and `eval_scores` stay unpartitioned (the README's main job materializes them with no
+partition knowledge); their partitioned twins `sweep_adapter` / `sweep_eval_scores` (partitions
+`sweep_points`) and `final_adapter` / `final_eval_scores` (partitions `final_seeds`) run the very same code:
+`cb_core.train.worker` through `training.worker_command` + Dagster Pipes, published by `training._publish`,
+and `cb_core.evaluate.pipeline`. Each point writes only `$CB_DATA_ROOT/sweeps/<key>/` (adapter, eval_scores,
+details, chart) and its training run folder `$CB_DATA_ROOT/train_runs/<key>`.
+
+Flow: materialize `sweep_points` (config: `manifest`, shared `overrides`) → it expands the manifest, stores the
+key → hyper-parameter table and registers the partitions → the `sweep_sensor` launches one run per point
+through the run launcher (GPU-tagged, so SlurmRunLauncher sends each to `sbatch`; tag
+`cb/data_root_lock=shared` lets the points run at once) → when every point has ended, one run of
+`leaderboard` + `best_config` → one run per seed of `final_adapter` + `final_eval_scores` → `release_report`.
+Every point is its own run: one failed point never loses the others (`continue_on_error: false` in the
+manifest stops launching new points after the first failure).
+"""
+
+import base64
+import json
+import os
+import time
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+
+from cb_assets.resources import DatasetsResource
+from cb_core.sweep import POINTS_TABLE, SWEEP_DIR
+
+SWEEP_GROUP = "sweeps"
+GPU_TAGS = {"cb/compute": "gpu", "slurm/gres": "gpu.1", "slurm/time": "08.00.00"}
+SWEEP_PARTITIONS = dg.DynamicPartitionsDefinition(name="sweep_points")
+FINAL_PARTITIONS = dg.DynamicPartitionsDefinition(name="final_seeds")
+SHARED_LOCK = {"cb/data_root_lock": "shared"}
+FINAL_DIR = "final"
+
+
+def _root() -> Path:
+    from cb_core.io import data_root
+
+    return data_root()
+
+
+def point_dir(key: str, root: Path | None = None) -> Path:
+    return (root or _root()) / SWEEP_DIR / key
+
+
+def _read(name: str, root: Path) -> pl.DataFrame:
+    p = root / f"{name}.parquet"
+    if not p.exists():
+        raise dg.Failure(f"{p} does not exist: materialize `{name}` first")
+    return pl.read_parquet(p)
+
+
+def _png_md(path: Path, alt: str) -> dg.MetadataValue:
+    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})")
+
+
+# ------------------------------------------------------------------------------------------ sweep_points
+class SweepConfig(dg.Config):
+    """``manifest``: configs/sweeps/<name>.yaml (default $CB_SWEEP, else `tiny` on the demo sample, else `quick`);
+    ``overrides``: shared dotted overrides added to every point (``train.steps=20``)."""
+
+    manifest: str | None = None
+    overrides: list[str] = []
+
+
+def default_manifest(datasets: DatasetsResource) -> str:
+    return os.environ.get("CB_SWEEP") or ("tiny" if datasets.selection().demo else "quick")
+
+
+def load_manifest_for(config: SweepConfig, datasets: DatasetsResource):
+    from cb_core.sweep.manifest import load_manifest
+    from cb_core.train.config import parse_overrides
+
+    return load_manifest(config.manifest or default_manifest(datasets), parse_overrides(config.overrides))
+
+
+@dg.asset(
+    group_name=SWEEP_GROUP,
+    kinds={"polars"},
+    description="A sweep manifest (configs/sweeps/<name>.yaml) expanded into grid points: one row per point "
+    "(key, preset, axes, overrides, eval settings). Registers each key as a `sweep_points` partition; the table "
+    "is the key -> hyper-parameter record (dynamic partitions carry no metadata).",
+)
+def sweep_points(context: dg.AssetExecutionContext, config: SweepConfig, datasets: DatasetsResource) -> pl.DataFrame:
+    from cb_core.sweep.manifest import SweepError
+
+    try:
+        m = load_manifest_for(config, datasets)
+        points = m.expand()
+    except SweepError as e:
+        raise dg.Failure(str(e)) from None
+    now = time.time()
+    new = pl.DataFrame([{**p.row(), "continue_on_error": m.continue_on_error, "registered_at": now}
+                        for p in points])
+    old_path = datasets.data_root() / f"{POINTS_TABLE}.parquet"
+    table = new
+    if old_path.exists():
+        old = pl.read_parquet(old_path).filter(~pl.col("key").is_in(new["key"].to_list()))
+        table = pl.concat([old, new], how="diagonal_relaxed")
+    keys = new["key"].to_list()
+    have = set(context.instance.get_dynamic_partitions(SWEEP_PARTITIONS.name))
+    context.instance.add_dynamic_partitions(SWEEP_PARTITIONS.name, [k for k in keys if k not in have])
+    context.add_output_metadata({
+        "sweep": m.name, "points": len(points), "preset": m.preset,
+        "points_table": dg.MetadataValue.md(
+            "| key | axes |\n|---|---|\n" + "\n".join(f"| `{p.key}` | {json.dumps(p.axes)} |" for p in points)),
+        "manifest": dg.MetadataValue.path(m.source),
+    })
+    return table.sort("sweep", "key")
+
+
+def point_record(key: str, root: Path) -> dict:
+    """A sweep point's row (or a final seed's, from best_config) by partition key."""
+    pts = _read(POINTS_TABLE, root).filter(pl.col("key") == key)
+    if pts.is_empty():
+        raise dg.Failure(f"no row for partition {key!r} in {POINTS_TABLE}.parquet: materialize `sweep_points` "
+                         "with the manifest that defines it")
+    return pts.row(0, named=True)
+
+
+# ------------------------------------------------------------------------------------------ shared bodies
+def train_point(context: dg.AssetExecutionContext, key: str, preset: str, overrides: list[str], out: Path,
+                root: Path) -> dict:
+    """Train one configuration exactly as `adapter` does (same worker, Pipes, torchrun, publish)."""
+    from cb_assets.assets.training import PROJECT_ROOT, _publish, worker_command
+    from cb_core.train import RUNS_DIR
+    from cb_core.train.config import load_train_config
+    from cb_core.train.worker import slurm_nproc
+
+    cfg, _, _ = load_train_config(preset, overrides)
+    nproc = slurm_nproc(cfg.train.nproc)
+    run_dir = root / RUNS_DIR / key
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = worker_command(preset, overrides, run_dir, root, nproc, False)
+    context.log.info(f"point {key}: preset {preset}, overrides {overrides}, run folder {run_dir}")
+    env = {"PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")]),
+           "CB_DATA_ROOT": str(root),
+           "WANDB_MODE": os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")}
+    invocation = dg.PipesSubprocessClient(cwd=str(PROJECT_ROOT)).run(context=context, command=cmd, env=env)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    published = _publish(run_dir, out)
+    meta = dict(invocation.get_materialize_result().metadata or {})
+    meta.update({"point": key, "overrides": dg.MetadataValue.json(overrides), "loss_mode": cfg.loss.mode,
+                 "target_layers": dg.MetadataValue.json(cfg.loss.target_layers),
+                 "published": dg.MetadataValue.path(str(published))})
+    return meta
+
+
+def evaluate_point(context: dg.AssetExecutionContext, adapter_path: Path, preset: str, overrides: list[str],
+                   eval_overrides: dict, out: Path, root: Path) -> dict:
+    """Score one adapter vs its base with the same cb_core.evaluate pass `eval_scores` runs; the table goes to
+    ``out/eval_scores.parquet`` (details and chart beside it)."""
+    from cb_core.config import load_yaml
+    from cb_core.evaluate.agentdojo_live import text_generate
+    from cb_core.evaluate.models import load_adapter_model, transformers_generate
+    from cb_core.evaluate.pipeline import EvaluationSettings, evaluate, held_out_samples, representation_rows, write_outputs
+    from cb_core.generate.parse import parse_completion
+    from cb_core.io import write_parquet
+    from cb_core.model import load_model, load_profile, load_profile_tokenizer
+    from cb_core.train.config import load_train_config
+
+    if not (adapter_path / "adapter_config.json").exists():
+        raise dg.Failure(f"no adapter at {adapter_path}: materialize the point's adapter first")
+    cfg, _, _ = load_train_config(preset, overrides)
+    settings = EvaluationSettings.from_dict(load_yaml("evaluation.yaml"))
+    for k, v in (eval_overrides or {}).items():
+        if not hasattr(settings.eval, k):
+            raise dg.Failure(f"sweep eval setting {k!r} is not an eval key of configs/evaluation.yaml")
+        setattr(settings.eval, k, v)
+    profile = load_profile(cfg.model.profile)
+    tokenizer = load_profile_tokenizer(profile)
+    model = load_adapter_model(load_model(profile, tokenizer), adapter_path)
+    render_cfg = profile.render_config()
+    frames = {n: _read(n, root) for n in ("eval_attacks", "eval_split", "train_split", "traces", "renders")}
+    samples, counts = held_out_samples(frames["eval_attacks"], frames["eval_split"], frames["train_split"],
+                                       frames["traces"])
+    context.log.info(f"evaluating {adapter_path}: {len(samples)} held-out prompts, limit {settings.eval.limit}")
+    outcome = evaluate(
+        samples, transformers_generate(model, tokenizer, render_cfg, settings.eval), parse_completion, settings,
+        rep_rows=representation_rows(frames["eval_split"], frames["renders"]), model=model,
+        layers=list(cfg.loss.target_layers),
+        live_generate=lambda name: text_generate(model, tokenizer, render_cfg, adapter=name == "adapter",
+                                                 max_tokens=settings.eval.max_tokens),
+        log=context.log.info,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    files = write_outputs(outcome, out)
+    write_parquet(outcome.scores, out / "eval_scores.parquet")
+    meta: dict = {f"{r['model']}/{r['metric']}": dg.MetadataValue.float(float(r["value"]))
+                  for r in outcome.scores.iter_rows(named=True) if r["value"] is not None}
+    meta["gates"] = dg.MetadataValue.json([{"gate": g.name, "status": g.status, "detail": g.description}
+                                           for g in outcome.gates])
+    meta["eval_scores"] = dg.MetadataValue.path(str(out / "eval_scores.parquet"))
+    if "chart" in files:
+        meta["chart"] = _png_md(Path(files["chart"]), "base vs adapter")
+    return meta
+
+
+# ------------------------------------------------------------------------------------------ point twins
+@dg.asset(
+    group_name=SWEEP_GROUP, kinds={"pytorch"}, tags=GPU_TAGS, partitions_def=SWEEP_PARTITIONS,
+    deps=["sweep_points", "train_split", "renders", "lossmasks"],
+    description="`adapter` for one sweep point (partition = point key; hyper-parameters in sweep_points): the same "
+    "worker, published to $CB_DATA_ROOT/sweeps/<key>/adapter.",
+)
+def sweep_adapter(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    root, key = _root(), context.partition_key
+    rec = point_record(key, root)
+    return dg.MaterializeResult(metadata=train_point(context, key, rec["preset"], list(rec["overrides"]),
+                                                     point_dir(key, root) / "adapter", root))
+
+
+@dg.asset(
+    group_name=SWEEP_GROUP, kinds={"pytorch", "polars"}, tags=GPU_TAGS, partitions_def=SWEEP_PARTITIONS,
+    deps=["sweep_adapter", "eval_attacks", "eval_split", "train_split", "traces", "renders"],
+    description="`eval_scores` for one sweep point: base vs the point's adapter, the same evaluation pass; "
+    "table at $CB_DATA_ROOT/sweeps/<key>/eval_scores.parquet.",
+)
+def sweep_eval_scores(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    root, key = _root(), context.partition_key
+    rec = point_record(key, root)
+    d = point_dir(key, root)
+    return dg.MaterializeResult(metadata=evaluate_point(context, d / "adapter", rec["preset"], list(rec["overrides"]),
+                                                        json.loads(rec.get("eval") or "{}"), d, root))
+
+
+# ------------------------------------------------------------------------------------------ leaderboard
+class LeaderboardConfig(dg.Config):
+    """``sweep``: which sweep to rank (default: the most recently registered); ``metric``: the selection
+    metric (default: the manifest's, normally tool_flip_asr, lower is better)."""
+
+    sweep: str | None = None
+    metric: str | None = None
+
+
+def current_sweep(points: pl.DataFrame, name: str | None) -> str:
+    if name:
+        if name not in set(points["sweep"].to_list()):
+            raise dg.Failure(f"sweep {name!r} has no points in {POINTS_TABLE}.parquet "
+                             f"(have: {sorted(set(points['sweep'].to_list()))})")
+        return name
+    return points.sort("registered_at")["sweep"][-1]
+
+
+def stacked_scores(keys: list[str], root: Path, sub: str = SWEEP_DIR) -> tuple[pl.DataFrame, list[str]]:
+    frames, missing = [], []
+    for k in keys:
+        p = root / sub / k / "eval_scores.parquet"
+        if p.exists():
+            frames.append(pl.read_parquet(p).with_columns(pl.lit(k).alias("key")))
+        else:
+            missing.append(k)
+    return (pl.concat(frames, how="diagonal_relaxed") if frames else
+            pl.DataFrame(schema={"model": pl.String, "metric": pl.String, "n": pl.Int64, "value": pl.Float64,
+                                 "ci_low": pl.Float64, "ci_high": pl.Float64, "key": pl.String})), missing
+
+
+def _selection(sweep: str, metric: str | None):
+    from cb_core.sweep.manifest import Selection, SweepError, load_manifest
+
+    try:
+        sel = load_manifest(sweep).selection
+    except SweepError:
+        sel = Selection()
+    if metric:
+        sel.metric = metric
+    return sel
+
+
+def _md_table(df: pl.DataFrame, cols: list[str], limit: int = 30) -> str:
+    cols = [c for c in dict.fromkeys(cols) if c in df.columns]
+
+    def cell(v):
+        return "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+    return ("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+            + "\n".join("| " + " | ".join(cell(v) for v in r) + " |" for r in df.select(cols).head(limit).iter_rows()))
+
+
+@dg.asset(
+    group_name=SWEEP_GROUP, kinds={"polars"}, deps=["sweep_points", "sweep_eval_scores"],
+    description="Finished sweep points ranked by the selection metric (default: lowest tool_flip_asr among points "
+    "meeting the capability and over-refusal gates); Pareto front of ASR vs capability; leaderboard.csv (lists "
+    "as JSON, quoted) and leaderboard.png (the trade-off plot, base model as a star).",
+)
+def leaderboard(context: dg.AssetExecutionContext, config: LeaderboardConfig) -> pl.DataFrame:
+    from cb_core.config import load_yaml
+    from cb_core.evaluate.scores import GateConfig
+    from cb_core.io import atomic_write_bytes
+    from cb_core.sweep.leaderboard import build_leaderboard, to_csv, tradeoff_plot
+
+    root = _root()
+    points = _read(POINTS_TABLE, root)
+    sweep = current_sweep(points, config.sweep)
+    pts = points.filter(pl.col("sweep") == sweep)
+    scores, missing = stacked_scores(pts["key"].to_list(), root)
+    sel = _selection(sweep, config.metric)
+    gate_cfg = GateConfig.from_dict((load_yaml("evaluation.yaml") or {}).get("gates"))
+    lb = build_leaderboard(pts, scores, selection=sel, gate_cfg=gate_cfg)
+    lb = lb.with_columns(pl.lit(sweep).alias("sweep"))
+    atomic_write_bytes(root / "leaderboard.csv", to_csv(lb).encode())
+    png = tradeoff_plot(lb, root / "leaderboard.png", title=f"sweep {sweep}: ASR vs capability")
+    meta = {"sweep": sweep, "points": pts.height, "finished": lb.height, "not_finished": dg.MetadataValue.json(missing),
+            "selection": dg.MetadataValue.json({"metric": sel.metric, "gates": sel.gates,
+                                                "not_measured": sel.not_measured}),
+            "eligible": int(lb["eligible"].sum()) if lb.height else 0,
+            "csv": dg.MetadataValue.path(str(root / "leaderboard.csv")),
+            "table": dg.MetadataValue.md(_md_table(lb, ["rank", "key", sel.metric, "capability_retention",
+                                                        "xstest_over_refusal", "eligible", "pareto"]))}
+    if lb.height and lb["rank"].min() == 1:
+        best = lb.filter(pl.col("rank") == 1).sort("key").row(0, named=True)
+        meta["best"] = best["key"]
+        if isinstance(best.get(sel.metric), float):
+            meta[f"best_{sel.metric}"] = dg.MetadataValue.float(best[sel.metric])
+    if png:
+        meta["tradeoff_plot"] = _png_md(png, "ASR vs capability")
+        meta["tradeoff_png"] = dg.MetadataValue.path(str(png))
+    context.add_output_metadata(meta)
+    return lb
+
+
+@dg.asset(
+    group_name=SWEEP_GROUP, kinds={"polars"}, deps=["leaderboard", "sweep_points"],
+    description="The leaderboard's rank-1 point (its preset and overrides), and one `final_seeds` partition per "
+    "seed of the manifest's `final.seeds` (default 101, 555, 888).",
+)
+def best_config(context: dg.AssetExecutionContext) -> pl.DataFrame:
+    from cb_core.sweep.manifest import Point, SweepError, final_points, load_manifest, point_from_row
+
+    root = _root()
+    lb = _read("leaderboard", root)
+    top = lb.filter(pl.col("rank") == 1).sort("key")
+    if top.is_empty():
+        raise dg.Failure("no sweep point meets the selection gates (see the leaderboard's gate_* columns); "
+                         "nothing to fine-tune")
+    key = top["key"][0]
+    rec = point_record(key, root)
+    best: Point = point_from_row(rec)
+    try:
+        m = load_manifest(best.sweep)
+        seeds, final_ov = list(m.final["seeds"]), m
+    except SweepError:
+        seeds, final_ov = [101, 555, 888], None
+    finals = final_points(final_ov, best, seeds) if final_ov else [
+        Point(best.sweep, f"{best.key}-seed{s}", best.preset, {**best.axes, "seed": s},
+              {**best.overrides, "train.seed": s}, best.eval) for s in seeds]
+    have = set(context.instance.get_dynamic_partitions(FINAL_PARTITIONS.name))
+    context.instance.add_dynamic_partitions(FINAL_PARTITIONS.name, [p.key for p in finals if p.key not in have])
+    rows = [{**p.row(), "best_key": key, "seed": int(p.overrides["train.seed"])} for p in finals]
+    context.add_output_metadata({"best": key, "axes": dg.MetadataValue.json(best.axes),
+                                 "seeds": dg.MetadataValue.json(seeds),
+                                 "final_partitions": dg.MetadataValue.json([p.key for p in finals])})
+    return pl.DataFrame(rows)
+
+
+def _final_record(key: str, root: Path) -> dict:
+    bc = _read("best_config", root).filter(pl.col("key") == key)
+    if bc.is_empty():
+        raise dg.Failure(f"no row for final partition {key!r} in best_config.parquet (re-materialize best_config)")
+    return bc.row(0, named=True)
+
+
+@dg.asset(
+    group_name=SWEEP_GROUP, kinds={"pytorch"}, tags=GPU_TAGS, partitions_def=FINAL_PARTITIONS,
+    deps=["best_config", "train_split", "renders", "lossmasks"],
+    description="The best configuration trained again (manifest `final.overrides`, e.g. more steps) with one seed "
+    "per partition; published to $CB_DATA_ROOT/sweeps/final/<key>/adapter.",
+)
+def final_adapter(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    root, key = _root(), context.partition_key
+    rec = _final_record(key, root)
+    return dg.MaterializeResult(metadata=train_point(context, key, rec["preset"], list(rec["overrides"]),
+                                                     root / SWEEP_DIR / FINAL_DIR / key / "adapter", root))
+
+
+@dg.asset(
+    group_name=SWEEP_GROUP, kinds={"pytorch", "polars"}, tags=GPU_TAGS, partitions_def=FINAL_PARTITIONS,
+    deps=["final_adapter", "eval_attacks", "eval_split", "train_split", "traces", "renders"],
+    description="eval_scores of one final seed (base vs that seed's adapter).",
+)
+def final_eval_scores(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    root, key = _root(), context.partition_key
+    rec = _final_record(key, root)
+    d = root / SWEEP_DIR / FINAL_DIR / key
+    return dg.MaterializeResult(metadata=evaluate_point(context, d / "adapter", rec["preset"], list(rec["overrides"]),
+                                                        json.loads(rec.get("eval") or "{}"), d, root))
+
+
+@dg.asset(
+    group_name=SWEEP_GROUP, kinds={"polars"}, deps=["best_config", "final_eval_scores"],
+    description="Mean ± std over the final seeds of every headline metric, adapter and base model; Markdown in "
+    "the UI and $CB_DATA_ROOT/release_report.md.",
+)
+def release_report(context: dg.AssetExecutionContext) -> pl.DataFrame:
+    from cb_core.io import atomic_write_bytes
+    from cb_core.sweep.release import report_markdown, seed_stats
+
+    root = _root()
+    bc = _read("best_config", root)
+    scores, missing = stacked_scores(bc["key"].to_list(), root, f"{SWEEP_DIR}/{FINAL_DIR}")
+    if scores.is_empty():
+        raise dg.Failure(f"no final seed has eval_scores yet (missing: {missing})")
+    seed_of = dict(zip(bc["key"].to_list(), bc["seed"].to_list()))
+    scores = scores.with_columns(pl.col("key").replace_strict(seed_of, return_dtype=pl.Int64).alias("seed"))
+    stats = seed_stats(scores)
+    first = bc.row(0, named=True)
+    md = report_markdown(stats, best={"key": first["best_key"], "preset": first["preset"],
+                                      "overrides": [o for o in first["overrides"] if not o.startswith("train.seed=")]},
+                         seeds=sorted(set(scores["seed"].to_list())))
+    if missing:
+        md += f"\nSeeds without results (failed or not run): {', '.join(missing)}\n"
+    atomic_write_bytes(root / "release_report.md", md.encode())
+    context.add_output_metadata({"report": dg.MetadataValue.md(md),
+                                 "report_path": dg.MetadataValue.path(str(root / "release_report.md")),
+                                 "seeds": len(set(scores["seed"].to_list())), "missing": dg.MetadataValue.json(missing)})
+    return stats.with_columns(pl.col("seed_list").cast(pl.List(pl.Int64)))
+
+
+# ------------------------------------------------------------------------------------------ jobs + sensor
+sweep_point_job = dg.define_asset_job(
+    "sweep_point", selection=[sweep_adapter, sweep_eval_scores],
+    description="One sweep point: train (sweep_adapter) then score (sweep_eval_scores); partition = point key.",
+    tags=SHARED_LOCK,
+)
+final_seed_job = dg.define_asset_job(
+    "final_seed", selection=[final_adapter, final_eval_scores],
+    description="One final seed of the best configuration: train then score.", tags=SHARED_LOCK,
+)
+sweep_rank_job = dg.define_asset_job("sweep_rank", selection=[leaderboard, best_config],
+                                     description="Rank the finished points and pick the best configuration.")
+release_job = dg.define_asset_job("sweep_release", selection=[release_report],
+                                  description="Mean ± std over the final seeds.")
+sweep_register_job = dg.define_asset_job("sweep", selection=[sweep_points],
+                                         description="Expand a sweep manifest (config: manifest, overrides) into "
+                                         "partitions; the sweep_sensor launches the points.")
+
+FINISHED = ("SUCCESS", "FAILURE", "CANCELED")
+
+
+def plan(points: list[dict], point_runs: dict[str, str], rank_runs: set[str], finals: list[str],
+         final_runs: dict[str, str], release_runs: set[str]) -> tuple[list[tuple[str, str]], str]:
+    """Pure decision of the sweep sensor over the current sweep.
+
+    ``points``: its rows (key, sweep, continue_on_error); ``point_runs``: key -> status of its latest run;
+    ``rank_runs`` / ``release_runs``: run keys already used; ``finals``: registered final partitions of its best
+    point; ``final_runs``: final key -> status. Returns ([(job, partition or "")], reason)."""
+    out: list[tuple[str, str]] = []
+    failed = sorted(k for k, s in point_runs.items() if s in ("FAILURE", "CANCELED"))
+    stop = failed and not all(p.get("continue_on_error", True) for p in points)
+    todo = [p["key"] for p in points if p["key"] not in point_runs]
+    if todo and not stop:
+        return [("sweep_point", k) for k in todo], f"launching {len(todo)} point(s)"
+    if todo and stop:
+        return [], f"continue_on_error is false and point(s) {failed} failed: {len(todo)} point(s) not launched"
+    running = [k for k, s in point_runs.items() if s not in FINISHED]
+    if running:
+        return [], f"{len(running)} point(s) still running"
+    ok = sorted(k for k, s in point_runs.items() if s == "SUCCESS")
+    if not ok:
+        return [], f"every point failed ({failed}); nothing to rank"
+    sweep = points[0]["sweep"]
+    rank_key = f"rank:{sweep}:{','.join(ok)}"
+    if rank_key not in rank_runs:
+        return [("sweep_rank", rank_key)], f"all points ended ({len(ok)} ok, {len(failed)} failed): ranking"
+    todo_f = [k for k in finals if k not in final_runs]
+    if todo_f:
+        return [("final_seed", k) for k in todo_f], f"launching {len(todo_f)} final seed(s)"
+    if not finals or any(s not in FINISHED for s in final_runs.values()):
+        return [], "waiting for best_config / final seeds"
+    release_key = f"release:{','.join(sorted(final_runs))}"
+    if release_key not in release_runs and any(s == "SUCCESS" for s in final_runs.values()):
+        return [("sweep_release", release_key)], "final seeds ended: release report"
+    return out, "sweep complete"
+
+
+def _latest_status(instance, tags: dict) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for r in instance.get_runs(filters=dg.RunsFilter(tags=tags)):  # newest first
+        k = r.tags.get("dagster/partition")
+        if k and k not in out:
+            out[k] = r.status.value
+    return out
+
+
+@dg.sensor(
+    name="sweep_sensor",
+    jobs=[sweep_point_job, sweep_rank_job, final_seed_job, release_job],
+    minimum_interval_seconds=int(os.environ.get("CB_SWEEP_SENSOR_INTERVAL_S", "30")),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Launches the newest sweep: one run per registered point (GPU -> SLURM), then the leaderboard + "
+    "best_config, then one run per final seed, then the release report. Inert until `sweep_points` is materialized.",
+)
+def sweep_sensor(context: dg.SensorEvaluationContext):
+    root = _root()
+    path = root / f"{POINTS_TABLE}.parquet"
+    if not path.exists():
+        return dg.SkipReason("no sweep registered (materialize `sweep_points` / job `sweep`)")
+    points = pl.read_parquet(path)
+    sweep = current_sweep(points, None)
+    rows = points.filter(pl.col("sweep") == sweep).to_dicts()
+    registered = set(context.instance.get_dynamic_partitions(SWEEP_PARTITIONS.name))
+    rows = [r for r in rows if r["key"] in registered]
+    inst = context.instance
+    point_runs = _latest_status(inst, {"cb/sweep": sweep, "cb/sweep_stage": "point"})
+    rank_runs = {r.tags.get("cb/run_key") for r in inst.get_runs(filters=dg.RunsFilter(tags={"cb/sweep": sweep, "cb/sweep_stage": "rank"}))}
+    release_runs = {r.tags.get("cb/run_key") for r in inst.get_runs(filters=dg.RunsFilter(tags={"cb/sweep": sweep, "cb/sweep_stage": "release"}))}
+    finals: list[str] = []
+    bc = root / "best_config.parquet"
+    if bc.exists():
+        b = pl.read_parquet(bc)
+        if b.height and b["sweep"][0] == sweep:
+            fin_reg = set(inst.get_dynamic_partitions(FINAL_PARTITIONS.name))
+            finals = [k for k in b["key"].to_list() if k in fin_reg]
+    final_runs = _latest_status(inst, {"cb/sweep": sweep, "cb/sweep_stage": "final"})
+    final_runs = {k: v for k, v in final_runs.items() if k in finals}
+    todo, reason = plan(rows, point_runs, rank_runs, finals, final_runs, release_runs)
+    if not todo:
+        return dg.SkipReason(f"sweep {sweep}: {reason}")
+    stage = {"sweep_point": "point", "sweep_rank": "rank", "final_seed": "final", "sweep_release": "release"}
+    reqs = []
+    for job, arg in todo:
+        tags = {"cb/sweep": sweep, "cb/sweep_stage": stage[job]}
+        if job in ("sweep_point", "final_seed"):
+            reqs.append(dg.RunRequest(run_key=f"{job}:{arg}", job_name=job, partition_key=arg,
+                                      tags={**tags, **SHARED_LOCK}))
+        else:
+            reqs.append(dg.RunRequest(run_key=arg, job_name=job, tags={**tags, "cb/run_key": arg[:200]}))
+    context.log.info(f"sweep {sweep}: {reason}")
+    return reqs
+
+
+def run_sweep_in_process(manifest: str, *, overrides: list[str] | None = None, instance=None, final: bool = False,
+                         log=print) -> dict:
+    """CPU / laptop path without a daemon: register the points, materialize each point in this process
+    (continue_on_error: a failed point is logged and the rest go on), then leaderboard + best_config, and with
+    ``final`` the seed fan-out and release_report. Returns {key: "SUCCESS"|"FAILURE", ...}."""
+    from cb_assets.definitions import defs
+
+    instance = instance or dg.DagsterInstance.get()
+    res = defs.resolve_job_def("sweep").execute_in_process(
+        instance=instance, run_config={"ops": {"sweep_points": {"config": {"manifest": manifest,
+                                                                            "overrides": list(overrides or [])}}}},
+        raise_on_error=True)
+    table = res.output_for_node("sweep_points")
+    sweep = table.sort("registered_at")["sweep"][-1]
+    rows = table.filter(pl.col("sweep") == sweep).to_dicts()
+    status: dict[str, str] = {}
+    for r in rows:
+        if status and any(s == "FAILURE" for s in status.values()) and not r.get("continue_on_error", True):
+            log(f"point {r['key']}: not run (continue_on_error is false and a point failed)")
+            continue
+        ok = defs.resolve_job_def("sweep_point").execute_in_process(
+            instance=instance, partition_key=r["key"], raise_on_error=False,
+            tags={"cb/sweep": sweep, "cb/sweep_stage": "point"}).success
+        status[r["key"]] = "SUCCESS" if ok else "FAILURE"
+        log(f"point {r['key']}: {status[r['key']]}")
+    if any(s == "SUCCESS" for s in status.values()):
+        rank = defs.resolve_job_def("sweep_rank").execute_in_process(instance=instance, raise_on_error=False)
+        status["rank"] = "SUCCESS" if rank.success else "FAILURE"
+        if final and rank.success:
+            for k in pl.read_parquet(_root() / "best_config.parquet")["key"].to_list():
+                ok = defs.resolve_job_def("final_seed").execute_in_process(instance=instance, partition_key=k,
+                                                                        raise_on_error=False).success
+                status[k] = "SUCCESS" if ok else "FAILURE"
+            status["release"] = "SUCCESS" if defs.resolve_job_def("sweep_release").execute_in_process(
+                instance=instance, raise_on_error=False).success else "FAILURE"
+    return status
+

@@ -1,0 +1,179 @@
+"""Leaderboard, best_config and release_report through real Dagster runs, on eval_scores tables written per point
+(synthetic values with a known answer: the GPU work of the points is replaced by its output files, nothing else).
+
+Also: the Pareto front and ranking as pure functions, the CSV round trip with lists, seed statistics by hand,
+and the sweep sensor's decisions."""
+import json
+import statistics
+
+import dagster as dg
+import polars as pl
+import pytest
+import yaml
+
+from cb_core.evaluate.scores import SCORES_SCHEMA
+from cb_core.sweep.leaderboard import best_from_csv, pareto_mask, read_csv_rows, to_csv
+from cb_core.sweep.release import seed_stats
+
+BASE = {"tool_flip_asr": 0.50, "capability_retention": 0.90, "xstest_over_refusal": 0.08}
+# (alpha, layers) -> adapter (asr, capability, over-refusal); None = the point failed (no eval_scores)
+VALUES = {
+    (5, (10, 20)): (0.10, 0.50, 0.08),      # lowest ASR, but capability 0.50 < 0.85 x 0.90: gate fails
+    (5, (8, 16, 24)): (0.20, 0.88, 0.10),   # meets both gates: the best
+    (10, (10, 20)): (0.15, 0.85, 0.20),     # over-refusal +12 points > 5: gate fails
+    (10, (8, 16, 24)): (0.25, 0.80, 0.08),  # meets gates, worse ASR; dominated by the best
+    (15, (10, 20)): None,
+    (15, (8, 16, 24)): None,
+}
+
+
+def scores_table(adapter: dict[str, float], base: dict[str, float] = BASE, n: int = 40) -> pl.DataFrame:
+    rows = []
+    for model, vals in (("base", base), ("adapter", adapter)):
+        for metric, v in vals.items():
+            rows.append({"model": model, "metric": metric, "n": n, "value": v, "ci_low": max(0.0, v - 0.1),
+                         "ci_high": min(1.0, v + 0.1)})
+    return pl.DataFrame(rows, schema=SCORES_SCHEMA)
+
+
+@pytest.fixture
+def sweep_env(data_root, tmp_path):
+    from cb_assets.definitions import defs
+
+    manifest = tmp_path / "lb.yaml"
+    manifest.write_text(yaml.safe_dump({"name": "lbtest", "preset": "stage1", "overrides": {"train.steps": 7},
+                                        "grid": {"alpha": [5, 10, 15], "layers": [[10, 20], [8, 16, 24]]}}))
+    inst = dg.DagsterInstance.ephemeral()
+    res = defs.resolve_job_def("sweep").execute_in_process(
+        instance=inst, run_config={"ops": {"sweep_points": {"config": {"manifest": str(manifest)}}}})
+    assert res.success
+    return defs, inst, data_root, res.output_for_node("sweep_points")
+
+
+def _write_point_scores(root, points: pl.DataFrame) -> dict:
+    keys = {}
+    for r in points.iter_rows(named=True):
+        ov = dict(o.split("=", 1) for o in r["overrides"])
+        alpha, layers = int(ov["loss.alpha"]), tuple(json.loads(ov["loss.target_layers"]))
+        keys[(alpha, layers)] = r["key"]
+        v = VALUES[(alpha, layers)]
+        if v is None:
+            continue
+        d = root / "sweeps" / r["key"]
+        d.mkdir(parents=True)
+        scores_table(dict(zip(BASE, v))).write_parquet(d / "eval_scores.parquet")
+    return keys
+
+
+def test_points_registered_as_partitions(sweep_env):
+    _, inst, root, points = sweep_env
+    assert points.height == 6
+    assert set(inst.get_dynamic_partitions("sweep_points")) == set(points["key"].to_list())
+    stored = pl.read_parquet(root / "sweep_points.parquet")
+    assert stored.height == 6 and all("train.steps=7" in o for o in stored["overrides"].to_list())
+
+
+def test_leaderboard_best_point_read_back_from_csv(sweep_env):
+    defs, inst, root, points = sweep_env
+    keys = _write_point_scores(root, points)
+    res = defs.resolve_job_def("sweep_rank").execute_in_process(instance=inst)
+    assert res.success
+    lb = pl.read_parquet(root / "leaderboard.parquet")
+    assert lb.height == 4  # the two failed points are left out (and listed as not finished)
+    best_key = keys[(5, (8, 16, 24))]
+    assert lb.filter(pl.col("rank") == 1)["key"].to_list() == [best_key]
+    assert lb.filter(pl.col("key") == keys[(10, (8, 16, 24))])["rank"].to_list() == [2]
+    gated_out = lb.filter(pl.col("rank").is_null())["key"].to_list()
+    assert sorted(gated_out) == sorted([keys[(5, (10, 20))], keys[(10, (10, 20))]])
+    assert lb.filter(pl.col("key") == keys[(5, (10, 20))])["gate_capability"][0] == "failed"
+    assert lb.filter(pl.col("key") == keys[(10, (10, 20))])["gate_over_refusal"][0] == "failed"
+    # CSV: the layers list holds commas; the best point and its layers come back intact
+    best = best_from_csv(root / "leaderboard.csv")
+    assert best["key"] == best_key and best["layers"] == [8, 16, 24] and best["alpha"] == 5
+    assert best["tool_flip_asr"] == pytest.approx(0.20) and best["base_tool_flip_asr"] == pytest.approx(0.50)
+    rows = read_csv_rows(root / "leaderboard.csv")
+    assert {tuple(r["layers"]) for r in rows} == {(10, 20), (8, 16, 24)}
+    # Pareto: the dominated point is off the front
+    front = set(lb.filter(pl.col("pareto"))["key"].to_list())
+    assert keys[(10, (8, 16, 24))] not in front and best_key in front
+    png = root / "leaderboard.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    mat = inst.get_latest_materialization_event(dg.AssetKey("leaderboard")).asset_materialization
+    assert mat.metadata["tradeoff_plot"].value.startswith("![ASR vs capability](data:image/png;base64,")
+    assert mat.metadata["best"].value == best_key
+    assert sorted(mat.metadata["not_finished"].value) == sorted([keys[(15, (10, 20))], keys[(15, (8, 16, 24))]])
+    # best_config: the best point, one final partition per seed
+    bc = pl.read_parquet(root / "best_config.parquet")
+    assert bc["best_key"].unique().to_list() == [best_key] and bc["seed"].to_list() == [101, 555, 888]
+    assert set(inst.get_dynamic_partitions("final_seeds")) == {f"{best_key}-seed{s}" for s in (101, 555, 888)}
+    assert all("loss.target_layers=[8, 16, 24]" in o for o in bc["overrides"].to_list())
+
+    # another selection metric (higher is better) changes the ranking
+    res = defs.resolve_job_def("sweep_rank").execute_in_process(
+        instance=inst, run_config={"ops": {"leaderboard": {"config": {"metric": "capability_retention"}}}})
+    lb2 = pl.read_parquet(root / "leaderboard.parquet")
+    assert lb2.filter(pl.col("rank") == 1)["key"].to_list() == [best_key]  # 0.88 > 0.80 among the gated
+    assert lb2.filter(pl.col("rank") == 2)["key"].to_list() == [keys[(10, (8, 16, 24))]]
+
+
+def test_release_report_mean_std_over_seeds(sweep_env):
+    defs, inst, root, points = sweep_env
+    _write_point_scores(root, points)
+    assert defs.resolve_job_def("sweep_rank").execute_in_process(instance=inst).success
+    bc = pl.read_parquet(root / "best_config.parquet")
+    asr = {101: 0.20, 555: 0.30, 888: 0.16}
+    for key, seed in zip(bc["key"], bc["seed"]):
+        d = root / "sweeps" / "final" / key
+        d.mkdir(parents=True)
+        scores_table({"tool_flip_asr": asr[seed], "capability_retention": 0.9, "xstest_over_refusal": 0.1}) \
+            .write_parquet(d / "eval_scores.parquet")
+    assert defs.resolve_job_def("sweep_release").execute_in_process(instance=inst).success
+    stats = pl.read_parquet(root / "release_report.parquet")
+    row = stats.filter((pl.col("model") == "adapter") & (pl.col("metric") == "tool_flip_asr")).row(0, named=True)
+    assert row["mean"] == pytest.approx(statistics.mean(asr.values()))
+    assert row["std"] == pytest.approx(statistics.stdev(asr.values()))
+    assert row["seeds"] == 3 and row["n"] == 120
+    base = stats.filter((pl.col("model") == "base") & (pl.col("metric") == "tool_flip_asr")).row(0, named=True)
+    assert base["mean"] == pytest.approx(0.5) and base["std"] == pytest.approx(0.0)
+    md = (root / "release_report.md").read_text()
+    assert f"| tool_flip_asr | {statistics.mean(asr.values()):.3f} ± {statistics.stdev(asr.values()):.3f} |" in md
+    assert "seeds 101, 555, 888" in md
+
+
+def test_seed_stats_by_hand_and_not_measured():
+    df = pl.DataFrame({"seed": [1, 2, 1, 2], "model": ["adapter"] * 4, "metric": ["a", "a", "b", "b"],
+                       "n": [10, 10, 0, 0], "value": [0.2, 0.4, None, None]})
+    st = seed_stats(df)
+    a = st.filter(pl.col("metric") == "a").row(0, named=True)
+    assert a["mean"] == pytest.approx(0.3) and a["std"] == pytest.approx(statistics.stdev([0.2, 0.4]))
+    b = st.filter(pl.col("metric") == "b").row(0, named=True)
+    assert b["seeds"] == 0 and b["mean"] is None
+
+
+def test_pareto_and_csv_units():
+    assert pareto_mask([0.1, 0.2, 0.3, None], [0.5, 0.9, 0.8, 1.0]) == [True, True, False, False]
+    assert pareto_mask([0.1, 0.1], [0.5, 0.5]) == [True, True]  # ties dominate nobody
+    df = pl.DataFrame({"key": ["a,b"], "layers": [[10, 20]], "note": ['say "hi", then']})
+    back = read_csv_rows(to_csv(df))
+    assert back == [{"key": "a,b", "layers": [10, 20], "note": 'say "hi", then'}]
+
+
+def test_sweep_sensor_plan():
+    from cb_assets.assets.sweeps import plan
+
+    pts = [{"key": k, "sweep": "s", "continue_on_error": True} for k in ("p1", "p2", "p3")]
+    todo, why = plan(pts, {}, set(), [], {}, set())
+    assert todo == [("sweep_point", "p1"), ("sweep_point", "p2"), ("sweep_point", "p3")]
+    todo, why = plan(pts, {"p1": "FAILURE", "p2": "STARTED", "p3": "SUCCESS"}, set(), [], {}, set())
+    assert todo == [] and "still running" in why
+    todo, why = plan(pts, {"p1": "FAILURE", "p2": "SUCCESS", "p3": "SUCCESS"}, set(), [], {}, set())
+    assert todo == [("sweep_rank", "rank:s:p2,p3")]  # one failed point never loses the others
+    todo, _ = plan(pts, {"p1": "FAILURE", "p2": "SUCCESS", "p3": "SUCCESS"}, {"rank:s:p2,p3"}, ["f1", "f2"], {}, set())
+    assert todo == [("final_seed", "f1"), ("final_seed", "f2")]
+    todo, _ = plan(pts, {"p1": "FAILURE", "p2": "SUCCESS", "p3": "SUCCESS"}, {"rank:s:p2,p3"}, ["f1", "f2"],
+                   {"f1": "SUCCESS", "f2": "FAILURE"}, set())
+    assert todo == [("sweep_release", "release:f1,f2")]
+    strict = [{**p, "continue_on_error": False} for p in pts]
+    todo, why = plan(strict, {"p1": "FAILURE"}, set(), [], {}, set())
+    assert todo == [] and "continue_on_error is false" in why
+    assert plan(pts, {k: "FAILURE" for k in ("p1", "p2", "p3")}, set(), [], {}, set())[0] == []

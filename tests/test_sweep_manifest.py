@@ -1,0 +1,97 @@
+"""Sweep manifests: expansion counts, keys, shared overrides, the ignored-axis rejection."""
+import json
+
+import pytest
+import yaml
+
+from cb_core.sweep.manifest import SweepError, final_points, from_dict, load_manifest, point_from_row
+from cb_core.train.config import load_train_config
+
+
+def test_preset_counts_and_settings():
+    full = load_manifest("full").expand()
+    assert len(full) == 3 * 4 * 5
+    assert len({p.key for p in full}) == 60
+    assert {tuple(p.overrides["loss.target_layers"]) for p in full} == {(10, 20), (8, 16, 24), (12, 18), (6, 12, 18, 24)}
+    assert {p.overrides["data.mask_policy"] for p in full} == {
+        "assistant_only", "assistant_and_tool", "cb_full_sequence", "tool_calls_only", "completion_only"}
+    assert all(p.overrides["train.steps"] == 200 for p in full)
+    quick = load_manifest("quick")
+    qp = quick.expand()
+    assert [p.overrides["loss.alpha"] for p in qp] == [5, 10]
+    assert quick.eval == {"limit": 20} and all(p.overrides["train.steps"] == 50 for p in qp)
+    simple = load_manifest("simple").expand()
+    assert len(simple) == 3 and {p.overrides["data.mask_policy"] for p in simple} == {"cb_full_sequence"}
+    tiny = load_manifest("tiny").expand()
+    assert len(tiny) == 2
+
+
+def test_points_resolve_to_training_configs():
+    p = load_manifest("quick").expand()[1]
+    cfg, _, _ = load_train_config(p.preset, p.override_strings())
+    assert cfg.loss.alpha == 10.0 and cfg.loss.target_layers == [10, 20]
+    assert cfg.data.mask_policy == "assistant_only" and cfg.train.steps == 50
+
+
+def test_keys_readable_stable_and_hash_every_override():
+    a = load_manifest("quick").expand()
+    b = load_manifest("quick").expand()
+    assert [p.key for p in a] == [p.key for p in b]
+    assert a[0].key.startswith("quick-a5-L10.20-assistant_only-")
+    c = load_manifest("quick", {"train.lr": 1e-4}).expand()  # a shared override changes every key
+    assert {p.key for p in a}.isdisjoint({p.key for p in c})
+    assert all(p.overrides["train.lr"] == 1e-4 for p in c)
+    assert all(len(p.key) <= 120 and all(ch.isalnum() or ch in "_.-" for ch in p.key) for p in a + c)
+
+
+def test_row_round_trip():
+    p = load_manifest("full").expand()[7]
+    back = point_from_row(p.row())
+    assert back.overrides == p.overrides and back.key == p.key and back.axes == json.loads(p.row()["axes"])
+
+
+def test_alpha_under_triplet_full_rejected():
+    with pytest.raises(SweepError, match=r"triplet_full.*ignores loss.alpha.*alpha_benign / beta_harmful"):
+        from_dict({"name": "bad", "preset": "tiny", "grid": {"alpha": [5, 10]}}).expand()
+    # the same axis under a loss mode that reads it is fine
+    assert len(from_dict({"name": "ok", "preset": "tiny",
+                          "grid": {"loss_mode": ["legacy_cb"], "alpha": [5, 10]}}).expand()) == 2
+    # a mode axis mixing modes: alpha is ignored by one of them
+    with pytest.raises(SweepError, match="triplet_full"):
+        from_dict({"name": "mix", "preset": "stage1",
+                   "grid": {"loss_mode": ["legacy_cb", "triplet_full"], "alpha": [5]}}).expand()
+    # triplet weights under legacy_cb are ignored too
+    with pytest.raises(SweepError, match="legacy_cb.*beta_harmful"):
+        from_dict({"name": "bad2", "preset": "stage1", "grid": {"beta_harmful": [1, 2]}}).expand()
+    # split per loss mode: a list of grids
+    m = from_dict({"name": "split", "preset": "stage1", "grid": [
+        {"loss_mode": ["legacy_cb"], "alpha": [5, 10]},
+        {"loss_mode": ["triplet_full"], "beta_harmful": [1.0, 2.0], "train.batch_size": [16]}]})
+    assert len(m.expand()) == 4
+
+
+def test_bad_manifests_name_the_key(tmp_path):
+    with pytest.raises(SweepError, match="unknown keys"):
+        from_dict({"name": "x", "preset": "tiny", "grid": {"lr": [1]}, "gird": {}})
+    with pytest.raises(SweepError, match=r"grid.lr: expected a non-empty list"):
+        from_dict({"name": "x", "preset": "tiny", "grid": {"lr": 1e-4}})
+    with pytest.raises(SweepError, match="not a known axis"):
+        from_dict({"name": "x", "preset": "tiny", "grid": {"Bogus Axis": [1]}})
+    with pytest.raises(SweepError, match="unknown field"):  # a dotted key the trainer does not have
+        from_dict({"name": "x", "preset": "tiny", "grid": {"train.bogus": [1]}}).expand()
+    with pytest.raises(SweepError, match="unknown loss-mask policy"):
+        from_dict({"name": "x", "preset": "tiny", "grid": {"policy": ["nope"]}}).expand()
+    with pytest.raises(SweepError, match="final.seeds"):
+        from_dict({"name": "x", "preset": "tiny", "grid": {"lr": [1e-3]}, "final": {"seeds": []}})
+    p = tmp_path / "m.yaml"
+    p.write_text(yaml.safe_dump({"name": "file", "preset": "tiny", "grid": {"lr": [1e-3, 2e-3]}}))
+    assert len(load_manifest(str(p)).expand()) == 2
+
+
+def test_final_points_one_per_seed():
+    m = load_manifest("quick")
+    best = m.expand()[0]
+    fin = final_points(m, best)
+    assert [p.overrides["train.seed"] for p in fin] == [101, 555, 888]
+    assert [p.key for p in fin] == [f"{best.key}-seed{s}" for s in (101, 555, 888)]
+    assert all(p.overrides["train.steps"] == 200 and p.overrides["loss.alpha"] == 5 for p in fin)
