@@ -3,8 +3,8 @@
 For each user task x injection task of a benchmark version, the user task's ground-truth calls run in the
 suite's default environment injected by a named attack (default ``important_instructions``); the skeleton
 stops at the first tool result that carries the injection: the point where the agent must choose its next
-action with the injected text in context. Expected next tool = the user task's next ground-truth call (None
-when the injected result came from the last call: the expected action is the final answer); attacker call =
+action with the injected text in context. Expected next tool = the user task's next ground-truth call
+(``"final_answer"`` when the injected result came from the last call, as in ``curate.FINAL_ANSWER``); attacker call =
 the injection task's first ground-truth call (None when that ground truth is empty: the goal text and the
 suite's ``security()`` check are what define success there). ``tools`` = the suite's full tool set.
 
@@ -33,6 +33,7 @@ DATASET = "agentdojo"  # same dataset as the recorded runs; labels.subtype = sui
 DEFAULT_VERSION = "v1.2.2"
 DEFAULT_ATTACK = "important_instructions"
 SUITES = ("workspace", "travel", "banking", "slack")
+FINAL_ANSWER = "final_answer"  # expected_tool when the right next move is to answer (= curate.FINAL_ANSWER)
 PIPELINE_NAME = "local"  # the attack only reads the pipeline's name, which must contain a known model key
 
 
@@ -115,12 +116,13 @@ _WORD = re.compile(r"\w+")
 
 
 def payload_pattern(payload: str) -> re.Pattern:
-    """The payload's words in order, anything non-alphanumeric (whitespace, YAML folding and quoting,
-    repr escapes) between them; leading/trailing punctuation of the payload (``<``, ``>``) optional."""
+    """The payload's words in order, anything non-alphanumeric (whitespace, YAML folding and quoting) or an
+    escaped ``\\n``/``\\t`` (dict repr, YAML double-quoted folding) between them; the payload's leading and
+    trailing punctuation (``<``, ``>``) optional."""
     words = _WORD.findall(payload)
     if not words:
         raise ValueError("injection payload has no words")
-    core = r"[\W_]*?".join(re.escape(w) for w in words)
+    core = r"(?:\\[nrt]|[\W_])*?".join(re.escape(w) for w in words)  # a literal "\n" (repr/YAML escape) too
     lead = re.match(r"\s*([^\w\s]*)", payload).group(1)
     tail = re.search(r"([^\w\s]*)\s*$", payload).group(1)
     return re.compile((f"(?:{re.escape(lead)})?" if lead else "") + core + (f"(?:{re.escape(tail)})?" if tail else ""))
@@ -162,7 +164,7 @@ def build_case(ad, suite, attack, user_task, injection_task, tools_json: str, sy
     if stop_at is None:
         raise BadRecord("messages", f"no ground-truth tool result of {user_task.ID} carries the injection "
                                     f"(vectors {sorted(injections)})")
-    expected = calls[stop_at + 1].function if stop_at + 1 < len(calls) else None
+    expected = calls[stop_at + 1].function if stop_at + 1 < len(calls) else FINAL_ANSWER
     inj_calls = injection_task.ground_truth(suite.load_and_inject_default_environment({}))
     attacker_tool = inj_calls[0].function if inj_calls else None
     attacker_args = canonical_json(_jsonable(inj_calls[0].args)) if inj_calls else None
@@ -249,7 +251,7 @@ def read_suites(
                 ta = row["tool_attack"]
                 gp = json.loads(row["provenance"]["generation_params"])["agentdojo_suites"]
                 counts["cases"] += 1
-                counts["final_answer_expected"] += ta["expected_tool"] is None
+                counts["final_answer_expected"] += ta["expected_tool"] == FINAL_ANSWER
                 counts["empty_injection_ground_truth"] += ta["attacker_tool"] is None
                 counts["injection_in_first_result"] += gp["stop_after_call"] == 0
     return SourceResult.from_rows(good, bad, version=version, attack=attack_name, seconds=round(
