@@ -1,0 +1,244 @@
+"""`cb`: the command line of the old train CLI, over the platform's tables and run folders.
+
+    cb leaderboard --limit 10 [--reverse]        ranked sweep points ($CB_DATA_ROOT/leaderboard.parquet)
+    cb summarise RUN                             JSON: config, metrics, checkpoints ranked, runtime estimate
+    cb follow RUN --interval 30                  follows a running training's best checkpoint until it ends
+    cb run --preset tiny --override train.lr=3e-5 --fast-dev-run     one training run through Dagster
+
+RUN is a run folder, a run name under the runs root ($CB_DATA_ROOT/train_runs, also searched in its
+`history/`), or `latest`. `cb run` materializes the `adapter` asset with `dagster asset materialize` (so the run
+is recorded in the Dagster instance, $DAGSTER_HOME) and then rolls finished older runs into `history/`.
+No Dagster import here: `cb run` starts the Dagster CLI as a subprocess.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+HISTORY = "history"
+
+
+def data_root(arg: str | None = None) -> Path:
+    return Path(arg or os.environ.get("CB_DATA_ROOT", ".cb_data")).resolve()
+
+
+def runs_root(root: Path) -> Path:
+    from cb_core.train import RUNS_DIR
+
+    return root / RUNS_DIR
+
+
+def resolve_run(run: str, root: Path) -> Path:
+    p = Path(run)
+    if p.is_dir() and (p / "config.yaml").exists():
+        return p.resolve()
+    rr = runs_root(root)
+    for cand in (rr / run, rr / HISTORY / run):
+        if cand.is_dir():
+            return cand.resolve()
+    known = sorted(x.name for x in rr.iterdir() if x.is_dir()) if rr.is_dir() else []
+    raise SystemExit(f"cb: no run {run!r} (looked in {rr} and {rr / HISTORY}; runs: {known[:20]})")
+
+
+def _read_json(p: Path) -> Any:
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _read_yaml(p: Path) -> Any:
+    import yaml
+
+    return yaml.safe_load(p.read_text()) if p.exists() else None
+
+
+# ------------------------------------------------------------------------------------------------ summarise
+def runtime_estimate(run_dir: Path, config: dict | None, metrics: dict | None,
+                     index: list[dict] | None, now: float | None = None) -> dict[str, Any]:
+    """Seconds per step and the remaining time, from the finished run's own timing or, while it runs, from
+    the newest checkpoint's time since the run started (run_metadata.json)."""
+    train = (config or {}).get("train") or {}
+    total = int(train.get("fast_dev_steps", 3) if train.get("fast_dev_run") else train.get("steps", 0) or 0)
+    if metrics and metrics.get("train_seconds") is not None and metrics.get("steps"):
+        s = float(metrics["train_seconds"])
+        return {"state": "finished", "steps": metrics["steps"], "total_steps": total, "seconds": round(s, 1),
+                "seconds_per_step": round(s / max(int(metrics["steps"]), 1), 3), "remaining_seconds": 0}
+    start = (run_dir / "run_metadata.json").stat().st_mtime if (run_dir / "run_metadata.json").exists() else None
+    done = [e for e in (index or []) if (run_dir / "checkpoints" / e["path"]).exists()]
+    if not done or start is None:
+        return {"state": "running" if start else "unknown", "steps": 0, "total_steps": total,
+                "seconds_per_step": None, "remaining_seconds": None}
+    last = max(done, key=lambda e: e["step"])
+    t = (run_dir / "checkpoints" / last["path"]).stat().st_mtime
+    per = max(t - start, 0.0) / max(int(last["step"]), 1)
+    return {"state": "running", "steps": last["step"], "total_steps": total, "seconds_per_step": round(per, 3),
+            "remaining_seconds": round(per * max(total - int(last["step"]), 0), 1),
+            "elapsed_seconds": round((now or time.time()) - start, 1)}
+
+
+def summarise(run_dir: Path) -> dict[str, Any]:
+    config = _read_yaml(run_dir / "config.yaml")
+    metrics = _read_json(run_dir / "final_metrics.json")
+    index = _read_json(run_dir / "checkpoints" / "index.json") or []
+    ranked = sorted([e for e in index if e.get("metric") is not None], key=lambda e: (e["metric"], -e["step"]))
+    links = {n: os.readlink(run_dir / n) for n in ("best", "second_best", "third_best") if (run_dir / n).is_symlink()}
+    return {
+        "run": run_dir.name, "path": str(run_dir),
+        "config": config, "preset": _read_yaml(run_dir / "preset.yaml"), "overrides": _read_yaml(run_dir / "overrides.yaml"),
+        "metrics": {k: v for k, v in (metrics or {}).items() if k != "generations"} if metrics else None,
+        "selection_metric": ((config or {}).get("train") or {}).get("selection_metric"),
+        "checkpoints": [{"rank": i + 1, "step": e["step"], "metric": e["metric"], "path": e["path"]}
+                        for i, e in enumerate(ranked)],
+        "links": links,
+        "runtime": runtime_estimate(run_dir, config, metrics, index),
+        "run_metadata": _read_json(run_dir / "run_metadata.json"),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ leaderboard
+def leaderboard_lines(root: Path, limit: int, reverse: bool) -> list[str]:
+    import polars as pl
+
+    p = root / "leaderboard.parquet"
+    if not p.exists():
+        raise SystemExit(f"cb: {p} does not exist: materialize `leaderboard` (job sweep_rank) first")
+    lb = pl.read_parquet(p)
+    ranked = lb.filter(pl.col("rank").is_not_null()).sort("rank", descending=reverse)
+    rest = lb.filter(pl.col("rank").is_null()).sort("key")
+    rows = pl.concat([ranked, rest] if not reverse else [rest, ranked], how="diagonal_relaxed").head(limit)
+    cols = [c for c in ("rank", "key", "tool_flip_asr", "capability_retention", "xstest_over_refusal",
+                        "eligible", "pareto") if c in rows.columns]
+
+    def cell(v):
+        return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+    table = [cols] + [[cell(v) for v in r] for r in rows.select(cols).iter_rows()]
+    widths = [max(len(r[i]) for r in table) for i in range(len(cols))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+
+
+# ------------------------------------------------------------------------------------------------ follow
+def follow(run_dir: Path, interval: float, max_polls: int | None = None, out=print) -> int:
+    """Print the best checkpoint whenever it changes (and the progress); return when the run has finished."""
+    seen, polls = None, 0
+    while True:
+        s = summarise(run_dir)
+        best = s["checkpoints"][0] if s["checkpoints"] else None
+        state = (best and (best["step"], best["metric"]))
+        if state != seen:
+            rt = s["runtime"]
+            out(json.dumps({"t": time.strftime("%H:%M:%S"), "best": best, "steps": rt.get("steps"),
+                            "total_steps": rt.get("total_steps"), "remaining_seconds": rt.get("remaining_seconds")}))
+            seen = state
+        if s["metrics"] is not None:
+            out(json.dumps({"finished": True, "final_loss": s["metrics"].get("final_loss"), "best": best}))
+            return 0
+        polls += 1
+        if max_polls is not None and polls >= max_polls:
+            return 1
+        time.sleep(interval)
+
+
+# ------------------------------------------------------------------------------------------------ run
+def roll_history(runs: Path, keep: set[str]) -> list[str]:
+    """Move finished run folders (final_metrics.json present) other than ``keep`` into runs/history/.
+    Unfinished ones stay where the next run of the same configuration resumes them."""
+    moved = []
+    if not runs.is_dir():
+        return moved
+    hist = runs / HISTORY
+    for d in sorted(runs.iterdir()):
+        if d.name in keep or d.name in (HISTORY, "latest") or d.is_symlink() or not d.is_dir():
+            continue
+        if (d / "final_metrics.json").exists():
+            hist.mkdir(exist_ok=True)
+            dest = hist / d.name
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(d, dest)
+            moved.append(d.name)
+    return moved
+
+
+def run_command(preset: str, overrides: list[str], fast: bool, run_name: str | None) -> list[str]:
+    cfg: dict[str, Any] = {"preset": preset, "overrides": list(overrides), "fast_dev_run": bool(fast)}
+    if run_name:
+        cfg["run_name"] = run_name
+    return [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "cb_assets.definitions",
+            "--select", "adapter", "--config-json", json.dumps({"ops": {"adapter": {"config": cfg}}})]
+
+
+def do_run(args) -> int:
+    from cb_core.train.config import TrainConfigError, load_train_config
+
+    try:  # a bad preset or override fails here, before Dagster starts
+        load_train_config(args.preset, list(args.override or []) + (["train.fast_dev_run=true"] if args.fast_dev_run else []))
+    except TrainConfigError as e:
+        print(f"cb run: {e}", file=sys.stderr)
+        return 2
+    cmd = run_command(args.preset, list(args.override or []), args.fast_dev_run, args.run_name)
+    if args.print_command:
+        print(json.dumps(cmd))
+        return 0
+    env = dict(os.environ)
+    env.setdefault("DAGSTER_HOME", str(PROJECT_ROOT / "dagster_home"))
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("WANDB_MODE", "offline")
+    rc = subprocess.call(cmd, cwd=str(PROJECT_ROOT), env=env)
+    runs = runs_root(data_root(args.data_root))
+    latest = runs / "latest"
+    if rc == 0 and latest.is_symlink():
+        moved = roll_history(runs, keep={os.readlink(latest)})
+        if moved:
+            print(f"cb run: moved {len(moved)} finished older run(s) to {runs / HISTORY}")
+        print(f"cb run: run folder {latest.resolve()}")
+    return rc
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="cb", description="circuit-breaker platform: sweeps, runs and training")
+    ap.add_argument("--data-root", default=None, help="default $CB_DATA_ROOT, else ./.cb_data")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("leaderboard", help="ranked sweep points", description="Ranked sweep points from "
+                       "$CB_DATA_ROOT/leaderboard.parquet (gated-out points after the ranked ones).")
+    p.add_argument("--limit", type=int, default=20, help="rows to print (default 20)")
+    p.add_argument("--reverse", action="store_true", help="worst first")
+    p = sub.add_parser("summarise", aliases=["summarize"], help="JSON summary of one training run",
+                       description="JSON: resolved config, final metrics, checkpoints ranked by the selection "
+                       "metric, runtime estimate.")
+    p.add_argument("run", help="run folder, run name under the runs root (or its history/), or `latest`")
+    p = sub.add_parser("follow", help="follow a running training's best checkpoint",
+                       description="Prints the best checkpoint whenever it changes until the run finishes.")
+    p.add_argument("run")
+    p.add_argument("--interval", type=float, default=30.0, help="seconds between polls (default 30)")
+    p.add_argument("--max-polls", type=int, default=None, help="give up after this many polls (exit 1)")
+    p = sub.add_parser("run", help="one training run through Dagster (the `adapter` asset)",
+                       description="Materializes `adapter` with the given preset and overrides "
+                       "(dagster asset materialize), then rolls finished older runs into history/.")
+    p.add_argument("--preset", default="tiny", help="configs/train/<preset>.yaml (default tiny)")
+    p.add_argument("--override", action="append", default=[], help="section.field=value, repeatable")
+    p.add_argument("--fast-dev-run", action="store_true", help="a handful of steps")
+    p.add_argument("--run-name", default=None, help="run folder name (default: preset + config hash)")
+    p.add_argument("--print-command", action="store_true", help="print the Dagster command and exit")
+    args = ap.parse_args(argv)
+    root = data_root(args.data_root)
+    if args.cmd == "leaderboard":
+        print("\n".join(leaderboard_lines(root, args.limit, args.reverse)))
+        return 0
+    if args.cmd in ("summarise", "summarize"):
+        print(json.dumps(summarise(resolve_run(args.run, root)), indent=1, default=str))
+        return 0
+    if args.cmd == "follow":
+        return follow(resolve_run(args.run, root), args.interval, args.max_polls)
+    return do_run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""The `cb` console script: --help on each command, leaderboard, summarise, follow, run (argument checks and the
+Dagster command it starts), runs rolled into history/."""
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from cb_core import cli
+from cb_core.sweep.leaderboard import build_leaderboard
+
+ROOT = Path(__file__).resolve().parent.parent
+CB = [sys.executable, "-m", "cb_core.cli"]
+
+
+def _cb(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([*CB, *args], capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})},
+                          timeout=120)
+
+
+def test_console_script_declared_and_help_on_each():
+    import tomllib
+
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["cb"] == "cb_core.cli:main"
+    for sub, needle in (("leaderboard", "--reverse"), ("summarise", "checkpoints ranked"), ("follow", "--interval"),
+                        ("run", "--fast-dev-run")):
+        out = _cb(sub, "--help")
+        assert out.returncode == 0 and needle in out.stdout, (sub, out.stdout, out.stderr)
+
+
+def _leaderboard(root: Path) -> None:
+    pts = pl.DataFrame({"key": ["p1", "p2", "p3"], "axes": [json.dumps({"alpha": a}) for a in (5, 10, 15)]})
+    rows = []
+    for key, asr, cap in (("p1", 0.3, 0.9), ("p2", 0.1, 0.9), ("p3", 0.05, 0.2)):
+        for model, a, c in (("base", 0.5, 0.9), ("adapter", asr, cap)):
+            rows += [{"key": key, "model": model, "metric": "tool_flip_asr", "n": 10, "value": a},
+                     {"key": key, "model": model, "metric": "capability_retention", "n": 10, "value": c}]
+    from cb_core.sweep.manifest import Selection
+
+    lb = build_leaderboard(pts, pl.DataFrame(rows), selection=Selection(gates=["capability"]))
+    lb.write_parquet(root / "leaderboard.parquet")
+
+
+def test_leaderboard_limit_and_reverse(tmp_path):
+    _leaderboard(tmp_path)
+    out = _cb("--data-root", str(tmp_path), "leaderboard", "--limit", "2")
+    lines = out.stdout.strip().splitlines()
+    assert out.returncode == 0 and len(lines) == 3 and lines[0].split()[:2] == ["rank", "key"]
+    assert lines[1].split()[:2] == ["1", "p2"] and lines[2].split()[:2] == ["2", "p1"]
+    rev = _cb("--data-root", str(tmp_path), "leaderboard", "--reverse", "--limit", "3").stdout.strip().splitlines()
+    assert [ln.split()[1] for ln in rev[1:]] == ["p3", "p1", "p2"]  # gated-out p3, then worst ranked first
+    missing = _cb("--data-root", str(tmp_path / "none"), "leaderboard")
+    assert missing.returncode != 0 and "materialize `leaderboard`" in missing.stderr
+
+
+def _run_folder(root: Path, name: str, finished: bool) -> Path:
+    d = root / "train_runs" / name
+    (d / "checkpoints").mkdir(parents=True)
+    (d / "config.yaml").write_text(yaml.safe_dump({"train": {"steps": 40, "selection_metric": "train/loss"}}))
+    (d / "run_metadata.json").write_text(json.dumps({"command": "x"}))
+    index = []
+    for step, metric in ((10, 0.9), (20, 0.5), (30, 0.7)):
+        (d / "checkpoints" / f"step_{step:06d}").mkdir()
+        index.append({"step": step, "path": f"step_{step:06d}", "metric": metric})
+    (d / "checkpoints" / "index.json").write_text(json.dumps(index))
+    (d / "best").symlink_to(Path("checkpoints") / "step_000020")
+    if finished:
+        (d / "final_metrics.json").write_text(json.dumps({"final_loss": 0.4, "steps": 40, "train_seconds": 80.0}))
+    return d
+
+
+def test_summarise_ranks_checkpoints_and_estimates_runtime(tmp_path):
+    d = _run_folder(tmp_path, "tiny-abc", finished=False)
+    past = time.time() - 60
+    os.utime(d / "run_metadata.json", (past, past))
+    out = _cb("--data-root", str(tmp_path), "summarise", "tiny-abc")
+    s = json.loads(out.stdout)
+    assert [c["step"] for c in s["checkpoints"]] == [20, 30, 10] and s["checkpoints"][0]["rank"] == 1
+    assert s["links"] == {"best": "checkpoints/step_000020"}
+    rt = s["runtime"]
+    assert rt["state"] == "running" and rt["steps"] == 30 and rt["total_steps"] == 40
+    assert rt["seconds_per_step"] == pytest.approx(2.0, rel=0.2) and rt["remaining_seconds"] == pytest.approx(20, rel=0.2)
+    (d / "final_metrics.json").write_text(json.dumps({"final_loss": 0.4, "steps": 40, "train_seconds": 80.0}))
+    s = cli.summarise(d)
+    assert s["runtime"] == {"state": "finished", "steps": 40, "total_steps": 40, "seconds": 80.0,
+                            "seconds_per_step": 2.0, "remaining_seconds": 0}
+    assert _cb("--data-root", str(tmp_path), "summarise", "nope").returncode != 0
+
+
+def test_follow_reports_new_best_until_finished(tmp_path):
+    d = _run_folder(tmp_path, "run1", finished=False)
+    lines: list[str] = []
+
+    def later():
+        time.sleep(0.6)
+        (d / "checkpoints" / "step_000040").mkdir()
+        idx = json.loads((d / "checkpoints" / "index.json").read_text())
+        (d / "checkpoints" / "index.json").write_text(json.dumps(idx + [{"step": 40, "path": "step_000040", "metric": 0.2}]))
+        time.sleep(0.6)
+        (d / "final_metrics.json").write_text(json.dumps({"final_loss": 0.2, "steps": 40, "train_seconds": 9.0}))
+
+    t = threading.Thread(target=later)
+    t.start()
+    rc = cli.follow(d, interval=0.2, max_polls=100, out=lines.append)
+    t.join()
+    assert rc == 0
+    bests = [json.loads(ln)["best"]["step"] for ln in lines if "best" in json.loads(ln) and "finished" not in ln]
+    assert bests[0] == 20 and bests[-1] == 40
+    assert json.loads(lines[-1])["finished"] is True
+
+
+def test_run_checks_config_before_dagster_and_builds_the_command(tmp_path):
+    bad = _cb("run", "--preset", "no_such_preset")
+    assert bad.returncode == 2 and "no_such_preset" in bad.stderr
+    bad = _cb("run", "--preset", "tiny", "--override", "train.bogus=1")
+    assert bad.returncode == 2 and "bogus" in bad.stderr
+    out = _cb("run", "--preset", "tiny", "--override", "train.lr=3e-5", "--fast-dev-run", "--print-command")
+    cmd = json.loads(out.stdout)
+    assert cmd[1:7] == ["-m", "dagster", "asset", "materialize", "-m", "cb_assets.definitions"]
+    assert cmd[cmd.index("--select") + 1] == "adapter"
+    cfg = json.loads(cmd[cmd.index("--config-json") + 1])["ops"]["adapter"]["config"]
+    assert cfg == {"preset": "tiny", "overrides": ["train.lr=3e-5"], "fast_dev_run": True}
+
+
+def test_roll_history_moves_finished_runs_only(tmp_path):
+    runs = tmp_path / "train_runs"
+    _run_folder(tmp_path, "old-finished", finished=True)
+    _run_folder(tmp_path, "old-unfinished", finished=False)
+    _run_folder(tmp_path, "current", finished=True)
+    (runs / "latest").symlink_to("current")
+    assert cli.roll_history(runs, keep={"current"}) == ["old-finished"]
+    assert (runs / "history" / "old-finished" / "final_metrics.json").exists()
+    assert (runs / "old-unfinished").is_dir() and (runs / "current").is_dir()
+    assert cli.resolve_run("old-finished", tmp_path) == (runs / "history" / "old-finished").resolve()
+    assert cli.resolve_run("latest", tmp_path) == (runs / "current").resolve()
