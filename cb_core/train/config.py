@@ -246,6 +246,9 @@ def _coerce(cls, body: dict, where: str) -> dict:
     defaults = {f.name: f for f in fields(cls)}
     for k, v in body.items():
         f = defaults[k]
+        if v is None and "None" in str(f.type):
+            out[k] = v
+            continue
         kind = type(f.default) if f.default is not MISSING and f.default is not None else None
         if kind is float and not isinstance(v, bool):
             v = _number(v)

@@ -197,8 +197,10 @@ class Trainer:
         self.model = add_lora(model, cfg)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.device = next(self.model.parameters()).device
         self.fwd = AdapterForward(self.model, self.layers)
-        self.ddp = (torch.nn.parallel.DistributedDataParallel(self.fwd, find_unused_parameters=True)
+        ddp_kw = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
+        self.ddp = (torch.nn.parallel.DistributedDataParallel(self.fwd, find_unused_parameters=True, **ddp_kw)
                     if self.d.on else self.fwd)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg.train.warmup_steps))
@@ -206,7 +208,8 @@ class Trainer:
         self.step, self.mu, self.history, self.scale = 0, None, [], None
         self.directions = None
         if cfg.loss.mode == "legacy_schema":
-            self.directions = L.random_directions(cfg.train.seed, self.layers, model.config.hidden_size)
+            self.directions = L.random_directions(cfg.train.seed, self.layers, model.config.hidden_size).to(
+                next(model.parameters()).device)
         self.needs_logits = (cfg.loss.mode == "legacy_schema" or (cfg.loss.mode == "triplet_full" and cfg.loss.gamma_kl > 0)
                              or (cfg.loss.mode == "legacy_cb" and cfg.loss.use_kl))
         _, self.lm_head = llama_parts(self.model)
@@ -227,8 +230,12 @@ class Trainer:
         for j in range(k):
             s = j * W + self.d.rank
             kw = dict(pad_id=self.pad_id, multipliers=mult, lmp_overrides=lmp)
-            out.append((collate(self.data, H[s * nh:(s + 1) * nh], **kw), collate(self.data, R[s * nr:(s + 1) * nr], **kw)))
+            out.append((self._to(collate(self.data, H[s * nh:(s + 1) * nh], **kw)),
+                        self._to(collate(self.data, R[s * nr:(s + 1) * nr], **kw))))
         return out
+
+    def _to(self, batch: dict) -> dict:
+        return {k: (v.to(self.device) if k != "n_overridden" else v) for k, v in batch.items()}
 
     # ---------------------------------------------------------------------------------------- losses
     def micro_loss(self, hb: dict, bb: dict, n: dict[str, torch.Tensor], cs: float, cr: float):
@@ -288,9 +295,9 @@ class Trainer:
 
     def step_counts(self, micro) -> dict[str, torch.Tensor]:
         """Global token counts of the step: harmful / benign masked tokens, benign shifted positions."""
-        t = torch.zeros(5)
+        t = torch.zeros(5, device=self.device)
         for hb, bb in micro:
-            t += torch.tensor([float(L.token_count(hb["w"])), float(L.token_count(bb["w"])),
+            t += torch.tensor(device=self.device, data=[float(L.token_count(hb["w"])), float(L.token_count(bb["w"])),
                                float((bb["w"][:, 1:] > 0).sum()), float(hb["attention_mask"].sum() + bb["attention_mask"].sum()),
                                float(hb["n_overridden"] + bb["n_overridden"])])
         self.d.sum_(t)
@@ -311,7 +318,7 @@ class Trainer:
                 s, n = s + a, n + c
                 reps.append((h, b, hb["w"], bb["w"]))
         mu = self.d.sum_(s) / self.d.sum_(torch.as_tensor(n, dtype=torch.float32)).clamp_min(1e-12)
-        acc = torch.zeros(4)
+        acc = torch.zeros(4, device=self.device)
         for h, b, wh, wb in reps:
             m = mu[:, None, None, :]
             dh = L.distance(lc.harmful_pos_distance, h, m, lc.mix_l2_weight, lc.mix_cos_weight)
@@ -504,8 +511,8 @@ class Trainer:
         self.model.eval()
         g = torch.Generator().manual_seed(self.cfg.train.seed + 99)
         pick = lambda idx: [idx[i] for i in torch.randperm(len(idx), generator=g)[:n_samples].tolist()]  # noqa: E731
-        hb = collate(self.data, pick(self.data.harmful), pad_id=self.pad_id)
-        bb = collate(self.data, pick(self.data.retain), pad_id=self.pad_id)
+        hb = self._to(collate(self.data, pick(self.data.harmful), pad_id=self.pad_id))
+        bb = self._to(collate(self.data, pick(self.data.retain), pad_id=self.pad_id))
         pos = L.shifted_positions(bb["w"])
         h_new, _ = forward_hidden(self.model, hb["input_ids"], hb["attention_mask"], self.layers, False)
         b_new, fin = forward_hidden(self.model, bb["input_ids"], bb["attention_mask"], self.layers, True)
@@ -527,7 +534,7 @@ class Trainer:
         for i in self.data.retain[:n]:
             s = self.data.samples[i]
             cut = s.spans[0][0] if s.spans else len(s.input_ids)
-            ids = torch.tensor([s.input_ids[: max(cut, 1)]])
+            ids = torch.tensor([s.input_ids[: max(cut, 1)]], device=self.device)
             gen = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                       do_sample=False, pad_token_id=self.pad_id)
             text = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True) if tokenizer is not None else ""
