@@ -161,6 +161,8 @@ def test_transformers_backend_seeded_batched_and_length_stop(llama_tokenizer, ti
             assert comp.text == llama_tokenizer.decode(comp.token_ids, skip_special_tokens=False)
     g1 = be.generate(prompts, SamplingConfig(max_tokens=5))
     assert g1 == be.generate(prompts, SamplingConfig(max_tokens=5, seed=99))  # greedy ignores the seed
+    g2 = be.generate(prompts, SamplingConfig(max_tokens=5, n=2))  # greedy n > 1: n copies of the one answer
+    assert [[c.token_ids for c in cs] for cs in g2] == [[cs[0].token_ids] * 2 for cs in g1]
 
 
 # ----------------------------------------------------------------------------------------- assembly
@@ -235,6 +237,18 @@ def test_assemble_dr_and_adversarial_safe_labels():
         lab = r["labels"]
         assert (lab["category"], lab["priority_class"], lab["is_adversarial_safe"], lab["attack_present"]) == (
             "retain", "adversarial_safe", True, True)
+
+
+def test_llm_judge_verdict_gates_what_the_rules_keep():
+    jobs, _ = select_jobs(skeletons(2), "ds_completions")
+    b4 = [j for j in jobs if j.parent["dataset"] == "fujitsu_b4"]
+    t = '<|python_tag|>{"name": "search_web", "parameters": {"query": "x"}}<|eom_id|>'
+    raw = _raw(b4, [t, t])
+    verdicts = {(b4[0].key, 0): True, (b4[1].key, 0): None}  # YES, and no YES/NO answer
+    kept, recs = assemble("ds_completions", b4, raw, llm_verdicts=verdicts)
+    assert kept.height == 1 and kept["provenance"].struct.field("parent_id")[0] == b4[0].parent["id"]
+    assert recs.filter(~pl.col("kept"))["llm_verdict"].to_list() == [None]
+    assert "LLM judge: None" in recs.filter(~pl.col("kept"))["reason"][0]
 
 
 def test_identical_samples_are_one_trace():
@@ -372,3 +386,37 @@ def test_generation_assets_run_in_dagster_with_the_tiny_model(data_root, monkeyp
         assert len(list((data_root / "_shards" / t).rglob("shard-*.parquet"))) == -(-expected_prompts[t] // 4)
         assert "| dataset | outcome |" in md["yields"].value
     assert set(_meta(res, "renders")["generated"].value.values()) <= {f"{n} rows" for n in range(20)}
+
+
+@pytest.mark.slow
+def test_end_to_end_with_tiny_agent_nonzero_ds_and_dr_yields(data_root, monkeypatch):
+    """raw -> traces -> generation -> renders -> lossmasks on the embedded demo sample with the tiny agent the
+    project trains itself (demo block of configs/generation.yaml): it follows some injections and resists
+    others, so DS and DR both keep samples, and the kept rows reach the loss masks."""
+    pytest.importorskip("cb_core.generate.tiny_agent")
+    from cb_assets.definitions import defs
+
+    monkeypatch.setenv("CB_MODEL", "tiny_agent")
+    tables = ["ds_completions", "dr_completions", "adversarial_safe"]
+    sel = dg.AssetSelection.assets("traces").upstream() | dg.AssetSelection.assets(*tables, "renders", "lossmasks")
+    res = dg.materialize(list(defs.assets) + list(defs.asset_checks or []), resources=defs.resources,
+                         selection=sel, raise_on_error=False, instance=dg.DagsterInstance.ephemeral())
+    assert res.success, [str(e.event_specific_data)[:400] for e in res.all_events if e.is_failure][:2]
+    md = {t: _meta(res, t) for t in tables}
+    for t in tables:
+        assert md[t]["model"].value == "tiny_agent" and md[t]["prompts"].value == 24
+    ds_yield, dr_yield = md["ds_completions"]["yield"].value, md["dr_completions"]["yield"].value
+    print("yields", {t: (md[t]["kept"].value, md[t]["samples"].value, md[t]["yield"].value) for t in tables})
+    assert 0 < ds_yield < 1 and md["ds_completions"]["kept"].value >= 1
+    assert 0 < dr_yield <= 1 and md["dr_completions"]["kept"].value >= 1
+    ds = pl.read_parquet(data_root / "ds_completions.parquet")
+    traces = pl.read_parquet(data_root / "traces.parquet")
+    parents = {r["id"]: r for r in traces.iter_rows(named=True)}
+    for r in ds.iter_rows(named=True):  # every kept DS row really calls the attacker's tool
+        p = parents[r["provenance"]["parent_id"]]
+        assert p["tool_attack"]["attacker_tool"] in [c["name"] for c in r["messages"][-1]["tool_calls"]]
+        assert r["pair_group"] == p["pair_group"]
+    lm = pl.read_parquet(data_root / "lossmasks.parquet")
+    kept_ids = set(ds["id"]) | set(pl.read_parquet(data_root / "dr_completions.parquet")["id"])
+    assert kept_ids <= set(lm["trace_id"])
+    assert _meta(res, "renders")["generated"].value["ds_completions"] == f"{ds.height} rows"

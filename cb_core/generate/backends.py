@@ -130,12 +130,13 @@ class TransformersBackend:
         for r, p in enumerate(batch):  # left padding: the last prompt token sits at position L-1 for every row
             ids[r, L - len(p) :] = torch.tensor(p, dtype=torch.long)
             att[r, L - len(p) :] = 1
+        n_gen = 1 if sampling.greedy else sampling.n  # greedy: n identical completions, computed once
         kw: dict[str, Any] = dict(
             max_new_tokens=sampling.max_tokens,
             eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
             use_cache=True,
-            num_return_sequences=sampling.n,
+            num_return_sequences=n_gen,
         )
         if sampling.greedy:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -154,7 +155,7 @@ class TransformersBackend:
         for r in range(len(batch)):
             comps = []
             for j in range(sampling.n):
-                toks = new[r * sampling.n + j]
+                toks = new[r * n_gen + (j if n_gen > 1 else 0)]
                 cut = next((t + 1 for t, tok in enumerate(toks) if tok in stops), None)
                 if cut is not None:
                     toks, reason = toks[:cut], "stop"
