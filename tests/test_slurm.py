@@ -284,6 +284,101 @@ def test_pending_job_not_failed_and_lost_pending_job_detected(env, slurm_cluster
         slurm_cluster.cmd("scontrol", "update", f"PartitionName={part}", "State=UP")
 
 
+def _watchdog_tick(env):
+    import dagster as dg
+
+    from cb_assets.ops import slurm_watchdog
+
+    return slurm_watchdog(dg.build_sensor_context(instance=env.instance))
+
+
+def test_watchdog_cancels_pending_job_of_cancelled_run_and_fails_vanished(env, slurm_cluster):
+    """The one fake GPU is filled by a running job; the next GPU run's job waits PENDING (Resources).
+    A forced cancel in Dagster marks the run CANCELED without scancel: the watchdog sensor cancels the job,
+    so it never takes the GPU. A pending job cancelled outside Dagster: the watchdog fails its STARTING run."""
+    import dagster as dg
+
+    env.launcher.env_vars.append("CB_SLOW_ASSET_SECONDS=60")
+    try:
+        filler = env.submit(assets=["slow_gpu_asset"])
+    finally:
+        env.launcher.env_vars.pop()
+    try:
+        fill_job = filler.tags["slurm/job_id"]
+        deadline = time.monotonic() + 30
+        while slurm.job_state(fill_job).status != "running" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        queued = env.submit(assets=["gpu_asset"])
+        q_job = queued.tags["slurm/job_id"]
+        time.sleep(1.0)
+        st = slurm.job_state(q_job)
+        assert st.status == "pending", st
+        # what the UI's forced "terminate" does for a STARTING run: mark it CANCELED, no launcher call
+        env.instance.report_run_canceled(env.instance.get_run_by_id(queued.run_id), message="forced")
+        assert slurm.job_state(q_job).status == "pending"  # still queued: it would take the GPU later
+        _watchdog_tick(env)
+        assert _gone(slurm_cluster, q_job, timeout=20)
+        assert slurm.job_state(q_job).raw.startswith("CANCELLED")
+        assert env.instance.get_run_by_id(queued.run_id).tags.get("slurm/cancel_checked", "").startswith("PENDING")
+        assert env.proof("gpu_asset", queued.run_id) is None  # its worker never ran
+
+        lost = env.submit(assets=["gpu_asset"])
+        lost_job = lost.tags["slurm/job_id"]
+        time.sleep(1.0)
+        assert slurm.job_state(lost_job).status == "pending"
+        skip = _watchdog_tick(env)
+        assert "failed 0 lost run" in skip.skip_message
+        assert env.instance.get_run_by_id(lost.run_id).status == dg.DagsterRunStatus.STARTING
+        slurm_cluster.cmd("scancel", lost_job)
+        assert _gone(slurm_cluster, lost_job)
+        skip = _watchdog_tick(env)
+        assert lost.run_id in skip.skip_message
+        assert env.instance.get_run_by_id(lost.run_id).status == dg.DagsterRunStatus.FAILURE
+    finally:
+        slurm_cluster.cmd("scancel", filler.tags["slurm/job_id"])
+        env.wait(filler.run_id, timeout=60, monitor=True)
+
+
+def _sbatch_and_wait(cluster, script: str, env: dict, cwd: Path, timeout: float = 240) -> tuple[str, str, str]:
+    out = subprocess.run(["sbatch", "--parsable", f"--chdir={cwd}", str(ROOT / "slurm" / script)],
+                         capture_output=True, text=True, env={**cluster.env(), **env}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.strip().split(";")[0]
+    assert _gone(cluster, job_id, timeout=timeout), f"job {job_id} still queued/running"
+    name = script.replace(".sbatch", "")
+    stdout, stderr = cwd / f"cb_{name}_{job_id}.out", cwd / f"cb_{name}_{job_id}.err"
+    assert stdout.exists() and stderr.exists(), sorted(p.name for p in cwd.iterdir())
+    return job_id, stdout.read_text(), stderr.read_text()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_sbatch_entry_points_honour_toggles(slurm_cluster, tmp_path):
+    """Both sbatch scripts on the local SLURM (dry run: the plan each would execute) with two toggles set;
+    logs land as {job_name}_{job_id}.{out,err} in the submit folder."""
+    import json as _json
+
+    base = {"CB_PROJECT_ROOT": str(ROOT), "CB_VENV": str(Path(sys.executable).parent.parent),
+            "CB_DATA_ROOT": str(tmp_path / "data"), "DAGSTER_HOME": str(tmp_path / "home"), "CB_DRY_RUN": "1"}
+    (tmp_path / "home").mkdir()
+    job, out, err = _sbatch_and_wait(slurm_cluster, "unified_pipeline.sbatch",
+                                     {**base, "SKIP_GENERATE": "1", "TOTAL_STEPS": "12"}, tmp_path)
+    assert f"job {job} (cb_unified_pipeline)" in out
+    assert "SKIP_GENERATE=1 -> groups ['generation'] not materialized" in out
+    plan = _json.loads(out.strip().splitlines()[-1])
+    select = plan["command"][plan["command"].index("--select") + 1].split(",")
+    assert "ds_completions" not in select and "adapter" in select and "traces" in select
+    cfg = _json.loads(plan["command"][plan["command"].index("--config-json") + 1])
+    assert cfg["ops"]["adapter"]["config"]["overrides"] == ["train.steps=12"]
+
+    job, out, err = _sbatch_and_wait(slurm_cluster, "sweep_hparams.sbatch",
+                                     {**base, "QUICK_TEST": "1", "ALPHAS": "5 10 15"}, tmp_path)
+    assert "manifest quick (QUICK_TEST=1)" in out
+    plan = _json.loads(out.strip().splitlines()[-1])
+    assert len(plan["points"]) == 3 and all(k.startswith("quick-custom-a") for k in plan["points"])
+
+
 def test_stop_kills_only_own_daemons(slurm_cluster, tmp_path):
     """start/stop of a second cluster leaves the session cluster (and its PIDs) alone."""
     from tests.slurm_fixtures import start_cluster, stop_cluster

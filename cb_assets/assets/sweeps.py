@@ -167,6 +167,8 @@ def evaluate_point(context: dg.AssetExecutionContext, adapter_path: Path, preset
     cfg, _, _ = load_train_config(preset, overrides)
     settings = EvaluationSettings.from_dict(load_yaml("evaluation.yaml"))
     for k, v in (eval_overrides or {}).items():
+        if k == "limit" and os.environ.get("CB_EVAL_LIMIT"):
+            continue  # EVAL_LIMIT / CB_EVAL_LIMIT set for this run wins over the manifest's
         if not hasattr(settings.eval, k):
             raise dg.Failure(f"sweep eval setting {k!r} is not an eval key of configs/evaluation.yaml")
         setattr(settings.eval, k, v)

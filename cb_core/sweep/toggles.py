@@ -1,0 +1,182 @@
+"""The old sbatch toggles (environment variables) -> what they mean now: Dagster op config, CB_* variables, stage
+selection, sweep axes. Used by slurm/unified_pipeline.sbatch and slurm/sweep_hparams.sbatch (via cb_assets.cli);
+pure, so the mapping is tested without SLURM. README "sbatch entry points" has the table.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+# SKIP_<STAGE>=1 drops these asset groups from the unified pipeline's selection
+STAGES = {"SKIP_ETL_A": ["raw", "etl_a"], "SKIP_GENERATE": ["generation"], "SKIP_ETL_B": ["etl_b"],
+          "SKIP_SPLIT": ["curation"], "SKIP_TRAIN": ["training"], "SKIP_EVAL": ["evaluation"]}
+ENV_RENAMES = {"DATASETS": "CB_DATASETS", "MODEL": "CB_MODEL", "EVAL_LIMIT": "CB_EVAL_LIMIT",
+               "FUJITSU_B4_PATH": "CB_FUJITSU_B4_PATH", "AGENTDOJO_PATH": "CB_AGENTDOJO_PATH",
+               "MODE": "CB_TRAIN_PRESET"}
+TRIPLET = {"ALPHA": "alpha_benign", "BETA": "beta_harmful", "GAMMA": "gamma_kl"}
+GEN_TABLES = ("ds_completions", "dr_completions", "adversarial_safe")
+# toggles whose old meaning has no counterpart: accepted, reported, ignored
+OBSOLETE = {
+    "MWCS_STEP": "MWCS weights are applied per training step by the trainer (data.mwcs_schedule); no fixed step",
+    "ALLOW_SKELETON": "skeletons are never trained: generation completes them (SKIP_GENERATE skips that stage)",
+    "SKELETON_POLICY": "skeletons are never trained: generation completes them (SKIP_GENERATE skips that stage)",
+}
+_TRUE = {"1", "true", "yes", "on"}
+
+
+class ToggleError(ValueError):
+    """A toggle with a value that cannot mean anything: the message names it."""
+
+
+def _on(env: Mapping[str, str], name: str) -> bool:
+    return str(env.get(name, "")).strip().lower() in _TRUE
+
+
+def _num(env: Mapping[str, str], name: str, kind=float):
+    raw = str(env[name]).strip()
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ToggleError(f"{name}={raw!r}: expected {'an integer' if kind is int else 'a number'}") from None
+
+
+@dataclass
+class Plan:
+    """What one sbatch entry point runs: excluded asset groups, op config per asset, env vars, adapter
+    overrides, notes (obsolete toggles, mapping log)."""
+
+    skip_groups: list[str] = field(default_factory=list)
+    ops: dict[str, dict[str, Any]] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    train_overrides: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    generation_file: dict[str, Any] = field(default_factory=dict)  # keys over configs/generation.yaml
+
+    def op(self, name: str) -> dict[str, Any]:
+        return self.ops.setdefault(name, {})
+
+
+def training_overrides(env: Mapping[str, str]) -> tuple[list[str], list[str]]:
+    """TOTAL_STEPS, LOSS_MODE, TRIPLET_*, MAX_LENGTH, POLICY, MWCS_SCHEDULE -> dotted training overrides."""
+    ov, notes = [], []
+    if env.get("TOTAL_STEPS"):
+        ov.append(f"train.steps={_num(env, 'TOTAL_STEPS', int)}")
+    if env.get("LOSS_MODE"):
+        ov.append(f"loss.mode={env['LOSS_MODE'].strip()}")
+    for name in sorted(k for k in env if k.startswith("TRIPLET_") and env[k] != ""):
+        suffix = name[len("TRIPLET_"):]
+        field_ = TRIPLET.get(suffix, suffix.lower())
+        if not re.fullmatch(r"[a-z_]+", field_):
+            raise ToggleError(f"{name}: not a triplet setting")
+        val = env[name].strip()
+        ov.append(f"loss.{field_}={val}")
+        notes.append(f"{name} -> loss.{field_}")
+    if env.get("MAX_LENGTH"):
+        ov.append(f"model.max_length={_num(env, 'MAX_LENGTH', int)}")
+    if env.get("POLICY"):
+        ov.append(f"data.mask_policy={env['POLICY'].strip()}")
+    if env.get("MWCS_SCHEDULE"):
+        ov.append(f"data.mwcs_schedule={env['MWCS_SCHEDULE'].strip()}")
+    return ov, notes
+
+
+def pipeline_plan(env: Mapping[str, str]) -> Plan:
+    """unified_pipeline.sbatch: the whole graph (minus sweeps) with SKIP_* stages left out."""
+    p = Plan()
+    for toggle, groups in STAGES.items():
+        if _on(env, toggle):
+            p.skip_groups += groups
+            p.notes.append(f"{toggle}=1 -> groups {groups} not materialized")
+    for old, new in ENV_RENAMES.items():
+        if env.get(old):
+            p.env[new] = env[old]
+            p.notes.append(f"{old} -> {new}")
+    tok = env.get("TOKENIZER")
+    if tok:
+        if tok != env.get("MODEL", tok):
+            raise ToggleError(f"TOKENIZER={tok!r} differs from MODEL={env.get('MODEL')!r}: the tokenizer comes with "
+                              "the model profile (configs/models/<MODEL>.yaml); set MODEL only")
+        p.env.setdefault("CB_MODEL", tok)
+        p.notes.append("TOKENIZER -> CB_MODEL (the profile's tokenizer)")
+    gen: dict[str, Any] = {}
+    if _on(env, "USE_VLLM"):
+        gen["backend"] = "vllm"
+    for name, key, kind in (("BATCH_SIZE", "batch_size", int), ("MAX_TOKENS", "max_tokens", int),
+                            ("LIMIT", "limit", int)):
+        if env.get(name):
+            gen[key] = _num(env, name, kind)
+            p.notes.append(f"{name} -> generation {key}")
+    for table in GEN_TABLES:
+        if gen:
+            p.op(table).update(gen)
+    if env.get("TEMPERATURE_DS"):
+        p.op("ds_completions")["temperature"] = _num(env, "TEMPERATURE_DS")
+        p.op("adversarial_safe").setdefault("temperature", _num(env, "TEMPERATURE_DS"))
+    if env.get("TEMPERATURE_DR"):
+        p.op("dr_completions")["temperature"] = _num(env, "TEMPERATURE_DR")
+    if env.get("TENSOR_PARALLEL"):
+        p.generation_file["tensor_parallel_size"] = _num(env, "TENSOR_PARALLEL", int)
+        p.notes.append("TENSOR_PARALLEL -> tensor_parallel_size in a copy of configs/generation.yaml for this job")
+    if env.get("MAX_LENGTH"):
+        p.op("renders")["max_length"] = _num(env, "MAX_LENGTH", int)
+    if env.get("MWCS_SCHEDULE"):
+        name = env["MWCS_SCHEDULE"].strip()
+        p.op("lossmasks")["mwcs"] = name if name.endswith((".yaml", ".yml")) else f"configs/mwcs/{name}.yaml"
+    ov, notes = training_overrides(env)
+    p.notes += notes
+    if ov:
+        p.train_overrides = ov
+        p.op("adapter")["overrides"] = ov
+    if env.get("EVAL_LIMIT"):
+        p.op("eval_scores")["limit"] = _num(env, "EVAL_LIMIT", int)
+    for name, why in OBSOLETE.items():
+        if env.get(name):
+            p.notes.append(f"{name} ignored: {why}")
+    return p
+
+
+def _list(env: Mapping[str, str], name: str, kind) -> list:
+    raw = str(env[name]).replace(",", " ").split()
+    try:
+        return [kind(x) for x in raw]
+    except ValueError:
+        raise ToggleError(f"{name}={env[name]!r}: expected a list of {kind.__name__}") from None
+
+
+def sweep_manifest(env: Mapping[str, str]) -> tuple[str | dict, list[str], list[str]]:
+    """sweep_hparams.sbatch: (a manifest name or a manifest dict built from ALPHAS / LAYER_CONFIGS / POLICIES,
+    shared overrides, notes). QUICK_TEST=1 starts from `quick`, else SWEEP (default `full`).
+
+    LAYER_CONFIGS: layer sets separated by ';' or spaces, layers inside a set by ','
+    (``"10,20;8,16,24"`` or ``"10,20 8,16,24"``)."""
+    base = "quick" if _on(env, "QUICK_TEST") else (env.get("SWEEP") or "full")
+    notes = [f"manifest {base}" + (" (QUICK_TEST=1)" if _on(env, "QUICK_TEST") else "")]
+    ov, n2 = training_overrides(env)
+    notes += n2
+    grid: dict[str, list] = {}
+    if env.get("ALPHAS"):
+        grid["alpha"] = _list(env, "ALPHAS", float)
+    if env.get("LAYER_CONFIGS"):
+        sets = [s for s in re.split(r"[;\s]+", env["LAYER_CONFIGS"].strip()) if s]
+        try:
+            grid["layers"] = [[int(x) for x in s.split(",") if x] for s in sets]
+        except ValueError:
+            raise ToggleError(f"LAYER_CONFIGS={env['LAYER_CONFIGS']!r}: expected sets like '10,20;8,16,24'") from None
+    if env.get("POLICIES"):
+        grid["policy"] = env["POLICIES"].replace(",", " ").split()
+    if not grid:
+        return base, ov, notes
+    from cb_core.sweep.manifest import load_manifest
+
+    m = load_manifest(base)
+    axes = dict(m.grids[0]) if len(m.grids) == 1 else {}
+    axes.update(grid)
+    notes.append(f"grid from toggles: {sorted(grid)} over {base}")
+    raw = {"name": f"{m.name}-custom", "preset": m.preset, "description": f"{base} with sbatch toggles",
+           "overrides": dict(m.overrides), "grid": axes, "eval": dict(m.eval),
+           "selection": {"metric": m.selection.metric, "gates": m.selection.gates,
+                         "not_measured": m.selection.not_measured},
+           "final": {"seeds": m.final["seeds"], "overrides": m.final.get("overrides", {})},
+           "continue_on_error": m.continue_on_error}
+    return raw, ov, notes
