@@ -294,3 +294,21 @@ def test_two_process_ddp_equals_one_process_with_doubled_batch(tmp_path):
     la = pl.read_parquet(one / "history.parquet")["train/loss"].to_list()
     lb = pl.read_parquet(two / "history.parquet")["train/loss"].to_list()
     assert la == pytest.approx(lb, rel=1e-4)  # global token normalisation: the same objective
+
+
+def test_mwcs_weights_and_lmp_overrides_apply_per_step(llama_tokenizer, data):
+    from cb_core.mixture import MixtureSchedule
+
+    sched = MixtureSchedule.from_dict({
+        "class_weights": {"harmful_flip": 1.0},
+        "curriculum": {"type": "step", "phases": [
+            {"name": "warm", "start_step": 0, "end_step": 2, "class_weights": {"harmful_flip": 3.0},
+             "lmp_overrides": {"harmful_flip": "full_sequence"}}]},
+    })
+    tr = Trainer(tiny_cfg(), fresh_model(llama_tokenizer), data, "/nonexistent", pad_id=0, schedule=sched)
+    (hb, bb), = tr.step_batches(0)
+    assert torch.all(hb["w"] == 3.0)  # phase weight 3 / base 1, over the whole sequence (override)
+    assert torch.all(bb["w"][:, :8] == 0)  # retain classes keep their own mask
+    (hb, _), = tr.step_batches(5)
+    # after the phase: its end weight holds (MixtureSchedule "step" semantics), the override has ended
+    assert torch.all(hb["w"][:, 8:] == sched.class_weight("harmful_flip", 5)) and torch.all(hb["w"][:, :8] == 0)
