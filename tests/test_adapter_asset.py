@@ -103,3 +103,23 @@ def test_whole_chain_to_adapter_on_demo_sample_with_tiny_agent(data_root, monkey
     assert final["harmful_cos_sim_end"] < final["harmful_cos_sim_start"]
     cfg = (data_root / "adapter" / "config.yaml").read_text()
     assert "profile: tiny_agent" in cfg
+
+
+def test_nproc_follows_the_slurm_job_and_selects_torchrun(monkeypatch, tmp_path):
+    from cb_core.train.worker import run_metadata, slurm_nproc
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert slurm_nproc(1) == 1
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "4")
+    assert slurm_nproc(1) == 4
+    monkeypatch.delenv("SLURM_GPUS_ON_NODE")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert slurm_nproc(1) == 2
+    cmd = training.worker_command("stage1", ["train.lr=3e-5"], tmp_path / "r", tmp_path, 2, False)
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert cmd[cmd.index("--override") + 1] == "train.lr=3e-5"
+    assert training.worker_command("tiny", [], tmp_path / "r", tmp_path, 1, True)[1:3] == ["-m", "cb_core.train.worker"]
+    monkeypatch.setenv("WANDB_API_KEY", "secret-key-value")
+    meta = run_metadata(["--preset", "tiny"], 1)
+    assert meta["slurm_job_id"] == "123" and "secret-key-value" not in str(meta)
