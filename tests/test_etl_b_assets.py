@@ -80,6 +80,10 @@ def test_materialize_renders_and_lossmasks(data_root):
     assert preview == data_root / "mask_preview.html" and preview.is_file()
     assert "cb_full_sequence" in preview.read_text()
     assert "mask_preview.html" in md["preview"].value
+    # one click from the asset page: a link to the file and the samples inlined with masked tokens marked
+    assert md["preview_url"].value == preview.resolve().as_uri()
+    inline = md["mask_preview"].value
+    assert "**cb_full_sequence**" in inline and inline.count("<mark>") >= 3
     assert mats["lossmasks"].metadata["rows"].value == lm.height
     # harmful trace gets MWCS weight of harmful_flip; borderline 1.0; tool_capability 1.0
     w = dict(lm.filter(pl.col("policy") == "assistant_only").select("priority_class", "sample_weight").iter_rows())

@@ -160,6 +160,31 @@ def _preview_markdown(stats: dict, path: str, lossmasks: pl.DataFrame, renders_d
     return "\n".join(lines)
 
 
+def _inline_preview(lossmasks: pl.DataFrame, renders_df: pl.DataFrame, tok, samples: int, max_chars: int = 1500) -> str:
+    """The mask preview as Markdown the asset page renders in one click: per policy, a few samples with the
+    masked tokens in <mark> (text HTML-escaped; the full file is linked from `preview_url`)."""
+    import html
+
+    ids_of = dict(zip(renders_df["trace_id"].to_list(), renders_df["input_ids"].to_list()))
+    out = ["Masked tokens are highlighted; each sample's first characters.", ""]
+    for pol in lossmasks["policy"].unique(maintain_order=True).to_list():
+        rows = lossmasks.filter(pl.col("policy") == pol).sort("n_tokens").head(samples)
+        out += [f"**{pol}**", ""]
+        for row in rows.iter_rows(named=True):
+            ids = ids_of.get(row["trace_id"])
+            if ids is None:
+                continue
+            pieces, pos = [], 0
+            for sp in row["mask_spans"]:
+                pieces.append(html.escape(tok.decode(ids[pos : sp["token_start"]])))
+                pieces.append("<mark>" + html.escape(tok.decode(ids[sp["token_start"] : sp["token_end"]])) + "</mark>")
+                pos = sp["token_end"]
+            pieces.append(html.escape(tok.decode(ids[pos:])))
+            text = "".join(pieces)[:max_chars].replace("\n", "<br>")
+            out += [f"<p><code>{row['trace_id'][:12]}</code> ({row['n_masked']}/{row['n_tokens']} tokens)<br>{text}</p>", ""]
+    return "\n".join(out)
+
+
 @dg.asset(
     ins={"renders": dg.AssetIn("renders"), "traces": dg.AssetIn("traces"), **GENERATED_INS},
     group_name=ETL_B_GROUP,
@@ -225,6 +250,9 @@ def lossmasks(
             "rejected": rejected.height,
             "build_s": round(dt, 3),
             "preview_path": dg.MetadataValue.path(str(path)),
+            # one click from the asset page: the file as a link, and the samples inlined as Markdown
+            "preview_url": dg.MetadataValue.url(path.resolve().as_uri()),
+            "mask_preview": dg.MetadataValue.md(_inline_preview(df, renders, tok, lcfg.preview_samples)),
             "preview": dg.MetadataValue.md(_preview_markdown(per_policy, str(path), df, renders, tok)),
         }
     )
