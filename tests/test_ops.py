@@ -274,3 +274,35 @@ def _run_schedule(schedule, instance):
         asset_selection=set(), asset_check_selection=set(req.asset_check_keys)
     )
     return job.execute_in_process(instance=instance, raise_on_error=False, tags=req.tags)
+
+
+# ------------------------------------------------------------------------------------------- issue 14 operations
+def test_source_sensor_runs_by_default_and_its_target_reads_as_words():
+    assert ops.source_sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    assert ops.source_sensor.job_name == "source_refresh"  # the UI shows the job's name, not a selection formula
+    graph = defs.resolve_asset_graph()
+    keys = ops.source_refresh_job.selection.resolve(graph)
+    assert dg.AssetKey("raw_agentdojo") in keys and dg.AssetKey("train_split") in keys
+    for key in keys:
+        node = graph.get(key)
+        assert (node.tags or {}).get("cb/compute") != "gpu" and node.group_name != "sweeps", key
+    # every request the sensor can make is a subset of its job
+    for ds in ("agentdojo", "xstest"):
+        assert ops.cpu_downstream([ops.raw_key(ds)]).resolve(graph) <= keys
+
+
+def test_default_running_source_sensor_is_inert_on_demo(data_root, instance):
+    ctx = dg.build_sensor_context(instance=instance, repository_def=defs.get_repository_def(),
+                                  resources={"datasets": defs.resources["datasets"]})
+    out = ops.source_sensor(ctx)
+    assert isinstance(out, dg.SkipReason) and "demo mode" in out.skip_message
+
+
+def test_watchdog_and_sweep_sensor_inert_without_slurm_or_sweep(data_root, instance):
+    from cb_assets.assets.sweeps import sweep_sensor
+
+    assert ops.slurm_watchdog.default_status == dg.DefaultSensorStatus.RUNNING
+    out = ops.slurm_watchdog(dg.build_sensor_context(instance=instance))
+    assert "not SlurmRunLauncher" in out.skip_message
+    out = sweep_sensor(dg.build_sensor_context(instance=instance))
+    assert "no sweep registered" in out.skip_message
