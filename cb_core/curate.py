@@ -30,7 +30,6 @@ import math
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Iterable
 
 import pandera.polars as pa
@@ -873,11 +872,6 @@ def cut_after_injection(msgs: list[dict], tool_attack: dict | None) -> list[dict
         while end < len(msgs) and (msgs[end] or {}).get("role") == "tool":
             end += 1
     return list(msgs[:end])
-
-
-# kept for callers of the old name: an eval-attack cut, or the messages as they are when none is found
-def strip_after_injection(msgs: list[dict], tool_attack: dict | None, completeness: str = "") -> list[dict]:
-    return cut_after_injection(msgs, tool_attack) or list(msgs)
 
 
 def _first_user(msgs: list[dict]) -> str | None:
