@@ -315,3 +315,49 @@ def test_ui_graph_materialize_and_checks(dagster_server, page):
     assert uid["status"] == "FAILED"
     meta = {m["label"]: m.get("intValue") for m in uid["evaluation"]["metadataEntries"]}
     assert meta["failing_rows"] == 2
+
+
+def test_ui_leaderboard_tradeoff_plot(dagster_server, page):
+    """The leaderboard's trade-off plot opens on its asset page: a sweep registered and ranked (per-point
+    eval_scores tables written as the point runs leave them) in the server's instance, then the page shows the PNG."""
+    import dagster as dg
+    import polars as pl
+    import yaml
+
+    from cb_assets.definitions import defs
+    from cb_core.evaluate.scores import SCORES_SCHEMA
+
+    base, shots, data = dagster_server["base"], _artifacts(), dagster_server["data_root"]
+    home = data.parent / "dagster_home"
+    manifest = data.parent / "ui_sweep.yaml"
+    manifest.write_text(yaml.safe_dump({"name": "ui", "preset": "stage1", "grid": {"alpha": [5, 10, 15]}}))
+    old = {k: os.environ.get(k) for k in ("CB_DATA_ROOT", "DAGSTER_HOME")}
+    os.environ.update(CB_DATA_ROOT=str(data), DAGSTER_HOME=str(home))
+    try:
+        inst = dg.DagsterInstance.from_config(str(home))
+        res = defs.resolve_job_def("sweep").execute_in_process(
+            instance=inst, run_config={"ops": {"sweep_points": {"config": {"manifest": str(manifest)}}}})
+        keys = res.output_for_node("sweep_points")["key"].to_list()
+        for i, key in enumerate(keys):
+            rows = [{"model": m, "metric": metric, "n": 20, "value": v, "ci_low": None, "ci_high": None}
+                    for m, vals in (("base", (0.5, 0.9, 0.1)), ("adapter", (0.1 + 0.1 * i, 0.8 + 0.05 * i, 0.1)))
+                    for metric, v in zip(("tool_flip_asr", "capability_retention", "xstest_over_refusal"), vals)]
+            (data / "sweeps" / key).mkdir(parents=True, exist_ok=True)
+            pl.DataFrame(rows, schema=SCORES_SCHEMA).write_parquet(data / "sweeps" / key / "eval_scores.parquet")
+        assert defs.resolve_job_def("sweep_rank").execute_in_process(instance=inst).success
+        inst.dispose()
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    page.goto(f"{base}/assets/leaderboard", wait_until="domcontentloaded")
+    img = page.locator('img[alt="ASR vs capability"]').first
+    try:
+        img.wait_for(state="visible", timeout=20_000)
+    except Exception:
+        # long Markdown metadata opens in a dialog from the metadata table
+        page.get_by_text("tradeoff_plot", exact=True).first.wait_for()
+        page.get_by_role("button", name="Show more").first.click()
+        img.wait_for(state="visible")
+    assert img.get_attribute("src").startswith("data:image/png;base64,")
+    assert img.evaluate("e => e.naturalWidth") > 100
+    page.screenshot(path=str(shots / "06_leaderboard_plot.png"), full_page=True)

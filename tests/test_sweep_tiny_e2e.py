@@ -1,0 +1,54 @@
+"""The tiny sweep end to end on CPU through real Dagster runs: the demo tiers (ETL + curation, no generation),
+two grid points trained by the real worker (Pipes) and scored by the real evaluation pass with a tiny model,
+then leaderboard + best_config; the best point is read back from the CSV and matches the Parquet table."""
+import json
+
+import dagster as dg
+import polars as pl
+import pytest
+import yaml
+
+from cb_core.sweep.leaderboard import best_from_csv
+
+pytestmark = pytest.mark.slow
+
+TINY = {"model.profile": "tiny", "model.max_length": 128, "loss.target_layers": [2, 4],
+        "lora.layers_to_transform": [0, 1, 2, 3], "lora.r": 4, "lora.dropout": 0.0, "train.steps": 2,
+        "train.batch_size": 4, "train.checkpoint_every": 2, "train.warmup_steps": 1, "log.wandb": False,
+        "log.post_checks": False, "data.mwcs_schedule": None}
+
+
+def test_tiny_sweep_end_to_end(data_root, tmp_path, monkeypatch):
+    for k, v in {"OMP_NUM_THREADS": "1", "CB_TORCH_THREADS": "1", "WANDB_MODE": "offline", "CB_EVAL_LIMIT": "2"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("CB_MODEL", raising=False)
+    from cb_assets.assets.sweeps import run_sweep_in_process
+    from cb_assets.definitions import defs
+
+    inst = dg.DagsterInstance.ephemeral()
+    tiers = (dg.AssetSelection.assets("train_split", "eval_split", "eval_attacks").upstream()
+             - dg.AssetSelection.groups("generation", "models"))
+    res = dg.materialize(list(defs.assets), resources=defs.resources, selection=tiers, instance=inst,
+                         raise_on_error=False)
+    assert res.success, [str(e.event_specific_data)[:400] for e in res.all_events if e.is_failure][:2]
+    manifest = tmp_path / "e2e.yaml"
+    manifest.write_text(yaml.safe_dump({
+        "name": "e2e", "preset": "tiny", "overrides": TINY, "grid": {"beta_harmful": [0.5, 2.0]},
+        "eval": {"max_tokens": 8, "batch_size": 4}, "selection": {"not_measured": "pass"}}))
+    status = run_sweep_in_process(str(manifest), instance=inst, log=lambda m: None)
+    points = pl.read_parquet(data_root / "sweep_points.parquet")
+    assert set(points["key"].to_list()) <= set(status) and all(status[k] == "SUCCESS" for k in points["key"]), status
+    assert status["rank"] == "SUCCESS"
+    for k in points["key"]:
+        sc = pl.read_parquet(data_root / "sweeps" / k / "eval_scores.parquet")
+        asr = sc.filter((pl.col("metric") == "tool_flip_asr"))
+        assert set(asr["model"].to_list()) == {"base", "adapter"} and (asr["n"] > 0).all()
+        assert (data_root / "sweeps" / k / "adapter" / "adapter_model.safetensors").is_file()
+        assert json.loads((data_root / "train_runs" / k / "final_metrics.json").read_text())["steps"] == 2
+    lb = pl.read_parquet(data_root / "leaderboard.parquet")
+    assert lb.height == 2
+    top = lb.filter(pl.col("rank") == 1).sort("key").row(0, named=True)
+    best = best_from_csv(data_root / "leaderboard.csv")
+    assert best["key"] == top["key"] and best["beta_harmful"] == top["beta_harmful"]
+    assert best["tool_flip_asr"] == pytest.approx(top["tool_flip_asr"])
+    assert pl.read_parquet(data_root / "best_config.parquet")["best_key"][0] == top["key"]
