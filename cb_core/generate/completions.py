@@ -506,6 +506,7 @@ class ModelHandle:
     model_dir: Path | None = None
     render_cfg: Any = None
     max_length: int = 4096
+    ident: str = ""  # what else identifies the weights (the profile's settings for random-weight models)
 
     @classmethod
     def from_profile(cls, profile: str, *, need_weights: bool = True) -> "ModelHandle":
@@ -515,11 +516,12 @@ class ModelHandle:
         tok = load_profile_tokenizer(prof)
         model = load_model(prof, tok) if need_weights else None
         mdir = prof.resolved_path if prof.model != "tiny" else None
-        return cls(prof.name, tok, model, mdir, prof.render_config(), prof.max_length)
+        ident = "" if mdir else digest({"seed": prof.seed, "overrides": prof.overrides, "model": prof.model}, 12)
+        return cls(prof.name, tok, model, mdir, prof.render_config(), prof.max_length, ident)
 
     @property
     def model_id(self) -> str:
-        return f"{self.name}:{self.model_dir}" if self.model_dir else self.name
+        return f"{self.name}:{self.model_dir}" if self.model_dir else f"{self.name}:{self.ident}"
 
 
 def make_table_backend(handle: ModelHandle, cfg: GenerationConfig) -> GenerationBackend:
