@@ -362,12 +362,25 @@ def test_generated_rows_enter_renders_and_lossmasks(data_root):
     assert (harmful["n_masked"] > 0).all() and set(harmful["priority_class"]) == {"harmful_flip"}
 
 
+def test_random_weight_model_is_skipped_on_the_demo_sample(data_root, monkeypatch):
+    """The demo block says random_weights: skip -- noise is never generated, and the metadata says why."""
+    monkeypatch.delenv("CB_MODEL", raising=False)
+    skeletons(1).write_parquet(data_root / "traces.parquet")
+    res = _materialize(["ds_completions", "renders"])
+    assert res.success
+    md = _meta(res, "ds_completions")
+    assert "random weights" in md["skipped"].value and md["previous_rows"].value == 0
+    assert pl.read_parquet(data_root / "ds_completions.parquet").schema == TRACE_SCHEMA
+    assert not (data_root / "_shards").exists()
+    assert _meta(res, "renders")["generated"].value["ds_completions"] == "0 rows"
+
+
 @pytest.mark.slow
 def test_generation_assets_run_in_dagster_with_the_tiny_model(data_root, monkeypatch):
     """Plumbing with the random tiny model: every table materializes, every sample is accounted for."""
     monkeypatch.delenv("CB_MODEL", raising=False)
     skeletons(2).write_parquet(data_root / "traces.parquet")
-    cfg = {"config": {"max_tokens": 8, "batch_size": 4, "shard_size": 4, "n": 2}}
+    cfg = {"config": {"max_tokens": 8, "batch_size": 4, "shard_size": 4, "n": 2, "random_weights": "run"}}
     tables = ["ds_completions", "dr_completions", "adversarial_safe"]
     res = _materialize(tables + ["renders"], {"ops": {t: cfg for t in tables}})
     assert res.success, [str(e.event_specific_data)[:400] for e in res.all_events if e.is_failure][:2]

@@ -16,7 +16,8 @@ import polars as pl
 
 from cb_assets.resources import DatasetsResource, ModelResource
 from cb_assets.validation import validate_or_fail
-from cb_core.generate.completions import TABLES, GenerationConfig, ModelHandle, generate_table
+from cb_core.generate.completions import GENERATION_SCHEMA, GenerationConfig, ModelHandle, generate_table
+from cb_core.model import load_profile
 from cb_core.io import data_root
 from cb_core.schemas import TRACE_SCHEMA, TraceModel
 from cb_core.sources import SourceResult
@@ -51,12 +52,13 @@ class GenerationAssetConfig(dg.Config):
     n: int | None = None
     seed: int | None = None
     attacker_args: str | None = None  # all | any | ignore
+    random_weights: str | None = None  # run | skip (the demo block skips random-weight profiles)
 
     def resolve(self, table: str, demo: bool = False) -> GenerationConfig:
         return GenerationConfig.load(
             self.config_file, demo=demo, mode=self.mode, backend=self.backend, top_p=self.top_p, max_tokens=self.max_tokens,
             batch_size=self.batch_size, shard_size=self.shard_size, limit=self.limit, n=self.n, seed=self.seed,
-            attacker_args=self.attacker_args,
+            attacker_args=self.attacker_args, random_weights=self.random_weights,
             temperature=None if self.temperature is None else {table: self.temperature},
             model=None if self.model is None else {table: self.model},
         )
@@ -80,6 +82,17 @@ def _md_yields(stats: dict) -> str:
     return "\n".join(lines)
 
 
+def _keep_previous(context: dg.AssetExecutionContext, table: str, why: str) -> SourceResult:
+    """Not generated this run: the previous table (or an empty one) is published again, and why."""
+    path = data_root() / f"{table}.parquet"
+    prev = pl.read_parquet(path) if path.exists() else pl.DataFrame(schema=TRACE_SCHEMA)
+    rej = data_root() / f"{table}.rejected.parquet"
+    prev_rej = pl.read_parquet(rej) if rej.exists() else pl.DataFrame(schema=GENERATION_SCHEMA)
+    context.log.info(f"{table}: not generated: {why}; previous table kept ({prev.height} rows)")
+    context.add_output_metadata({"skipped": why, "previous_rows": prev.height})
+    return SourceResult(good=prev, rejected=prev_rej)
+
+
 def _generation_asset(table: str) -> dg.AssetsDefinition:
     @dg.asset(
         name=table,
@@ -98,15 +111,12 @@ def _generation_asset(table: str) -> dg.AssetsDefinition:
         traces: pl.DataFrame,
     ) -> SourceResult:
         cfg = config.resolve(table, demo=datasets.selection().demo)
-        if not cfg.runs(table):
-            path = data_root() / f"{table}.parquet"
-            prev = pl.read_parquet(path) if path.exists() else pl.DataFrame(schema=TRACE_SCHEMA)
-            rej = data_root() / f"{table}.rejected.parquet"
-            prev_rej = pl.read_parquet(rej) if rej.exists() else pl.DataFrame()
-            context.log.info(f"{table}: mode={cfg.mode} does not generate this table; previous table kept")
-            context.add_output_metadata({"skipped": f"mode={cfg.mode}", "previous_rows": prev.height})
-            return SourceResult(good=prev, rejected=prev_rej)
         profile = cfg.model.get(table) or model.profile_name()
+        if not cfg.runs(table):
+            return _keep_previous(context, table, f"mode={cfg.mode} does not generate this table")
+        if cfg.random_weights == "skip" and load_profile(profile).model == "tiny":
+            return _keep_previous(context, table, f"profile {profile} has random weights (its text is noise; "
+                                  "random_weights: skip); set CB_MODEL=tiny_agent to generate on CPU")
         kept, records, stats = generate_table(table, traces, cfg, _handle(profile), log=context.log.info)
         validate_or_fail(TraceModel, kept, table)
         context.add_output_metadata({

@@ -122,6 +122,7 @@ class GenerationConfig:
     )
     attacker_args: str = "all"  # all | any | ignore (see cb_core.generate.judge.args_match)
     tensor_parallel_size: int = 1  # vllm
+    random_weights: str = "run"  # run | skip: a random-weight profile (`tiny`) writes noise; skip = keep the table
     llm_judge: LLMJudgeSettings = field(default_factory=LLMJudgeSettings)
 
     def __post_init__(self) -> None:
@@ -131,6 +132,8 @@ class GenerationConfig:
             raise ValueError(f"generation: mode must be one of {MODES}, got {self.mode!r}")
         if self.backend not in BACKEND_KINDS:
             raise ValueError(f"generation: backend must be one of {BACKEND_KINDS}, got {self.backend!r}")
+        if self.random_weights not in ("run", "skip"):
+            raise ValueError(f"generation: random_weights must be run|skip, got {self.random_weights!r}")
         if self.attacker_args not in ARG_MODES:
             raise ValueError(f"generation: attacker_args must be one of {ARG_MODES}, got {self.attacker_args!r}")
         for name, v in (("batch_size", self.batch_size), ("shard_size", self.shard_size), ("n", self.n),
