@@ -80,6 +80,7 @@ def test_bad_override_fails_before_training(data_root):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # the first run builds the tiny agent (cached afterwards)
 def test_whole_chain_to_adapter_on_demo_sample_with_tiny_agent(data_root, monkeypatch):
     """raw -> ... -> train_split -> adapter (`tiny` preset, tiny agent, CPU) on the embedded demo sample."""
     monkeypatch.delenv("CB_CURATION_PROFILE", raising=False)
