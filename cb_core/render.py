@@ -701,6 +701,35 @@ def shorten_tool_outputs(messages: Sequence[dict], injections: Sequence[Any], ca
     return out, new_inj, n_short
 
 
+_SKIP_FACTOR = 1.5
+
+
+def _irreducible_tokens(row: dict, r: Rendered, offs: list, tc: TruncationConfig) -> int:
+    """A lower bound on the length any truncation step can reach, from the trace's own tokenization: the
+    tokens up to the end of the last trained message (drop_turns), minus those inside tool outputs
+    (shorten_tool_outputs). The system prompt, tool definitions, user turns and assistant turns stay. A
+    trace whose bound is over max_length is quarantined without re-tokenizing it (most traces over 4096
+    with real tool schemas: their tool definitions alone are longer)."""
+    if "cut" in tc.steps:
+        return 0
+    starts = _starts(offs)
+    end_char = len(r.text)
+    if "drop_turns" in tc.steps:
+        last = last_trained_index(row.get("messages") or [], row.get("_category"), row.get("_attacker_tool"),
+                                  row.get("_attacker_args"), _row_injections(row))
+        if last is not None:
+            end_char = next(s.char_end for s in r.spans if s.kind == "message" and s.message_index == last)
+    bound = int(np.searchsorted(starts, end_char, "left"))
+    if "shorten_tool_outputs" in tc.steps:
+        tool = [(s.char_start, s.char_end) for s in r.spans
+                if s.kind == "content" and s.role in ("tool", "ipython") and s.char_end <= end_char]
+        if tool:
+            a = np.searchsorted(starts, np.array([t[0] for t in tool]), "left")
+            b = np.searchsorted(starts, np.array([t[1] for t in tool]), "left")
+            bound -= int((b - a).sum())
+    return bound
+
+
 def _fit(row: dict, r: Rendered, ids: list, offs: list, tokenizer, cfg: RenderConfig, tool_cache: dict):
     """Apply ``cfg.truncation.steps`` to a rendered trace over ``max_length``. Returns (rendered, ids,
     offsets, steps done, saved_by) where saved_by is the step that made it fit ("cut": keep the head), or
@@ -709,8 +738,16 @@ def _fit(row: dict, r: Rendered, ids: list, offs: list, tokenizer, cfg: RenderCo
     msgs = list(row.get("messages") or [])
     inj = [dict(s) for s in _row_injections(row)]
     done: list[str] = []
+    per_char = len(ids) / max(1, len(r.text))  # this trace's tokens per character
+    if tc.steps and _irreducible_tokens(row, r, offs, tc) > L:
+        return r, ids, offs, ["irreducible"], None
 
-    def tok(rr: Rendered):
+    def tok(rr: Rendered, final: bool = False):
+        # Tokenizing is the cost (a 140k-token trace takes ~1 s): an intermediate result whose length,
+        # estimated from the trace's own tokens per character, is far over max_length is not tokenized;
+        # the next step (or a smaller cap) follows. At worst a cap halves once more than needed.
+        if not final and len(rr.text) * per_char > _SKIP_FACTOR * L:
+            return None, None
         e = tokenizer([rr.text], add_special_tokens=False, return_offsets_mapping=True)
         return e["input_ids"][0], e["offset_mapping"][0]
 
@@ -732,7 +769,7 @@ def _fit(row: dict, r: Rendered, ids: list, offs: list, tokenizer, cfg: RenderCo
                 if n_short:
                     r2 = _render_one(row, m2, inj2, cfg, tool_cache)
                     best = (m2, inj2, r2, *tok(r2))
-                    if len(best[3]) <= L:
+                    if best[3] is not None and len(best[3]) <= L:
                         break
                 cap //= 2
             if best is None:
@@ -740,48 +777,95 @@ def _fit(row: dict, r: Rendered, ids: list, offs: list, tokenizer, cfg: RenderCo
             msgs, inj, r, ids, offs = best
             done.append("shortened_tool_outputs")
         elif step == "cut":
+            if ids is None:
+                ids, offs = tok(r, final=True)
             return r, ids, offs, done, "cut"
-        if len(ids) <= L:
+        if ids is not None and len(ids) <= L:
             return r, ids, offs, done, step
+    if ids is None:
+        ids, offs = tok(r, final=True)  # for the quarantine reason
     return r, ids, offs, done, None
 
 
+def _starts(offs) -> np.ndarray:
+    """Each token's first character: ``FastEncoder`` gives them as an array, HF as (start, end) pairs."""
+    if isinstance(offs, np.ndarray):
+        return offs
+    return np.fromiter((o[0] for o in offs), np.int64, len(offs))
+
+
+def _encode_batch(texts: list[str], tokenizer, fe) -> tuple[list, list]:
+    """(ids, start chars) per text: the tiktoken fast path when ``fe`` is set (a text it cannot take, a
+    lone surrogate, goes to HF alone), else one HF batch call with offsets."""
+    if not texts:
+        return [], []
+    if fe is None:
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return enc["input_ids"], enc["offset_mapping"]
+    from cb_core.llama3_fast import Unencodable
+
+    ids, starts = [], []
+    for t in texts:
+        try:
+            i, st = fe.encode_with_starts(t)
+        except Unencodable:
+            e = tokenizer([t], add_special_tokens=False, return_offsets_mapping=True)
+            i, st = e["input_ids"][0], e["offset_mapping"][0]
+        ids.append(i)
+        starts.append(st)
+    return ids, starts
+
+
+_ROLES = ("", "system", "user", "assistant", "tool", "ipython")
+_ROLE_CODE = {r: i for i, r in enumerate(_ROLES)}
+_WORK: tuple | None = None  # (rows frame, tokenizer, fast encoder, tokenizer id, cfg): set before forking
+
+
 def _process_chunk(args: tuple) -> tuple[dict[str, list], list[dict], dict[str, float], dict[str, dict]]:
-    rows, tokenizer, tok_id, cfg = args
+    """Render + tokenize + map one chunk. ``args``: (rows, tokenizer, fast encoder or None, tok_id, cfg),
+    or (offset, length) into ``_WORK`` in a forked worker (nothing big is pickled on the way in; the
+    result is numpy arrays per trace)."""
+    if len(args) == 2:
+        frame, tokenizer, fe, tok_id, cfg = _WORK
+        t_rows = time.perf_counter()
+        rows = frame.slice(args[0], args[1]).to_dicts()
+        t_rows = time.perf_counter() - t_rows
+    else:
+        rows, tokenizer, fe, tok_id, cfg = args
+        t_rows = 0.0
     tool_cache: dict[str, tuple[Any, str | None]] = {}
     t0 = time.perf_counter()
     rendered, rejected = _render_rows(rows, cfg, tool_cache)
     t1 = time.perf_counter()
-    texts = [r.text for _, r in rendered]
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
+    all_ids, all_offs = _encode_batch([r.text for _, r in rendered], tokenizer, fe)
+    fit_tok = fe if fe is not None else tokenizer
     t2 = time.perf_counter()
-    cols: dict[str, list] = {k: [] for k in RENDER_SCHEMA.names()}
+    cols: dict[str, list] = {k: [] for k in ("trace_id", "input_ids", "spans", "n_tokens", "truncated", "truncation")}
     trunc: dict[str, dict[str, int]] = {}
     L = cfg.max_length
     for j, (row, r) in enumerate(rendered):
-        ids = enc["input_ids"][j]
-        offs = enc["offset_mapping"][j]
+        ids = all_ids[j]
+        offs = all_offs[j]
         n0 = len(ids)
         how, cut = "none", False
         if n0 > L:
             c = trunc.setdefault(row.get("dataset") or "", dict.fromkeys(_TRUNC_COUNTS, 0))
             c["over_length"] += 1
-            r, ids, offs, done, saved_by = _fit(row, r, ids, offs, tokenizer, cfg, tool_cache)
+            r, ids, offs, done, saved_by = _fit(row, r, ids, offs, fit_tok, cfg, tool_cache)
             if saved_by is None:
                 c["quarantined"] += 1
-                rejected.append(
-                    _reject_row(
-                        row,
-                        f"too long: {n0} tokens > max_length={L}"
-                        + (f"; still {len(ids)} after {'+'.join(done)}" if done else "; no truncation step applies"),
-                        severity="excluded",
-                    )
-                )
+                if done == ["irreducible"]:
+                    why = (f"; its {_irreducible_tokens(row, r, offs, cfg.truncation)} tokens outside later turns "
+                           f"and tool outputs alone exceed it")
+                elif done:
+                    why = f"; still {len(ids)} after {'+'.join(done)}"
+                else:
+                    why = "; no truncation step applies" if cfg.truncation.steps else "; no truncation step configured"
+                rejected.append(_reject_row(row, f"too long: {n0} tokens > max_length={L}{why}", severity="excluded"))
                 continue
             cut = saved_by == "cut"
             how = "+".join(done + (["cut"] if cut else [])) or "none"
-        starts = np.fromiter((o[0] for o in offs), np.int64, len(offs))
-        ts = _token_spans(r, starts)
+        ts = _token_spans(r, _starts(offs))
         n = len(ids)
         keep = np.ones(len(ts), bool)
         if cut:
@@ -810,32 +894,54 @@ def _process_chunk(args: tuple) -> tuple[dict[str, list], list[dict], dict[str, 
         if how != "none":
             c[_SAVED_BY[saved_by]] += 1
         cols["trace_id"].append(row["id"])
-        cols["tokenizer_id"].append(tok_id)
-        cols["input_ids"].append(ids)
-        cols["spans"].append(
-            [
-                {
-                    "kind": s.kind,
-                    "message_index": int(ts[k, 1]),
-                    "role": s.role,
-                    "token_start": int(ts[k, 2]),
-                    "token_end": int(ts[k, 3]),
-                }
-                for k, s in enumerate(r.spans)
-                if keep[k]
-            ]
-        )
+        cols["input_ids"].append(np.asarray(ids[:n], np.int32))
+        sp = np.empty((int(keep.sum()), 5), np.int32)  # kind code, message_index, role code, start, end
+        sp[:, [0, 1, 3, 4]] = ts[keep]
+        sp[:, 2] = [_ROLE_CODE.get(s.role, 0) for k, s in enumerate(r.spans) if keep[k]]
+        cols["spans"].append(sp)
         cols["n_tokens"].append(n)
         cols["truncated"].append(how != "none")
         cols["truncation"].append(how)
     t3 = time.perf_counter()
-    return cols, rejected, {"render_s": t1 - t0, "tokenize_s": t2 - t1, "map_s": t3 - t2}, trunc
+    return cols, rejected, {"rows_s": t_rows, "render_s": t1 - t0, "tokenize_s": t2 - t1, "map_s": t3 - t2}, trunc
 
 
 # per-dataset counts of the truncation policy (renders metadata "truncation")
 _SAVED_BY = {"drop_turns": "saved_by_drop_turns", "shorten_tool_outputs": "saved_by_shorten_tool_outputs",
              "cut": "saved_by_cut"}
 _TRUNC_COUNTS = ("over_length", *_SAVED_BY.values(), "quarantined")
+
+
+def _renders_frame(cols: dict[str, list], tok_id: str) -> pl.DataFrame:
+    """Per-trace numpy arrays -> render_v1, built as Arrow list arrays (no Python object per token/span)."""
+    import pyarrow as pa
+
+    n = len(cols["trace_id"])
+    if not n:
+        return pl.DataFrame(schema=RENDER_SCHEMA)
+    ids = cols["input_ids"]
+    id_off = np.zeros(n + 1, np.int64)
+    np.cumsum([len(x) for x in ids], out=id_off[1:])
+    sp = cols["spans"]
+    sp_off = np.zeros(n + 1, np.int64)
+    np.cumsum([len(x) for x in sp], out=sp_off[1:])
+    flat = np.concatenate(sp) if sp_off[-1] else np.zeros((0, 5), np.int32)
+    kinds = pa.DictionaryArray.from_arrays(pa.array(flat[:, 0], pa.int32()), pa.array(SPAN_KINDS)).cast(pa.large_string())
+    roles = pa.DictionaryArray.from_arrays(pa.array(flat[:, 2], pa.int32()), pa.array(_ROLES)).cast(pa.large_string())
+    struct = pa.StructArray.from_arrays(
+        [kinds, pa.array(flat[:, 1]), roles, pa.array(flat[:, 3]), pa.array(flat[:, 4])],
+        names=["kind", "message_index", "role", "token_start", "token_end"],
+    )
+    table = pa.table({
+        "trace_id": pa.array(cols["trace_id"], pa.large_string()),
+        "tokenizer_id": pa.array([tok_id] * n, pa.large_string()),
+        "input_ids": pa.LargeListArray.from_arrays(pa.array(id_off), pa.array(np.concatenate(ids).astype(np.int32, copy=False))),
+        "spans": pa.LargeListArray.from_arrays(pa.array(sp_off), struct),
+        "n_tokens": pa.array(np.asarray(cols["n_tokens"], np.int32)),
+        "truncated": pa.array(cols["truncated"], pa.bool_()),
+        "truncation": pa.array(cols["truncation"], pa.large_string()),
+    })
+    return pl.from_arrow(table).cast(RENDER_SCHEMA)
 
 
 def render_traces(
@@ -845,17 +951,20 @@ def render_traces(
     *,
     num_workers: int | None = None,
     stats: dict | None = None,
+    fast: bool = True,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """trace_v1 frame -> (render_v1 frame, quarantine rows with stage="renders").
 
     Renders every trace once (spans recorded, injection spans from ``tool_attack.injection_spans``),
-    tokenizes the batch once with offsets (fast tokenizer), and maps character spans to token spans with
-    ``searchsorted``. A trace longer than ``cfg.max_length`` goes through ``cfg.truncation.steps`` in order
+    tokenizes it, and maps character spans to token spans with ``searchsorted``. A Llama-3 tokenizer is run
+    through ``cb_core.llama3_fast`` (tiktoken core between special tokens, repeated blocks cached, token
+    start characters from byte lengths: the same ids as HF, tested); any other tokenizer (or
+    ``fast=False``) takes one HF batch call with offsets. A trace longer than ``cfg.max_length`` goes through ``cfg.truncation.steps`` in order
     (see ``TruncationConfig``; re-rendered and re-tokenized alone after each step) until it fits; the row
     records ``truncated`` and ``truncation`` (the steps done, "+"-joined, or "none"). A trace no step makes
     fit goes to quarantine (severity "excluded", the reason names its length). Traces without assistant
     turns (skeletons) render normally. ``num_workers`` (default ``cfg.num_workers``) > 1 splits the rows
-    over that many processes. ``stats``, if given, receives timings and counts, and ``truncation``: per
+    over that many forked processes (chunks read from the inherited frame). ``stats``, if given, receives timings and counts, and ``truncation``: per
     dataset, traces over the length, saved by each step, and quarantined.
     """
     from cb_core.tokenizer import tokenizer_id
@@ -875,21 +984,33 @@ def render_traces(
             ta.struct.field("attacker_tool").alias("_attacker_tool"),
             ta.struct.field("attacker_args").alias("_attacker_args"),
         ]
-    rows = traces.select(sel).to_dicts()
+    from cb_core.llama3_fast import fast_encoder
+
+    fe = fast_encoder(tokenizer) if fast else None
+    frame = traces.select(sel)
     t0 = time.perf_counter()
-    if workers == 1 or len(rows) < 2 * workers:
-        results = [_process_chunk((rows, tokenizer, tok_id, cfg))]
+    n_rows = frame.height
+    if workers == 1 or n_rows < 2 * workers:
+        results = [_process_chunk((frame.to_dicts(), tokenizer, fe, tok_id, cfg))]
     else:
         import multiprocessing as mp
 
-        size = -(-len(rows) // workers)
-        chunks = [(rows[k : k + size], tokenizer, tok_id, cfg) for k in range(0, len(rows), size)]
-        ctx = mp.get_context("fork")
-        with ctx.Pool(len(chunks)) as pool:
-            results = pool.map(_process_chunk, chunks)
-    cols: dict[str, list] = {k: [] for k in RENDER_SCHEMA.names()}
+        global _WORK
+        # fork: the workers inherit the frame, the tokenizer and the warm block cache (nothing pickled in);
+        # 4 chunks per worker even out traces of very different lengths
+        n_chunks = min(n_rows, 4 * workers)
+        size = -(-n_rows // n_chunks)
+        chunks = [(k, min(size, n_rows - k)) for k in range(0, n_rows, size)]
+        _WORK = (frame, tokenizer, fe, tok_id, cfg)
+        try:
+            with mp.get_context("fork").Pool(workers) as pool:
+                results = pool.map(_process_chunk, chunks, chunksize=1)
+        finally:
+            _WORK = None
+    t1 = time.perf_counter()
+    cols: dict[str, list] = {k: [] for k in ("trace_id", "input_ids", "spans", "n_tokens", "truncated", "truncation")}
     rejected: list[dict] = []
-    timing = {"render_s": 0.0, "tokenize_s": 0.0, "map_s": 0.0}
+    timing = {"rows_s": 0.0, "render_s": 0.0, "tokenize_s": 0.0, "map_s": 0.0}
     trunc: dict[str, dict[str, int]] = {}
     for c, rej, tm, tr in results:
         for k in cols:
@@ -901,13 +1022,14 @@ def render_traces(
             acc = trunc.setdefault(ds, dict.fromkeys(_TRUNC_COUNTS, 0))
             for k, v in cnt.items():
                 acc[k] += v
-    renders = pl.DataFrame(cols, schema=RENDER_SCHEMA)
+    renders = _renders_frame(cols, tok_id)
+    timing["frame_s"] = time.perf_counter() - t1
     quarantine = pl.DataFrame(rejected, schema=QUARANTINE_SCHEMA) if rejected else pl.DataFrame(schema=QUARANTINE_SCHEMA)
     if stats is not None:
         stats.update(timing)
         stats.update(
             wall_s=time.perf_counter() - t0,
-            n_in=len(rows),
+            n_in=n_rows,
             n_rendered=renders.height,
             n_rejected=len(rejected),
             n_truncated=int(renders["truncated"].sum()) if renders.height else 0,

@@ -372,3 +372,52 @@ def test_cb_from_injection_user_message_and_fallback(llama_tokenizer):
     assert got[(b4["id"], "cb_from_injection")] == " " + user[a:] + tail
     assert got[(bare["id"], "cb_from_injection")] == got[(bare["id"], "cb_full_sequence")]
     assert got[(bare["id"], "cb_full_sequence")] == SH + "user" + EH + "\n\n" + user + tail
+
+
+def test_truncated_real_traces_keep_injection_and_mask(agentdojo_traces, llama_tokenizer):
+    """Real attacked AgentDojo traces squeezed to their median length: every injection of a kept message
+    survives whole (escaped as rendered), cut tool outputs carry the marker, and cb_from_injection still
+    starts at the injection's first token."""
+    from cb_core.render import RenderConfig, TruncationConfig, last_trained_index, render_traces
+
+    attacked = agentdojo_traces.filter(pl.col("tool_attack").struct.field("injection_span").is_not_null())
+    full, _ = render_traces(attacked, llama_tokenizer, RenderConfig(max_length=1_000_000))
+    n_full = dict(zip(full["trace_id"], full["n_tokens"]))
+    L = int(full["n_tokens"].median())
+    stats: dict = {}
+    tc = TruncationConfig(tool_output_max_chars=1500, tool_output_min_chars=200)  # real outputs are short
+    renders, q = render_traces(attacked, llama_tokenizer, RenderConfig(max_length=L, truncation=tc), stats=stats)
+    assert set(q["severity"]) <= {"excluded"} and all(r.startswith("too long: ") for r in q["reason"])
+    assert renders.height + q.height == attacked.height
+    c = stats["truncation"]["agentdojo"]
+    assert c["over_length"] == sum(n > L for n in n_full.values()) and c["over_length"] >= 3
+    assert c["saved_by_drop_turns"] + c["saved_by_shorten_tool_outputs"] + c["quarantined"] == c["over_length"]
+    traces = {r["id"]: r for r in attacked.iter_rows(named=True)}
+    n_short = 0
+    for row in renders.filter(pl.col("truncated")).iter_rows(named=True):
+        t = traces[row["trace_id"]]
+        msgs, ids, spans = t["messages"], row["input_ids"], row["spans"]
+        assert row["n_tokens"] <= L < n_full[row["trace_id"]]
+        text = llama_tokenizer.decode(ids)
+        kept = max(s["message_index"] for s in spans)
+        if "dropped_turns" in row["truncation"]:
+            lab = t["labels"]
+            ta = t["tool_attack"]
+            assert kept == last_trained_index(msgs, lab["category"], ta["attacker_tool"], ta["attacker_args"],
+                                              ta["injection_spans"])
+        if "shortened_tool_outputs" in row["truncation"]:
+            assert "…[truncated " in text and " chars]…" in text
+            n_short += 1
+        inj = [s for s in t["tool_attack"]["injection_spans"] if s["message_index"] <= kept]
+        tok_inj = sorted((s for s in spans if s["kind"] == "injection"), key=lambda s: s["token_start"])
+        assert len(tok_inj) == len(inj) >= 1
+        for sp, ts in zip(inj, tok_inj):
+            want = json.dumps(msgs[sp["message_index"]]["content"][sp["char_start"]:sp["char_end"]], ensure_ascii=False)[1:-1]
+            dec = llama_tokenizer.decode(ids[ts["token_start"]:ts["token_end"]])
+            assert want in dec and len(dec) - len(want) < 16  # whole, plus at most the straddling tokens
+        assert L_mask(spans, row["n_tokens"]) == [(tok_inj[0]["token_start"], row["n_tokens"], 1.0)]
+    assert n_short >= 1
+
+
+def L_mask(spans, n):
+    return L.mask_for("cb_from_injection", spans, n)

@@ -448,7 +448,9 @@ def test_too_long_is_quarantined_or_cut_when_configured(llama_tokenizer):
     for f, key in (("data/tau2/tasks.json", cut), ("p.jsonl", partial), ("s.jsonl", skeleton)):
         r = rej[f]
         assert r["stage"] == "renders" and r["severity"] == "excluded" and r["field"] == "messages"
-        assert r["reason"] == f"too long: {n_full[key['id']]} tokens > max_length={L}; no truncation step applies"
+        n = n_full[key["id"]]  # no later turn, no tool output: nothing to remove, quarantined straight away
+        assert r["reason"] == f"too long: {n} tokens > max_length={L}; its {n} tokens outside later turns and " \
+                              "tool outputs alone exceed it"
         assert json.loads(r["raw"])["id"] == key["id"]
     assert rej["data/tau2/tasks.json"]["line"] == 17 and rej["data/tau2/tasks.json"]["dataset"] == "tau2"
     assert rej["b.jsonl"]["line"] == 0 and rej["b.jsonl"]["reason"].startswith("render error")
