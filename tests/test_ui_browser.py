@@ -272,6 +272,13 @@ def test_ui_graph_materialize_and_checks(dagster_server, page):
     page.screenshot(path=str(shots / "03_run_success.png"), full_page=True)
     assert done["status"] == "SUCCESS", f"run {run['runId']} ended {done['status']}; log {dagster_server['log']}"
     assert (dagster_server["data_root"] / f"{target}.parquet").exists()
+    if target == "lossmasks":  # the mask preview opens from the asset page in one click
+        page.goto(f"{base}/assets/lossmasks", wait_until="domcontentloaded")
+        row = page.locator("tr", has=page.get_by_text("mask_preview", exact=True)).first
+        row.get_by_text("[Show Markdown]").click()
+        page.locator("mark").first.wait_for(state="visible")
+        page.screenshot(path=str(shots / "03b_mask_preview.png"))
+        page.get_by_role("button", name="Close").click()
 
     # 3. an asset check's result page
     from cb_assets.definitions import defs
@@ -350,14 +357,11 @@ def test_ui_leaderboard_tradeoff_plot(dagster_server, page):
         for k, v in old.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     page.goto(f"{base}/assets/leaderboard", wait_until="domcontentloaded")
+    # the asset page's metadata table: Markdown values open in one click ("[Show Markdown]")
+    row = page.locator("tr", has=page.get_by_text("tradeoff_plot", exact=True)).first
+    row.get_by_text("[Show Markdown]").click()
     img = page.locator('img[alt="ASR vs capability"]').first
-    try:
-        img.wait_for(state="visible", timeout=20_000)
-    except Exception:
-        # long Markdown metadata opens in a dialog from the metadata table
-        page.get_by_text("tradeoff_plot", exact=True).first.wait_for()
-        page.get_by_role("button", name="Show more").first.click()
-        img.wait_for(state="visible")
+    img.wait_for(state="visible")
     assert img.get_attribute("src").startswith("data:image/png;base64,")
     assert img.evaluate("e => e.naturalWidth") > 100
     page.screenshot(path=str(shots / "06_leaderboard_plot.png"), full_page=True)
