@@ -29,13 +29,19 @@ injected system preamble):
   the trimmed text as rendered; for tool results the JSON-encoded string), ``tool_call`` (one per call: the
   call JSON, including ``<|python_tag|>`` for the first call of a python_tag message), ``tool_name`` (the
   name's characters inside the call JSON), ``end_token`` and ``tool_defs`` (the tool instructions and
-  definitions block).
+  definitions block), and ``injection`` (each ``tool_attack.injection_spans`` entry, on the characters it
+  renders to: JSON-encoded inside a tool result, shifted by the strip in a user message).
 
 Token spans (``render_traces``): token t belongs to the character span that contains the first character
 of t (``offsets[t][0]``). So ``token_start = searchsorted(starts, char_start, "left")`` and
 ``token_end = searchsorted(starts, char_end, "left")`` (exclusive): character spans that tile the text give
 token spans that tile the sequence, and a token that straddles a boundary (BPE can merge a content's final
-punctuation with the following separator newline) belongs to the span it begins in.
+punctuation with the following separator newline) belongs to the span it begins in. ``injection`` spans
+instead cover every token overlapping them (``token_start`` = the token holding the first character), so a
+mask that starts at the injection never misses its first character.
+
+Traces longer than ``max_length``: see ``TruncationConfig`` (drop turns after the last trained message,
+shorten tool outputs outside the injection, then quarantine).
 """
 from __future__ import annotations
 
