@@ -95,3 +95,24 @@ def test_final_points_one_per_seed():
     assert [p.overrides["train.seed"] for p in fin] == [101, 555, 888]
     assert [p.key for p in fin] == [f"{best.key}-seed{s}" for s in (101, 555, 888)]
     assert all(p.overrides["train.steps"] == 200 and p.overrides["loss.alpha"] == 5 for p in fin)
+
+
+def test_mask_policy_axis_swaps_every_sample_mask():
+    """A sweep's `policy` axis (data.mask_policy): every sample trains on that policy's lossmask row."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_trainer import synthetic_frames
+
+    from cb_core.train.data import build_train_data
+
+    ts, rd, lm = synthetic_frames()
+    default = build_train_data(ts, rd, lm, max_length=512)
+    swapped = build_train_data(ts, rd, lm, max_length=512, mask_policy="full_sequence")
+    full = {r["trace_id"]: [(s["token_start"], s["token_end"]) for s in r["mask_spans"]] for r in lm.iter_rows(named=True)}
+    assert all([(a, b) for a, b, _ in s.spans] == full[s.trace_id] for s in swapped.samples)
+    assert any(d.spans != s.spans for d, s in zip(default.samples, swapped.samples))
+    assert swapped.stats["mask_policy"] == "full_sequence" and swapped.stats["mask_policy_missing_kept_default"] == 0
+    with pytest.raises(ValueError, match="needs the lossmasks table"):
+        build_train_data(ts, rd, None, max_length=512, mask_policy="full_sequence")
