@@ -177,3 +177,15 @@ def test_sweep_sensor_plan():
     todo, why = plan(strict, {"p1": "FAILURE"}, set(), [], {}, set())
     assert todo == [] and "continue_on_error is false" in why
     assert plan(pts, {k: "FAILURE" for k in ("p1", "p2", "p3")}, set(), [], {}, set())[0] == []
+
+
+def test_sweep_sensor_launches_each_registered_point(sweep_env):
+    from cb_assets.assets.sweeps import sweep_sensor
+
+    defs, inst, root, points = sweep_env
+    ctx = dg.build_sensor_context(instance=inst, repository_def=defs.get_repository_def())
+    reqs = sweep_sensor(ctx)
+    assert sorted(r.partition_key for r in reqs) == sorted(points["key"].to_list())
+    r = reqs[0]
+    assert r.job_name == "sweep_point" and r.run_key == f"sweep_point:{r.partition_key}"
+    assert r.tags["cb/sweep"] == "lbtest" and r.tags["cb/data_root_lock"] == "shared"
