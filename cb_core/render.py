@@ -857,7 +857,12 @@ def _process_chunk(args: tuple) -> tuple[dict[str, list], list[dict], dict[str, 
         if n0 > L:
             c = trunc.setdefault(row.get("dataset") or "", dict.fromkeys(_TRUNC_COUNTS, 0))
             c["over_length"] += 1
-            r, ids, offs, done, saved_by = _fit(row, r, ids, offs, fit_tok, cfg, tool_cache)
+            try:
+                r, ids, offs, done, saved_by = _fit(row, r, ids, offs, fit_tok, cfg, tool_cache)
+            except RenderError as e:  # not expected (the full trace rendered); never fail the batch on it
+                c["quarantined"] += 1
+                rejected.append(_reject_row(row, f"render error while truncating: {e}", field=e.field))
+                continue
             if saved_by is None:
                 c["quarantined"] += 1
                 if done == ["irreducible"]:
