@@ -1,19 +1,25 @@
 """ETL_B benchmark on the real shared AgentDojo + TAU2 traces.
 
 Measures samples/s of
-  ours   render (span-recording) + one batch tokenization with offsets + span->token mapping + every
-         loss-mask policy (cb_core.render.render_traces + cb_core.lossmask.build_lossmasks);
-  (a)    plain batch tokenization of the same rendered text (no offsets, no spans, no masks): the lower
-         bound on cost, so ours/(a) <= 1 and the target is >= 0.8;
+  ours   render (span-recording) + tokenization (the tiktoken fast path of cb_core.llama3_fast: exact ids,
+         token start chars from byte lengths, repeated blocks cached; block cache emptied before every
+         pass) + span->token mapping + every loss-mask policy (render_traces + build_lossmasks); target
+         ours/(a) >= 2 on 1 thread, and 2 workers >= 1.7x the 1-thread figure;
+  ours_hf the same through the HF path (one batch call with offsets, fast=False): where the time went;
+  (a)    plain HF batch tokenization of the same rendered text (no offsets, no spans, no masks);
   (b)    the decode -> regex -> re-encode baseline, per sample as the old loader did: render, tokenize,
          decode the ids, find the assistant segments with a regex on the decoded text, re-encode the text
-         before each segment and the segment to locate it in tokens; target ours/(b) >= 6. Also reported:
+         before each segment and the segment to locate it in tokens; target ours/(b) >= 20. Also reported:
          (b') the same with every encode/decode batched into one call (the most generous version).
 All three run in one process on the same traces. Each configuration runs in a fresh child process so the
 tokenizer's thread pool size is fixed per run: 1 thread, 2 threads (RAYON_NUM_THREADS), and 2 worker
 processes (render_traces num_workers=2), to report the speedup from using both cores.
 
-    .venv/bin/python bench/etl_b.py [--limit 200] [--repeat 3] [--json out.json]
+    .venv/bin/python bench/etl_b.py [--limit 200] [--repeat 3] [--tools real|none] [--max-length 32768]
+
+--tools real (default) keeps every trace's full suite tool set (AgentDojo: 4.4-5.2k tokens of identical
+definitions per trace, where block caching matters most); none drops the tools. --max-length is set high
+so that no trace is quarantined as too long (the real tool sets alone pass 4096).
 
 --limit picks that many traces spread evenly over the AgentDojo and TAU2 sets (0 = all; the full set is
 ~10M tokens and takes minutes per pass on 2 cores). Timings exclude reading the sources and loading the
@@ -104,28 +110,36 @@ def baseline_b(traces, tok, cfg) -> int:
 def child(args) -> dict:
     import polars as pl
 
+    from cb_core.llama3_fast import fast_encoder
+
     from cb_core.lossmask import POLICIES, build_lossmasks
     from cb_core.render import RenderConfig, render_conversation, render_traces
     from cb_core.tokenizer import llama3_tokenizer
 
     traces = load_traces(args.limit)
+    if args.tools == "none":
+        traces = traces.with_columns(pl.lit("[]").alias("tools"))
     tok = llama3_tokenizer()
-    cfg = RenderConfig()
+    cfg = RenderConfig(max_length=args.max_length)
+    fe = fast_encoder(tok)
     rows = traces.select("messages", "tools").to_dicts()
     texts = [render_conversation(r["messages"], r["tools"], cfg).text for r in rows]
     tok(texts[:8], add_special_tokens=False)  # warm up
     n = traces.height
     res: dict = {"threads": os.environ.get("RAYON_NUM_THREADS", "default"), "workers": args.workers, "traces": n}
 
-    def ours(policies, tr=traces):
+    def ours(policies, tr=traces, fast=True):
         st: dict = {}
-        renders, _ = render_traces(tr, tok, cfg, num_workers=args.workers, stats=st)
+        fe.cache.clear()  # every pass starts cold: only repeats within the pass are cached
+        fe.cache_chars = 0
+        renders, _ = render_traces(tr, tok, cfg, num_workers=args.workers, stats=st, fast=fast)
         masks, _ = build_lossmasks(renders, tr, policies)
         return renders, masks, st
 
     methods = {
         "ours": lambda: ours(list(POLICIES)),
         "ours1": lambda: ours(["assistant_only"]),
+        "ours_hf": lambda: ours(list(POLICIES), fast=False),
         "a": lambda: tok(texts, add_special_tokens=False)["input_ids"],
     }
     if not args.skip_b:
@@ -161,8 +175,10 @@ def main() -> None:
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--skip-b", action="store_true")
+    ap.add_argument("--tools", choices=("real", "none"), default="real")
+    ap.add_argument("--max-length", type=int, default=32768)
     ap.add_argument("--only", type=str, default="", help="comma-separated subset of: 1 thread,2 threads,2 processes")
-    ap.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
+    ap.add_argument("--timeout", type=int, default=1200, help="seconds per configuration")
     args = ap.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args)))
@@ -178,7 +194,8 @@ def main() -> None:
     results = {}
     for name, env, workers, skip_b in configs:
         cmd = [sys.executable, __file__, "--child", "--limit", str(args.limit), "--repeat", str(args.repeat),
-               "--workers", str(workers)] + (["--skip-b"] if skip_b else [])
+               "--workers", str(workers), "--tools", args.tools, "--max-length", str(args.max_length)]
+        cmd += ["--skip-b"] if skip_b else []
         try:
             p = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, cwd=ROOT,
                                timeout=args.timeout)
@@ -191,15 +208,16 @@ def main() -> None:
             continue
         r = json.loads(line[7:])
         results[name] = r
-        print(f"\n== {name}: {r['traces']} traces, {r['tokens']:,} tokens, {r['n_masks']} masks")
+        print(f"\n== {name} (tools={args.tools}): {r['traces']} traces, {r['tokens']:,} tokens, {r['n_masks']} masks")
         print(f"  ours (render+tokenize+mask, {8} policies): {r['ours_sps']:8.1f} samples/s  ({r['ours_s']:.2f}s) stages {r['stage_s']}")
         print(f"  ours (assistant_only only)           : {r['ours1_sps']:8.1f} samples/s  ({r['ours1_s']:.2f}s)")
+        print(f"  ours through HF (fast=False)         : {r['ours_hf_sps']:8.1f} samples/s  ({r['ours_hf_s']:.2f}s)")
         print(f"  (a) plain batch tokenization         : {r['a_sps']:8.1f} samples/s  ({r['a_s']:.2f}s)")
         if "b_sps" in r:
             print(f"  (b) decode->regex->re-encode         : {r['b_sps']:8.1f} samples/s  ({r['b_s']:.2f}s)")
             print(f"  (b') same, batched                   : {r['b_batched_sps']:8.1f} samples/s  ({r['b_batched_s']:.2f}s)")
-            print(f"  ratio ours/(a) = {r['ours_sps'] / r['a_sps']:.2f}  (target >= 0.8)")
-            print(f"  ratio ours/(b) = {r['ours_sps'] / r['b_sps']:.2f}  (target >= 6); ours/(b') = "
+            print(f"  ratio ours/(a) = {r['ours_sps'] / r['a_sps']:.2f}  (target >= 2)")
+            print(f"  ratio ours/(b) = {r['ours_sps'] / r['b_sps']:.2f}  (target >= 20); ours/(b') = "
                   f"{r['ours_sps'] / r['b_batched_sps']:.2f}")
         else:
             print(f"  ratio ours/(a) = {r['ours_sps'] / r['a_sps']:.2f}")
@@ -207,7 +225,8 @@ def main() -> None:
         base = results["1 thread"]["ours_sps"]
         for name in ("2 threads", "2 processes"):
             if name in results:
-                print(f"speedup from both cores ({name} vs 1 thread): {results[name]['ours_sps'] / base:.2f}x")
+                print(f"speedup from both cores ({name} vs 1 thread): {results[name]['ours_sps'] / base:.2f}x"
+                      + ("  (target >= 1.7)" if name == "2 processes" else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -1,0 +1,195 @@
+"""Exact Llama-3 tokenization with Meta's tiktoken core, token start characters without an offsets call,
+and a cache of repeated blocks.
+
+Why it is exact: the HF tokenizer splits out added (special) tokens before its pre-tokenizer regex runs, so
+the text between two special tokens is encoded on its own; this module does the same with a
+``tiktoken.Encoding`` built from the same ``tokenizer.model`` and regex (tiktoken's BPE with whole-word
+lookup is what ``ignore_merges=True`` reproduces in HF). Inside such a segment it also splits after a
+newline that is followed by a non-whitespace character: no alternative of the Llama-3 regex
+(``LLAMA3_PAT_STR``) can match across that point (a match holding a newline ends at the newline run, and
+``\\s+(?!\\S)`` never sees the run's end because ``\\s*[\\r\\n]+`` is tried first), so encoding the two
+sides independently gives the same ids. Those pieces (one tool definition, a system prompt, a tool
+output) repeat across a suite's traces; their ids are cached by content (a dict keyed on the piece text).
+
+Token start characters: the byte lengths of the tokens, summed, give each token's first byte; a token's
+start character is the character holding that byte (what HF's offsets report). ``render_traces`` maps its
+character spans with these starts.
+
+``fast_encoder(tokenizer)`` returns a ``FastEncoder`` only when the tokenizer encodes exactly as the
+Llama-3 build (same BPE model, pre-tokenizer, normalizer and added tokens); any other tokenizer (a local
+model directory with a different vocabulary) gets None and the caller keeps the HF path.
+"""
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+
+import numpy as np
+
+from cb_core.tokenizer import LLAMA3_PAT_STR, llama3_special_tokens, llama3_tokenizer_model_path
+
+_SPECIAL_CAND = re.compile(r"<\|[a-z0-9_]+\|>")
+_SAFE_SPLIT = re.compile(r"\n\n(?=\S)")  # split point right after "\n\n" (see the module docstring)
+
+
+class Unencodable(ValueError):
+    """Text the byte-level path cannot take (lone surrogates): the caller falls back to the HF tokenizer."""
+
+
+class FastEncoder:
+    """Llama-3 ``encode`` (no BOS added; special tokens in the text are matched) with token start chars."""
+
+    def __init__(self, max_cache_chars: int = 64_000_000) -> None:
+        import tiktoken
+        from llama_models.tokenizer_utils import load_bpe_file
+
+        ranks = load_bpe_file(llama3_tokenizer_model_path())
+        specials = llama3_special_tokens()
+        self.special_ids = {t: 128000 + i for i, t in enumerate(specials)}
+        self.enc = tiktoken.Encoding(
+            name="cb-llama3", pat_str=LLAMA3_PAT_STR, mergeable_ranks=ranks, special_tokens=self.special_ids
+        )
+        self._core = self.enc._core_bpe  # encode_ordinary without tiktoken's per-call Python wrapper
+        lens = np.zeros(128000 + len(specials), np.int64)
+        for b, r in ranks.items():
+            lens[r] = len(b)
+        self.byte_len = lens
+        self.cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.cache_chars = 0
+        self.max_cache_chars = max_cache_chars
+        self.hits = self.misses = 0
+        self._empty = (np.zeros(0, np.int32), np.zeros(0, np.int64))
+
+    # ------------------------------------------------------------------------------------------ pieces
+    def _piece(self, piece: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int32, start char of each token relative to the piece), cached by content."""
+        got = self.cache.get(piece)
+        if got is not None:
+            self.hits += 1
+            return got
+        self.misses += 1
+        try:
+            ids = self._core.encode_ordinary(piece)
+        except UnicodeEncodeError as e:  # lone surrogate: HF decides what happens
+            raise Unencodable(str(e)) from None
+        arr = np.asarray(ids, np.int32)
+        lens = self.byte_len[arr]
+        bstart = np.empty(len(arr), np.int64)
+        if len(arr):
+            bstart[0] = 0
+            np.cumsum(lens[:-1], out=bstart[1:])
+        if not piece.isascii():
+            raw = np.frombuffer(piece.encode("utf-8"), np.uint8)
+            char_of_byte = np.cumsum((raw & 0xC0) != 0x80) - 1  # the character holding each byte
+            bstart = char_of_byte[bstart]
+        got = (arr, bstart)
+        if self.cache_chars + len(piece) > self.max_cache_chars:
+            self.cache.clear()
+            self.cache_chars = 0
+        self.cache[piece] = got
+        self.cache_chars += len(piece)
+        return got
+
+    def encode_with_starts(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """``text`` -> (token ids int32, start character of each token int64), equal to HF's
+        ``encode(text, add_special_tokens=False)`` and ``[o[0] for o in offsets]``."""
+        ids_parts: list[np.ndarray] = []
+        st_parts: list[np.ndarray] = []
+        offs: list[int] = []
+        special = self.special_ids
+        piece = self._piece
+
+        def text_segment(a: int, b: int) -> None:
+            p = a
+            for m in _SAFE_SPLIT.finditer(text, a, b):
+                e = m.end()
+                i, s = piece(text[p:e])
+                ids_parts.append(i)
+                st_parts.append(s)
+                offs.append(p)
+                p = e
+            if p < b:
+                i, s = piece(text[p:b])
+                ids_parts.append(i)
+                st_parts.append(s)
+                offs.append(p)
+
+        pos = 0
+        for m in _SPECIAL_CAND.finditer(text):
+            sid = special.get(m.group())
+            if sid is None:
+                continue
+            a = m.start()
+            if a > pos:
+                text_segment(pos, a)
+            ids_parts.append(np.array([sid], np.int32))
+            st_parts.append(np.zeros(1, np.int64))
+            offs.append(a)
+            pos = m.end()
+        if pos < len(text):
+            text_segment(pos, len(text))
+        if not ids_parts:
+            return self._empty
+        lens = np.fromiter((len(x) for x in ids_parts), np.int64, len(ids_parts))
+        ids = np.concatenate(ids_parts)
+        starts = np.concatenate(st_parts) + np.repeat(np.asarray(offs, np.int64), lens)
+        return ids, starts
+
+    def __call__(self, texts, add_special_tokens: bool = False, return_offsets_mapping: bool = False):
+        """The subset of the HF call that ``render`` uses; ``offset_mapping`` holds start-char arrays
+        (each token's first character), not (start, end) pairs."""
+        if add_special_tokens:
+            raise ValueError("FastEncoder encodes without adding special tokens")
+        out = [self.encode_with_starts(t) for t in texts]
+        res = {"input_ids": [o[0] for o in out]}
+        if return_offsets_mapping:
+            res["offset_mapping"] = [o[1] for o in out]
+        return res
+
+
+def _encoding_state(tok) -> str:
+    """The parts of a fast tokenizer's backend that decide its ids for ``add_special_tokens=False``."""
+    b = json.loads(tok.backend_tokenizer.to_str())
+    added = sorted(
+        (a["id"], a["content"], a["special"], a["lstrip"], a["rstrip"], a["normalized"], a["single_word"])
+        for a in b.get("added_tokens") or []
+    )
+    return json.dumps([b.get("model"), b.get("pre_tokenizer"), b.get("normalizer"), added], sort_keys=True)
+
+
+@lru_cache(maxsize=1)
+def _llama3_state() -> str:
+    from cb_core.tokenizer import llama3_tokenizer
+
+    return _encoding_state(llama3_tokenizer())
+
+
+@lru_cache(maxsize=1)
+def _shared_encoder() -> FastEncoder:
+    return FastEncoder()
+
+
+def is_llama3_encoding(tok) -> bool:
+    """True when ``tok`` encodes exactly as the Llama-3 build (checked once per tokenizer object)."""
+    flag = getattr(tok, "_cb_llama3_encoding", None)
+    if flag is None:
+        from cb_core.tokenizer import llama3_tokenizer, tokenizer_id
+
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is None or len(tok) != 128256:
+            flag = False
+        elif tokenizer_id(tok) == tokenizer_id(llama3_tokenizer()):
+            flag = True  # the same build (digest of the whole backend)
+        else:
+            flag = _encoding_state(tok) == _llama3_state()
+        try:
+            tok._cb_llama3_encoding = flag
+        except AttributeError:  # pragma: no cover
+            pass
+    return flag
+
+
+def fast_encoder(tok) -> FastEncoder | None:
+    """The shared ``FastEncoder`` when ``tok`` is a Llama-3 tokenizer, else None (use HF)."""
+    return _shared_encoder() if is_llama3_encoding(tok) else None

@@ -1,0 +1,178 @@
+"""The tiktoken fast path (cb_core.llama3_fast) gives exactly the HF tokenizer's ids and token start
+characters, renders through it equal renders through HF, and other tokenizers fall back to HF."""
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import polars as pl
+import pytest
+
+from cb_core.config import DatasetsConfig, resolve_source_paths
+from cb_core.llama3_fast import FastEncoder, fast_encoder, is_llama3_encoding
+from cb_core.render import RenderConfig, render_conversation, render_traces
+from cb_core.sources import get_reader
+
+TRICKY = [
+    "",
+    "   ",
+    "héllo wörld — naïve café",
+    "emoji 👍🏽👨‍👩‍👧 and 🇩🇪 flags",
+    "日本語のテキスト\n\n中文  文本\n\n한국어",
+    "CRLF line\r\n\r\nnext\r\n  \r\nlast\r",
+    "long runs" + " " * 300 + "x" + "\n" * 50 + "y" + "\t \n " * 40 + "z\n\n   \n\n",
+    "ends with spaces   ",
+    "ends with newline run  \n\n\n",
+    "\n\n\n  leading newlines",
+    "<|eot_id|><|eot_id|>  <|start_header_id|>user<|end_header_id|>\n\n  hi  <|eom_id|>",
+    "<|notspecial|> <|reserved_special_token_7|>x<|<|eot_id|>|>",
+    "numbers 1234567 3.14159 1,000,000 and contractions it's we'LL they'Re",
+    '{"name": "send_money", "parameters": {"recipient": "US133000000121212121212"}}\n\n{\n    "a": 1\n}\n\n',
+    "zero\u200bwidth \u00a0nbsp \u2028line\u2029para \u3000ideographic \x85next \x1cfs\x1d",
+    "a\n\n\u00a0b\n\n\u3000c\n\n\x1cd",
+]
+
+
+@pytest.fixture(scope="module")
+def fe(llama_tokenizer) -> FastEncoder:
+    out = fast_encoder(llama_tokenizer)
+    assert out is not None
+    return out
+
+
+def _hf(tok, texts):
+    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], [[o[0] for o in offs] for offs in enc["offset_mapping"]]
+
+
+def _assert_same(fe, tok, texts):
+    ids, starts = _hf(tok, texts)
+    for t, i, s in zip(texts, ids, starts):
+        got_i, got_s = fe.encode_with_starts(t)
+        assert got_i.tolist() == i, t[:80]
+        assert got_s.tolist() == s, t[:80]
+
+
+def test_tricky_strings_equal_hf(fe, llama_tokenizer):
+    _assert_same(fe, llama_tokenizer, TRICKY)
+    # twice: the second pass comes from the block cache and must be the same
+    hits = fe.hits
+    _assert_same(fe, llama_tokenizer, TRICKY)
+    assert fe.hits > hits
+
+
+def test_random_strings_equal_hf(fe, llama_tokenizer):
+    """Fuzz the split rule (after a newline followed by non-whitespace) and the special-token split."""
+    rng = random.Random(0)
+    alphabet = [" ", "  ", "\n", "\n\n", "\r\n", "\t", "a", "Word", "1", "42", "!", "?!", "'s", "é", "👍", "中",
+                "\u00a0", "\u3000", "{", "}", '"', "<|eot_id|>", "<|python_tag|>", "<|x|>"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(600)]
+    _assert_same(fe, llama_tokenizer, texts)
+
+
+def test_hf_compatible_call(fe, llama_tokenizer):
+    out = fe(TRICKY[2:5], return_offsets_mapping=True)
+    ids, starts = _hf(llama_tokenizer, TRICKY[2:5])
+    assert [x.tolist() for x in out["input_ids"]] == ids
+    assert [x.tolist() for x in out["offset_mapping"]] == starts
+    with pytest.raises(ValueError):
+        fe(["x"], add_special_tokens=True)
+
+
+def test_repeated_block_is_encoded_once(llama_tokenizer):
+    fe = FastEncoder()
+    block = "".join(json.dumps({"name": f"tool_{k}", "description": "d " * 50}, indent=4) + "\n\n" for k in range(20))
+    a = fe.encode_with_starts("\n\nGiven:\n\n" + block + "first question")
+    misses = fe.misses
+    b = fe.encode_with_starts("\n\nGiven:\n\n" + block + "second question")
+    assert fe.misses - misses == 1  # only the new question was encoded
+    ref = llama_tokenizer("\n\nGiven:\n\n" + block + "second question", add_special_tokens=False)["input_ids"]
+    assert b[0].tolist() == ref
+    assert a[0][:-2].tolist() == b[0][:-2].tolist()
+
+
+def _read(dataset: str, path) -> pl.DataFrame:
+    cfg = getattr(DatasetsConfig.load(), dataset)
+    paths = resolve_source_paths(path)
+    return get_reader(dataset)(paths, cfg).good
+
+
+def _assert_renders_equal(traces: pl.DataFrame, tok, cfg: RenderConfig):
+    fast, q_fast = render_traces(traces, tok, cfg)
+    slow, q_slow = render_traces(traces, tok, cfg, fast=False)
+    assert fast.height == slow.height > 0
+    assert fast.equals(slow)
+    assert q_fast.select("reason").equals(q_slow.select("reason"))
+    return fast
+
+
+def test_demo_renders_equal_hf_path(tmp_path, llama_tokenizer):
+    from cb_core.demo import write_demo_sources
+
+    frames = [_read(ds, p) for ds, p in write_demo_sources(tmp_path, seed=0).items()]
+    traces = pl.concat([f for f in frames if f.height], how="diagonal_relaxed")
+    for cfg in (RenderConfig(), RenderConfig(tool_call_format="json", tools_in_user_message=False),
+                RenderConfig(max_length=300, truncation={"steps": ["drop_turns", "shorten_tool_outputs", "cut"]})):
+        _assert_renders_equal(traces, llama_tokenizer, cfg)
+
+
+def test_two_workers_equal_one(tmp_path, llama_tokenizer):
+    from cb_core.demo import write_demo_sources
+
+    traces = _read("agentdojo", write_demo_sources(tmp_path, seed=0)["agentdojo"])
+    one, _ = render_traces(traces, llama_tokenizer, RenderConfig(max_length=65536), num_workers=1)
+    two, _ = render_traces(traces, llama_tokenizer, RenderConfig(max_length=65536), num_workers=2)
+    assert one.height == traces.height
+    assert one.equals(two)
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_all_shared_data_renders_equal_hf_path(shared_data, llama_tokenizer):
+    """Every real trace (AgentDojo with the full suite tool sets, TAU2, LLMail, XSTest), rendered with no
+    length limit: ids and token spans through the fast path equal those through HF with offsets."""
+    sources = {"agentdojo": shared_data / "agent_dojo" / "*.jsonl", "tau2": shared_data / "tau2",
+               "llmail_inject": shared_data / "llmail_inject", "xstest": shared_data / "xstest"}
+    frames = [_read(ds, p) for ds, p in sources.items()]
+    traces = pl.concat([f for f in frames if f.height], how="diagonal_relaxed")
+    assert traces.height > 3000
+    out = _assert_renders_equal(traces, llama_tokenizer, RenderConfig(max_length=1 << 20))
+    assert out.height == traces.height
+
+
+# ------------------------------------------------------------------------------------------- fallback
+@pytest.fixture(scope="module")
+def swapped_tokenizer(llama_tokenizer, tmp_path_factory):
+    """A local tokenizer directory whose vocabulary differs from Llama-3's (two ids swapped)."""
+    from cb_core.tokenizer import load_tokenizer
+
+    d = tmp_path_factory.mktemp("swapped")
+    llama_tokenizer.save_pretrained(str(d))
+    tj = json.loads((d / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    a, b = "Ġhello", "Ġworld"
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    return load_tokenizer(d)
+
+
+def test_same_build_in_a_directory_takes_fast_path(llama_tokenizer, tmp_path):
+    from cb_core.tokenizer import load_tokenizer
+
+    llama_tokenizer.save_pretrained(str(tmp_path))
+    assert is_llama3_encoding(load_tokenizer(tmp_path))
+
+
+def test_other_vocab_falls_back_to_hf(swapped_tokenizer, llama_tokenizer):
+    assert not is_llama3_encoding(swapped_tokenizer)
+    assert fast_encoder(swapped_tokenizer) is None
+    msgs = [{"role": "user", "content": "say hello world"}, {"role": "assistant", "content": "hello world"}]
+    traces = pl.DataFrame({"id": ["t1"], "dataset": ["demo"], "source_locator": ["f.jsonl:1"],
+                           "messages": [msgs], "tools": ["[]"]})
+    renders, _ = render_traces(traces, swapped_tokenizer, RenderConfig())
+    text = render_conversation(msgs, None, RenderConfig()).text
+    want = swapped_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert renders["input_ids"][0].to_list() == want
+    assert want != llama_tokenizer(text, add_special_tokens=False)["input_ids"]  # the vocab really differs
+    assert np.array_equal(renders["input_ids"][0].to_numpy(), np.asarray(want))
