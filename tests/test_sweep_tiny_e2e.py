@@ -2,6 +2,9 @@
 two grid points trained by the real worker (Pipes) and scored by the real evaluation pass with a tiny model,
 then leaderboard + best_config; the best point is read back from the CSV and matches the Parquet table."""
 import json
+import os
+import subprocess
+import sys
 
 import dagster as dg
 import polars as pl
@@ -52,3 +55,22 @@ def test_tiny_sweep_end_to_end(data_root, tmp_path, monkeypatch):
     assert best["key"] == top["key"] and best["beta_harmful"] == top["beta_harmful"]
     assert best["tool_flip_asr"] == pytest.approx(top["tool_flip_asr"])
     assert pl.read_parquet(data_root / "best_config.parquet")["best_key"][0] == top["key"]
+
+    # `cb run` on the same tiers: one training run through Dagster (a subprocess `dagster asset materialize`),
+    # `latest` points at it, the finished sweep-point runs roll into train_runs/history/
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    cmd = [sys.executable, "-m", "cb_core.cli", "run", "--preset", "tiny", "--fast-dev-run"]
+    for k, v in TINY.items():
+        cmd += ["--override", f"{k}={'null' if v is None else json.dumps(v) if not isinstance(v, str) else v}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "DAGSTER_HOME": str(home), "CB_DATA_ROOT": str(data_root)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    runs = data_root / "train_runs"
+    latest = (runs / "latest").resolve()
+    assert "fastdev" in latest.name and (latest / "final_metrics.json").exists()
+    assert sorted(p.name for p in (runs / "history").iterdir()) == sorted(points["key"].to_list())
+    summary = json.loads(subprocess.run([sys.executable, "-m", "cb_core.cli", "--data-root", str(data_root),
+                                         "summarise", "latest"], capture_output=True, text=True, timeout=120).stdout)
+    assert summary["config"]["train"]["fast_dev_run"] is True and summary["checkpoints"]
+    assert summary["runtime"]["state"] == "finished" and summary["runtime"]["steps"] == 2
