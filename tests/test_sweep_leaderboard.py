@@ -42,7 +42,8 @@ def sweep_env(data_root, tmp_path):
 
     manifest = tmp_path / "lb.yaml"
     manifest.write_text(yaml.safe_dump({"name": "lbtest", "preset": "stage1", "overrides": {"train.steps": 7},
-                                        "grid": {"alpha": [5, 10, 15], "layers": [[10, 20], [8, 16, 24]]}}))
+                                        "grid": {"alpha": [5, 10, 15], "layers": [[10, 20], [8, 16, 24]]},
+                                        "final": {"overrides": {"train.steps": 99}}}))
     inst = dg.DagsterInstance.ephemeral()
     res = defs.resolve_job_def("sweep").execute_in_process(
         instance=inst, run_config={"ops": {"sweep_points": {"config": {"manifest": str(manifest)}}}})
@@ -107,6 +108,7 @@ def test_leaderboard_best_point_read_back_from_csv(sweep_env):
     assert bc["best_key"].unique().to_list() == [best_key] and bc["seed"].to_list() == [101, 555, 888]
     assert set(inst.get_dynamic_partitions("final_seeds")) == {f"{best_key}-seed{s}" for s in (101, 555, 888)}
     assert all("loss.target_layers=[8, 16, 24]" in o for o in bc["overrides"].to_list())
+    assert all("train.steps=99" in o for o in bc["overrides"].to_list())  # the manifest's final.overrides
 
     # another selection metric (higher is better) changes the ranking
     res = defs.resolve_job_def("sweep_rank").execute_in_process(

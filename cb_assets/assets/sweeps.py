@@ -93,7 +93,8 @@ def sweep_points(context: dg.AssetExecutionContext, config: SweepConfig, dataset
     except SweepError as e:
         raise dg.Failure(str(e)) from None
     now = time.time()
-    new = pl.DataFrame([{**p.row(), "continue_on_error": m.continue_on_error, "registered_at": now}
+    new = pl.DataFrame([{**p.row(), "continue_on_error": m.continue_on_error, "registered_at": now,
+                         "manifest": str(m.source)}
                         for p in points])
     old_path = datasets.data_root() / f"{POINTS_TABLE}.parquet"
     table = new
@@ -260,13 +261,25 @@ def stacked_scores(keys: list[str], root: Path, sub: str = SWEEP_DIR) -> tuple[p
                                  "ci_low": pl.Float64, "ci_high": pl.Float64, "key": pl.String})), missing
 
 
-def _selection(sweep: str, metric: str | None):
-    from cb_core.sweep.manifest import Selection, SweepError, load_manifest
+def manifest_of(points: pl.DataFrame, sweep: str):
+    """The sweep's manifest: the file it was registered from (stored per point), else configs/sweeps/<sweep>."""
+    from cb_core.sweep.manifest import SweepError, load_manifest
 
-    try:
-        sel = load_manifest(sweep).selection
-    except SweepError:
-        sel = Selection()
+    rows = points.filter(pl.col("sweep") == sweep)
+    srcs = rows["manifest"].drop_nulls().to_list() if "manifest" in rows.columns else []
+    for name in [*srcs[-1:], sweep]:
+        try:
+            return load_manifest(name)
+        except SweepError:
+            continue
+    return None
+
+
+def _selection(points: pl.DataFrame, sweep: str, metric: str | None):
+    from cb_core.sweep.manifest import Selection
+
+    m = manifest_of(points, sweep)
+    sel = m.selection if m else Selection()
     if metric:
         sel.metric = metric
     return sel
@@ -299,7 +312,7 @@ def leaderboard(context: dg.AssetExecutionContext, config: LeaderboardConfig) ->
     sweep = current_sweep(points, config.sweep)
     pts = points.filter(pl.col("sweep") == sweep)
     scores, missing = stacked_scores(pts["key"].to_list(), root)
-    sel = _selection(sweep, config.metric)
+    sel = _selection(points, sweep, config.metric)
     gate_cfg = GateConfig.from_dict((load_yaml("evaluation.yaml") or {}).get("gates"))
     lb = build_leaderboard(pts, scores, selection=sel, gate_cfg=gate_cfg)
     lb = lb.with_columns(pl.lit(sweep).alias("sweep"))
@@ -330,7 +343,7 @@ def leaderboard(context: dg.AssetExecutionContext, config: LeaderboardConfig) ->
     "seed of the manifest's `final.seeds` (default 101, 555, 888).",
 )
 def best_config(context: dg.AssetExecutionContext) -> pl.DataFrame:
-    from cb_core.sweep.manifest import Point, SweepError, final_points, load_manifest, point_from_row
+    from cb_core.sweep.manifest import Point, final_points, point_from_row
 
     root = _root()
     lb = _read("leaderboard", root)
@@ -341,12 +354,9 @@ def best_config(context: dg.AssetExecutionContext) -> pl.DataFrame:
     key = top["key"][0]
     rec = point_record(key, root)
     best: Point = point_from_row(rec)
-    try:
-        m = load_manifest(best.sweep)
-        seeds, final_ov = list(m.final["seeds"]), m
-    except SweepError:
-        seeds, final_ov = [101, 555, 888], None
-    finals = final_points(final_ov, best, seeds) if final_ov else [
+    m = manifest_of(_read(POINTS_TABLE, root), best.sweep)
+    seeds = list(m.final["seeds"]) if m else [101, 555, 888]
+    finals = final_points(m, best, seeds) if m else [
         Point(best.sweep, f"{best.key}-seed{s}", best.preset, {**best.axes, "seed": s},
               {**best.overrides, "train.seed": s}, best.eval) for s in seeds]
     have = set(context.instance.get_dynamic_partitions(FINAL_PARTITIONS.name))
