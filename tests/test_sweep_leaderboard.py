@@ -191,3 +191,20 @@ def test_sweep_sensor_launches_each_registered_point(sweep_env):
     r = reqs[0]
     assert r.job_name == "sweep_point" and r.run_key == f"sweep_point:{r.partition_key}"
     assert r.tags["cb/sweep"] == "lbtest" and r.tags["cb/data_root_lock"] == "shared"
+
+
+def test_sweep_point_runs_route_to_slurm_with_one_request():
+    """Every asset of a point run / final seed run is GPU-tagged with the same SLURM request, so the launcher
+    sends the run to sbatch as one job (conflicting values in one run are refused by the launcher)."""
+    from cb_assets.definitions import defs
+    from cb_core import slurm
+
+    graph = defs.resolve_asset_graph()
+    for job in ("sweep_point", "final_seed"):
+        keys = defs.resolve_job_def(job).asset_layer.selected_asset_keys
+        tags = [dict(graph.get(k).tags or {}) for k in keys]
+        assert tags and all(t.get("cb/compute") == "gpu" for t in tags), job
+        assert slurm.merge_tag_options(tags)["gres"] == "gpu:1"
+    for job in ("sweep", "sweep_rank", "sweep_release"):
+        keys = defs.resolve_job_def(job).asset_layer.selected_asset_keys
+        assert all((graph.get(k).tags or {}).get("cb/compute") != "gpu" for k in keys), job
