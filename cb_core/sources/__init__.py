@@ -15,6 +15,22 @@ import polars as pl
 from cb_core.schemas import QUARANTINE_SCHEMA, TRACE_SCHEMA
 
 
+_TRACE_ARROW = None
+
+
+def trace_frame(rows: list[dict]) -> pl.DataFrame:
+    """trace_v1 rows (dicts) -> frame through Arrow's row converter: several times faster than
+    ``pl.DataFrame(rows, schema=TRACE_SCHEMA)`` on the nested message/label structs, same frame."""
+    global _TRACE_ARROW
+    if not rows:
+        return pl.DataFrame(schema=TRACE_SCHEMA)
+    import pyarrow as pa
+
+    if _TRACE_ARROW is None:
+        _TRACE_ARROW = pl.DataFrame(schema=TRACE_SCHEMA).to_arrow().schema
+    return pl.from_arrow(pa.Table.from_pylist(rows, schema=_TRACE_ARROW)).cast(TRACE_SCHEMA)
+
+
 @dataclass
 class SourceResult:
     good: pl.DataFrame  # trace_v1 rows
@@ -24,7 +40,7 @@ class SourceResult:
     @classmethod
     def from_rows(cls, good: list[dict], rejected: list[dict], **meta: Any) -> "SourceResult":
         return cls(
-            good=pl.DataFrame(good, schema=TRACE_SCHEMA),
+            good=trace_frame(good),
             rejected=pl.DataFrame(rejected, schema=QUARANTINE_SCHEMA),
             meta=meta,
         )

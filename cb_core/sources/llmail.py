@@ -60,7 +60,7 @@ import polars as pl
 
 from cb_core.config import config_path
 from cb_core.schemas import QUARANTINE_SCHEMA, TRACE_SCHEMA, BadRecord, canonical_json, digest, make_trace, reject
-from cb_core.sources import SourceError, SourceResult
+from cb_core.sources import SourceError, SourceResult, trace_frame
 
 _WIPE = "; an empty source would wipe its traces"
 DATASET = "llmail_inject"
@@ -391,7 +391,7 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
             }},
         ))
     return SourceResult(
-        good=pl.DataFrame(good, schema=TRACE_SCHEMA),
+        good=trace_frame(good),
         rejected=pl.DataFrame(rejected, schema=QUARANTINE_SCHEMA),
         meta={
             "files": [name],

@@ -193,11 +193,24 @@ _META = re.compile(
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
+# every literal _META needs, lower-cased: an ASCII sentence holding none of them cannot match (a cheap
+# prefilter; non-ASCII sentences always go through the regex, IGNORECASE folds beyond str.lower there)
+_META_WORDS = ("tool call", "ground ", "make up", "simulat", "persona", "for example", "transcript", "###", "stop")
+
+
+def _is_meta(s: str) -> bool:
+    if s.isascii():
+        low = s.lower()
+        if not any(w in low for w in _META_WORDS):
+            return False
+    return _META.search(s) is not None
+
+
 def _spoken(text: str, drop_meta: bool) -> list[str]:
     out = []
     for s in _SENTENCE.split(text):
-        s = re.sub(r"\s+", " ", s).strip()
-        if s and not (drop_meta and _META.search(s)):
+        s = " ".join(s.split())  # == re.sub(r"\s+", " ", s).strip(): str.split and re's \s agree on whitespace
+        if s and not (drop_meta and _is_meta(s)):
             out.append(first_person(s) + ("" if s[-1] in ".!?:;\"')" else "."))
     return out
 
