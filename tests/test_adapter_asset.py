@@ -30,6 +30,7 @@ def _materialize(overrides, instance=None, **cfg):
     )
 
 
+@pytest.mark.slow
 def test_adapter_asset_trains_through_pipes_and_publishes(data_root, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("CB_TORCH_THREADS", "1")
