@@ -175,12 +175,36 @@ def options_from_tags(tags: Mapping[str, str] | None, *, prefix: str = TAG_PREFI
     return out
 
 
+def slurm_minutes(value: str) -> int:
+    """SLURM's time formats (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) -> whole minutes (rounded up)."""
+    days, _, rest = value.rpartition("-") if "-" in value else ("0", "", value)
+    parts = [int(p) for p in rest.split(":")]
+    if "-" in value:
+        h, m, sec = (parts + [0, 0])[:3]
+    elif len(parts) == 3:
+        h, m, sec = parts
+    else:
+        h, (m, sec) = 0, (parts + [0])[:2]
+    total_s = ((int(days) * 24 + h) * 60 + m) * 60 + sec
+    return -(-total_s // 60)
+
+
+def _format_minutes(minutes: int) -> str:
+    d, rem = divmod(minutes, 24 * 60)
+    h, m = divmod(rem, 60)
+    return f"{d}-{h:02d}:{m:02d}:00" if d else f"{h:02d}:{m:02d}:00"
+
+
 def merge_tag_options(tag_sets: Sequence[Mapping[str, str]]) -> dict[str, str]:
-    """Merge the SLURM tags of several assets in one run. Equal values merge; conflicting values of
-    an option raise (one job serves the whole run, so the request must be unambiguous)."""
+    """Merge the SLURM tags of several assets in one run. Equal values merge; `time` adds up (one job runs
+    the assets one after another: generation 4 h + training 8 h asks for 12 h); any other conflicting
+    option raises (one job serves the whole run, so the request must be unambiguous)."""
     merged: dict[str, str] = {}
     for tags in tag_sets:
         for name, value in options_from_tags(tags).items():
+            if name == "time" and name in merged:
+                merged[name] = _format_minutes(slurm_minutes(merged[name]) + slurm_minutes(value))
+                continue
             if name in merged and merged[name] != value:
                 raise SlurmOptionError(
                     f"assets in one run ask for different values of slurm/{name}: {merged[name]!r} vs {value!r}; "

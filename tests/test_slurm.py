@@ -35,6 +35,10 @@ def test_tag_values_validated_and_decoded():
             slurm.options_from_tags(bad)
     with pytest.raises(slurm.SlurmOptionError, match="different values"):
         slurm.merge_tag_options([{"slurm/gres": "gpu.1"}, {"slurm/gres": "gpu.2"}])
+    # one job runs the assets in turn, so their time requests add up (generation 4 h + training 8 h)
+    assert slurm.merge_tag_options([{"slurm/time": "04.00.00"}, {"slurm/time": "08.00.00"}])["time"] == "12:00:00"
+    assert slurm.merge_tag_options([{"slurm/time": "20.00.00"}, {"slurm/time": "300"}])["time"] == "1-01:00:00"
+    assert slurm.slurm_minutes("1-02:03:04") == 1564 and slurm.slurm_minutes("45") == 45
     defaults = slurm.SlurmOptions(partition="p", time="01:00:00", gres="gpu:1")
     assert defaults.overlay({"gres": "none", "time": "02:00:00"}).directives() == ["--partition=p", "--time=02:00:00"]
 
