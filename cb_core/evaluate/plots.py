@@ -25,8 +25,8 @@ def scores_bar_chart(scores: pl.DataFrame, path: Path, title: str = "base vs ada
             row = measured.filter((pl.col("model") == model) & (pl.col("metric") == m))
             v = row["value"][0] if row.height else 0.0
             vals.append(v)
-            lo.append(v - (row["ci_low"][0] if row.height and row["ci_low"][0] is not None else v))
-            hi.append((row["ci_high"][0] if row.height and row["ci_high"][0] is not None else v) - v)
+            lo.append(max(0.0, v - (row["ci_low"][0] if row.height and row["ci_low"][0] is not None else v)))
+            hi.append(max(0.0, (row["ci_high"][0] if row.height and row["ci_high"][0] is not None else v) - v))
         xs = [i + (j - 0.5) * width for i in range(len(metrics))]
         ax.bar(xs, vals, width, yerr=[lo, hi], capsize=3, label=model, color=("#9aa5b1" if j == 0 else "#2f6fde"))
     ax.set_xticks(range(len(metrics)))

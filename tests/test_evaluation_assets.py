@@ -1,0 +1,106 @@
+"""`eval_scores` end to end through Dagster on CPU: the embedded demo sample, the tiny agent, a short `tiny`
+adapter; real numbers asserted within ranges, prompts held out from training, determinism, gates as checks."""
+from __future__ import annotations
+
+import json
+import os
+
+import dagster as dg
+import polars as pl
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo_chain"), pytest.mark.timeout(3600)]
+
+EVAL_CFG = {"limit": 12, "max_tokens": 48, "batch_size": 8}
+
+
+def _materialize(selection, run_config):
+    from cb_assets.definitions import defs
+
+    res = dg.materialize(
+        list(defs.assets) + list(defs.asset_checks or []),
+        resources=defs.resources,
+        selection=selection,
+        run_config=run_config,
+        raise_on_error=False,
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+    failures = [str(e.event_specific_data)[:600] for e in res.all_events if e.is_failure]
+    assert res.success, failures[:2]
+    return res
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_chain")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CB_DATA_ROOT", str(root))
+    for var in list(os.environ):
+        if (var.startswith("CB_") and var.endswith("_PATH")) or var in ("CB_DATASETS", "CB_MODEL", "CB_EVAL_LIMIT",
+                                                                       "CB_CURATION_PROFILE", "CB_TRAIN_PRESET"):
+            mp.delenv(var, raising=False)
+    mp.setenv("OMP_NUM_THREADS", "1")
+    mp.setenv("CB_TORCH_THREADS", "1")
+    mp.setenv("WANDB_MODE", "offline")
+    run_config = {"ops": {
+        "adapter": {"config": {"overrides": ["train.steps=16", "log.wandb=false"]}},
+        "eval_scores": {"config": EVAL_CFG},
+    }}
+    res = _materialize(dg.AssetSelection.assets("eval_scores").upstream(), run_config)
+    yield root, res, run_config
+    mp.undo()
+
+
+def _v(scores: pl.DataFrame, model: str, metric: str):
+    row = scores.filter((pl.col("model") == model) & (pl.col("metric") == metric))
+    return row["value"][0], row["n"][0]
+
+
+def test_eval_scores_table_has_real_numbers(chain):
+    root, res, _ = chain
+    sc = pl.read_parquet(root / "eval_scores.parquet")
+    assert set(sc["model"].unique()) == {"base", "adapter"}
+    assert sc.columns == ["model", "metric", "n", "value", "ci_low", "ci_high"]
+    for model in ("base", "adapter"):
+        asr, n = _v(sc, model, "tool_flip_asr")
+        assert 0 < n <= EVAL_CFG["limit"] and asr is not None and 0.0 <= asr <= 1.0
+        cap, n_cap = _v(sc, model, "capability_retention")
+        assert n_cap > 0 and 0.0 <= cap <= 1.0
+        xs, n_xs = _v(sc, model, "xstest_over_refusal")
+        assert n_xs > 0
+    # the tiny agent follows some injections: the base model's ASR is a measured, non-trivial number
+    base_asr, _ = _v(sc, "base", "tool_flip_asr")
+    assert 0.0 < base_asr < 1.0, base_asr
+    # intervals bracket the value; zero-sample metrics are null, never 0
+    measured = sc.filter(pl.col("n") > 0)
+    assert (measured["ci_low"] <= measured["value"]).all() and (measured["value"] <= measured["ci_high"]).all()
+    assert sc.filter(pl.col("n") == 0)["value"].null_count() == sc.filter(pl.col("n") == 0).height
+    mat = next(e for e in res.get_asset_materialization_events() if e.asset_key == dg.AssetKey("eval_scores"))
+    meta = mat.materialization.metadata
+    assert isinstance(meta["base/tool_flip_asr"], dg.FloatMetadataValue)
+    assert "data:image/png;base64," in meta["chart"].value and (root / "eval_scores.png").stat().st_size > 1000
+    checks = {e.check_name for e in res.get_asset_check_evaluations()}
+    assert {"gate_asr_reduction", "gate_capability", "gate_output_difference", "gate_over_refusal"} <= checks
+
+
+def test_eval_prompts_are_held_out(chain):
+    root, _, _ = chain
+    details = pl.read_parquet(root / "eval_details.parquet")
+    train = pl.read_parquet(root / "train_split.parquet")
+    assert details.height > 0
+    assert not set(details["sample_id"]) & set(train["id"])
+    attacks = pl.read_parquet(root / "eval_attacks.parquet")
+    # every scored attack prompt ends before the turn being scored: no assistant message after the injection
+    scored = attacks.filter(pl.col("id").is_in(details.filter(pl.col("set") == "attacks")["sample_id"].unique()))
+    assert scored.height > 0
+    for msgs in scored["messages"].to_list():
+        assert msgs[-1]["role"] != "assistant"
+    assert not set(scored["pair_group"]) & set(train["pair_group"])
+
+
+def test_eval_is_deterministic(chain):
+    root, _, run_config = chain
+    first = pl.read_parquet(root / "eval_scores.parquet")
+    _materialize(dg.AssetSelection.assets("eval_scores"), {"ops": {"eval_scores": run_config["ops"]["eval_scores"]}})
+    second = pl.read_parquet(root / "eval_scores.parquet")
+    assert first.equals(second)
