@@ -831,6 +831,7 @@ def _process_chunk(args: tuple) -> tuple[dict[str, list], list[dict], dict[str, 
     """Render + tokenize + map one chunk. ``args``: (rows, tokenizer, fast encoder or None, tok_id, cfg),
     or (offset, length) into ``_WORK`` in a forked worker (nothing big is pickled on the way in; the
     result is numpy arrays per trace)."""
+    cpu0 = time.process_time()
     if len(args) == 2:
         frame, tokenizer, fe, tok_id, cfg = _WORK
         t_rows = time.perf_counter()
@@ -914,7 +915,8 @@ def _process_chunk(args: tuple) -> tuple[dict[str, list], list[dict], dict[str, 
         cols["truncated"].append(how != "none")
         cols["truncation"].append(how)
     t3 = time.perf_counter()
-    return cols, rejected, {"rows_s": t_rows, "render_s": t1 - t0, "tokenize_s": t2 - t1, "map_s": t3 - t2}, trunc
+    return cols, rejected, {"rows_s": t_rows, "render_s": t1 - t0, "tokenize_s": t2 - t1, "map_s": t3 - t2,
+                            "cpu_s": time.process_time() - cpu0}, trunc
 
 
 # per-dataset counts of the truncation policy (renders metadata "truncation")
@@ -1021,7 +1023,7 @@ def render_traces(
     t1 = time.perf_counter()
     cols: dict[str, list] = {k: [] for k in ("trace_id", "input_ids", "spans", "n_tokens", "truncated", "truncation")}
     rejected: list[dict] = []
-    timing = {"rows_s": 0.0, "render_s": 0.0, "tokenize_s": 0.0, "map_s": 0.0}
+    timing = {"rows_s": 0.0, "render_s": 0.0, "tokenize_s": 0.0, "map_s": 0.0, "cpu_s": 0.0}  # summed over chunks
     trunc: dict[str, dict[str, int]] = {}
     for c, rej, tm, tr in results:
         for k in cols:
