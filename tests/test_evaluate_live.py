@@ -68,3 +68,30 @@ def test_to_trace_messages_round_trip_renders():
     assert out[2]["tool_calls"][0]["name"] == "get_balance" and out[3]["name"] == "get_balance"
     text = render_conversation(out).text
     assert "what is my balance?" in text and '"name": "get_balance"' in text and "1810.0" in text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # builds the tiny agent when it is not cached yet
+def test_live_agentdojo_with_the_tiny_agent_base_and_adapter_same_pairs():
+    """The real model in AgentDojo's loop: a couple of banking tasks end to end, base and a LoRA-wrapped model
+    (adapter freshly initialised: B = 0, so it must score exactly like the base on the same pairs)."""
+    from peft import LoraConfig, get_peft_model
+
+    from cb_core.evaluate.agentdojo_live import run_live, text_generate
+    from cb_core.generate.tiny_agent import load_tiny_agent
+    from cb_core.model import load_profile
+
+    model, tok = load_tiny_agent()
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    render_cfg = load_profile("tiny_agent").render_config()
+    res = {}
+    for name in ("base", "adapter"):
+        gen = text_generate(peft_model, tok, render_cfg, adapter=name == "adapter", max_tokens=48)
+        res[name] = run_live(gen, ("banking",), user_tasks=["user_task_0", "user_task_1"],
+                             injection_tasks=["injection_task_0"], limit=2, max_iters=2)
+    for r in res.values():
+        assert r.utility.n == 2 and r.utility_under_attack.n == 2 and r.asr.n == 2
+        assert all(isinstance(p["utility"], bool) for p in r.pairs)
+    assert [(p["user_task"], p["injection_task"]) for p in res["base"].pairs] == \
+        [(p["user_task"], p["injection_task"]) for p in res["adapter"].pairs]
+    assert [p["utility"] for p in res["base"].pairs] == [p["utility"] for p in res["adapter"].pairs]
