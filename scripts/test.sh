@@ -20,4 +20,8 @@ bash scripts/setup.sh dev
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 # Build the offline Llama-3 tokenizer once, before the workers start.
 .venv/bin/python -c "from cb_core.tokenizer import llama3_tokenizer; llama3_tokenizer()"
+# Build (or reuse from the cache) the tiny agent once, so no two workers train it at the same time.
+.venv/bin/python -c "from cb_core.generate.tiny_agent import tiny_agent_dir; print('[cb] tiny agent:', tiny_agent_dir())"
+# Import floors (.importlinter): cb_core never imports Dagster or cb_assets; each floor only the ones below.
+.venv/bin/lint-imports
 .venv/bin/python -m pytest -n "${CB_TEST_WORKERS:-2}" --dist loadgroup -q -rs "$@"
