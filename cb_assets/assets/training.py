@@ -172,4 +172,6 @@ def adapter_coherence(datasets: DatasetsResource) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         passed=not bad, severity=dg.AssetCheckSeverity.WARN,
         metadata={"generations": len(gens), "failing": len(bad),
-                  "examples": dg.MetadataValue.json([{k: g[k] for k in ("trace_id", "text", "max_repeat_run", "distinct_words")} for g in gens])})
+                  "base_failing": sum(1 for g in gens if g.get("base_max_repeat_run", 0) >= 6 or g.get("base_distinct_words", 9) < 5),
+                  "examples": dg.MetadataValue.json([{k: g.get(k) for k in ("trace_id", "text", "max_repeat_run",
+                                                                            "distinct_words", "base_text")} for g in gens])})

@@ -535,9 +535,14 @@ class Trainer:
             s = self.data.samples[i]
             cut = s.spans[0][0] if s.spans else len(s.input_ids)
             ids = torch.tensor([s.input_ids[: max(cut, 1)]], device=self.device)
-            gen = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                      do_sample=False, pad_token_id=self.pad_id)
-            text = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True) if tokenizer is not None else ""
-            out.append({"trace_id": s.trace_id, "text": text, **coherence_stats(text)})
+            texts = []
+            for ctx in (contextlib.nullcontext(), self.model.disable_adapter()):  # adapter, then base for reference
+                with ctx:
+                    gen = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id)
+                texts.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True) if tokenizer is not None else "")
+            base = coherence_stats(texts[1])
+            out.append({"trace_id": s.trace_id, "text": texts[0], **coherence_stats(texts[0]), "base_text": texts[1],
+                        "base_max_repeat_run": base["max_repeat_run"], "base_distinct_words": base["distinct_words"]})
         self.model.train()
         return out
