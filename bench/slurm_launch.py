@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.slurm_fixtures import LauncherEnv, start_cluster, stop_cluster  # noqa: E402
+from cb_assets.testing.slurm import LauncherEnv, start_cluster, stop_cluster  # noqa: E402
 
 ASSET = "bench_asset"  # GPU-routed, no gres request (20 can run at once on the one-GPU node)
 

@@ -104,12 +104,52 @@ def sweep(args) -> int:
     if args.dry_run:
         print(json.dumps({"manifest": manifest, "overrides": overrides, "points": [p.key for p in points]}))
         return 0
-    from cb_assets.assets.sweeps import run_sweep_in_process
-
     status = run_sweep_in_process(manifest, overrides=overrides, final=args.final,
                                   log=lambda m: print(f"[cb] {m}", flush=True))
     print(json.dumps(status))
     return 0 if any(v == "SUCCESS" for v in status.values()) else 1
+
+
+def run_sweep_in_process(manifest: str, *, overrides: list[str] | None = None, instance=None, final: bool = False,
+                         log=print) -> dict:
+    """CPU / laptop path without a daemon: register the points, materialize each point in this process
+    (continue_on_error: a failed point is logged and the rest go on), then leaderboard + best_config, and with
+    ``final`` the seed fan-out and release_report. Returns {key: "SUCCESS"|"FAILURE", ...}."""
+    import dagster as dg
+    import polars as pl
+
+    from cb_assets.definitions import defs
+    from cb_core.io import data_root
+
+    instance = instance or dg.DagsterInstance.get()
+    res = defs.resolve_job_def("sweep").execute_in_process(
+        instance=instance, run_config={"ops": {"sweep_points": {"config": {"manifest": manifest,
+                                                                            "overrides": list(overrides or [])}}}},
+        raise_on_error=True)
+    table = res.output_for_node("sweep_points")
+    sweep = table.sort("registered_at")["sweep"][-1]
+    rows = table.filter(pl.col("sweep") == sweep).to_dicts()
+    status: dict[str, str] = {}
+    for r in rows:
+        if status and any(s == "FAILURE" for s in status.values()) and not r.get("continue_on_error", True):
+            log(f"point {r['key']}: not run (continue_on_error is false and a point failed)")
+            continue
+        ok = defs.resolve_job_def("sweep_point").execute_in_process(
+            instance=instance, partition_key=r["key"], raise_on_error=False,
+            tags={"cb/sweep": sweep, "cb/sweep_stage": "point"}).success
+        status[r["key"]] = "SUCCESS" if ok else "FAILURE"
+        log(f"point {r['key']}: {status[r['key']]}")
+    if any(s == "SUCCESS" for s in status.values()):
+        rank = defs.resolve_job_def("sweep_rank").execute_in_process(instance=instance, raise_on_error=False)
+        status["rank"] = "SUCCESS" if rank.success else "FAILURE"
+        if final and rank.success:
+            for k in pl.read_parquet(data_root() / "best_config.parquet")["key"].to_list():
+                ok = defs.resolve_job_def("final_seed").execute_in_process(instance=instance, partition_key=k,
+                                                                        raise_on_error=False).success
+                status[k] = "SUCCESS" if ok else "FAILURE"
+            status["release"] = "SUCCESS" if defs.resolve_job_def("sweep_release").execute_in_process(
+                instance=instance, raise_on_error=False).success else "FAILURE"
+    return status
 
 
 if __name__ == "__main__":

@@ -41,12 +41,13 @@ from dagster._core.storage.dagster_run import DagsterRun, DagsterRunStatus, Runs
 from dagster._grpc.types import ExecuteRunArgs
 from dagster._serdes import ConfigurableClass, ConfigurableClassData, serialize_value
 
+from cb_assets.tags import COMPUTE_TAG, GPU
 from cb_core import slurm
 
 JOB_ID_TAG = "slurm/job_id"
 LOG_TAG = "slurm/log"
-DEFAULT_GPU_TAG_KEY = "cb/compute"
-DEFAULT_GPU_TAG_VALUE = "gpu"
+DEFAULT_GPU_TAG_KEY = COMPUTE_TAG
+DEFAULT_GPU_TAG_VALUE = GPU
 
 
 class SlurmRunLauncher(RunLauncher, ConfigurableClass):

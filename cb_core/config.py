@@ -17,19 +17,12 @@ from typing import Any
 
 import yaml
 
-from cb_core.schemas import DATASETS
+from cb_core.schemas import DATASETS, SOURCES
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_PREFIX = "configs"
 
-SOURCE_ENV = {
-    "fujitsu_b4": "CB_FUJITSU_B4_PATH",
-    "agentdojo": "CB_AGENTDOJO_PATH",
-    "llmail_inject": "CB_LLMAIL_PATH",
-    "tau2": "CB_TAU2_PATH",
-    "ultrachat": "CB_ULTRACHAT_PATH",
-    "xstest": "CB_XSTEST_PATH",
-}
+SOURCE_ENV = {name: env for name, (_module, env) in SOURCES.items()}  # dataset -> CB_<SOURCE>_PATH
 
 
 class ConfigError(ValueError):

@@ -137,10 +137,6 @@ def write_json(obj, path: Path) -> Path:
     return Path(path)
 
 
-def read_parquet(path: Path) -> pl.DataFrame:
-    return pl.read_parquet(path)
-
-
 # ------------------------------------------------------------------------------------ publishing together
 def journal_path(first: Path) -> Path:
     return first.parent / f".{first.name}{_JOURNAL_SUFFIX}"

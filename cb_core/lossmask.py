@@ -20,41 +20,32 @@ builds dense masks. ``build_lossmasks`` computes every policy for a whole frame 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
-import pandera.polars as pa
 import polars as pl
 
-from cb_core.schemas import QUARANTINE_SCHEMA, canonical_json, split_locator
+from cb_core.schemas import (  # noqa: F401  (the lossmask_v1 contract, re-exported)
+    DEFAULT_CLASS_WEIGHTS,
+    DEFAULT_TRAINING_POLICY,
+    EOM_ID,
+    EOT_ID,
+    LOSSMASK_SCHEMA,
+    MASK_SPAN,
+    POLICY_NAMES,
+    QUARANTINE_SCHEMA,
+    START_HEADER_ID,
+    TOOL_POLICIES,
+    LossmaskModel,
+    canonical_json,
+    split_locator,
+)
 
 ASSISTANT = "assistant"
 TOOL_ROLES = ("tool", "ipython")
-EOT_ID, EOM_ID = 128009, 128008
 
 Range = tuple[int, int, float]
-
-# -------------------------------------------------------------------------------------------- schema
-MASK_SPAN = pl.Struct({"token_start": pl.Int32, "token_end": pl.Int32, "weight": pl.Float32})
-LOSSMASK_SCHEMA = pl.Schema(
-    {
-        "trace_id": pl.String,
-        "policy": pl.String,
-        "mask_spans": pl.List(MASK_SPAN),  # sorted, merged, non-empty, 0 <= start < end <= n_tokens
-        "sample_weight": pl.Float32,  # MWCS base weight of the trace's priority class
-        "n_tokens": pl.Int32,
-        "n_masked": pl.Int32,  # sum of (end - start)
-        "dataset": pl.String,  # convenience copies from the trace (curation needs no join)
-        "category": pl.String,
-        "priority_class": pl.String,
-    }
-)
-
-
-def empty_lossmasks() -> pl.DataFrame:
-    return pl.DataFrame(schema=LOSSMASK_SCHEMA)
 
 
 # ------------------------------------------------------------------------------------ per-row helpers
@@ -210,8 +201,7 @@ POLICIES: dict[str, Callable[[Sequence[dict], int], list[Range]]] = {
     "action_prefix_only": action_prefix_only,
     "action_commitment": action_commitment,
 }
-# policies that are empty by definition on a trace without tool calls (quarantined as "excluded")
-TOOL_POLICIES = frozenset({"tool_calls_only", "action_prefix_only", "action_commitment"})
+assert tuple(POLICIES) == POLICY_NAMES, "cb_core.schemas.POLICY_NAMES names every policy, in this order"
 
 
 def mask_for(policy: str, spans: Sequence[dict], n_tokens: int) -> list[Range]:
@@ -229,34 +219,24 @@ class LossmaskConfig:
     """configs/lossmask.yaml: which policies to materialize and the training default per category."""
 
     policies: list[str] = field(default_factory=lambda: list(POLICIES))
-    training_default: dict[str, str] = field(
-        default_factory=lambda: {"harmful": "cb_from_injection", "retain": "assistant_only"}
-    )
+    training_default: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_TRAINING_POLICY))
     preview_samples: int = 3
     source: str = "<defaults>"
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "LossmaskConfig":
-        import os
+        """configs/lossmask.yaml (built-in defaults when the folder has none), or ``path`` (must exist)."""
+        from cb_core.config import config_dir, config_path, load_yaml  # `configs/...` follows CB_CONFIG_DIR
 
-        import yaml
-
-        root = Path(__file__).resolve().parent.parent
-        cfg_dir = Path(os.environ.get("CB_CONFIG_DIR", root / "configs"))
+        cfg_dir = config_dir()
         p = Path(path) if path else cfg_dir / "lossmask.yaml"
         if not p.is_absolute():
-            from cb_core.config import config_path  # `configs/...` follows CB_CONFIG_DIR
-
             p = next((c for c in (config_path(p), cfg_dir / p) if c.is_file()), config_path(p))
         if not p.is_file():
             if path:
                 raise FileNotFoundError(f"lossmask config {p} not found")
             return cls()
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{p}: invalid YAML: {e}") from e
-        return cls.from_dict(raw, source=str(p))
+        return cls.from_dict(load_yaml(p), source=str(p))
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "<dict>") -> "LossmaskConfig":
@@ -426,7 +406,7 @@ def build_lossmasks(
     renders: pl.DataFrame,
     traces: pl.DataFrame,
     policies: Sequence[str] | None = None,
-    mwcs=None,
+    class_weights: Mapping[str, float] | None = None,
     *,
     stats: dict | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -437,13 +417,12 @@ def build_lossmasks(
     ``stats["skipped_skeleton"]``). A training-bound trace whose mask under a policy is empty is never
     written as an all-zero mask: it becomes a quarantine row naming the policy, severity "excluded" when
     the policy needs a tool call and the trace has none, else "malformed". Renders without a trace row are
-    counted in ``stats["missing_trace"]``. ``mwcs``: a ``cb_core.mixture.MixtureSchedule`` (default: the
-    built-in class weights); ``sample_weight`` is the class's base weight.
+    counted in ``stats["missing_trace"]``. ``class_weights``: priority class -> MWCS base weight
+    (``MixtureSchedule.base_weights()``; default: ``DEFAULT_CLASS_WEIGHTS``); ``sample_weight`` is the
+    class's base weight (1.0 for a class it does not name). The step-dependent factor is the trainer's.
     """
-    from cb_core.mixture import MixtureSchedule
-
     policies = list(policies or POLICIES)
-    mwcs = mwcs or MixtureSchedule()
+    weights = dict(DEFAULT_CLASS_WEIGHTS if class_weights is None else class_weights)
     lab = pl.col("labels")
     role_list = pl.col("messages").list.eval(pl.element().struct.field("role"))
     tmeta = traces.select(
@@ -470,9 +449,8 @@ def build_lossmasks(
     masks = compute_masks(bound.select("spans", "n_tokens"), policies)
     meta = bound.drop("spans").with_row_index("_r").with_columns(pl.col("_r").cast(pl.Int64))
     full = masks.join(meta, on="_r", how="left")
-    weights = {c: mwcs.base_weight(c) for c in mwcs.class_weights}
     full = full.with_columns(
-        pl.col("priority_class").replace_strict(weights, default=1.0, return_dtype=pl.Float32).alias("sample_weight")
+        pl.col("priority_class").replace_strict(weights, default=1.0, return_dtype=pl.Float64).alias("sample_weight")
     )
     good = full.filter(pl.col("n_masked") > 0).select(LOSSMASK_SCHEMA.names()).cast(dict(LOSSMASK_SCHEMA))
     empty = full.filter(pl.col("n_masked") == 0)
@@ -583,7 +561,7 @@ def boundary_problems(renders: pl.DataFrame) -> pl.DataFrame:
     per = sp.group_by("trace_id", "message_index").agg(
         has_msg=(k == "message").any(),
         cut=(pl.col("truncated") & (k == "message") & (pl.col("token_end") >= pl.col("n_tokens"))).any(),
-        header_ok=((k == "header") & (tok_at(pl.col("token_start")) == 128006)).any(),
+        header_ok=((k == "header") & (tok_at(pl.col("token_start")) == START_HEADER_ID)).any(),
         end_ok=(
             (k == "end_token")
             & (pl.col("token_end") - pl.col("token_start") == 1)
@@ -601,58 +579,9 @@ def boundary_problems(renders: pl.DataFrame) -> pl.DataFrame:
     ).sort("trace_id", "message_index")
 
 
-# --------------------------------------------------------------------------------------------- pandera
-class LossmaskModel(pa.DataFrameModel):
-    """lossmask_v1."""
-
-    trace_id: str = pa.Field(str_length={"min_value": 1})
-    policy: str = pa.Field(isin=list(POLICIES))
-    mask_spans: pl.List(MASK_SPAN) = pa.Field()  # type: ignore[valid-type]
-    sample_weight: pl.Float32 = pa.Field(ge=0)  # type: ignore[valid-type]
-    n_tokens: pl.Int32 = pa.Field(ge=1)  # type: ignore[valid-type]
-    n_masked: pl.Int32 = pa.Field(ge=1)  # type: ignore[valid-type]
-    dataset: str
-    category: str = pa.Field(isin=["harmful", "retain"])
-    priority_class: str
-
-    class Config:
-        strict = True
-
-    @pa.dataframe_check
-    def unique_trace_policy(cls, data: pa.PolarsData) -> pl.LazyFrame:
-        return data.lazyframe.select(~pl.struct("trace_id", "policy").is_duplicated())
-
-    @pa.dataframe_check
-    def masked_within_sequence(cls, data: pa.PolarsData) -> pl.LazyFrame:
-        return data.lazyframe.select(pl.col("n_masked") <= pl.col("n_tokens"))
-
-    @pa.dataframe_check
-    def spans_inside_sequence(cls, data: pa.PolarsData) -> pl.LazyFrame:
-        lf = data.lazyframe.with_row_index("_r").explode("mask_spans").unnest("mask_spans")
-        ok = (
-            pl.col("token_start").is_not_null()
-            & (pl.col("token_start") >= 0)
-            & (pl.col("token_start") < pl.col("token_end"))
-            & (pl.col("token_end") <= pl.col("n_tokens"))
-        )
-        return lf.group_by("_r", maintain_order=True).agg(ok.all().alias("ok")).select("ok")
-
-
-def training_policy(category: str, priority_class: str, cfg: LossmaskConfig, overrides: dict[str, str] | None = None) -> str:
-    """The policy a trainer uses for a trace: the MWCS phase override for its class, else the config's
-    training default for its category."""
-    if overrides and priority_class in overrides:
-        return overrides[priority_class]
-    return cfg.training_default[category]
-
-
 def masked_text(tokenizer, input_ids: Sequence[int], mask_spans: Iterable[dict]) -> list[str]:
     """Decoded text of each mask span (tests and previews)."""
     ids = list(input_ids)
     return [
         tokenizer.decode(ids[s["token_start"] : s["token_end"]], skip_special_tokens=False) for s in mask_spans
     ]
-
-
-def _json(obj: Any) -> str:  # pragma: no cover - debugging helper
-    return json.dumps(obj, default=str)

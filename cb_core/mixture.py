@@ -34,19 +34,9 @@ from typing import Any
 
 import yaml
 
-from cb_core.schemas import PRIORITY_CLASSES
+from cb_core.config import config_dir, config_path
+from cb_core.schemas import DEFAULT_CLASS_WEIGHTS, POLICY_NAMES, PRIORITY_CLASSES  # noqa: F401  (re-exported)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-DEFAULT_CLASS_WEIGHTS: dict[str, float] = {
-    "adversarial_safe": 2.0,
-    "injection_resisted": 1.5,
-    "benign_twin": 1.2,
-    "tool_capability": 1.0,
-    "general_conversation": 0.8,
-    "borderline": 1.0,
-    "harmful_flip": 1.0,
-}
 CURRICULUM_TYPES = ("step", "linear", "cosine", "none")
 
 
@@ -86,7 +76,7 @@ class MixtureSchedule:
         """Load a schedule YAML (relative paths: against the project root, then configs/mwcs/).
 
         ``policies``: the known loss-mask policy names, to validate ``lmp_overrides`` (default: all of
-        cb_core.lossmask.POLICIES)."""
+        cb_core.schemas.POLICY_NAMES)."""
         p = _resolve(path)
         try:
             raw = yaml.safe_load(p.read_text(encoding="utf-8"))
@@ -101,9 +91,7 @@ class MixtureSchedule:
         cls, raw: Any, *, source: str = "<dict>", policies: tuple[str, ...] | None = None
     ) -> "MixtureSchedule":
         if policies is None:
-            from cb_core.lossmask import POLICIES
-
-            policies = tuple(POLICIES)
+            policies = POLICY_NAMES
 
         def err(fieldname: str, msg: str) -> MixtureError:
             return MixtureError(f"{source}: {fieldname}: {msg}")
@@ -171,6 +159,10 @@ class MixtureSchedule:
         except KeyError:
             raise KeyError(f"{self.source}: unknown priority class {cls!r}") from None
 
+    def base_weights(self) -> dict[str, float]:
+        """Every class's base weight: what ``cb_core.lossmask.build_lossmasks`` writes as ``sample_weight``."""
+        return {c: self.base_weight(c) for c in self.class_weights}
+
     def class_weight(self, cls: str, step: int) -> float:
         """Weight of priority class ``cls`` at training ``step`` (see the module docstring)."""
         base = self.base_weight(cls)
@@ -227,14 +219,12 @@ def _weights(raw: Any, fieldname: str, err) -> dict[str, float]:
 
 
 def _resolve(path: str | Path | None) -> Path:
-    cfg_dir = Path(os.environ.get("CB_CONFIG_DIR", PROJECT_ROOT / "configs"))
+    cfg_dir = config_dir()
     if path is None:
         return cfg_dir / "mwcs" / "default.yaml"
     p = Path(os.path.expanduser(str(path)))
     if p.is_absolute():
         return p
-    from cb_core.config import config_path  # `configs/...` follows CB_CONFIG_DIR
-
     for cand in (config_path(p), cfg_dir / p, cfg_dir / "mwcs" / p, cfg_dir / "mwcs" / f"{p}.yaml"):
         if cand.is_file():
             return cand

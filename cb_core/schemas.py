@@ -1,4 +1,9 @@
-"""Data contracts: polars dtypes and pandera models for every tier.
+"""Data contracts: the one place for every tier's polars schema and pandera model, and the shared vocabulary.
+
+Tiers: trace_v1 and quarantine (Tier A/B), render_v1, lossmask_v1, training_mix / splits and eval_attacks
+(Tier C). Vocabulary: dataset names, categories, priority classes, loss-mask policy names, the MWCS default
+class weights and the Llama-3 special tokens. Every other module imports these facts from here (the lowest
+floor of cb_core: it imports nothing from the package but ``INGEST_VERSION``).
 
 Nested JSON that has no fixed shape (tool schemas, call arguments, generation params) is stored as a JSON
 string so every tier stays a plain, fixed-schema Parquet table that any tool can read.
@@ -75,7 +80,17 @@ TRACE_SCHEMA = pl.Schema(
         "provenance": PROVENANCE,
     }
 )
-DATASETS = ("fujitsu_b4", "agentdojo", "llmail_inject", "tau2", "ultrachat", "xstest")
+# The source registry: dataset name -> (reader module under cb_core.sources, environment variable of its path).
+# Adding a source is one line here plus its reader module (and its `sources:` entry in configs/datasets.yaml).
+SOURCES: dict[str, tuple[str, str]] = {
+    "fujitsu_b4": ("fujitsu_b4", "CB_FUJITSU_B4_PATH"),
+    "agentdojo": ("agentdojo", "CB_AGENTDOJO_PATH"),
+    "llmail_inject": ("llmail", "CB_LLMAIL_PATH"),
+    "tau2": ("tau2", "CB_TAU2_PATH"),
+    "ultrachat": ("ultrachat", "CB_ULTRACHAT_PATH"),
+    "xstest": ("xstest", "CB_XSTEST_PATH"),
+}
+DATASETS = tuple(SOURCES)
 CATEGORIES = ("harmful", "retain")
 PRIORITY_CLASSES = (
     "harmful_flip",
@@ -88,6 +103,51 @@ PRIORITY_CLASSES = (
     "refusal",
 )
 ROLES = ("system", "user", "assistant", "tool")
+
+# ------------------------------------------------------------------------------------------ vocabulary
+# Loss-mask policies (cb_core.lossmask.POLICIES maps each name to its reference function).
+POLICY_NAMES = (
+    "assistant_only",
+    "completion_only",
+    "full_sequence",
+    "cb_full_sequence",
+    "cb_from_injection",
+    "assistant_and_tool",
+    "tool_calls_only",
+    "action_prefix_only",
+    "action_commitment",
+)
+# policies that are empty by definition on a trace without tool calls (quarantined as "excluded")
+TOOL_POLICIES = frozenset({"tool_calls_only", "action_prefix_only", "action_commitment"})
+# The policy a trainer uses per category when configs/lossmask.yaml says nothing (its `training_default`).
+DEFAULT_TRAINING_POLICY: dict[str, str] = {"harmful": "cb_from_injection", "retain": "assistant_only"}
+# MWCS base weight per priority class where a schedule names none (configs/mwcs/*.yaml `class_weights`).
+DEFAULT_CLASS_WEIGHTS: dict[str, float] = {
+    "adversarial_safe": 2.0,
+    "injection_resisted": 1.5,
+    "benign_twin": 1.2,
+    "tool_capability": 1.0,
+    "general_conversation": 0.8,
+    "borderline": 1.0,
+    "harmful_flip": 1.0,
+}
+
+# Llama-3 special tokens and their ids (the Llama-3.1 naming, as in Meta's HF release).
+LLAMA3_SPECIAL_IDS: dict[str, int] = {
+    "<|begin_of_text|>": 128000,
+    "<|end_of_text|>": 128001,
+    "<|finetune_right_pad_id|>": 128004,
+    "<|start_header_id|>": 128006,
+    "<|end_header_id|>": 128007,
+    "<|eom_id|>": 128008,
+    "<|eot_id|>": 128009,
+    "<|python_tag|>": 128010,
+}
+BOS, EOT, EOM, PYTHON_TAG = "<|begin_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>"
+START_HEADER, END_HEADER = "<|start_header_id|>", "<|end_header_id|>"
+START_HEADER_ID, END_HEADER_ID = LLAMA3_SPECIAL_IDS[START_HEADER], LLAMA3_SPECIAL_IDS[END_HEADER]
+EOT_ID, EOM_ID = LLAMA3_SPECIAL_IDS[EOT], LLAMA3_SPECIAL_IDS[EOM]
+END_IDS = (EOT_ID, EOM_ID)  # tokens that end an assistant turn
 
 QUARANTINE_SCHEMA = pl.Schema(
     {
@@ -139,14 +199,46 @@ def empty_quarantine() -> pl.DataFrame:
     return pl.DataFrame(schema=QUARANTINE_SCHEMA)
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
+
+
 def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    """The one JSON text of a value (sorted keys, no spaces, UTF-8 kept): what every id and digest hashes."""
+    return _CANONICAL(obj)
 
 
 def digest(obj: Any, n: int = 32) -> str:
     """Stable content hash (sha256 of canonical JSON), truncated to n hex chars (128 bits by default)."""
     text = obj if isinstance(obj, str) else canonical_json(obj)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:n]
+
+
+def normal_tool_attack(tool_attack: dict | None) -> dict | None:
+    """A tool_attack struct with every field (attacker_args as JSON text, injection_spans filled)."""
+    if tool_attack is None:
+        return None
+    args = tool_attack.get("attacker_args")
+    return {
+        "expected_tool": tool_attack.get("expected_tool"),
+        "attacker_tool": tool_attack.get("attacker_tool"),
+        "attacker_args": args if isinstance(args, (str, type(None))) else canonical_json(args),
+        "injection_text": tool_attack.get("injection_text"),
+        "injection_span": tool_attack.get("injection_span"),
+        "injection_spans": tool_attack.get("injection_spans")
+        or ([tool_attack["injection_span"]] if tool_attack.get("injection_span") else []),
+    }
+
+
+def trace_id(dataset: str, source_locator: str, messages: list[dict], tools_enc: str, tool_attack: dict | None,
+             id_suffix: str | None = None) -> str:
+    """The trace id: ``digest([dataset, source_locator, messages, tools_json, tool_attack])`` (+ ``id_suffix``
+    re-hashed in). ``tools_enc`` is ``canonical_json(tools_json)``, encoded once per tool set by the caller:
+    a list's canonical JSON is its items' joined, so the (large) tools part is never re-encoded per row."""
+    tid = digest(
+        "[" + canonical_json(dataset) + "," + canonical_json(source_locator) + "," + canonical_json(messages)
+        + "," + tools_enc + "," + canonical_json(tool_attack) + "]"
+    )
+    return digest(tid + id_suffix) if id_suffix else tid
 
 
 @functools.lru_cache(maxsize=256)
@@ -198,39 +290,20 @@ def make_trace(
     generation_params: dict | None = None,
     ingest_version: str | None = None,
     parent_id: str | None = None,
+    id_suffix: str | None = None,
 ) -> dict:
     """Build one trace_v1 row (a plain dict; `pl.DataFrame(rows, schema=TRACE_SCHEMA)` makes the table).
 
     The id hashes everything that defines the conversation *and* where it came from, so identical message
-    lists from two files or lines never collide.
+    lists from two files or lines never collide. ``id_suffix``: a reader that passes ``messages=[]`` and
+    fills them in later (AgentDojo: the ETL_A speed budget) gives the raw record's content hash instead.
     """
     from cb_core import INGEST_VERSION
 
     tools_json = tools if isinstance(tools, str) else canonical_json(tools or [])
-    if tool_attack is not None:
-        tool_attack = {
-            "expected_tool": tool_attack.get("expected_tool"),
-            "attacker_tool": tool_attack.get("attacker_tool"),
-            "attacker_args": (
-                tool_attack.get("attacker_args")
-                if isinstance(tool_attack.get("attacker_args"), (str, type(None)))
-                else canonical_json(tool_attack.get("attacker_args"))
-            ),
-            "injection_text": tool_attack.get("injection_text"),
-            "injection_span": tool_attack.get("injection_span"),
-            "injection_spans": tool_attack.get("injection_spans")
-            or ([tool_attack["injection_span"]] if tool_attack.get("injection_span") else []),
-        }
+    tool_attack = normal_tool_attack(tool_attack)
     tools_enc, tools_digest = _tools_part(tools_json)
-    # Same bytes as digest([dataset, source_locator, messages, tools_json, tool_attack]), cheaper.
-    tid = digest(
-        "["
-        + ",".join(
-            [canonical_json(dataset), canonical_json(source_locator), canonical_json(messages), tools_enc,
-             canonical_json(tool_attack)]
-        )
-        + "]"
-    )
+    tid = trace_id(dataset, source_locator, messages, tools_enc, tool_attack, id_suffix)
     return {
         "id": tid,
         "dataset": dataset,
@@ -354,3 +427,238 @@ class QuarantineModel(pa.DataFrameModel):
 
     class Config:
         strict = True
+
+
+# ------------------------------------------------------------------------------------------- render_v1
+TOKEN_SPAN = pl.Struct(
+    {
+        "kind": pl.String,
+        "message_index": pl.Int32,
+        "role": pl.String,
+        "token_start": pl.Int32,
+        "token_end": pl.Int32,  # exclusive
+    }
+)
+RENDER_SCHEMA = pl.Schema(
+    {
+        "trace_id": pl.String,
+        "tokenizer_id": pl.String,
+        "input_ids": pl.List(pl.Int32),
+        "spans": pl.List(TOKEN_SPAN),
+        "n_tokens": pl.Int32,
+        "truncated": pl.Boolean,  # the trace was changed to fit max_length
+        "truncation": pl.String,  # what was done: "none", or the steps "+"-joined (TRUNCATION_DONE)
+    }
+)
+TRUNCATION_DONE = ("dropped_turns", "shortened_tool_outputs", "cut")
+
+
+class RenderModel(pa.DataFrameModel):
+    """render_v1."""
+
+    trace_id: str = pa.Field(unique=True)
+    tokenizer_id: str = pa.Field(str_length={"min_value": 1})
+    input_ids: pl.List(pl.Int32) = pa.Field()  # type: ignore[valid-type]
+    spans: pl.List(TOKEN_SPAN) = pa.Field()  # type: ignore[valid-type]
+    n_tokens: pl.Int32 = pa.Field(ge=1)  # type: ignore[valid-type]
+    truncated: bool
+    truncation: str
+
+    class Config:
+        strict = True
+
+    @pa.dataframe_check
+    def n_tokens_matches(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(pl.col("input_ids").list.len() == pl.col("n_tokens"))
+
+    @pa.dataframe_check
+    def truncation_matches(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        t = pl.col("truncation")
+        known = t.str.split("+").list.eval(pl.element().is_in(list(TRUNCATION_DONE))).list.all()
+        return data.lazyframe.select(
+            ((t == "none") & ~pl.col("truncated")) | (pl.col("truncated") & (t != "none") & known)
+        )
+
+    @pa.dataframe_check
+    def spans_inside_sequence(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        lf = data.lazyframe.with_row_index("_r").explode("spans").unnest("spans")
+        ok = (
+            pl.col("token_start").is_null()
+            | ((pl.col("token_start") >= 0) & (pl.col("token_start") <= pl.col("token_end"))
+               & (pl.col("token_end") <= pl.col("n_tokens")))
+        )
+        return lf.group_by("_r", maintain_order=True).agg(ok.all().alias("ok")).select("ok")
+
+
+# ----------------------------------------------------------------------------------------- lossmask_v1
+MASK_SPAN = pl.Struct({"token_start": pl.Int32, "token_end": pl.Int32, "weight": pl.Float32})
+LOSSMASK_SCHEMA = pl.Schema(
+    {
+        "trace_id": pl.String,
+        "policy": pl.String,
+        "mask_spans": pl.List(MASK_SPAN),  # sorted, merged, non-empty, 0 <= start < end <= n_tokens
+        "sample_weight": pl.Float64,  # MWCS base weight of the trace's priority class (as in the mix)
+        "n_tokens": pl.Int32,
+        "n_masked": pl.Int32,  # sum of (end - start)
+        "dataset": pl.String,  # convenience copies from the trace (curation needs no join)
+        "category": pl.String,
+        "priority_class": pl.String,
+    }
+)
+
+
+class LossmaskModel(pa.DataFrameModel):
+    """lossmask_v1."""
+
+    trace_id: str = pa.Field(str_length={"min_value": 1})
+    policy: str = pa.Field(isin=list(POLICY_NAMES))
+    mask_spans: pl.List(MASK_SPAN) = pa.Field()  # type: ignore[valid-type]
+    sample_weight: float = pa.Field(ge=0)
+    n_tokens: pl.Int32 = pa.Field(ge=1)  # type: ignore[valid-type]
+    n_masked: pl.Int32 = pa.Field(ge=1)  # type: ignore[valid-type]
+    dataset: str
+    category: str = pa.Field(isin=list(CATEGORIES))
+    priority_class: str
+
+    class Config:
+        strict = True
+
+    @pa.dataframe_check
+    def unique_trace_policy(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(~pl.struct("trace_id", "policy").is_duplicated())
+
+    @pa.dataframe_check
+    def masked_within_sequence(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(pl.col("n_masked") <= pl.col("n_tokens"))
+
+    @pa.dataframe_check
+    def spans_inside_sequence(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        lf = data.lazyframe.with_row_index("_r").explode("mask_spans").unnest("mask_spans")
+        ok = (
+            pl.col("token_start").is_not_null()
+            & (pl.col("token_start") >= 0)
+            & (pl.col("token_start") < pl.col("token_end"))
+            & (pl.col("token_end") <= pl.col("n_tokens"))
+        )
+        return lf.group_by("_r", maintain_order=True).agg(ok.all().alias("ok")).select("ok")
+
+
+# ------------------------------------------------------------- training_mix, train/eval splits, eval_attacks
+# `tool_attack.expected_tool` of an AgentDojo eval attack whose user task's ground-truth calls were all made
+# before the cut: the expected behaviour is to answer the user (no further tool call, none to the attacker).
+FINAL_ANSWER = "final_answer"
+# `expected_behavior` of an eval attack: call `tool_attack.expected_tool` next (B4; AgentDojo with a ground-truth
+# call still to make), answer without a tool call (FINAL_ANSWER), or -- where the benchmark names no expected
+# call (LLMail-Inject; AgentDojo tasks without ground truth) -- anything but the attacker's call
+# (`expected_tool` null, `attacker_tool`/`attacker_args` set).
+EXPECTED_BEHAVIORS = ("expected_tool", "final_answer", "no_attacker_call")
+
+# Extra columns a training-mix row carries beside its trace_v1 columns.
+MIX_EXTRA_SCHEMA = pl.Schema(
+    {
+        "content_hash": pl.String,
+        "category": pl.String,
+        "priority_class": pl.String,
+        "subtype": pl.String,
+        "policy": pl.String,
+        "mask_spans": pl.List(MASK_SPAN),
+        "sample_weight": pl.Float64,
+        "n_tokens": pl.Int32,
+        "n_masked": pl.Int32,
+    }
+)
+MIX_SCHEMA = pl.Schema({**dict(TRACE_SCHEMA), **dict(MIX_EXTRA_SCHEMA)})
+EVAL_ATTACK_SCHEMA = pl.Schema(
+    {
+        **dict(TRACE_SCHEMA),
+        "source_trace_id": pl.String,
+        "n_stripped": pl.Int32,
+        "expected_behavior": pl.String,
+        "stratum": pl.String,  # "<dataset>:<subtype>", or "<dataset>:other" for merged small strata
+    }
+)
+
+
+class TrainingMixModel(TraceModel):
+    """training_mix: trace_v1 columns (all TraceModel checks) + the sample's lossmask and curation keys."""
+
+    content_hash: str = pa.Field(unique=True, str_length={"min_value": 16})
+    category: str = pa.Field(isin=list(CATEGORIES))
+    priority_class: str = pa.Field(isin=list(PRIORITY_CLASSES))
+    subtype: str
+    policy: str = pa.Field(str_length={"min_value": 1})
+    mask_spans: pl.List(MASK_SPAN) = pa.Field()  # type: ignore[valid-type]
+    sample_weight: float = pa.Field(ge=0.0)
+    n_tokens: pl.Int32 = pa.Field(gt=0)  # type: ignore[valid-type]
+    n_masked: pl.Int32 = pa.Field(gt=0)  # type: ignore[valid-type]
+    split: str = pa.Field(nullable=True, isin=["train", "eval"])
+
+    class Config:
+        strict = True
+
+    @pa.dataframe_check
+    def complete_with_assistant(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(
+            (pl.col("completeness") == "complete")
+            & pl.col("messages").list.eval(pl.element().struct.field("role") == "assistant").list.any()
+        )
+
+    @pa.dataframe_check
+    def category_matches_labels(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(pl.col("category") == pl.col("labels").struct.field("category"))
+
+
+class TrainSplitModel(TrainingMixModel):
+    split: str = pa.Field(isin=["train"])
+
+
+class EvalSplitModel(TrainingMixModel):
+    split: str = pa.Field(isin=["eval"])
+
+
+class EvalAttacksModel(TraceModel):
+    """eval_attacks: trace_v1 skeletons (new ids) cut right after the injection, + the trace they were cut
+    from, the expected behaviour and the stratum."""
+
+    completeness: str = pa.Field(isin=["skeleton"])
+    split: str = pa.Field(isin=["eval_attack"])
+    source_trace_id: str = pa.Field(str_length={"min_value": 16})
+    n_stripped: pl.Int32 = pa.Field(ge=0)  # type: ignore[valid-type]
+    expected_behavior: str = pa.Field(isin=list(EXPECTED_BEHAVIORS))
+    stratum: str = pa.Field(str_matches=r"^[a-z0-9_]+:")
+
+    class Config:
+        strict = True
+
+    @pa.dataframe_check
+    def attacked(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(pl.col("labels").struct.field("attack_present"))
+
+    @pa.dataframe_check
+    def injection_reached(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(pl.col("labels").struct.field("injection_reached").fill_null(True))
+
+    @pa.dataframe_check
+    def ends_right_after_the_injection(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        """The last message is a tool result, or the user message holding the injection (never an assistant
+        turn, never a user message without the injection); the injection lies inside the messages."""
+        idx = pl.col("tool_attack").struct.field("injection_span").struct.field("message_index")
+        last = pl.col("messages").list.len() - 1
+        role = pl.col("messages").list.last().struct.field("role")
+        return data.lazyframe.select(
+            idx.is_not_null()
+            & (idx <= last)
+            & ((role == "tool") | ((role == "user") & (idx == last)))
+        )
+
+    @pa.dataframe_check
+    def has_expected_behavior(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        ta = pl.col("tool_attack")
+        b = pl.col("expected_behavior")
+        return data.lazyframe.select(
+            pl.when(b == "expected_tool")
+            .then(ta.struct.field("expected_tool").is_not_null() & (ta.struct.field("expected_tool") != FINAL_ANSWER))
+            .when(b == "final_answer")
+            .then(ta.struct.field("expected_tool") == FINAL_ANSWER)
+            .otherwise(ta.struct.field("expected_tool").is_null() & ta.struct.field("attacker_tool").is_not_null())
+        )

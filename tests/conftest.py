@@ -10,6 +10,20 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("CB_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
 
 
+# Markers that follow from what a test uses (never file-wide): a test whose fixtures reach the local SLURM
+# cluster is `slurm`, one that reads ../shared/data is `shared_data`; cluster-free and synthetic tests in
+# the same files are neither.
+_FIXTURE_MARKERS = {"slurm_cluster": "slurm", "shared_data": "shared_data"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture, marker in _FIXTURE_MARKERS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data (real public records); tests that need it skip cleanly where it is absent."""

@@ -1001,16 +1001,16 @@ def test_preflight_uses_tokenizer_end_ids(world, built, llama_tokenizer):
     assert fails and all("training uses" in f["reason"] for f in fails)  # renders made with another tokenizer
     r = renders.with_columns(pl.lit(tokenizer_id(llama_tokenizer)).alias("tokenizer_id"))
     assert preflight(train, traces, r, lossmasks, llama_tokenizer, cfg) == []
-    assert curate._end_ids(llama_tokenizer) == {128008, 128009}
+    assert curate.preflight_checks._end_ids(llama_tokenizer) == {128008, 128009}
 
 
 def test_eval_quotas_small_strata_and_overall_share():
     sizes = {f"s{i}": 2 for i in range(20)} | {"big": 60}
-    q = curate._eval_quotas(sizes, 0.1, seed=1)
+    q = curate.splits._eval_quotas(sizes, 0.1, seed=1)
     assert q["big"] == 6 and sum(q.values()) == 10  # round(0.1 * 100)
     assert all(0 <= q[k] <= sizes[k] for k in sizes)
-    assert q == curate._eval_quotas(dict(reversed(list(sizes.items()))), 0.1, seed=1)
-    assert curate._eval_quotas({"a": 3}, 0.0, seed=1) == {"a": 0}
+    assert q == curate.splits._eval_quotas(dict(reversed(list(sizes.items()))), 0.1, seed=1)
+    assert curate.splits._eval_quotas({"a": 3}, 0.0, seed=1) == {"a": 0}
 
 
 # ----------------------------------------------------------------------------------- real shared data

@@ -14,7 +14,7 @@ from cb_core.evaluate.refusal import is_refusal
 from cb_core.evaluate.runner import EvalConfig, EvalSample, score
 from cb_core.evaluate.scores import GateConfig, deltas, gates, scores_frame
 from cb_core.evaluate.stats import mean_of, rate, wilson
-from cb_core.generate.parse import parse_completion
+from cb_core.parse import parse_completion
 
 ATT = {"recipients": ["mark.black-2134@gmail.com"]}
 

@@ -1,4 +1,4 @@
-"""The one tool-call parser (cb_core.generate.parse): real assistant outputs rendered by the project's renderer
+"""The one tool-call parser (cb_core.parse): real assistant outputs rendered by the project's renderer
 and parsed back, and crafted strings of every form a model emits."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cb_core.generate.parse import parse_completion, tool_calls
+from cb_core.parse import parse_completion, tool_calls
 from cb_core.render import RenderConfig, parse_tool_calls, render_conversation
 from cb_core.schemas import message
 

@@ -10,7 +10,6 @@ import pytest
 from cb_core import lossmask as L
 from cb_core.schemas import TRACE_SCHEMA, make_trace, message
 
-pytestmark = pytest.mark.shared_data
 
 FILES = (
     "agentdojo-claude-3-5-sonnet-20240620.jsonl",  # text before tool calls (<thinking> ...)
@@ -120,6 +119,33 @@ def rendered(request, agentdojo_traces, llama_tokenizer):
     return request.param, cfg, renders, masks, q
 
 
+@pytest.fixture(scope="module")
+def sample_traces(request, tmp_path_factory) -> pl.DataFrame:
+    """AgentDojo traces: the real shared files when present, else the embedded demo sample's runs."""
+    from conftest import SHARED_DATA
+
+    if SHARED_DATA.is_dir():
+        return request.getfixturevalue("agentdojo_traces")
+    from cb_core.demo import write_demo_sources
+    from cb_core.sources import agentdojo
+
+    path = write_demo_sources(tmp_path_factory.mktemp("demo"))["agentdojo"]
+    from cb_core.config import resolve_source_paths
+
+    return agentdojo.read(resolve_source_paths(path), {}).good
+
+
+@pytest.fixture(scope="module", params=["python_tag", "json"])
+def rendered_sample(request, sample_traces, llama_tokenizer):
+    from cb_core.render import RenderConfig, render_traces
+
+    cfg = RenderConfig(tool_call_format=request.param, max_length=100_000)
+    renders, rejected = render_traces(sample_traces, llama_tokenizer, cfg)
+    assert rejected.height == 0
+    masks, q = L.build_lossmasks(renders, sample_traces)
+    return request.param, cfg, renders, masks, q
+
+
 def _decode(tok, ids, spans) -> str:
     return "".join(L.masked_text(tok, ids, spans))
 
@@ -159,8 +185,8 @@ def test_policy_decodes_to_expected_text(policy, rendered, agentdojo_traces, lla
         assert set(straddled) <= {" "}  # only a space before "<INFORMATION>" ever merges into its token
 
 
-def test_vectorised_equals_reference(rendered):
-    fmt, cfg, renders, masks, q = rendered
+def test_vectorised_equals_reference(rendered_sample):
+    fmt, cfg, renders, masks, q = rendered_sample
     by_id = {r["trace_id"]: r for r in renders.iter_rows(named=True)}
     for r in masks.iter_rows(named=True):
         ref = L.mask_for(r["policy"], by_id[r["trace_id"]]["spans"], r["n_tokens"])
@@ -308,7 +334,7 @@ def test_sample_weight_from_mwcs(llama_tokenizer):
     t = _trace("hi", priority_class="adversarial_safe", attack_present=True, is_adversarial_safe=True)
     tr = pl.DataFrame([t], schema=TRACE_SCHEMA)
     renders, _ = render_traces(tr, llama_tokenizer, RenderConfig())
-    masks, _ = L.build_lossmasks(renders, tr, ["assistant_only"], MixtureSchedule.load())
+    masks, _ = L.build_lossmasks(renders, tr, ["assistant_only"], MixtureSchedule.load().base_weights())
     assert masks["sample_weight"].to_list() == [2.0]
     assert masks.select("dataset", "category", "priority_class").row(0) == ("agentdojo", "retain", "adversarial_safe")
 

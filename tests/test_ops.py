@@ -11,7 +11,7 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from cb_assets import ops
+from cb_assets import automation as ops
 from cb_assets.definitions import defs
 
 RAW_KEYS = {dg.AssetKey(f"raw_{ds}") for ds in ("fujitsu_b4", "agentdojo", "llmail_inject", "tau2",

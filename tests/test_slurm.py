@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tests.*` imp
 # fixture starts one cluster for all SLURM test modules.
 pytest_plugins = ["tests.slurm_fixtures"]
 
-pytestmark = pytest.mark.slurm
+# `slurm` marks the tests whose fixtures reach the cluster (tests/conftest.py); the rest run anywhere.
 
 # --- pure helpers (no cluster) ---------------------------------------------------------------------
 
@@ -106,7 +106,7 @@ def test_job_state_falls_back_to_jobcomp_when_aged_out(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def env(slurm_cluster, tmp_path_factory):
-    from tests.slurm_fixtures import launcher_env
+    from cb_assets.testing.slurm import launcher_env
 
     with launcher_env(tmp_path_factory.mktemp("dagster_home")) as e:
         yield e
@@ -291,7 +291,7 @@ def test_pending_job_not_failed_and_lost_pending_job_detected(env, slurm_cluster
 def _watchdog_tick(env):
     import dagster as dg
 
-    from cb_assets.ops import slurm_watchdog
+    from cb_assets.automation import slurm_watchdog
 
     return slurm_watchdog(dg.build_sensor_context(instance=env.instance))
 
@@ -385,7 +385,7 @@ def test_sbatch_entry_points_honour_toggles(slurm_cluster, tmp_path):
 
 def test_stop_kills_only_own_daemons(slurm_cluster, tmp_path):
     """start/stop of a second cluster leaves the session cluster (and its PIDs) alone."""
-    from tests.slurm_fixtures import start_cluster, stop_cluster
+    from cb_assets.testing.slurm import start_cluster, stop_cluster
 
     before = {p.name: p.read_text().strip() for p in (slurm_cluster.dir / "run").glob("*.pid")}
     assert len(before) == 3

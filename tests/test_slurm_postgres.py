@@ -85,7 +85,7 @@ def test_gpu_run_through_slurm_with_postgres_storage(slurm_cluster, postgres_ser
     import dagster as dg
     import psycopg2
 
-    from tests.slurm_fixtures import launcher_env
+    from cb_assets.testing.slurm import launcher_env
 
     # Credentials reach dagster.yaml through environment variables, as in dagster.slurm.example.yaml.
     monkeypatch.setenv("DAGSTER_PG_HOST", postgres_server["host"])

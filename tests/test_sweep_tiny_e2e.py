@@ -25,7 +25,7 @@ def test_tiny_sweep_end_to_end(data_root, tmp_path, monkeypatch):
     for k, v in {"OMP_NUM_THREADS": "1", "CB_TORCH_THREADS": "1", "WANDB_MODE": "offline", "CB_EVAL_LIMIT": "2"}.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("CB_MODEL", raising=False)
-    from cb_assets.assets.sweeps import run_sweep_in_process
+    from cb_assets.cli import run_sweep_in_process
     from cb_assets.definitions import defs
 
     inst = dg.DagsterInstance.ephemeral()

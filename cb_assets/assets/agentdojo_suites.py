@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from cb_assets.tags import cpu_tags
 from cb_assets.validation import validate_or_fail
 from cb_core.schemas import QuarantineModel, TraceModel, empty_quarantine, empty_traces
 from cb_core.sources import SourceError, SourceResult
@@ -17,7 +18,7 @@ class AgentDojoSuitesConfig(dg.Config):
 @dg.asset(
     group_name="raw",
     kinds={"polars"},
-    tags={"cb/tier": "A", "cb/compute": "cpu"},
+    tags=cpu_tags("A"),
     description="AgentDojo attacked skeletons from the `agentdojo` package (optional extra): every user task x "
     "injection task, ground truth run in the attack-injected environment up to the first injected tool result; "
     "expected tool from the user task's ground truth, attacker call from the injection task's. dataset "

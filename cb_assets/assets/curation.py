@@ -10,13 +10,15 @@ import dagster as dg
 import polars as pl
 
 from cb_assets.resources import DatasetsResource, ModelResource
+from cb_assets.tags import cpu_tags
 from cb_assets.validation import N_EXAMPLES, pandera_check, validate_or_fail
 from cb_core import curate
 from cb_core.io import write_json
+from cb_core.schemas import EvalAttacksModel, EvalSplitModel, TrainingMixModel, TrainSplitModel
 
 CURATION_GROUP = "curation"
-TAGS = {"cb/tier": "C", "cb/compute": "cpu"}
-GATE_NAMES = ("dr_ds_ratio", "adversarial_safe_count", "no_duplicate_ids", "tool_schemas_present")
+TAGS = cpu_tags("C")
+GATE_NAMES = curate.GATE_NAMES
 
 
 def curation_config(datasets: DatasetsResource) -> curate.CurationConfig:
@@ -66,7 +68,7 @@ def training_mix(
             f"training_mix: required source(s) {stats['required_sources_missing']} contribute no sample",
             metadata={"stats": _json_safe(stats)},
         )
-    validate_or_fail(curate.TrainingMixModel, mix, "training_mix")
+    validate_or_fail(TrainingMixModel, mix, "training_mix")
     stats_path = write_json(stats, datasets.data_root() / "training_mix.stats.json")
     for name in stats["sources_missing"] + stats["generated_missing"]:
         context.log.info(f"training_mix: optional source '{name}' not present (reported, not fatal)")
@@ -128,8 +130,8 @@ def _split_asset(which: str, model) -> dg.AssetsDefinition:
     return _asset
 
 
-train_split = _split_asset("train", curate.TrainSplitModel)
-eval_split = _split_asset("eval", curate.EvalSplitModel)
+train_split = _split_asset("train", TrainSplitModel)
+eval_split = _split_asset("eval", EvalSplitModel)
 
 
 @dg.asset(
@@ -150,7 +152,7 @@ def eval_attacks(
 ) -> pl.DataFrame:
     cfg = curation_config(datasets)
     df, stats = curate.build_eval_attacks_with_stats(traces, training_mix.select("id", "pair_group"), cfg)
-    validate_or_fail(curate.EvalAttacksModel, df, "eval_attacks")
+    validate_or_fail(EvalAttacksModel, df, "eval_attacks")
     strata = curate.eval_attack_strata(df, cfg)
     if stats["agentdojo_without_ground_truth"]:
         context.log.warning(
@@ -202,7 +204,7 @@ def training_mix_gates(datasets: DatasetsResource, training_mix: pl.DataFrame):
 
 @dg.asset_check(asset=training_mix, blocking=True, description="training_mix schema (TrainingMixModel)")
 def training_mix_schema(training_mix: pl.DataFrame) -> dg.AssetCheckResult:
-    return pandera_check(curate.TrainingMixModel, training_mix)
+    return pandera_check(TrainingMixModel, training_mix)
 
 
 @dg.asset_check(
@@ -246,12 +248,12 @@ def train_split_preflight(
 
 @dg.asset_check(asset=train_split, blocking=True, description="train_split schema (TrainSplitModel)")
 def train_split_schema(train_split: pl.DataFrame) -> dg.AssetCheckResult:
-    return pandera_check(curate.TrainSplitModel, train_split)
+    return pandera_check(TrainSplitModel, train_split)
 
 
 @dg.asset_check(asset=eval_split, blocking=True, description="eval_split schema (EvalSplitModel)")
 def eval_split_schema(eval_split: pl.DataFrame) -> dg.AssetCheckResult:
-    return pandera_check(curate.EvalSplitModel, eval_split)
+    return pandera_check(EvalSplitModel, eval_split)
 
 
 def _outcome(found: dict[str, int], verified: str, n_checked: str) -> str:
@@ -324,7 +326,7 @@ def eval_attacks_disjoint(eval_attacks: pl.DataFrame, train_split: pl.DataFrame)
 
 @dg.asset_check(asset=eval_attacks, blocking=True, description="eval_attacks schema (EvalAttacksModel)")
 def eval_attacks_schema(eval_attacks: pl.DataFrame) -> dg.AssetCheckResult:
-    return pandera_check(curate.EvalAttacksModel, eval_attacks)
+    return pandera_check(EvalAttacksModel, eval_attacks)
 
 
 @dg.asset_check(

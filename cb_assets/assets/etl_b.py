@@ -7,7 +7,6 @@ rows beside it (`<key>.rejected.parquet`) in the same step; `renders_quarantine`
 publish those. (A two-output multi_asset would make `dagster asset materialize --select lossmasks` fail:
 a non-subsettable multi-asset must be selected whole.)"""
 
-import html
 import os
 import time
 
@@ -16,18 +15,12 @@ import polars as pl
 
 from cb_assets.assets.generation import generated_inputs_status, with_generated
 from cb_assets.resources import DatasetsResource, ModelResource
+from cb_assets.tags import cpu_tags
 from cb_assets.validation import keep_rejects, pandera_check, rows_check, stop_the_line, validate_or_fail
 from cb_core.io import atomic_write_bytes, data_root
-from cb_core.lossmask import (
-    LossmaskConfig,
-    LossmaskModel,
-    bad_span_rows,
-    boundary_problems,
-    build_lossmasks,
-    lossmask_stats,
-)
+from cb_core.lossmask import LossmaskConfig, bad_span_rows, boundary_problems, build_lossmasks, lossmask_stats
 from cb_core.mixture import MixtureSchedule
-from cb_core.schemas import QuarantineModel
+from cb_core.schemas import LossmaskModel, QuarantineModel, RenderModel
 from cb_core.sources import SourceResult
 
 ETL_B_GROUP = "etl_b"
@@ -51,7 +44,7 @@ class LossmasksConfig(dg.Config):
     ins={"traces": dg.AssetIn("traces"), **GENERATED_INS},
     group_name=ETL_B_GROUP,
     kinds={"polars"},
-    tags={"cb/tier": "B", "cb/compute": "cpu"},
+    tags=cpu_tags("B"),
     description="render_v1: each trace rendered in the model's chat format, tokenized once with offsets; "
     "token spans of every part (headers, content, tool calls, tool names, end tokens). Rejected traces "
     "(render errors; traces still over max_length after the truncation steps) are kept beside it as "
@@ -67,7 +60,7 @@ def renders(
     dr_completions: pl.DataFrame,
     adversarial_safe: pl.DataFrame,
 ) -> SourceResult:
-    from cb_core.render import RenderModel, render_traces
+    from cb_core.render import render_traces
 
     generated = {"ds_completions": ds_completions, "dr_completions": dr_completions,
                  "adversarial_safe": adversarial_safe}
@@ -121,7 +114,7 @@ def _by_reason(q: pl.DataFrame) -> dg.MetadataValue:
 @dg.asset(
     group_name=ETL_B_GROUP,
     kinds={"polars"},
-    tags={"cb/tier": "B", "cb/compute": "cpu"},
+    tags=cpu_tags("B"),
     description="Traces the renderer rejected: render errors, and traces no truncation step brought within "
     "max_length (severity excluded).",
 )
@@ -189,7 +182,7 @@ def _inline_preview(lossmasks: pl.DataFrame, renders_df: pl.DataFrame, tok, samp
     ins={"renders": dg.AssetIn("renders"), "traces": dg.AssetIn("traces"), **GENERATED_INS},
     group_name=ETL_B_GROUP,
     kinds={"polars"},
-    tags={"cb/tier": "B", "cb/compute": "cpu"},
+    tags=cpu_tags("B"),
     description="lossmask_v1: one row per training-bound trace and loss-mask policy (token ranges with "
     "weights, MWCS sample_weight). HTML preview: $CB_DATA_ROOT/mask_preview.html. Training-bound traces "
     "whose mask under a policy is empty are kept beside it (lossmasks.rejected.parquet) and published as "
@@ -215,7 +208,7 @@ def lossmasks(
     generated = {"ds_completions": ds_completions, "dr_completions": dr_completions,
                  "adversarial_safe": adversarial_safe}
     traces = with_generated(traces, generated)
-    df, rejected = build_lossmasks(renders, traces, lcfg.policies, mwcs, stats=stats)
+    df, rejected = build_lossmasks(renders, traces, lcfg.policies, mwcs.base_weights(), stats=stats)
     dt = time.perf_counter() - t0
     if df.height == 0:
         kept = keep_rejects("lossmasks", rejected)
@@ -262,7 +255,7 @@ def lossmasks(
 @dg.asset(
     group_name=ETL_B_GROUP,
     kinds={"polars"},
-    tags={"cb/tier": "B", "cb/compute": "cpu"},
+    tags=cpu_tags("B"),
     description="Training-bound traces whose loss mask under a policy is empty (reason names the policy; "
     "severity excluded = the policy needs a tool call the trace lacks, malformed = anything else).",
 )
@@ -280,8 +273,6 @@ def lossmasks_quarantine(context: dg.AssetExecutionContext, lossmasks: SourceRes
 # ------------------------------------------------------------------------------------- blocking checks
 @dg.asset_check(asset="renders", blocking=True, description="render_v1 schema (pandera RenderModel)")
 def renders_schema(renders: pl.DataFrame) -> dg.AssetCheckResult:
-    from cb_core.render import RenderModel
-
     return pandera_check(RenderModel, renders)
 
 
@@ -329,7 +320,3 @@ def lossmasks_spans_in_sequence(lossmasks: pl.DataFrame) -> dg.AssetCheckResult:
         return dg.AssetCheckResult(passed=True, metadata={"rows": 0})
     return rows_check(lossmasks, bad_span_rows(lossmasks), "mask spans outside the sequence", id_col="trace_id",
                       verified="no mask span outside its sequence")
-
-
-def _escape(s: str) -> str:  # pragma: no cover - kept for markdown snippets
-    return html.escape(s)

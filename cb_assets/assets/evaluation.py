@@ -6,10 +6,11 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
+from cb_assets.tags import gpu_tags
 from cb_core.evaluate.pipeline import EvaluationSettings, evaluate, held_out_samples, representation_rows, write_outputs
 
 EVAL_GROUP = "evaluation"
-GPU_TAGS = {"cb/compute": "gpu", "slurm/gres": "gpu.1", "slurm/time": "08.00.00"}  # as `adapter`: one run may hold both
+GPU_TAGS = gpu_tags("08.00.00")  # as `adapter`
 
 
 class EvalScoresConfig(dg.Config):
@@ -82,7 +83,7 @@ def eval_scores(
 ) -> pl.DataFrame:
     from cb_core.evaluate.agentdojo_live import text_generate
     from cb_core.evaluate.models import load_adapter_model, transformers_generate
-    from cb_core.generate.parse import parse_completion
+    from cb_core.parse import parse_completion
     from cb_core.io import data_root
     from cb_core.model import load_model, load_profile, load_profile_tokenizer
 

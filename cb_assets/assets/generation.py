@@ -15,6 +15,7 @@ import dagster as dg
 import polars as pl
 
 from cb_assets.resources import DatasetsResource, ModelResource
+from cb_assets.tags import gpu_tags
 from cb_assets.validation import validate_or_fail
 from cb_core.generate.completions import GENERATION_SCHEMA, GenerationConfig, ModelHandle, generate_table
 from cb_core.model import load_profile
@@ -23,8 +24,7 @@ from cb_core.schemas import TRACE_SCHEMA, TraceModel
 from cb_core.sources import SourceResult
 
 GENERATION_GROUP = "generation"
-# Dagster tag values allow only [A-Za-z0-9_.-]: '.' stands for ':' in slurm/gres and slurm/time.
-GPU_TAGS = {"cb/compute": "gpu", "slurm/gres": "gpu.1", "slurm/time": "04.00.00"}
+GPU_TAGS = gpu_tags("04.00.00")
 
 DESCRIPTIONS = {
     "ds_completions": "Harmful (DS) completions: attacked skeletons (injection where it sits), temperature 0.7; "

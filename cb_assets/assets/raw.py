@@ -6,6 +6,7 @@ import dagster as dg
 import polars as pl
 
 from cb_assets.resources import DatasetsResource
+from cb_assets.tags import cpu_tags
 from cb_assets.validation import keep_rejects, stop_the_line, validate_or_fail
 from cb_core.config import SOURCE_ENV, ConfigError, resolve_source_paths
 from cb_core.schemas import DATASETS, QuarantineModel, TraceModel, empty_quarantine, empty_traces
@@ -127,7 +128,7 @@ def _raw_asset(dataset: str) -> dg.AssetsDefinition:
         name=f"raw_{dataset}",
         group_name=RAW_GROUP,
         kinds={"polars"},
-        tags={"cb/tier": "A", "cb/compute": "cpu"},
+        tags=cpu_tags("A"),
         description=f"Tier A `{dataset}` records as trace_v1 rows (+ `.rejected.parquet` with quarantined "
         f"records). Path: ${SOURCE_ENV[dataset]} or configs/datasets.yaml.",
     )

@@ -26,10 +26,11 @@ import dagster as dg
 import polars as pl
 
 from cb_assets.resources import DatasetsResource
+from cb_assets.tags import gpu_tags
 from cb_core.sweep import POINTS_TABLE, SWEEP_DIR
 
 SWEEP_GROUP = "sweeps"
-GPU_TAGS = {"cb/compute": "gpu", "slurm/gres": "gpu.1", "slurm/time": "08.00.00"}
+GPU_TAGS = gpu_tags("08.00.00")
 SWEEP_PARTITIONS = dg.DynamicPartitionsDefinition(name="sweep_points")
 FINAL_PARTITIONS = dg.DynamicPartitionsDefinition(name="final_seeds")
 SHARED_LOCK = {"cb/data_root_lock": "shared"}
@@ -158,7 +159,7 @@ def evaluate_point(context: dg.AssetExecutionContext, adapter_path: Path, preset
     from cb_core.evaluate.agentdojo_live import text_generate
     from cb_core.evaluate.models import load_adapter_model, transformers_generate
     from cb_core.evaluate.pipeline import EvaluationSettings, evaluate, held_out_samples, representation_rows, write_outputs
-    from cb_core.generate.parse import parse_completion
+    from cb_core.parse import parse_completion
     from cb_core.io import write_parquet
     from cb_core.model import load_model, load_profile, load_profile_tokenizer
     from cb_core.train.config import load_train_config
@@ -542,42 +543,3 @@ def sweep_sensor(context: dg.SensorEvaluationContext):
             reqs.append(dg.RunRequest(run_key=arg, job_name=job, tags={**tags, "cb/run_key": arg[:200]}))
     context.log.info(f"sweep {sweep}: {reason}")
     return reqs
-
-
-def run_sweep_in_process(manifest: str, *, overrides: list[str] | None = None, instance=None, final: bool = False,
-                         log=print) -> dict:
-    """CPU / laptop path without a daemon: register the points, materialize each point in this process
-    (continue_on_error: a failed point is logged and the rest go on), then leaderboard + best_config, and with
-    ``final`` the seed fan-out and release_report. Returns {key: "SUCCESS"|"FAILURE", ...}."""
-    from cb_assets.definitions import defs
-
-    instance = instance or dg.DagsterInstance.get()
-    res = defs.resolve_job_def("sweep").execute_in_process(
-        instance=instance, run_config={"ops": {"sweep_points": {"config": {"manifest": manifest,
-                                                                            "overrides": list(overrides or [])}}}},
-        raise_on_error=True)
-    table = res.output_for_node("sweep_points")
-    sweep = table.sort("registered_at")["sweep"][-1]
-    rows = table.filter(pl.col("sweep") == sweep).to_dicts()
-    status: dict[str, str] = {}
-    for r in rows:
-        if status and any(s == "FAILURE" for s in status.values()) and not r.get("continue_on_error", True):
-            log(f"point {r['key']}: not run (continue_on_error is false and a point failed)")
-            continue
-        ok = defs.resolve_job_def("sweep_point").execute_in_process(
-            instance=instance, partition_key=r["key"], raise_on_error=False,
-            tags={"cb/sweep": sweep, "cb/sweep_stage": "point"}).success
-        status[r["key"]] = "SUCCESS" if ok else "FAILURE"
-        log(f"point {r['key']}: {status[r['key']]}")
-    if any(s == "SUCCESS" for s in status.values()):
-        rank = defs.resolve_job_def("sweep_rank").execute_in_process(instance=instance, raise_on_error=False)
-        status["rank"] = "SUCCESS" if rank.success else "FAILURE"
-        if final and rank.success:
-            for k in pl.read_parquet(_root() / "best_config.parquet")["key"].to_list():
-                ok = defs.resolve_job_def("final_seed").execute_in_process(instance=instance, partition_key=k,
-                                                                        raise_on_error=False).success
-                status[k] = "SUCCESS" if ok else "FAILURE"
-            status["release"] = "SUCCESS" if defs.resolve_job_def("sweep_release").execute_in_process(
-                instance=instance, raise_on_error=False).success else "FAILURE"
-    return status
-

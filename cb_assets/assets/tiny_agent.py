@@ -3,11 +3,13 @@
 import dagster as dg
 import polars as pl
 
+from cb_assets.tags import cpu_tags
+
 
 @dg.asset(
     group_name="models",
     kinds={"pytorch"},
-    tags={"cb/compute": "cpu"},
+    tags=cpu_tags(),
     description="Tiny agent (configs/models/tiny_agent.yaml): a small Llama with the real Llama-3 tokenizer, "
     "full-parameter SFT on assistant turns of demo traces drawn with seeds other than the pipeline's, so it "
     "writes Llama-3.1 tool calls and follows some injections. Built once, cached by config + data digest; "

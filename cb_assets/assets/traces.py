@@ -3,6 +3,7 @@
 import dagster as dg
 import polars as pl
 
+from cb_assets.tags import cpu_tags
 from cb_assets.validation import pandera_check, rows_check, validate_or_fail
 from cb_core.schemas import DATASETS, QuarantineModel, TraceModel, empty_quarantine
 from cb_core.sources import SourceResult
@@ -38,7 +39,7 @@ def trace_stats(df: pl.DataFrame) -> list[dict]:
     ins=RAW_INS,
     group_name=ETL_A_GROUP,
     kinds={"polars"},
-    tags={"cb/tier": "B", "cb/compute": "cpu"},
+    tags=cpu_tags("B"),
     description="Every record ETL_A rejected: dataset, file, line, field, reason, severity, raw text.",
 )
 def quarantine(context: dg.AssetExecutionContext, **raws: SourceResult) -> pl.DataFrame:
@@ -62,7 +63,7 @@ def quarantine(context: dg.AssetExecutionContext, **raws: SourceResult) -> pl.Da
     deps=["quarantine"],
     group_name=ETL_A_GROUP,
     kinds={"polars"},
-    tags={"cb/tier": "B", "cb/compute": "cpu"},
+    tags=cpu_tags("B"),
     description="trace_v1: one row per conversation from every selected source (skeleton or complete).",
 )
 def traces(context: dg.AssetExecutionContext, **raws: SourceResult) -> pl.DataFrame:

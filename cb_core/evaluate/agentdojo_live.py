@@ -2,7 +2,7 @@
 in-process through the project's renderer, backend and tool-call parser.
 
 `CbAgentLLM` is an AgentDojo `BasePipelineElement`: it renders AgentDojo's messages with the one renderer,
-generates with the configured backend, parses native Llama-3.1 calls with `cb_core.generate.parse` and returns
+generates with the configured backend, parses native Llama-3.1 calls with `cb_core.parse` and returns
 them as AgentDojo `FunctionCall`s. It runs inside AgentDojo's `SystemMessage → InitQuery → LLM →
 ToolsExecutionLoop([ToolsExecutor, LLM])`, and each (user task, injection task) pair is scored by
 `TaskSuite.run_task_with_pipeline` (the same call `benchmark_suite_with_injections` makes). We do not import
@@ -70,7 +70,7 @@ def _pipeline_classes():
     from agentdojo.logging import Logger
     from agentdojo.types import ChatAssistantMessage, text_content_block_from_string
 
-    from cb_core.generate.parse import parse_completion
+    from cb_core.parse import parse_completion
 
     class CbAgentLLM(BasePipelineElement):
         """The model as an AgentDojo LLM element (native Llama-3.1 calls in, FunctionCalls out)."""

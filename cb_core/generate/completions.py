@@ -42,7 +42,7 @@ import polars as pl
 from cb_core.config import load_yaml
 from cb_core.generate.backends import BACKEND_KINDS, GenerationBackend, SamplingConfig, prompt_ids
 from cb_core.generate.judge import ARG_MODES, Expectation, Verdict, judge, llm_judge_messages
-from cb_core.generate.parse import parse_completion
+from cb_core.parse import parse_completion
 from cb_core.io import data_root, write_parquet
 from cb_core.schemas import TRACE_SCHEMA, canonical_json, digest, make_trace, message
 

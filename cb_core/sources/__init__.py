@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import polars as pl
 
-from cb_core.schemas import QUARANTINE_SCHEMA, TRACE_SCHEMA
+from cb_core.schemas import QUARANTINE_SCHEMA, SOURCES, TRACE_SCHEMA
 
 
 _TRACE_ARROW = None
@@ -77,15 +77,8 @@ class SourceError(ValueError):
 
 Reader = Callable[[list[Path], dict[str, Any]], SourceResult]
 
-# dataset name -> module under cb_core.sources exposing `read(paths, cfg)`
-READERS = {
-    "fujitsu_b4": "fujitsu_b4",
-    "agentdojo": "agentdojo",
-    "llmail_inject": "llmail",
-    "tau2": "tau2",
-    "ultrachat": "ultrachat",
-    "xstest": "xstest",
-}
+# dataset name -> module under cb_core.sources exposing `read(paths, cfg)` (the registry: cb_core.schemas.SOURCES)
+READERS = {name: module for name, (module, _env) in SOURCES.items()}
 
 
 def get_reader(dataset: str) -> Reader:

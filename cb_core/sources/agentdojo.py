@@ -58,7 +58,7 @@ import polars as pl
 import pyarrow as pa
 
 from cb_core.config import config_path
-from cb_core.schemas import QUARANTINE_SCHEMA, TRACE_SCHEMA, BadRecord, canonical_json, digest, make_trace, reject
+from cb_core.schemas import QUARANTINE_SCHEMA, TRACE_SCHEMA, BadRecord, canonical_json, make_trace, reject
 from cb_core.sources import SourceError, SourceResult
 
 DATASET = "agentdojo"
@@ -91,7 +91,6 @@ DEFAULT_TARGETS: dict[str, list[dict[str, Any]]] = {
 
 
 # canonical JSON (same output as cb_core.schemas.canonical_json), without json.dumps' per-call set-up
-_canon = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
 
 
 class _Excluded(BadRecord):
@@ -251,7 +250,7 @@ def _steps_from_ground_truth(calls: list[dict]) -> list[dict[str, Any]]:
         iter(sorted((x for x in _leaves(steps[k]["args"]) if 0 < len(x) <= 80 and "\n" not in x), key=len,
                     reverse=True)), None)
     if needle:
-        steps[k]["arg_contains"] = _canon(needle)[1:-1]  # as it appears in the call's JSON text
+        steps[k]["arg_contains"] = canonical_json(needle)[1:-1]  # as it appears in the call's JSON text
     return steps
 
 
@@ -278,7 +277,7 @@ def _task_targets(cfg: dict, targets: dict[str, list[dict]]) -> dict[tuple[str, 
                     continue
                 seen.add((suite, tid))
                 calls = [c for c in task.get("ground_truth_calls") or [] if isinstance(c, dict)]
-                texts = [(c.get("function"), _canon(c.get("args") or {})) for c in calls]
+                texts = [(c.get("function"), canonical_json(c.get("args") or {})) for c in calls]
                 if suite in targets and any(_is_target(n, a, targets[suite]) for n, a in texts):
                     continue
                 steps = _steps_from_ground_truth(calls)
@@ -329,7 +328,7 @@ def _arguments(args: Any, field: str) -> str:
     if args is None:
         return "{}"
     if type(args) is dict:
-        return _canon(args) if args else "{}"
+        return canonical_json(args) if args else "{}"
     if type(args) is str:
         if not args.strip():
             return "{}"
@@ -339,7 +338,7 @@ def _arguments(args: Any, field: str) -> str:
             raise BadRecord(field, f"arguments are not valid JSON ({e}): {args[:80]!r}") from None
         if type(parsed) is not dict:
             raise BadRecord(field, f"arguments are JSON {type(parsed).__name__}, not an object: {args[:80]!r}")
-        return _canon(parsed) if parsed else "{}"
+        return canonical_json(parsed) if parsed else "{}"
     raise BadRecord(field, f"arguments are a {type(args).__name__}, not a JSON object: {str(args)[:80]!r}")
 
 
@@ -753,8 +752,8 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
             refused += sum(c[5] for c in _calls)
             kw["generation_params"][DATASET]["benchmark_version"] = version
             row = make_trace(dataset=DATASET, source_locator=f"{rel}:{lineno}", completeness="complete",
-                             messages=[], tools=schemas.json_for(version, suite), **kw)
-            row["id"] = digest(row["id"] + hashlib.sha256(line).hexdigest())
+                             messages=[], tools=schemas.json_for(version, suite),
+                             id_suffix=hashlib.sha256(line).hexdigest(), **kw)
             rows.append(row)
             msgs.append(ms)
     good = traces_frame(rows, msgs)

@@ -4,7 +4,7 @@ For each user task x injection task of a benchmark version, the user task's grou
 suite's default environment injected by a named attack (default ``important_instructions``); the skeleton
 stops at the first tool result that carries the injection: the point where the agent must choose its next
 action with the injected text in context. Expected next tool = the user task's next ground-truth call
-(``"final_answer"`` when the injected result came from the last call, as in ``curate.FINAL_ANSWER``); attacker call =
+(``"final_answer"`` when the injected result came from the last call, as in ``cb_core.schemas.FINAL_ANSWER``); attacker call =
 the injection task's first ground-truth call (None when that ground truth is empty: the goal text and the
 suite's ``security()`` check are what define success there). ``tools`` = the suite's full tool set.
 
@@ -26,14 +26,13 @@ import types
 from pathlib import Path
 from typing import Any, Iterable
 
-from cb_core.schemas import BadRecord, canonical_json, make_trace, message, reject
+from cb_core.schemas import FINAL_ANSWER, BadRecord, canonical_json, make_trace, message, reject
 from cb_core.sources import SourceError, SourceResult
 
 DATASET = "agentdojo"  # same dataset as the recorded runs; labels.subtype = suite, locator names the package
 DEFAULT_VERSION = "v1.2.2"
 DEFAULT_ATTACK = "important_instructions"
 SUITES = ("workspace", "travel", "banking", "slack")
-FINAL_ANSWER = "final_answer"  # expected_tool when the right next move is to answer (= curate.FINAL_ANSWER)
 PIPELINE_NAME = "local"  # the attack only reads the pipeline's name, which must contain a known model key
 
 

@@ -31,100 +31,19 @@ cfg keys (configs/datasets.yaml `fujitsu_b4:`): `tool_schema` (path of the schem
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 
 from cb_core.config import config_path
 from cb_core.schemas import BadRecord, canonical_json, digest, message, reject
 from cb_core.sources import SourceError, SourceResult
+from cb_core.sources._common import WIPE, SharedToolsTraces, fill_tools, relative_names
 
-_WIPE = "; an empty source would wipe its traces"
 DATASET = "fujitsu_b4"
 DEFAULT_SCHEMA = "configs/tool_schemas/b4_standard_v1.json"
 DEFAULT_REQUIRED = ("combined_query", "expected_tool", "simulated_tool", "success")
-
-
-_enc = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
-
-
-class SharedToolsTraces:
-    """`make_trace` for many rows that offer the same tools, without re-encoding the (large) tools JSON into
-    every row's id hash. Produces exactly the row `make_trace` produces (same id, same fields; a test checks
-    it): the id is sha256 of the canonical JSON list [dataset, locator, messages, tools_json, tool_attack],
-    and a list's canonical JSON is its items' canonical JSON joined, so the tools part is encoded once."""
-
-    def __init__(self, dataset: str, tools_json: str, placeholder: str | None = None):
-        from cb_core import INGEST_VERSION
-
-        self.dataset = dataset
-        self.tools_json = tools_json
-        # rows may carry a short placeholder instead of the tools JSON: building the frame from thousands of
-        # copies of a large string dominates the reader's time; `fill_tools` swaps the real JSON in afterwards
-        self.placeholder = placeholder
-        self._head = "[" + _enc(dataset) + ","
-        self._tools = "," + _enc(tools_json) + ","
-        self._provenance = {"ingest_version": INGEST_VERSION, "tool_schema_digest": digest(tools_json, 16)}
-
-    def __call__(self, *, source_locator: str, completeness: str, messages: list[dict], category: str,
-                 priority_class: str, subtype: str = "", attack_present: bool = False,
-                 attack_succeeded: bool = False, is_adversarial_safe: bool = False,
-                 attacker_call_made: bool = False, injection_reached: bool | None = None,
-                 task_success: bool | None = None, tool_attack: dict | None = None,
-                 pair_group: str | None = None, generation_params: dict | None = None) -> dict:
-        if tool_attack is not None:
-            args = tool_attack.get("attacker_args")
-            tool_attack = {
-                "expected_tool": tool_attack.get("expected_tool"),
-                "attacker_tool": tool_attack.get("attacker_tool"),
-                "attacker_args": args if isinstance(args, (str, type(None))) else _enc(args),
-                "injection_text": tool_attack.get("injection_text"),
-                "injection_span": tool_attack.get("injection_span"),
-                "injection_spans": tool_attack.get("injection_spans")
-                or ([tool_attack["injection_span"]] if tool_attack.get("injection_span") else []),
-            }
-        text = self._head + _enc(source_locator) + "," + _enc(messages) + self._tools + _enc(tool_attack) + "]"
-        tid = hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
-        return {
-            "id": tid,
-            "dataset": self.dataset,
-            "source_locator": source_locator,
-            "completeness": completeness,
-            "messages": messages,
-            "tools": self.placeholder if self.placeholder is not None else self.tools_json,
-            "labels": {
-                "category": category,
-                "priority_class": priority_class,
-                "subtype": subtype,
-                "attack_present": attack_present,
-                "attack_succeeded": attack_succeeded,
-                "is_adversarial_safe": is_adversarial_safe,
-                "attacker_call_made": attacker_call_made,
-                "injection_reached": injection_reached,
-                "task_success": task_success,
-            },
-            "tool_attack": tool_attack,
-            "pair_group": pair_group or tid,
-            "split": None,
-            "provenance": {
-                **self._provenance,
-                "generation_params": _enc(generation_params) if generation_params else None,
-                "parent_id": None,
-            },
-        }
-
-
-def fill_tools(result: SourceResult, tools_by_placeholder: dict[str, str]) -> SourceResult:
-    """Replace `tools` placeholders (see SharedToolsTraces) with the real tools JSON, column-wise."""
-    if result.good.height:
-        result.good = result.good.with_columns(
-            pl.col("tools").replace_strict(tools_by_placeholder, return_dtype=pl.String)
-        )
-    return result
 
 
 def load_tool_schema(cfg: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -193,16 +112,6 @@ def _lines(path: Path) -> list[str | bytes]:
         return out
 
 
-def relative_names(paths: list[Path]) -> dict[Path, str]:
-    """Each file's path relative to the folder the files were given from (their common parent): the part of
-    `source_locator` that survives copying the data elsewhere."""
-    files = [Path(p).resolve() for p in paths]
-    if not files:
-        return {}
-    root = Path(os.path.commonpath([str(f.parent) for f in files]))
-    return {Path(p): f.relative_to(root).as_posix() for p, f in zip(paths, files)}
-
-
 def _check(rec: dict, required: tuple[str, ...], names: frozenset) -> None:
     """BadRecord naming the first missing, empty or badly typed field."""
     for fld in required:
@@ -242,7 +151,7 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
         fname = str(path)
         lines = _lines(path)
         if not any(not isinstance(x, str) or x.strip() for x in lines):
-            raise SourceError(f"{path} holds no records (empty or blank lines only){_WIPE}", file=path)
+            raise SourceError(f"{path} holds no records (empty or blank lines only){WIPE}", file=path)
         for lineno, line in enumerate(lines, 1):
             if isinstance(line, bytes):
                 bad.append(reject(dataset=DATASET, file=fname, line=lineno,

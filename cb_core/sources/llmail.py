@@ -48,8 +48,6 @@ from __future__ import annotations
 
 import ast
 import base64
-import csv
-import io
 import json
 import re
 import textwrap
@@ -61,8 +59,8 @@ import polars as pl
 from cb_core.config import config_path
 from cb_core.schemas import QUARANTINE_SCHEMA, TRACE_SCHEMA, BadRecord, canonical_json, digest, make_trace, reject
 from cb_core.sources import SourceError, SourceResult, trace_frame
+from cb_core.sources._common import SURROGATE, WIPE, read_csv_records
 
-_WIPE = "; an empty source would wipe its traces"
 DATASET = "llmail_inject"
 OBJECTIVE_FLAGS = ("email.retrieved", "defense.undetected", "exfil.sent", "exfil.destination", "exfil.content")
 REQUIRED_COLUMNS = ("job_id", "scenario", "subject", "body", "objectives")
@@ -80,7 +78,6 @@ DEFAULTS: dict[str, Any] = {
     "email_separator": "\n\n",
 }
 _LEVEL = re.compile(r"^level(\d+)([a-z]*)$", re.IGNORECASE)
-_SURROGATE = re.compile("[\udc80-\udcff]")
 _TASK_TO = re.compile(r'\bto\s+"([^"]+)"')
 _TASK_BODY = re.compile(r'\bbody message\s+"([^"]*)"')
 # "... experessed as "$NUM million"" (sic: the real file misspells it)
@@ -236,45 +233,6 @@ def _msg(role: str, content: str, calls: list | None = None, tool_call_id: str |
     return {"role": role, "content": content, "tool_calls": calls or [], "tool_call_id": tool_call_id, "name": name}
 
 
-# ----------------------------------------------------------------------------------------------- CSV
-def read_csv_records(path: Path) -> tuple[list[str], list[tuple[int, list[str], bytes]]]:
-    """(header, [(physical start line, fields, the record's exact bytes)]). Invalid UTF-8 survives as
-    surrogate escapes (the bytes are recovered exactly). Broken quoting -> SourceError naming the line."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise SourceError(f"cannot read {path}: {e}") from e
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    if not data.strip():
-        raise SourceError(f"{path} is empty (no record){_WIPE}: expected a header and LLMail-Inject "
-                          "submissions", file=path)
-    lines = io.StringIO(data.decode("utf-8", "surrogateescape"), newline="").readlines()
-    reader = csv.reader(lines, strict=True)
-    records: list[tuple[int, list[str], bytes]] = []
-    header: list[str] | None = None
-    prev = 0
-    while True:
-        start = prev + 1
-        try:
-            fields = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as e:
-            raise SourceError(f"{path}: broken CSV in the record starting at line {start} (read up to line "
-                              f"{reader.line_num}): {e}", file=path) from None
-        end, prev = reader.line_num, reader.line_num
-        if not fields:  # blank line
-            continue
-        if header is None:
-            header = [h.strip() for h in fields]
-            continue
-        records.append((start, fields, "".join(lines[start - 1:end]).encode("utf-8", "surrogateescape")))
-    if header is None:
-        raise SourceError(f"{path} has no header line")
-    return header, records
-
-
 # ---------------------------------------------------------------------------------------------- reader
 def read(paths: list[Path], cfg: dict) -> SourceResult:
     cfg = {**DEFAULTS, **{k: v for k, v in (cfg or {}).items() if v is not None}}
@@ -296,13 +254,13 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
     tools_json = canonical_json(load_tools(cfg))
     targets: dict[str, dict] = {}  # scenario key -> attacker args (derived on first use)
 
-    header, records = read_csv_records(csv_path)
+    header, records = read_csv_records(csv_path, "LLMail-Inject submissions")
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
         raise SourceError(f"{csv_path} (line 1, the header) lacks column(s) {missing}; has {header}",
                           file=csv_path, field=missing[0])
     if not records:
-        raise SourceError(f"{csv_path} has a header but no records{_WIPE}", file=csv_path)
+        raise SourceError(f"{csv_path} has a header but no records{WIPE}", file=csv_path)
     col = {c: header.index(c) for c in header}
 
     name = csv_path.name
@@ -312,8 +270,8 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
     counts = {"succeeded": 0, "attacker_call_made": 0, "detected_attacker_call": 0, "not_retrieved": 0}
     for line, fields, raw_bytes in records:
         raw_text = raw_bytes.decode("utf-8", "surrogateescape")
-        if _SURROGATE.search(raw_text):
-            bad_col = next((h for h, v in zip(header, fields) if _SURROGATE.search(v)), "")
+        if SURROGATE.search(raw_text):
+            bad_col = next((h for h, v in zip(header, fields) if SURROGATE.search(v)), "")
             rejected.append(reject(
                 dataset=DATASET, file=name, line=line, field=bad_col,
                 reason=f"not valid UTF-8 (in column {bad_col!r}); the record's bytes are kept as base64 in raw",

@@ -20,7 +20,7 @@ object, "I" otherwise). String instructions (mock) are used whole; without instr
   derived from the task's calls. A domain without schemas fails the source.
   Expected behaviour = the FIRST assistant action of `evaluation_criteria.actions` (`requestor` absent or
   "assistant"; telecom's `requestor: "user"` actions are what the user does on their own phone), or
-  `final_answer` (answer without a tool call, `cb_core.curate.FINAL_ANSWER`) when there is none. Its name is in
+  `final_answer` (answer without a tool call, `cb_core.schemas.FINAL_ANSWER`) when there is none. Its name is in
   `tool_attack.expected_tool` (attacker fields null, attack_present False); the rest of what the benchmark
   checks is in `provenance.generation_params["tau2"]`: task_id, expected_first_action {name, arguments},
   reference_actions (all assistant actions), user_actions, nl_assertions, communicate_info (e.g. "Agent should
@@ -50,13 +50,11 @@ from pathlib import Path
 from typing import Any
 
 from cb_core.config import config_path
-from cb_core.schemas import BadRecord, arguments_json, canonical_json, message, reject
+from cb_core.schemas import FINAL_ANSWER, BadRecord, arguments_json, canonical_json, message, reject
 from cb_core.sources import SourceError, SourceResult
-from cb_core.sources.fujitsu_b4 import SharedToolsTraces, fill_tools
+from cb_core.sources._common import WIPE, SharedToolsTraces, fill_tools
 
-_WIPE = "; an empty source would wipe its traces"
 DATASET = "tau2"
-FINAL_ANSWER = "final_answer"  # = cb_core.curate.FINAL_ANSWER (a test checks it)
 DEFAULT_SYSTEM = (
     "You are a customer service agent for the {domain} domain. Help the user with their request by calling "
     "the provided tools. Follow the domain policy, verify the user's identity before changing anything, and "
@@ -138,7 +136,7 @@ def _load_tasks(tf: Path) -> list:
         raise SourceError(f"{tf}: the tasks file must be a JSON list of tasks, got a {type(tasks).__name__}",
                           file=tf)
     if not tasks:
-        raise SourceError(f"{tf} holds no tasks (an empty list, no record){_WIPE}", file=tf)
+        raise SourceError(f"{tf} holds no tasks (an empty list, no record){WIPE}", file=tf)
     return tasks
 
 

@@ -25,9 +25,8 @@ import polars as pl
 
 from cb_core.schemas import digest, make_trace, message, reject
 from cb_core.sources import SourceError, SourceResult
-from cb_core.sources.fujitsu_b4 import relative_names
+from cb_core.sources._common import WIPE, relative_names
 
-_WIPE = "; an empty source would wipe its traces"
 DATASET = "ultrachat"
 PARQUET = (".parquet", ".pq")
 JSONL = (".jsonl", ".ndjson")
@@ -152,6 +151,6 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
         )
     if n_records == 0:
         read_files = [str(p) for p in paths if Path(p).suffix.lower() in PARQUET + JSONL]
-        raise SourceError(f"{', '.join(read_files)}: no rows (empty file, no record){_WIPE}",
+        raise SourceError(f"{', '.join(read_files)}: no rows (empty file, no record){WIPE}",
                           file=read_files[0])
     return SourceResult.from_rows(good, bad, files=files, skipped_files=skipped, max_rows=max_rows)

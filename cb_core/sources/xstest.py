@@ -37,9 +37,8 @@ from typing import Any
 
 from cb_core.schemas import make_trace, message, reject
 from cb_core.sources import SourceError, SourceResult
-from cb_core.sources.llmail import _SURROGATE, read_csv_records
+from cb_core.sources._common import SURROGATE, WIPE, read_csv_records
 
-_WIPE = "; an empty source would wipe its traces"
 DATASET = "xstest"
 PROMPT_COLS = ("id", "prompt", "type", "label")
 COMPLETION_COLS = ("id", "type", "prompt", "completion", "final_label")
@@ -71,7 +70,7 @@ def _classify(paths: list[Path]) -> tuple[list[Path], list[Path], list[str]]:
             skipped.append(c.name)
             continue
         if c.stat().st_size == 0:
-            raise SourceError(f"{c} is empty (0 bytes, no record){_WIPE}: expected an XSTest prompts or completions "
+            raise SourceError(f"{c} is empty (0 bytes, no record){WIPE}: expected an XSTest prompts or completions "
                               "CSV", file=c)
         head = set(_header(c))
         if "final_label" in head or "completion" in head:
@@ -91,18 +90,18 @@ def _classify(paths: list[Path]) -> tuple[list[Path], list[Path], list[str]]:
 
 def _rows(path: Path, required: tuple[str, ...], bad: list[dict]) -> list[tuple[int, dict]]:
     """(physical start line, row dict) per record; bad records -> `bad`; whole-file problems -> SourceError."""
-    header, records = read_csv_records(path)
+    header, records = read_csv_records(path, "XSTest prompts or completions")
     missing = [c for c in required if c not in header]
     if missing:
         raise SourceError(f"{path} (line 1, the header) lacks column(s) {missing}; has {header}",
                           file=path, field=missing[0])
     if not records:
-        raise SourceError(f"{path} has a header but no records{_WIPE}", file=path)
+        raise SourceError(f"{path} has a header but no records{WIPE}", file=path)
     out = []
     for line, fields, raw in records:
         text = raw.decode("utf-8", "surrogateescape")
-        if _SURROGATE.search(text):
-            col = next((h for h, v in zip(header, fields) if _SURROGATE.search(v)), "")
+        if SURROGATE.search(text):
+            col = next((h for h, v in zip(header, fields) if SURROGATE.search(v)), "")
             bad.append(reject(dataset=DATASET, file=str(path), line=line, field=col,
                               reason=f"not valid UTF-8 (in column {col!r}); the record's bytes are kept as base64 "
                                      "in raw", raw="base64:" + base64.b64encode(raw).decode("ascii")))

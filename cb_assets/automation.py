@@ -48,9 +48,10 @@ from typing import Any
 import dagster as dg
 
 from cb_assets.resources import DatasetsResource
+from cb_assets.tags import COMPUTE_TAG, GPU
 from cb_core.config import ConfigError, load_yaml, resolve_source_paths
 
-GPU_TAG = ("cb/compute", "gpu")
+GPU_TAG = (COMPUTE_TAG, GPU)
 SWEEPS_GROUP = "sweeps"
 RAW_PREFIX = "raw_"
 MISSING = "<missing>"

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import dagster as dg
 
-# Dagster asset tag values allow only [A-Za-z0-9_.-]: '.' stands for ':' in slurm/gres and slurm/time.
-GPU_TAGS = {"cb/compute": "gpu", "slurm/gres": "gpu.1", "slurm/time": "00.10.00"}
+from cb_assets.tags import gpu_tags
+
+GPU_TAGS = gpu_tags("00.10.00")
 
 
 def _proof(context: dg.AssetExecutionContext, name: str) -> dict:

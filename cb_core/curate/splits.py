@@ -1,0 +1,80 @@
+"""Train/eval split: stratified by dataset x category x subtype, grouped by pair_group."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import polars as pl
+
+from cb_core.curate.config import CurationConfig
+from cb_core.curate.features import hash_key, hash_unit
+
+
+def _stratum_expr() -> pl.Expr:
+    return pl.concat_str([pl.col("dataset"), pl.col("category"), pl.col("subtype").fill_null("")], separator="|")
+
+
+def _eval_quotas(sizes: dict[str, int], fraction: float, seed: Any) -> dict[str, int]:
+    """Eval groups per stratum: floor(fraction * n) each, and the remaining round(fraction * N) - sum
+    handed out by largest remainder (ties by sha256(seed:stratum)), so small strata still contribute and
+    the overall share matches `fraction`."""
+    exact = {k: fraction * n for k, n in sizes.items()}
+    quota = {k: int(math.floor(v)) for k, v in exact.items()}
+    rest = int(math.floor(fraction * sum(sizes.values()) + 0.5)) - sum(quota.values())
+    order = sorted(sizes, key=lambda k: (-(exact[k] - quota[k]), hash_key(seed, "stratum", k)))
+    for k in order[: max(rest, 0)]:
+        if quota[k] < sizes[k]:
+            quota[k] += 1
+    return quota
+
+
+def assign_split(mix: pl.DataFrame, cfg: CurationConfig) -> pl.DataFrame:
+    """`split` column = train|eval. Groups (pair_group) are assigned whole; each group belongs to the
+    smallest stratum (dataset|category|subtype) among its members; inside a stratum the groups are ranked by
+    sha256(seed:pair_group) and the first `quota` go to eval (quotas: `_eval_quotas`)."""
+    if mix.height == 0:
+        return mix.with_columns(pl.lit(None, dtype=pl.String).alias("split"))
+    groups = (
+        mix.with_columns(_stratum_expr().alias("_stratum"))
+        .group_by("pair_group")
+        .agg(pl.col("_stratum").min())
+    )
+    groups = groups.with_columns(
+        pl.Series("_u", [hash_unit(cfg.seed, g) for g in groups["pair_group"].to_list()], dtype=pl.Float64)
+    ).sort("_stratum", "_u", "pair_group")
+    sizes = dict(groups.group_by("_stratum").len().iter_rows())
+    quota = _eval_quotas(sizes, cfg.eval_fraction, cfg.seed)
+    groups = groups.with_columns(
+        pl.int_range(pl.len()).over("_stratum").alias("_rank"),
+        pl.col("_stratum").replace_strict(quota, return_dtype=pl.Int64).alias("_quota"),
+    ).with_columns(
+        pl.when(pl.col("_rank") < pl.col("_quota")).then(pl.lit("eval")).otherwise(pl.lit("train")).alias("_split")
+    )
+    return (
+        mix.join(groups.select("pair_group", "_split"), on="pair_group", how="left")
+        .with_columns(pl.col("_split").alias("split"))
+        .drop("_split")
+        .sort("id")
+    )
+
+
+def split(mix: pl.DataFrame, cfg: CurationConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(train, eval), each sorted by id with the `split` column set."""
+    s = assign_split(mix, cfg)
+    return s.filter(pl.col("split") == "train"), s.filter(pl.col("split") == "eval")
+
+
+def split_stats(train: pl.DataFrame, eval_: pl.DataFrame) -> dict[str, Any]:
+    def strata(df: pl.DataFrame) -> dict[str, int]:
+        if df.height == 0:
+            return {}
+        return dict(df.select(_stratum_expr().alias("s")).group_by("s").len().sort("s").iter_rows())
+
+    return {
+        "train": train.height,
+        "eval": eval_.height,
+        "eval_share": eval_.height / (train.height + eval_.height) if (train.height + eval_.height) else 0.0,
+        "train_strata": strata(train),
+        "eval_strata": strata(eval_),
+        "pair_groups_in_both": len(set(train["pair_group"].to_list()) & set(eval_["pair_group"].to_list())),
+    }

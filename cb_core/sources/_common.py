@@ -1,0 +1,92 @@
+"""Helpers every Tier A reader shares (one copy each): the trace builder for rows that offer one tool set,
+file names relative to the folder given, CSV records with their exact bytes, and the wording of errors."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+from pathlib import Path
+
+import polars as pl
+
+from cb_core.schemas import make_trace
+from cb_core.sources import SourceError, SourceResult
+
+WIPE = "; an empty source would wipe its traces"  # the tail of every "no record" SourceError
+SURROGATE = re.compile("[\udc80-\udcff]")  # invalid UTF-8 read with surrogateescape
+
+
+class SharedToolsTraces:
+    """`make_trace` for many rows that offer the same tools, whose rows may carry a short placeholder instead of
+    the tools JSON: building the frame from thousands of copies of a large string dominates a reader's time;
+    `fill_tools` swaps the real JSON in afterwards. The id is make_trace's (the tools part is encoded once per
+    tool set there); a test checks the rows equal make_trace's."""
+
+    def __init__(self, dataset: str, tools_json: str, placeholder: str | None = None):
+        self.dataset = dataset
+        self.tools_json = tools_json
+        self.placeholder = placeholder
+
+    def __call__(self, **fields) -> dict:
+        row = make_trace(dataset=self.dataset, tools=self.tools_json, **fields)
+        if self.placeholder is not None:
+            row["tools"] = self.placeholder
+        return row
+
+
+def fill_tools(result: SourceResult, tools_by_placeholder: dict[str, str]) -> SourceResult:
+    """Replace `tools` placeholders (see SharedToolsTraces) with the real tools JSON, column-wise."""
+    if result.good.height:
+        result.good = result.good.with_columns(
+            pl.col("tools").replace_strict(tools_by_placeholder, return_dtype=pl.String)
+        )
+    return result
+
+
+def relative_names(paths: list[Path]) -> dict[Path, str]:
+    """Each file's path relative to the folder the files were given from (their common parent): the part of
+    `source_locator` that survives copying the data elsewhere."""
+    files = [Path(p).resolve() for p in paths]
+    if not files:
+        return {}
+    root = Path(os.path.commonpath([str(f.parent) for f in files]))
+    return {Path(p): f.relative_to(root).as_posix() for p, f in zip(paths, files)}
+
+
+def read_csv_records(path: Path, expected: str) -> tuple[list[str], list[tuple[int, list[str], bytes]]]:
+    """(header, [(physical start line, fields, the record's exact bytes)]). Invalid UTF-8 survives as
+    surrogate escapes (the bytes are recovered exactly). Broken quoting -> SourceError naming the line.
+    ``expected``: what the file should hold, for the message on an empty file."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SourceError(f"cannot read {path}: {e}") from e
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if not data.strip():
+        raise SourceError(f"{path} is empty (no record){WIPE}: expected a header and {expected}", file=path)
+    lines = io.StringIO(data.decode("utf-8", "surrogateescape"), newline="").readlines()
+    reader = csv.reader(lines, strict=True)
+    records: list[tuple[int, list[str], bytes]] = []
+    header: list[str] | None = None
+    prev = 0
+    while True:
+        start = prev + 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            raise SourceError(f"{path}: broken CSV in the record starting at line {start} (read up to line "
+                              f"{reader.line_num}): {e}", file=path) from None
+        end, prev = reader.line_num, reader.line_num
+        if not fields:  # blank line
+            continue
+        if header is None:
+            header = [h.strip() for h in fields]
+            continue
+        records.append((start, fields, "".join(lines[start - 1:end]).encode("utf-8", "surrogateescape")))
+    if header is None:
+        raise SourceError(f"{path} has no header line")
+    return header, records
