@@ -32,9 +32,9 @@ class ModelResource(dg.ConfigurableResource):
     profile: str = "tiny"
 
     def profile_name(self) -> str:
-        import os
+        from cb_core.model import profile_name
 
-        return os.environ.get("CB_MODEL") or self.profile
+        return profile_name(self.profile)
 
     def model_profile(self):
         from cb_core.model import load_profile

@@ -98,13 +98,15 @@ def keep_rejects(what: str, rejected: pl.DataFrame) -> Path:
 def stop_the_line(what: str, n_in: int, rejected: pl.DataFrame, limit: float, metadata: dict | None = None) -> int:
     """Fail before anything is written when more than `limit` of `n_in` rows were rejected as malformed
     (rows excluded by policy do not count); the rejected rows are kept. Returns the malformed count."""
-    malformed = rejected.filter(pl.col("severity") == "malformed")
-    frac = malformed.height / n_in if n_in else 0.0
-    if n_in and frac > limit:
+    from cb_core.schemas import stop_the_line as rule
+
+    n_malformed, frac, stop = rule(n_in, rejected, limit)
+    if stop:
         kept = keep_rejects(what, rejected)
+        malformed = rejected.filter(pl.col("severity") == "malformed")
         examples = malformed.select("dataset", "file", "line", "field", "reason").head(N_EXAMPLES).to_dicts()
         raise dg.Failure(
-            f"{what}: {malformed.height}/{n_in} rows malformed ({frac:.1%} > {limit:.0%} stop-the-line); "
+            f"{what}: {n_malformed}/{n_in} rows malformed ({frac:.1%} > {limit:.0%} stop-the-line); "
             f"nothing written; rejected rows kept in {kept}",
             metadata={
                 **(metadata or {}),
@@ -112,4 +114,4 @@ def stop_the_line(what: str, n_in: int, rejected: pl.DataFrame, limit: float, me
                 "rejected_rows_file": dg.MetadataValue.path(str(kept)),
             },
         )
-    return malformed.height
+    return n_malformed

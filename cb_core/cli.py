@@ -22,12 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 HISTORY = "history"
 
 
 def data_root(arg: str | None = None) -> Path:
-    return Path(arg or os.environ.get("CB_DATA_ROOT", ".cb_data")).resolve()
+    from cb_core import io
+
+    return Path(arg).resolve() if arg else io.data_root()
 
 
 def runs_root(root: Path) -> Path:
@@ -175,6 +176,7 @@ def run_command(preset: str, overrides: list[str], fast: bool, run_name: str | N
 
 
 def do_run(args) -> int:
+    from cb_core.config import PROJECT_ROOT  # lazy: `cb` starts without pandera
     from cb_core.train.config import TrainConfigError, load_train_config
 
     try:  # a bad preset or override fails here, before Dagster starts

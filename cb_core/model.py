@@ -11,9 +11,10 @@ from typing import Any
 
 import yaml
 
+from cb_core.config import PROJECT_ROOT  # noqa: F401  (re-exported)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 TINY_CONFIG: dict[str, Any] = {
     "hidden_size": 128,
@@ -85,14 +86,20 @@ class ModelProfile:
 
 
 def models_dir() -> Path:
-    base = os.environ.get("CB_CONFIG_DIR")
-    return (Path(base) if base else PROJECT_ROOT / "configs") / "models"
+    from cb_core.config import config_dir
+
+    return config_dir() / "models"
+
+
+def profile_name(default: str = "tiny") -> str:
+    """The model profile in effect: $CB_MODEL, else ``default`` (the one place CB_MODEL is read)."""
+    return os.environ.get("CB_MODEL") or default
 
 
 def load_profile(name_or_path: str | Path | None = None) -> ModelProfile:
     """A profile by name (configs/models/<name>.yaml) or YAML path. Default: $CB_MODEL or "tiny".
     ``CB_MODEL_PATH`` overrides the profile's ``path``."""
-    spec = str(name_or_path or os.environ.get("CB_MODEL") or "tiny")
+    spec = str(name_or_path or profile_name())
     path = Path(spec)
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         path = models_dir() / f"{spec}.yaml"

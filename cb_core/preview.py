@@ -139,3 +139,57 @@ def _preferred_traces(renders: pl.DataFrame, k: int = 50) -> list[str]:
     )
     ids = per.filter("both").sort("n_tokens").get_column("trace_id").unique(maintain_order=True)
     return ids.head(k).to_list()
+
+
+# ------------------------------------------------------------------------------- Markdown for asset metadata
+def _marked(tokenizer, input_ids: Sequence[int], mask_spans: Sequence[dict], mark, text=lambda s: s) -> str:
+    """The decoded sequence with each masked span passed through ``mark`` (the rest through ``text``)."""
+    ids = list(input_ids)
+    pieces, pos = [], 0
+    for sp in mask_spans:
+        pieces.append(text(tokenizer.decode(ids[pos : sp["token_start"]])))
+        pieces.append(mark(text(tokenizer.decode(ids[sp["token_start"] : sp["token_end"]]))))
+        pos = sp["token_end"]
+    pieces.append(text(tokenizer.decode(ids[pos:])))
+    return "".join(pieces)
+
+
+def preview_markdown(stats: dict, path: str, lossmasks: pl.DataFrame, renders: pl.DataFrame, tokenizer) -> str:
+    """Per-policy counts and one short excerpt per policy (masked text wrapped in [[ ]]), linking the file."""
+    lines = [
+        f"Full preview (every token, masked ones highlighted): `{path}`",
+        "",
+        "| policy | rows | masked tokens | fraction | rejected |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for pol, s in stats.items():
+        lines.append(
+            f"| {pol} | {s['rows']} | {s['masked_tokens']} | {s['masked_fraction']:.1%} | {s.get('rejected', 0)} |"
+        )
+    if lossmasks.height:
+        first = lossmasks.sort("n_tokens").head(1)["trace_id"][0]
+        ids = renders.filter(pl.col("trace_id") == first).row(0, named=True)["input_ids"]
+        lines += ["", f"Sample `{first[:16]}` (masked text between `[[` and `]]`, first 600 chars):", ""]
+        for row in lossmasks.filter(pl.col("trace_id") == first).iter_rows(named=True):
+            text = _marked(tokenizer, ids, row["mask_spans"], lambda s: "[[" + s + "]]")[:600].replace("```", "'''")
+            lines += [f"**{row['policy']}**", "", "```", text, "```", ""]
+    return "\n".join(lines)
+
+
+def inline_preview_markdown(lossmasks: pl.DataFrame, renders: pl.DataFrame, tokenizer, samples: int,
+                            max_chars: int = 1500) -> str:
+    """The mask preview as Markdown the asset page renders in one click: per policy, a few samples with the
+    masked tokens in <mark> (text HTML-escaped; the full file is linked from `preview_url`)."""
+    ids_of = dict(zip(renders["trace_id"].to_list(), renders["input_ids"].to_list()))
+    out = ["Masked tokens are highlighted; each sample's first characters.", ""]
+    for pol in lossmasks["policy"].unique(maintain_order=True).to_list():
+        rows = lossmasks.filter(pl.col("policy") == pol).sort("n_tokens").head(samples)
+        out += [f"**{pol}**", ""]
+        for row in rows.iter_rows(named=True):
+            ids = ids_of.get(row["trace_id"])
+            if ids is None:
+                continue
+            text = _marked(tokenizer, ids, row["mask_spans"], lambda s: "<mark>" + s + "</mark>", html.escape)
+            text = text[:max_chars].replace("\n", "<br>")
+            out += [f"<p><code>{row['trace_id'][:12]}</code> ({row['n_masked']}/{row['n_tokens']} tokens)<br>{text}</p>", ""]
+    return "\n".join(out)

@@ -191,6 +191,14 @@ def arguments_json(args: Any, field: str = "tool_calls.arguments") -> str:
     return canonical_json(args)
 
 
+def stop_the_line(n_in: int, rejected: pl.DataFrame, limit: float) -> tuple[int, float, bool]:
+    """The stop-the-line rule of every stage: (malformed rows, their share of the ``n_in`` rows read, whether
+    the stage must stop: share > ``limit``). Rows excluded by policy (severity "excluded") never count."""
+    malformed = int((rejected["severity"] == "malformed").sum()) if rejected.height else 0
+    share = malformed / n_in if n_in else 0.0
+    return malformed, share, bool(n_in) and share > limit
+
+
 def empty_traces() -> pl.DataFrame:
     return pl.DataFrame(schema=TRACE_SCHEMA)
 

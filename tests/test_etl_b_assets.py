@@ -130,7 +130,7 @@ def test_blocking_check_fails_on_planted_bad_row(data_root):
 
 
 def test_boundary_check_fails_when_end_token_missing(data_root):
-    from cb_assets.assets.etl_b import renders_assistant_boundaries
+    from cb_assets.assets.renders import renders_assistant_boundaries
 
     traces = small_traces()
     traces.write_parquet(data_root / "traces.parquet")
@@ -151,7 +151,7 @@ def test_boundary_check_fails_when_end_token_missing(data_root):
 
 
 def test_failed_validation_writes_nothing(data_root, monkeypatch):
-    import cb_assets.assets.etl_b as etl_b
+    import cb_assets.assets.lossmasks as etl_b
 
     traces = small_traces()
     traces.write_parquet(data_root / "traces.parquet")

@@ -270,9 +270,8 @@ def _outcome(found: dict[str, int], verified: str, n_checked: str) -> str:
     "and eval_split",
 )
 def splits_disjoint(train_split: pl.DataFrame, eval_split: pl.DataFrame) -> dg.AssetCheckResult:
-    groups = sorted(set(train_split["pair_group"].to_list()) & set(eval_split["pair_group"].to_list()))
-    ids = sorted(set(train_split["id"].to_list()) & set(eval_split["id"].to_list()))
-    hashes = sorted(set(train_split["content_hash"].to_list()) & set(eval_split["content_hash"].to_list()))
+    both = curate.split_overlaps(train_split, eval_split)
+    groups, ids, hashes = both["pair_groups"], both["ids"], both["content_hashes"]
     found = {"pair_groups in both": len(groups), "ids in both": len(ids), "identical message lists in both":
              len(hashes)}
     return dg.AssetCheckResult(
@@ -300,11 +299,8 @@ def splits_disjoint(train_split: pl.DataFrame, eval_split: pl.DataFrame) -> dg.A
     description="eval_attacks ids (and source traces and pair groups) are disjoint from train_split",
 )
 def eval_attacks_disjoint(eval_attacks: pl.DataFrame, train_split: pl.DataFrame) -> dg.AssetCheckResult:
-    t_ids = set(train_split["id"].to_list())
-    t_groups = set(train_split["pair_group"].to_list())
-    ids = sorted(set(eval_attacks["id"].to_list()) & t_ids)
-    src = sorted(set(eval_attacks["source_trace_id"].to_list()) & t_ids)
-    groups = sorted(set(eval_attacks["pair_group"].to_list()) & t_groups)
+    both = curate.eval_attack_overlaps(eval_attacks, train_split)
+    ids, src, groups = both["ids"], both["source_traces"], both["pair_groups"]
     found = {"eval-attack ids in train": len(ids), "source traces in train": len(src),
              "pair groups in train": len(groups)}
     return dg.AssetCheckResult(

@@ -70,7 +70,9 @@ from cb_core.curate.gates import (  # noqa: F401
 )
 from cb_core.curate.splits import (  # noqa: F401
     assign_split,
+    eval_attack_overlaps,
     split,
+    split_overlaps,
     split_stats,
 )
 from cb_core.curate.eval_attacks import (  # noqa: F401

@@ -78,3 +78,26 @@ def split_stats(train: pl.DataFrame, eval_: pl.DataFrame) -> dict[str, Any]:
         "eval_strata": strata(eval_),
         "pair_groups_in_both": len(set(train["pair_group"].to_list()) & set(eval_["pair_group"].to_list())),
     }
+
+
+def _both(a: pl.DataFrame, col_a: str, b: pl.DataFrame, col_b: str) -> list:
+    return sorted(set(a[col_a].to_list()) & set(b[col_b].to_list()))
+
+
+def split_overlaps(train: pl.DataFrame, eval_: pl.DataFrame) -> dict[str, list]:
+    """What train and eval share that they must not: pair groups (tasks), ids, identical message lists."""
+    return {
+        "pair_groups": _both(train, "pair_group", eval_, "pair_group"),
+        "ids": _both(train, "id", eval_, "id"),
+        "content_hashes": _both(train, "content_hash", eval_, "content_hash"),
+    }
+
+
+def eval_attack_overlaps(eval_attacks: pl.DataFrame, train: pl.DataFrame) -> dict[str, list]:
+    """Eval attacks (or the traces they were cut from, or their pair groups) that the train split holds."""
+    return {
+        "ids": _both(eval_attacks, "id", train, "id"),
+        "source_traces": _both(eval_attacks, "source_trace_id", train, "id"),
+        "pair_groups": _both(eval_attacks, "pair_group", train, "pair_group"),
+    }
+

@@ -640,7 +640,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--traces", required=True)
     ap.add_argument("--table", choices=TABLES, required=True)
     ap.add_argument("--out", required=True, help="folder for <table>.parquet and <table>.rejected.parquet")
-    ap.add_argument("--profile", default=os.environ.get("CB_MODEL") or "tiny")
+    from cb_core.model import profile_name
+
+    ap.add_argument("--profile", default=profile_name())
     ap.add_argument("--config", default=CONFIG_FILE)
     ap.add_argument("--limit", type=int)
     ap.add_argument("--shard-size", type=int)

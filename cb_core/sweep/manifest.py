@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,6 @@ from typing import Any
 
 import yaml
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 # short axis name -> dotted training key
 AXES: dict[str, str] = {
@@ -128,8 +126,9 @@ class Manifest:
 
 # ------------------------------------------------------------------------------------------------ loading
 def sweeps_dir() -> Path:
-    base = os.environ.get("CB_CONFIG_DIR")
-    return (Path(os.path.expanduser(base)).resolve() if base else PROJECT_ROOT / "configs") / "sweeps"
+    from cb_core.config import config_dir
+
+    return config_dir() / "sweeps"
 
 
 def manifest_path(name_or_path: str) -> Path:
