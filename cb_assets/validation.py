@@ -115,3 +115,19 @@ def stop_the_line(what: str, n_in: int, rejected: pl.DataFrame, limit: float, me
             },
         )
     return n_malformed
+
+
+def check_stage_output(what: str, good: pl.DataFrame, rejected: pl.DataFrame, model, *, n_in: int, limit: float,
+                       empty: str) -> None:
+    """The end every stage shares before it returns (nothing written on failure, rejected rows kept): an empty
+    output fails (``empty`` says what happened), then stop-the-line over ``n_in`` rows read, then both frames
+    validated (``good`` against ``model``, ``rejected`` against the quarantine contract)."""
+    from cb_core.schemas import QuarantineModel
+
+    if good.height == 0:
+        kept = keep_rejects(what, rejected)
+        raise dg.Failure(f"{what}: {empty}; nothing written; rejected rows kept in {kept}")
+    stop_the_line(what, n_in, rejected, limit)
+    validate_or_fail(model, good, what)
+    validate_or_fail(QuarantineModel, rejected, f"{what}_quarantine")
+

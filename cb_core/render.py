@@ -52,17 +52,25 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-import pandera.polars as pa
 import polars as pl
 
-from cb_core.schemas import QUARANTINE_SCHEMA, canonical_json, reject, split_locator
+from cb_core.schemas import (  # noqa: F401  (the render_v1 contract and the special tokens, re-exported)
+    BOS,
+    END_HEADER,
+    EOM,
+    EOT,
+    PYTHON_TAG,
+    QUARANTINE_SCHEMA,
+    RENDER_SCHEMA,
+    START_HEADER,
+    TOKEN_SPAN,
+    TRUNCATION_DONE,
+    RenderModel,
+    canonical_json,
+    reject,
+    split_locator,
+)
 
-BOS = "<|begin_of_text|>"
-START_HEADER = "<|start_header_id|>"
-END_HEADER = "<|end_header_id|>"
-EOT = "<|eot_id|>"
-EOM = "<|eom_id|>"
-PYTHON_TAG = "<|python_tag|>"
 
 SPAN_KINDS = (
     "bos", "message", "header", "content", "tool_call", "tool_name", "end_token", "tool_defs", "injection",
@@ -438,76 +446,14 @@ _DECODER = json.JSONDecoder()
 
 def parse_tool_calls(text: str) -> list[dict]:
     """Tool calls in an assistant turn, ``[{"name": str, "arguments": dict}]`` (``[]`` when the turn is a
-    final answer or does not parse). The one parser is ``cb_core.generate.parse.parse_completion``, which
+    final answer or does not parse). The one parser is ``cb_core.parse.parse_completion``, which
     also reports final answers and parse failures with their reason."""
-    from cb_core.generate.parse import parse_completion
+    from cb_core.parse import parse_completion
 
     return parse_completion(text).calls
 
 
-# ------------------------------------------------------------------------------------------- render_v1
-TOKEN_SPAN = pl.Struct(
-    {
-        "kind": pl.String,
-        "message_index": pl.Int32,
-        "role": pl.String,
-        "token_start": pl.Int32,
-        "token_end": pl.Int32,  # exclusive
-    }
-)
-RENDER_SCHEMA = pl.Schema(
-    {
-        "trace_id": pl.String,
-        "tokenizer_id": pl.String,
-        "input_ids": pl.List(pl.Int32),
-        "spans": pl.List(TOKEN_SPAN),
-        "n_tokens": pl.Int32,
-        "truncated": pl.Boolean,  # the trace was changed to fit max_length
-        "truncation": pl.String,  # what was done: "none", or the steps "+"-joined (TRUNCATION_DONE)
-    }
-)
-TRUNCATION_DONE = ("dropped_turns", "shortened_tool_outputs", "cut")
-
-
-class RenderModel(pa.DataFrameModel):
-    """render_v1."""
-
-    trace_id: str = pa.Field(unique=True)
-    tokenizer_id: str = pa.Field(str_length={"min_value": 1})
-    input_ids: pl.List(pl.Int32) = pa.Field()  # type: ignore[valid-type]
-    spans: pl.List(TOKEN_SPAN) = pa.Field()  # type: ignore[valid-type]
-    n_tokens: pl.Int32 = pa.Field(ge=1)  # type: ignore[valid-type]
-    truncated: bool
-    truncation: str
-
-    class Config:
-        strict = True
-
-    @pa.dataframe_check
-    def n_tokens_matches(cls, data: pa.PolarsData) -> pl.LazyFrame:
-        return data.lazyframe.select(pl.col("input_ids").list.len() == pl.col("n_tokens"))
-
-    @pa.dataframe_check
-    def truncation_matches(cls, data: pa.PolarsData) -> pl.LazyFrame:
-        t = pl.col("truncation")
-        known = t.str.split("+").list.eval(pl.element().is_in(list(TRUNCATION_DONE))).list.all()
-        return data.lazyframe.select(
-            ((t == "none") & ~pl.col("truncated")) | (pl.col("truncated") & (t != "none") & known)
-        )
-
-    @pa.dataframe_check
-    def spans_inside_sequence(cls, data: pa.PolarsData) -> pl.LazyFrame:
-        lf = data.lazyframe.with_row_index("_r").explode("spans").unnest("spans")
-        ok = (
-            pl.col("token_start").is_null()
-            | ((pl.col("token_start") >= 0) & (pl.col("token_start") <= pl.col("token_end"))
-               & (pl.col("token_end") <= pl.col("n_tokens")))
-        )
-        return lf.group_by("_r", maintain_order=True).agg(ok.all().alias("ok")).select("ok")
-
-
-def empty_renders() -> pl.DataFrame:
-    return pl.DataFrame(schema=RENDER_SCHEMA)
+# render_v1 (TOKEN_SPAN, RENDER_SCHEMA, TRUNCATION_DONE, RenderModel): cb_core.schemas
 
 
 _TRAINED_KINDS = ("content", "tool_call")

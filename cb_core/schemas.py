@@ -412,7 +412,9 @@ class TraceModel(pa.DataFrameModel):
         )
 
     @pa.dataframe_check
-    def harmful_means_succeeded(cls, data: pa.PolarsData) -> pl.LazyFrame:
+    def harmful_means_attacked(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        """harmful = the model acted on an injection it read, so an attack is present (whatever the benchmark's
+        goal check, `attack_succeeded`, says); the `traces` label-sanity check tests the same rule."""
         lab = pl.col("labels")
         return data.lazyframe.select(
             (lab.struct.field("category") != "harmful") | lab.struct.field("attack_present")

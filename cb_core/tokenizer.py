@@ -28,19 +28,18 @@ LLAMA3_PAT_STR = (
 NUM_BASE_TOKENS = 128000
 NUM_SPECIAL_TOKENS = 256
 
-# Named special tokens and their ids (the Llama-3.1 naming, as in Meta's HF release).
-LLAMA3_SPECIAL_IDS: dict[str, int] = {
-    "<|begin_of_text|>": 128000,
-    "<|end_of_text|>": 128001,
-    "<|finetune_right_pad_id|>": 128004,
-    "<|start_header_id|>": 128006,
-    "<|end_header_id|>": 128007,
-    "<|eom_id|>": 128008,
-    "<|eot_id|>": 128009,
-    "<|python_tag|>": 128010,
-}
-BOS, EOT, EOM, PYTHON_TAG = "<|begin_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>"
-START_HEADER, END_HEADER = "<|start_header_id|>", "<|end_header_id|>"
+# Named special tokens and their ids: cb_core.schemas (the one place), re-exported here.
+from cb_core.schemas import (  # noqa: E402,F401
+    BOS,
+    END_HEADER,
+    END_HEADER_ID,
+    EOM,
+    EOT,
+    LLAMA3_SPECIAL_IDS,
+    PYTHON_TAG,
+    START_HEADER,
+    START_HEADER_ID,
+)
 
 _CACHE_FORMAT = "llama3-tiktoken-v2"  # bump when the build recipe changes
 
@@ -133,7 +132,7 @@ def check_llama3_special_ids(tok) -> None:
     if len(tok) != NUM_BASE_TOKENS + NUM_SPECIAL_TOKENS:
         raise ValueError(f"Llama-3 vocab must be {NUM_BASE_TOKENS + NUM_SPECIAL_TOKENS}, got {len(tok)}")
     enc = tok.encode(START_HEADER + "assistant" + END_HEADER + EOT, add_special_tokens=False)
-    if enc[0] != 128006 or enc[-2:] != [128007, 128009]:
+    if enc[0] != START_HEADER_ID or enc[-2:] != [END_HEADER_ID, LLAMA3_SPECIAL_IDS[EOT]]:
         raise ValueError(f"special tokens are not matched in text: {enc}")
 
 
@@ -210,7 +209,7 @@ def tokenizer_id(tok) -> str:
     backend.pop("padding", None)
     blob = json.dumps(backend, sort_keys=True, ensure_ascii=False).encode("utf-8")
     h = hashlib.sha256(blob).hexdigest()[:16]
-    name = "llama3" if tok.convert_tokens_to_ids(START_HEADER) == 128006 else "tok"
+    name = "llama3" if tok.convert_tokens_to_ids(START_HEADER) == START_HEADER_ID else "tok"
     out = f"{name}-{h}"
     try:
         tok._cb_tokenizer_id = out

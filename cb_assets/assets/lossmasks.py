@@ -12,12 +12,12 @@ from cb_assets.assets._etl_b import ETL_B_GROUP, GENERATED_INS, by_reason
 from cb_assets.assets.generation import generated_inputs_status, with_generated
 from cb_assets.resources import DatasetsResource, ModelResource
 from cb_assets.tags import cpu_tags
-from cb_assets.validation import keep_rejects, pandera_check, rows_check, stop_the_line, validate_or_fail
+from cb_assets.validation import check_stage_output, pandera_check, rows_check
 from cb_core.io import atomic_write_bytes, data_root
 from cb_core.lossmask import LossmaskConfig, bad_span_rows, build_lossmasks, lossmask_stats
 from cb_core.mixture import MixtureSchedule
 from cb_core.preview import inline_preview_markdown, mask_preview_html, preview_markdown
-from cb_core.schemas import LossmaskModel, QuarantineModel
+from cb_core.schemas import LossmaskModel
 from cb_core.sources import SourceResult
 
 PREVIEW_FILE = "mask_preview.html"
@@ -58,16 +58,11 @@ def lossmasks(
     traces = with_generated(traces, generated)
     df, rejected = build_lossmasks(renders, traces, lcfg.policies, mwcs.base_weights(), stats=stats)
     dt = time.perf_counter() - t0
-    if df.height == 0:
-        kept = keep_rejects("lossmasks", rejected)
-        raise dg.Failure(
-            f"lossmasks: no mask written ({stats.get('training_bound', 0)} training-bound of {renders.height} "
-            f"renders; {rejected.height} rejected); nothing written; rejected rows kept in {kept}"
-        )
-    n_in = max(1, stats.get("training_bound", 0) * len(lcfg.policies))
-    stop_the_line("lossmasks", n_in, rejected, datasets.config().max_reject_fraction)
-    validate_or_fail(LossmaskModel, df, "lossmasks")
-    validate_or_fail(QuarantineModel, rejected, "lossmasks_quarantine")
+    check_stage_output("lossmasks", df, rejected, LossmaskModel,
+                       n_in=max(1, stats.get("training_bound", 0) * len(lcfg.policies)),
+                       limit=datasets.config().max_reject_fraction,
+                       empty=f"no mask written ({stats.get('training_bound', 0)} training-bound of {renders.height} "
+                       f"renders; {rejected.height} rejected)")
     per_policy = lossmask_stats(df, rejected)
 
     tok = model.tokenizer()

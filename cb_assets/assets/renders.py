@@ -15,9 +15,9 @@ from cb_assets.assets._etl_b import ETL_B_GROUP, GENERATED_INS, by_reason
 from cb_assets.assets.generation import generated_inputs_status, with_generated
 from cb_assets.resources import DatasetsResource, ModelResource
 from cb_assets.tags import cpu_tags
-from cb_assets.validation import keep_rejects, pandera_check, stop_the_line, validate_or_fail
+from cb_assets.validation import check_stage_output, pandera_check
 from cb_core.lossmask import boundary_problems
-from cb_core.schemas import QuarantineModel, RenderModel
+from cb_core.schemas import RenderModel
 from cb_core.sources import SourceResult
 
 
@@ -62,15 +62,9 @@ def renders(
     t0 = time.perf_counter()
     df, rejected = render_traces(traces, tok, rcfg, num_workers=workers, stats=stats)
     dt = time.perf_counter() - t0
-    if df.height == 0:
-        kept = keep_rejects("renders", rejected)
-        raise dg.Failure(
-            f"renders: no trace rendered ({traces.height} in, {rejected.height} rejected); nothing written; "
-            f"rejected rows kept in {kept}"
-        )
-    stop_the_line("renders", traces.height, rejected, datasets.config().max_reject_fraction)
-    validate_or_fail(RenderModel, df, "renders")
-    validate_or_fail(QuarantineModel, rejected, "renders_quarantine")
+    check_stage_output("renders", df, rejected, RenderModel, n_in=traces.height,
+                       limit=datasets.config().max_reject_fraction,
+                       empty=f"no trace rendered ({traces.height} in, {rejected.height} rejected)")
     context.log.info(f"rendered {df.height}/{traces.height} traces in {dt:.1f}s ({df.height / max(dt, 1e-9):.0f}/s)")
     context.add_output_metadata(
         {

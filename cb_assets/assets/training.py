@@ -14,11 +14,11 @@ from pathlib import Path
 import dagster as dg
 
 from cb_assets.resources import DatasetsResource
+from cb_assets.tags import gpu_tags
 from cb_core.train import RUNS_DIR, adapter_dir
 
 TRAINING_GROUP = "training"
-# Dagster tag values allow only [A-Za-z0-9_.-]: '.' stands for ':' in slurm/gres and slurm/time.
-GPU_TAGS = {"cb/compute": "gpu", "slurm/gres": "gpu.1", "slurm/time": "08.00.00"}
+GPU_TAGS = gpu_tags("08.00.00")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PUBLISHED = ("config.yaml", "final_metrics.json", "history.parquet", "curves.png", "run_metadata.json")
 

@@ -8,7 +8,6 @@ old environment variables (alpha_benign, beta_harmful, gamma_kl, margin_benign, 
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
@@ -17,7 +16,6 @@ import yaml
 
 from cb_core.train.losses import CENTROIDS, DISTANCES, LOSS_MODES, SCHEDULES, check_centroid_config
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -173,7 +171,7 @@ class TrainConfig:
         if self.model.dtype not in ("float32", "bfloat16", "float16"):
             raise err("model.dtype", f"unknown dtype {self.model.dtype!r}")
         if self.data.mask_policy is not None:
-            from cb_core.lossmask import POLICIES
+            from cb_core.schemas import POLICY_NAMES as POLICIES
 
             if self.data.mask_policy not in POLICIES:
                 raise err("data.mask_policy", f"unknown loss-mask policy {self.data.mask_policy!r} (known: {list(POLICIES)})")
@@ -185,8 +183,9 @@ class TrainConfig:
 
 # ------------------------------------------------------------------------------------------ loading
 def presets_dir() -> Path:
-    base = os.environ.get("CB_CONFIG_DIR")
-    return (Path(base) if base else PROJECT_ROOT / "configs") / "train"
+    from cb_core.config import config_dir
+
+    return config_dir() / "train"
 
 
 def preset_path(name_or_path: str) -> Path:

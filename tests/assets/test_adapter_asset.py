@@ -12,7 +12,7 @@ import pytest
 from cb_assets.assets import training
 from cb_assets.io_manager import ParquetIOManager
 from cb_assets.resources import DatasetsResource, ModelResource
-from test_trainer import WORKER_OVERRIDES, write_root
+from core.test_trainer import WORKER_OVERRIDES, write_root
 
 CHECKS = [training.adapter_kl_above_eps, training.adapter_harmful_cos_sim_dropped, training.adapter_retain_cos_sim,
           training.adapter_coherence]

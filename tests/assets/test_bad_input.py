@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 import cb_assets.assets.raw as raw_mod
-from dagster_helpers import materialize_keys
+from support.dagster_helpers import materialize_keys
 from cb_core.schemas import reject
 from cb_core.sources import SourceError
 
@@ -183,7 +183,7 @@ def test_lock_held_by_another_process_fails_the_run_naming_root_and_pid(xs, data
     code = ("import sys, time; from cb_core.io import acquire_data_root; "
             "acquire_data_root(sys.argv[1], run_id='other-run'); print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(data_root)], stdout=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).resolve().parent.parent)
+                              cwd=Path(__file__).resolve().parents[2])
     try:
         assert holder.stdout.readline().strip() == "held"
         monkeypatch.setenv("CB_LOCK_TIMEOUT", "0.3")
@@ -222,7 +222,7 @@ def test_copied_config_dir_moves_the_schema_files_it_names(data_root, tmp_path, 
     import shutil
 
     cfg = tmp_path / "site configs"
-    shutil.copytree(Path(__file__).resolve().parent.parent / "configs", cfg)
+    shutil.copytree(Path(__file__).resolve().parents[2] / "configs", cfg)
     schema_file = cfg / "tool_schemas" / "b4_standard_v1.json"
     schema = json.loads(schema_file.read_text())
     schema["system_prompt"] = "Site-specific orchestrator prompt."

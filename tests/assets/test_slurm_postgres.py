@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tests.*` importable under plain `pytest`
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.*` importable under plain `pytest`
 
 # Registered as a plugin (not imported into each module) so the session-scoped `slurm_cluster`
 # fixture starts one cluster for all SLURM test modules.
-pytest_plugins = ["tests.slurm_fixtures"]
+pytest_plugins = ["tests.support.slurm_fixtures"]
 
 pytestmark = [pytest.mark.slurm, pytest.mark.postgres]
 

@@ -16,7 +16,7 @@ from cb_core.config import DatasetsConfig, config_path, resolve_source_paths
 from cb_core.schemas import QUARANTINE_SCHEMA, TRACE_SCHEMA, QuarantineModel, TraceModel
 from cb_core.sources import SourceError, agentdojo, get_reader
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("CB_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data")) / "agent_dojo"
 EXPECTED_FILES = (
     [r["file"] for r in csv.DictReader(open(SHARED / "EXPECTED.tsv", encoding="utf-8"), delimiter="\t")]

@@ -21,7 +21,7 @@ from cb_core.train.data import BalancedSampler, build_train_data, collate
 from cb_core.train.trainer import NonFiniteLoss, Trainer, forward_hidden, llama_parts
 
 torch.set_num_threads(1)  # tiny matmuls on a shared 2-core machine: threads only contend
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def synthetic_frames(n: int = 16, T: int = 16, seed: int = 0) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:

@@ -12,7 +12,7 @@ from cb_assets.assets import curation
 from cb_assets.io_manager import ParquetIOManager
 from cb_assets.resources import DatasetsResource, ModelResource
 from cb_core import curate
-from test_curate import _generated, make_renders_and_masks, make_traces
+from core.test_curate import _generated, make_renders_and_masks, make_traces
 
 CURATION_KEYS = ["training_mix", "train_split", "eval_split", "eval_attacks"]
 CHECKS = [

@@ -17,7 +17,7 @@ import pytest
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VLLM_PY = Path(os.environ.get("CB_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 
 SCRIPT = r'''

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from cb_core import slurm
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tests.*` importable under plain `pytest`
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.*` importable under plain `pytest`
 
 # Registered as a plugin (not imported into each module) so the session-scoped `slurm_cluster`
 # fixture starts one cluster for all SLURM test modules.
-pytest_plugins = ["tests.slurm_fixtures"]
+pytest_plugins = ["tests.support.slurm_fixtures"]
 
 # `slurm` marks the tests whose fixtures reach the cluster (tests/conftest.py); the rest run anywhere.
 
@@ -355,7 +355,7 @@ def _sbatch_and_wait(cluster, script: str, env: dict, cwd: Path, timeout: float 
     return job_id, stdout.read_text(), stderr.read_text()
 
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_sbatch_entry_points_honour_toggles(slurm_cluster, tmp_path):
@@ -410,7 +410,7 @@ def test_example_instance_configs_validate(tmp_path, monkeypatch):
 
     from cb_assets.slurm_launcher import SlurmRunLauncher
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     for var in ("DAGSTER_PG_HOST", "DAGSTER_PG_PORT", "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB"):
         monkeypatch.setenv(var, "5432" if var.endswith("PORT") else "x")
     _sh.copy(root / "dagster_home" / "dagster.slurm.example.yaml", tmp_path / "dagster.yaml")

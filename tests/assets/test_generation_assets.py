@@ -26,7 +26,7 @@ from cb_core.generate.completions import (
 )
 from cb_core.schemas import TRACE_SCHEMA, TraceModel, make_trace, message
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tool(name, **props):

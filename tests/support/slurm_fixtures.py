@@ -1,4 +1,4 @@
-"""pytest plugin for the SLURM launcher tests (``pytest_plugins = ["tests.slurm_fixtures"]``): the session
+"""pytest plugin for the SLURM launcher tests (``pytest_plugins = ["tests.support.slurm_fixtures"]``): the session
 cluster. The helpers themselves live in cb_assets.testing.slurm (bench/slurm_launch.py uses them too).
 
 - ``slurm_cluster``: a private single-node SLURM started by scripts/slurm_local.sh (skipped with a

@@ -7,13 +7,8 @@ import polars as pl
 import pytest
 
 from cb_core.render import (
-    EOM,
-    EOT,
-    PYTHON_TAG,
-    RENDER_SCHEMA,
     RenderConfig,
     RenderError,
-    RenderModel,
     decode_span,
     official_llama31_template,
     parse_tool_calls,
@@ -21,7 +16,18 @@ from cb_core.render import (
     render_traces,
     to_template_messages,
 )
-from cb_core.schemas import QUARANTINE_SCHEMA, TRACE_SCHEMA, QuarantineModel, make_trace, message
+from cb_core.schemas import (
+    EOM,
+    EOT,
+    PYTHON_TAG,
+    QUARANTINE_SCHEMA,
+    RENDER_SCHEMA,
+    TRACE_SCHEMA,
+    QuarantineModel,
+    RenderModel,
+    make_trace,
+    message,
+)
 
 AGENTDOJO_FILES = ("agentdojo-meta-llama_Llama-3-70b-chat-hf.jsonl", "agentdojo-claude-3-5-sonnet-20241022.jsonl")
 

@@ -15,7 +15,7 @@ from cb_assets.definitions import defs
 from cb_core.lossmask import LOSSMASK_SCHEMA, POLICIES, TOOL_POLICIES
 from cb_core.schemas import TRACE_SCHEMA, make_trace, message
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ETL_B = ["renders", "renders_quarantine", "lossmasks", "lossmasks_quarantine"]
 TOOLS = [{"type": "function", "function": {"name": n, "description": "", "parameters": {
     "type": "object", "properties": {"to": {"type": "string"}}}}} for n in ("get_balance", "send_money")]

@@ -34,7 +34,7 @@ from pathlib import Path  # noqa: E402
 
 from cb_core import io as cio  # noqa: E402
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -9,11 +9,11 @@ import polars as pl
 import pytest
 
 import cb_assets.assets.raw as raw_mod
-from dagster_helpers import materialize_keys
+from support.dagster_helpers import materialize_keys
 from cb_core.schemas import make_trace, message, reject
 from cb_core.sources import SourceResult
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ETL_A = ["raw_fujitsu_b4", "raw_agentdojo", "raw_llmail_inject", "raw_tau2", "raw_ultrachat", "raw_xstest",
          "traces", "quarantine"]
 

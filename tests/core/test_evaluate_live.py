@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("agentdojo") is None,
                                 reason="agentdojo extra not installed (scripts/test.sh installs it)")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TASKS = json.loads((ROOT / "configs" / "agentdojo" / "user_tasks.json").read_text())["v1.2.2"]["banking"]
 INJ = json.loads((ROOT / "configs" / "agentdojo" / "injection_tasks.json").read_text())["v1.2.2"]["banking"]
 

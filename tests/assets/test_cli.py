@@ -15,7 +15,7 @@ import yaml
 from cb_core import cli
 from cb_core.sweep.leaderboard import build_leaderboard
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CB = [sys.executable, "-m", "cb_core.cli"]
 
 

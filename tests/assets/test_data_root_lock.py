@@ -12,10 +12,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from dagster_helpers import materialize_keys
+from support.dagster_helpers import materialize_keys
 from test_bad_input import ETL_A, xstest_csv
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 

@@ -51,7 +51,7 @@ from pathlib import Path  # noqa: E402
 import cb_core.config as config_mod  # noqa: E402
 from cb_core.config import config_dir, config_path, load_yaml  # noqa: E402
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_empty_dataset_list_is_a_config_error_naming_the_variable():

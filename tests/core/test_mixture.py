@@ -8,7 +8,7 @@ import pytest
 
 from cb_core.mixture import DEFAULT_CLASS_WEIGHTS, MixtureError, MixtureSchedule
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _sched(tmp_path: Path, ctype: str, extra: str = "") -> MixtureSchedule:
