@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ import dagster as dg
 
 from cb_assets.resources import DatasetsResource
 from cb_assets.tags import COMPUTE_TAG, GPU
-from cb_core.config import ConfigError, load_yaml, resolve_source_paths
+from cb_core.config import ConfigError, resolve_source_paths, setting
 
 GPU_TAG = (COMPUTE_TAG, GPU)
 SWEEPS_GROUP = "sweeps"
@@ -60,19 +59,9 @@ _HASH_CHUNK = 1 << 20
 
 
 # ------------------------------------------------------------------------------------------- settings
-def _ops_config() -> dict[str, Any]:
-    """configs/operations.yaml (optional)."""
-    try:
-        return load_yaml("operations.yaml")
-    except FileNotFoundError:
-        return {}
-
-
 def _setting(env: str, section: str, key: str, default: Any) -> Any:
-    val = os.environ.get(env)
-    if val not in (None, ""):
-        return val
-    return (_ops_config().get(section) or {}).get(key, default)
+    """$env, else `section.key` of configs/operations.yaml (optional), else the default."""
+    return setting(env, "operations.yaml", section, key, default)
 
 
 def revalidate_cron() -> tuple[str, str]:

@@ -45,6 +45,33 @@ def __getattr__(name: str):  # CONFIG_DIR kept for callers of the old constant, 
     raise AttributeError(name)
 
 
+def named_config(folder: str, name_or_path: str, what: str, error: type[Exception] = ConfigError) -> Path:
+    """A YAML given as a path, or by name: ``config_dir()/<folder>/<name>.yaml``. Absent: ``error`` naming what
+    was looked for and the names that exist (training presets, sweep manifests)."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    base = config_dir() / folder
+    cand = base / f"{name_or_path}.yaml"
+    if not cand.is_file():
+        known = sorted(x.stem for x in base.glob("*.yaml"))
+        raise error(f"{what} {name_or_path!r} not found (looked for {cand}; known: {known})")
+    return cand
+
+
+def setting(env_var: str, file: str, section: str, key: str, default: Any) -> Any:
+    """One setting with its environment overlay: ``$env_var`` when set and non-empty, else ``section.key`` of
+    ``configs/<file>`` (an absent file is empty), else ``default``."""
+    val = os.environ.get(env_var)
+    if val not in (None, ""):
+        return val
+    try:
+        raw = load_yaml(file)
+    except ConfigFileNotFound:
+        raw = {}
+    return (raw.get(section) or {}).get(key, default)
+
+
 def display_path(path: str | Path) -> str:
     """A path as messages show it: relative to the project root when inside it."""
     p = Path(path)

@@ -132,14 +132,9 @@ def sweeps_dir() -> Path:
 
 
 def manifest_path(name_or_path: str) -> Path:
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") and p.is_file():
-        return p
-    cand = sweeps_dir() / f"{name_or_path}.yaml"
-    if not cand.is_file():
-        known = sorted(x.stem for x in sweeps_dir().glob("*.yaml"))
-        raise SweepError(f"sweep manifest {name_or_path!r} not found (looked for {cand}; known: {known})")
-    return cand
+    from cb_core.config import named_config
+
+    return named_config("sweeps", name_or_path, "sweep manifest", SweepError)
 
 
 def axis_key(axis: str, source: str = "<manifest>") -> str:

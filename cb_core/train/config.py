@@ -189,14 +189,9 @@ def presets_dir() -> Path:
 
 
 def preset_path(name_or_path: str) -> Path:
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") and p.is_file():
-        return p
-    cand = presets_dir() / f"{name_or_path}.yaml"
-    if not cand.is_file():
-        known = sorted(x.stem for x in presets_dir().glob("*.yaml"))
-        raise TrainConfigError(f"training preset {name_or_path!r} not found (looked for {cand}; known: {known})")
-    return cand
+    from cb_core.config import named_config
+
+    return named_config("train", name_or_path, "training preset", TrainConfigError)
 
 
 def load_preset_raw(name_or_path: str) -> tuple[dict, Path]:
