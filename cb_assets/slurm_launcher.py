@@ -167,7 +167,10 @@ class SlurmRunLauncher(RunLauncher, ConfigurableClass):
         return None
 
     def _asset_tag_sets(self, run: DagsterRun, workspace) -> list[Mapping[str, str]]:
-        """Tags of the assets this run materializes, read from the code location."""
+        """Tags of the assets this run materializes, read from the code location. A checks-only run (e.g.
+        "Execute all" on an asset's Checks tab, the revalidate job) materializes nothing: it runs locally."""
+        if not run.asset_selection and run.asset_check_selection:
+            return []
         origin = run.remote_job_origin
         if workspace is not None and origin is not None:
             repo_origin = origin.repository_origin

@@ -7,6 +7,7 @@ monospace box. All text is HTML-escaped. The page is self-contained (inline CSS,
 from __future__ import annotations
 
 import html
+import re
 from typing import Sequence
 
 import polars as pl
@@ -176,12 +177,24 @@ def preview_markdown(stats: dict, path: str, lossmasks: pl.DataFrame, renders: p
     return "\n".join(lines)
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]{}()#+\-.!|~>])")
+
+
+def _md_text(t: str) -> str:
+    """Plain text safe inside a Markdown paragraph: specials backslash-escaped, `<`/`&` as entities (Dagster's
+    sanitizer drops raw HTML), line ends as hard breaks, blank lines folded so the paragraph holds."""
+    t = t.replace("&", "&amp;").replace("<", "&lt;")
+    t = _MD_SPECIAL.sub(r"\\\1", t)
+    return re.sub(r"\n+", "  \n", t)
+
+
 def inline_preview_markdown(lossmasks: pl.DataFrame, renders: pl.DataFrame, tokenizer, samples: int,
                             max_chars: int = 1500) -> str:
     """The mask preview as Markdown the asset page renders in one click: per policy, a few samples with the
-    masked tokens in <mark> (text HTML-escaped; the full file is linked from `preview_url`)."""
+    masked tokens in bold, in a window that starts shortly before the first masked token (the head of every
+    sample is the same system prompt and tool definitions). Pure Markdown: the UI's sanitizer drops HTML."""
     ids_of = dict(zip(renders["trace_id"].to_list(), renders["input_ids"].to_list()))
-    out = ["Masked tokens are highlighted; each sample's first characters.", ""]
+    out = ["Masked tokens are **bold**; each sample from shortly before its first masked token.", ""]
     for pol in lossmasks["policy"].unique(maintain_order=True).to_list():
         rows = lossmasks.filter(pl.col("policy") == pol).sort("n_tokens").head(samples)
         out += [f"**{pol}**", ""]
@@ -189,7 +202,27 @@ def inline_preview_markdown(lossmasks: pl.DataFrame, renders: pl.DataFrame, toke
             ids = ids_of.get(row["trace_id"])
             if ids is None:
                 continue
-            text = _marked(tokenizer, ids, row["mask_spans"], lambda s: "<mark>" + s + "</mark>", html.escape)
-            text = text[:max_chars].replace("\n", "<br>")
-            out += [f"<p><code>{row['trace_id'][:12]}</code> ({row['n_masked']}/{row['n_tokens']} tokens)<br>{text}</p>", ""]
+            ids = list(ids)
+            pieces, pos = [], 0  # (text, masked)
+            for sp in row["mask_spans"] or []:
+                pieces.append((tokenizer.decode(ids[pos : sp["token_start"]]), False))
+                pieces.append((tokenizer.decode(ids[sp["token_start"] : sp["token_end"]]), True))
+                pos = sp["token_end"]
+            pieces.append((tokenizer.decode(ids[pos:]), False))
+            first = next((i for i, (_, m) in enumerate(pieces) if m and _.strip()), None)
+            if first is not None and first > 0:  # keep ~200 characters of context before the first mask
+                head = pieces[first - 1][0]
+                pieces = [("…" + head[-200:] if len(head) > 200 else head, False)] + pieces[first:]
+            md, used = [], 0
+            for t, masked in pieces:
+                t = t[: max(0, max_chars - used)]
+                used += len(t)
+                if masked and t.strip():
+                    lead, core, trail = re.match(r"(\s*)(.*?)(\s*)$", t, re.S).groups()
+                    md.append(_md_text(lead) + "**" + _md_text(core) + "**" + _md_text(trail))
+                else:
+                    md.append(_md_text(t))
+                if used >= max_chars:
+                    break
+            out += [f"`{row['trace_id'][:12]}` ({row['n_masked']}/{row['n_tokens']} tokens):  ", "".join(md), ""]
     return "\n".join(out)

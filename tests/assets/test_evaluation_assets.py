@@ -30,7 +30,7 @@ def _materialize(selection, run_config):
     return res
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one chain per worker: the three tests share it (xdist group)
 def chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_chain")
     mp = pytest.MonkeyPatch()
