@@ -36,7 +36,8 @@ def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float | None, 
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # exact at the edges (the closed form leaves ~1e-17 of float noise there)
+    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
 
 
 def rate(k: int, n: int) -> Rate:

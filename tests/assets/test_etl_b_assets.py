@@ -83,7 +83,7 @@ def test_materialize_renders_and_lossmasks(data_root):
     # one click from the asset page: a link to the file and the samples inlined with masked tokens marked
     assert md["preview_url"].value == preview.resolve().as_uri()
     inline = md["mask_preview"].value
-    assert "**cb_full_sequence**" in inline and inline.count("<mark>") >= 3
+    assert "**cb_full_sequence**" in inline and inline.count("**") >= 6 + 2 * 3  # policy headings and at least 3 bold masked spans
     assert mats["lossmasks"].metadata["rows"].value == lm.height
     # harmful trace gets MWCS weight of harmful_flip; borderline 1.0; tool_capability 1.0
     w = dict(lm.filter(pl.col("policy") == "assistant_only").select("priority_class", "sample_weight").iter_rows())
