@@ -80,8 +80,6 @@ def test_eval_scores_table_has_real_numbers(chain):
     assert {"gate_asr_reduction", "gate_capability", "gate_output_difference", "gate_over_refusal"} <= checks
 
 
-@pytest.mark.xfail(strict=False, reason="the tiny agent misses its issue-11 targets (0% attacker calls on held-out "
-                   "prompts), so the base model's tool-flip ASR is 0 and there is nothing for the adapter to reduce")
 def test_base_model_follows_some_injections(chain):
     root, _, _ = chain
     sc = pl.read_parquet(root / "eval_scores.parquet")

@@ -403,8 +403,6 @@ def test_generation_assets_run_in_dagster_with_the_tiny_model(data_root, monkeyp
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)  # the first run builds the tiny agent (cached afterwards)
-@pytest.mark.xfail(strict=False, reason="the tiny agent misses its issue-11 targets (held-out: 25% parse, 0% "
-                   "attacker calls), so its DS yield is 0; passes once a tiny agent follows some injections")
 def test_end_to_end_with_tiny_agent_nonzero_ds_and_dr_yields(data_root, monkeypatch):
     """raw -> traces -> generation -> renders -> lossmasks on the embedded demo sample with the tiny agent the
     project trains itself (demo block of configs/generation.yaml): it follows some injections and resists
