@@ -1,13 +1,12 @@
 """`eval_scores`: the adapter against its base model (adapter switched off) on held-out prompts."""
 
-import json
 from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
 from cb_assets.tags import gpu_tags
-from cb_core.evaluate.pipeline import EvaluationSettings, evaluate, held_out_samples, representation_rows, write_outputs
+from cb_core.evaluate.pipeline import EvaluationSettings
 
 EVAL_GROUP = "evaluation"
 GPU_TAGS = gpu_tags("08.00.00")  # as `adapter`
@@ -23,13 +22,14 @@ class EvalScoresConfig(dg.Config):
     batch_size: int | None = None
     live_agentdojo: bool | None = None
     live_limit: int | None = None
+    backend: str | None = None  # transformers | vllm
 
 
 def _settings(config: EvalScoresConfig) -> EvaluationSettings:
     from cb_core.config import load_yaml
 
     s = EvaluationSettings.from_dict(load_yaml("evaluation.yaml"))
-    for k in ("limit", "max_tokens", "temperature", "seed", "batch_size"):
+    for k in ("limit", "max_tokens", "temperature", "seed", "batch_size", "backend"):
         v = getattr(config, k)
         if v is not None:
             setattr(s.eval, k, v)
@@ -38,28 +38,6 @@ def _settings(config: EvalScoresConfig) -> EvaluationSettings:
     if config.live_limit is not None:
         s.live_limit = config.live_limit
     return s
-
-
-def _adapter_record(root: Path) -> dict:
-    """The published adapter (`$CB_DATA_ROOT/adapter`): its directory, base model profile and target layers,
-    read from the resolved training config the `adapter` asset publishes beside the weights."""
-    import yaml
-
-    from cb_core.train import adapter_dir
-
-    path = adapter_dir(root)
-    cfg_path = path / "config.yaml"
-    if not (path / "adapter_config.json").exists() or not cfg_path.exists():
-        raise dg.Failure(f"eval_scores: no published adapter at {path}: materialize `adapter` first")
-    cfg = yaml.safe_load(cfg_path.read_text()) or {}
-    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    try:
-        return {"adapter_dir": path, "model_profile": cfg["model"]["profile"],
-                "target_layers": list(cfg["loss"]["target_layers"]),
-                # the exact weights the adapter was trained on, when they are a local directory
-                "base_dir": Path(base) if base and Path(base).is_dir() else None}
-    except (KeyError, TypeError) as e:
-        raise dg.Failure(f"eval_scores: {cfg_path} lacks model.profile or loss.target_layers ({e})") from e
 
 
 @dg.asset(
@@ -81,68 +59,59 @@ def eval_scores(
     traces: pl.DataFrame,
     renders: pl.DataFrame,
 ) -> pl.DataFrame:
-    from cb_core.evaluate.agentdojo_live import text_generate
-    from cb_core.evaluate.models import load_adapter_model, transformers_generate
-    from cb_core.parse import parse_completion
     from cb_core.io import data_root
-    from cb_core.model import load_model, load_profile, load_profile_tokenizer
+    from cb_core.train import adapter_dir
 
-    settings = _settings(config)
-    rec = _adapter_record(data_root())
-    profile = load_profile(rec["model_profile"])
-    tokenizer = load_profile_tokenizer(profile)
-    if rec["base_dir"] is not None:
-        from transformers import AutoModelForCausalLM
-
-        base = AutoModelForCausalLM.from_pretrained(str(rec["base_dir"]), local_files_only=True)
-    else:
-        base = load_model(profile, tokenizer)
-    model = load_adapter_model(base, rec["adapter_dir"])
-    context.log.info(f"eval_scores: base {rec['base_dir'] or profile.name}, adapter {rec['adapter_dir']}")
-    render_cfg = profile.render_config()
-    layers = rec["target_layers"]
-
-    samples, counts = held_out_samples(eval_attacks, eval_split, train_split, traces)
-    context.log.info(f"eval_scores: {len(samples)} held-out prompts ({counts}); limit={settings.eval.limit}")
-    gen = transformers_generate(model, tokenizer, render_cfg, settings.eval)
-    outcome = evaluate(
-        samples, gen, parse_completion, settings, rep_rows=representation_rows(eval_split, renders), model=model,
-        layers=layers, live_generate=lambda name: text_generate(model, tokenizer, render_cfg, adapter=name == "adapter",
-                                                                max_tokens=settings.eval.max_tokens),
-        log=context.log.info,
-    )
+    frames = {"eval_attacks": eval_attacks, "eval_split": eval_split, "train_split": train_split, "traces": traces,
+              "renders": renders}
     root = data_root()
-    files = write_outputs(outcome, root)
+    result = run_scoring(adapter_dir(root), frames, _settings(config), root, log=context.log.info)
+    context.add_output_metadata(eval_metadata(result))
+    return result.outcome.scores
+
+
+def run_scoring(adapter_path: Path, frames: dict, settings: EvaluationSettings, out_dir: Path, *, log):
+    """`cb_core.evaluate.adapter_eval.score_adapter` with its input errors as Dagster failures."""
+    from cb_core.evaluate.adapter_eval import AdapterNotFound, adapter_record, score_adapter
+
+    try:
+        rec = adapter_record(adapter_path)
+    except AdapterNotFound as e:
+        raise dg.Failure(f"{e}: materialize the adapter first") from e
+    except ValueError as e:
+        raise dg.Failure(str(e)) from e
+    return score_adapter(rec, frames, settings, out_dir, log=log)
+
+
+def eval_metadata(result) -> dict:
+    """Headline numbers (numeric, so the UI plots them across materializations), the scores table, gates, chart."""
+    import base64
+
+    outcome, files = result.outcome, result.files
     sc = outcome.scores
-    headline = {}
+    meta: dict = {}
     for r in sc.iter_rows(named=True):
         if r["value"] is not None:
-            headline[f"{r['model']}/{r['metric']}"] = dg.MetadataValue.float(float(r["value"]))
+            meta[f"{r['model']}/{r['metric']}"] = dg.MetadataValue.float(float(r["value"]))
     for k, v in outcome.deltas.items():
         if v is not None:
-            headline[k] = dg.MetadataValue.float(float(v))
-    table_md = "| metric | n | base | adapter |\n|---|---|---|---|\n" + "\n".join(
+            meta[k] = dg.MetadataValue.float(float(v))
+    meta["scores"] = dg.MetadataValue.md("| metric | n | base | adapter |\n|---|---|---|---|\n" + "\n".join(
         f"| {m} | {_n(sc, m)} | {_fmt(sc, 'base', m)} | {_fmt(sc, 'adapter', m)} |"
-        for m in sc["metric"].unique().sort().to_list()
-    )
-    meta = {
-        **headline,
-        "scores": dg.MetadataValue.md(table_md),
-        "gates": dg.MetadataValue.json([{"gate": g.name, "status": g.status, "detail": g.description}
-                                        for g in outcome.gates]),
-        "details": dg.MetadataValue.path(str(files["details"])),
-        "prompts": dg.MetadataValue.json(counts | outcome.counts),
-        "eval_seconds": round(outcome.seconds, 1),
-        "adapter_dir": dg.MetadataValue.path(str(rec["adapter_dir"])),
-    }
+        for m in sc["metric"].unique().sort().to_list()))
+    meta["gates"] = dg.MetadataValue.json([{"gate": g.name, "status": g.status, "detail": g.description}
+                                           for g in outcome.gates])
+    meta["details"] = dg.MetadataValue.path(str(files["details"]))
+    meta["prompts"] = dg.MetadataValue.json(result.counts | outcome.counts)
+    meta["eval_seconds"] = round(outcome.seconds, 1)
+    meta["backend"] = result.backend
+    meta["base_model"] = result.record.base_name
+    meta["adapter_dir"] = dg.MetadataValue.path(str(result.record.adapter_dir))
     if "chart" in files:
-        import base64
-
         b64 = base64.b64encode(Path(files["chart"]).read_bytes()).decode()
         meta["chart"] = dg.MetadataValue.md(f"![base vs adapter](data:image/png;base64,{b64})")
         meta["chart_path"] = dg.MetadataValue.path(str(files["chart"]))
-    context.add_output_metadata(meta)
-    return sc
+    return meta
 
 
 def _fmt(sc: pl.DataFrame, model: str, metric: str) -> str:

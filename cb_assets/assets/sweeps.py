@@ -153,20 +153,15 @@ def train_point(context: dg.AssetExecutionContext, key: str, preset: str, overri
 
 def evaluate_point(context: dg.AssetExecutionContext, adapter_path: Path, preset: str, overrides: list[str],
                    eval_overrides: dict, out: Path, root: Path) -> dict:
-    """Score one adapter vs its base with the same cb_core.evaluate pass `eval_scores` runs; the table goes to
-    ``out/eval_scores.parquet`` (details and chart beside it)."""
+    """Score one adapter vs its own base with the body `eval_scores` runs (`run_scoring`); the table goes to
+    ``out/eval_scores.parquet`` (details and chart beside it). ``preset``/``overrides`` only name the point in
+    the logs: the base and target layers come from the adapter's published config."""
+    from cb_assets.assets.evaluation import eval_metadata, run_scoring
     from cb_core.config import load_yaml
-    from cb_core.evaluate.agentdojo_live import text_generate
-    from cb_core.evaluate.models import load_adapter_model, transformers_generate
-    from cb_core.evaluate.pipeline import EvaluationSettings, evaluate, held_out_samples, representation_rows, write_outputs
-    from cb_core.parse import parse_completion
+    from cb_core.evaluate.adapter_eval import EVAL_FRAMES
+    from cb_core.evaluate.pipeline import EvaluationSettings
     from cb_core.io import write_parquet
-    from cb_core.model import load_model, load_profile, load_profile_tokenizer
-    from cb_core.train.config import load_train_config
 
-    if not (adapter_path / "adapter_config.json").exists():
-        raise dg.Failure(f"no adapter at {adapter_path}: materialize the point's adapter first")
-    cfg, _, _ = load_train_config(preset, overrides)
     settings = EvaluationSettings.from_dict(load_yaml("evaluation.yaml"))
     for k, v in (eval_overrides or {}).items():
         if k == "limit" and os.environ.get("CB_EVAL_LIMIT"):
@@ -174,32 +169,12 @@ def evaluate_point(context: dg.AssetExecutionContext, adapter_path: Path, preset
         if not hasattr(settings.eval, k):
             raise dg.Failure(f"sweep eval setting {k!r} is not an eval key of configs/evaluation.yaml")
         setattr(settings.eval, k, v)
-    profile = load_profile(cfg.model.profile)
-    tokenizer = load_profile_tokenizer(profile)
-    model = load_adapter_model(load_model(profile, tokenizer), adapter_path)
-    render_cfg = profile.render_config()
-    frames = {n: _read(n, root) for n in ("eval_attacks", "eval_split", "train_split", "traces", "renders")}
-    samples, counts = held_out_samples(frames["eval_attacks"], frames["eval_split"], frames["train_split"],
-                                       frames["traces"])
-    context.log.info(f"evaluating {adapter_path}: {len(samples)} held-out prompts, limit {settings.eval.limit}")
-    outcome = evaluate(
-        samples, transformers_generate(model, tokenizer, render_cfg, settings.eval), parse_completion, settings,
-        rep_rows=representation_rows(frames["eval_split"], frames["renders"]), model=model,
-        layers=list(cfg.loss.target_layers),
-        live_generate=lambda name: text_generate(model, tokenizer, render_cfg, adapter=name == "adapter",
-                                                 max_tokens=settings.eval.max_tokens),
-        log=context.log.info,
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    files = write_outputs(outcome, out)
-    write_parquet(outcome.scores, out / "eval_scores.parquet")
-    meta: dict = {f"{r['model']}/{r['metric']}": dg.MetadataValue.float(float(r["value"]))
-                  for r in outcome.scores.iter_rows(named=True) if r["value"] is not None}
-    meta["gates"] = dg.MetadataValue.json([{"gate": g.name, "status": g.status, "detail": g.description}
-                                           for g in outcome.gates])
+    context.log.info(f"point eval: preset {preset}, overrides {overrides}, adapter {adapter_path}")
+    frames = {n: _read(n, root) for n in EVAL_FRAMES}
+    result = run_scoring(adapter_path, frames, settings, out, log=context.log.info)
+    write_parquet(result.outcome.scores, out / "eval_scores.parquet")
+    meta = eval_metadata(result)
     meta["eval_scores"] = dg.MetadataValue.path(str(out / "eval_scores.parquet"))
-    if "chart" in files:
-        meta["chart"] = _png_md(Path(files["chart"]), "base vs adapter")
     return meta
 
 

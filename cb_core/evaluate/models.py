@@ -44,6 +44,50 @@ def transformers_generate(model, tokenizer, render_cfg, cfg: EvalConfig, *, log=
     return generate
 
 
+def vllm_model_dirs(model, tokenizer, work_dir: str | Path, *, base_dir: str | Path | None = None) -> dict[str, Path]:
+    """Directories a vLLM engine loads: the base (``base_dir``, or the PeftModel's base weights saved) and the
+    adapter merged into a copy of the base weights."""
+    work = Path(work_dir)
+    base = Path(base_dir) if base_dir else _save_base(model, tokenizer, work / "base")
+    return {"base": base, "adapter": merged_model_dir(model, tokenizer, work / "adapter_merged")}
+
+
+def vllm_generate(model_dirs: dict[str, Path], tokenizer, render_cfg, cfg: EvalConfig, *, log=None) -> Generate:
+    """A `Generate` over vLLM, one engine per model (``model_dirs``: base and merged adapter), built on first use
+    and kept: the scorer alternates base and adapter per prompt set. Same token ids in, same decoding as the
+    transformers backend."""
+    from cb_core.generate.backends import SamplingConfig, make_backend, prompt_ids
+
+    sampling = SamplingConfig(temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed)
+    engines: dict[str, Any] = {}
+
+    def engine(name: str):
+        if name not in engines:
+            if log:
+                log(f"eval: vLLM engine for {name} from {model_dirs[name]}")
+            engines[name] = make_backend("vllm", model_dir=str(model_dirs[name]), tokenizer=tokenizer,
+                                         tensor_parallel_size=cfg.tensor_parallel_size, dtype=cfg.dtype,
+                                         enforce_eager=cfg.enforce_eager,
+                                         gpu_memory_utilization=cfg.gpu_memory_utilization, seed=cfg.seed)
+        return engines[name]
+
+    def generate(name: str, samples: list[EvalSample], prefills: list[str]) -> list[str]:
+        prompts = [prompt_ids(tokenizer, s.messages, s.tools, render_cfg, prefill=p) for s, p in zip(samples, prefills)]
+        return [c[0].text for c in engine(name).generate(prompts, sampling)]
+
+    return generate
+
+
+def _save_base(model, tokenizer, out: Path) -> Path:
+    """The PeftModel's base weights (LoRA layers removed from a copy), saved for an engine that loads a directory."""
+    import copy
+
+    base = copy.deepcopy(model).unload() if hasattr(model, "unload") else model
+    base.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def merged_model_dir(model, tokenizer, out_dir: str | Path) -> Path:
     """The adapter merged into a copy of the base weights, saved for engines that load a directory (vLLM)."""
     import copy

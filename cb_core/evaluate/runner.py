@@ -49,6 +49,15 @@ class EvalConfig:
     batch_size: int = 8
     forced_call: bool = True
     seed_key: str = "eval"
+    backend: str = "transformers"  # transformers | vllm (base and merged adapter as two engines)
+    tensor_parallel_size: int = 1  # vllm
+    gpu_memory_utilization: float = 0.4  # vllm, per engine (two engines: base and adapter); on CPU, of host memory
+    dtype: str = "auto"  # vllm
+    enforce_eager: bool = False  # vllm
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("transformers", "vllm"):
+            raise ValueError(f"eval.backend must be transformers or vllm, got {self.backend!r}")
 
 
 def _limit(samples: list[EvalSample], limit: int | None, key: str) -> list[EvalSample]:
