@@ -1,7 +1,7 @@
 """Generation benchmark: tokens/s of the transformers backend, batched vs one prompt at a time (and, through the
 hook below, vLLM vs transformers), on the same prompts, in one process, printing ratios.
 
-Prompts: the DR / DS jobs of the embedded demo sample (cb_core.demo -> the Tier A readers -> traces), rendered
+Prompts: the DR / DS jobs of the embedded demo sample (cb_core.sources.demo -> the Tier A readers -> traces), rendered
 by the project's renderer, so the prompt lengths are those generation really sees (B4 skeletons carry ~2k
 tokens of tool definitions). Greedy by default, every completion forced to ``--max-tokens`` new tokens
 (``ignore_eos``-style: the end tokens are masked out of the stop set) so both modes produce the same token
@@ -36,7 +36,7 @@ def demo_prompts(tokenizer, render_cfg, n: int) -> list[list[int]]:
     import polars as pl
 
     from cb_core.config import DatasetsConfig, resolve_source_paths
-    from cb_core.demo import write_demo_sources
+    from cb_core.sources.demo import write_demo_sources
     from cb_core.generate.backends import prompt_ids
     from cb_core.generate.completions import select_jobs
     from cb_core.schemas import TRACE_SCHEMA

@@ -41,7 +41,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -49,13 +48,11 @@ import dagster as dg
 from cb_assets.resources import DatasetsResource
 from cb_assets.tags import COMPUTE_TAG, GPU
 from cb_core.config import ConfigError, resolve_source_paths, setting
+from cb_core.watch import MISSING, evaluate_sources, load_cursor, scan_sources  # noqa: F401  (tests use them here)
 
 GPU_TAG = (COMPUTE_TAG, GPU)
 SWEEPS_GROUP = "sweeps"
 RAW_PREFIX = "raw_"
-MISSING = "<missing>"
-CURSOR_VERSION = 1
-_HASH_CHUNK = 1 << 20
 
 
 # ------------------------------------------------------------------------------------------- settings
@@ -147,114 +144,6 @@ def revalidate_daily(context: dg.ScheduleEvaluationContext):
 
 
 # ------------------------------------------------------------------------------------------- source sensor
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def scan_sources(
-    specs: dict[str, str], known: dict[str, list]
-) -> tuple[dict[str, dict[str, list]], dict[str, str], list[str]]:
-    """Stat (and, where size/mtime moved, hash) every file of every source.
-
-    Returns ({dataset: {path: [size, mtime_ns, sha256]}}, {dataset: fingerprint}, [notes]); a dataset that
-    matches no file gets the fingerprint MISSING. Files that vanish mid-scan are skipped, never raised.
-    """
-    files: dict[str, dict[str, list]] = {}
-    fps: dict[str, str] = {}
-    notes: list[str] = []
-    for ds, spec in sorted(specs.items()):
-        entries: dict[str, list] = {}
-        try:
-            paths = resolve_source_paths(spec)
-        except OSError as err:
-            notes.append(f"{ds}: cannot list {spec}: {err}")
-            paths = []
-        for p in paths:
-            key = str(p)
-            try:
-                st = p.stat()
-                prev = known.get(key)
-                if prev and prev[0] == st.st_size and prev[1] == st.st_mtime_ns and prev[2]:
-                    digest = prev[2]
-                else:
-                    digest = _sha256(p)
-                entries[key] = [st.st_size, st.st_mtime_ns, digest]
-            except OSError as err:  # vanished between listing and reading, or unreadable
-                notes.append(f"{ds}: {key} vanished or unreadable during the scan ({err.__class__.__name__})")
-        files[ds] = entries
-        if entries:
-            blob = "\n".join(f"{p}\t{v[0]}\t{v[2]}" for p, v in sorted(entries.items()))
-            fps[ds] = hashlib.sha256(blob.encode()).hexdigest()
-        else:
-            fps[ds] = MISSING
-    return files, fps, notes
-
-
-def _load_cursor(raw: str | None) -> dict[str, Any] | None:
-    if not raw:
-        return None
-    try:
-        cur = json.loads(raw)
-    except ValueError:
-        return None
-    return cur if isinstance(cur, dict) and cur.get("v") == CURSOR_VERSION else None
-
-
-def evaluate_sources(
-    cursor: dict[str, Any] | None,
-    specs: dict[str, str],
-    now: float,
-    max_wait_s: float = SENSOR_MAX_WAIT_S,
-) -> tuple[dict[str, Any], list[str], list[str]]:
-    """Pure decision step of the sensor: (new cursor, datasets to fire for, notes for the skip reason/log)."""
-    known = {p: v for ds_files in ((cursor or {}).get("files") or {}).values() for p, v in ds_files.items()}
-    files, fps, notes = scan_sources(specs, known)
-
-    for ds, prev_files in sorted(((cursor or {}).get("files") or {}).items()):
-        if ds in files:
-            gone = sorted(set(prev_files) - set(files[ds]))
-            if gone:
-                notes.append(f"{ds}: {len(gone)} file(s) vanished: {', '.join(gone[:3])}")
-    missing = sorted(ds for ds, fp in fps.items() if fp == MISSING)
-    for ds in missing:
-        notes.append(f"{ds}: source path {specs[ds]!r} matches no file (vanished?); not fired")
-
-    if cursor is None:
-        new = {"v": CURSOR_VERSION, "files": files, "baseline": fps, "pending": {}, "pending_since": None,
-               "fired": 0}
-        n = sum(len(v) for v in files.values())
-        notes.insert(0, f"baseline recorded: {n} file(s) in {len(fps)} source(s); later changes trigger runs")
-        return new, [], notes
-
-    baseline = dict(cursor.get("baseline") or {})
-    # A dataset that vanished keeps its baseline (fires when it comes back changed, not when it comes back same).
-    files = {ds: (files[ds] if fps[ds] != MISSING else (cursor.get("files") or {}).get(ds, {})) for ds in files}
-    changed = {ds: fp for ds, fp in fps.items() if fp != MISSING and baseline.get(ds) != fp}
-    pending = dict(cursor.get("pending") or {})
-    pending_since = cursor.get("pending_since")
-    new = {"v": CURSOR_VERSION, "files": files, "baseline": baseline, "pending": {}, "pending_since": None,
-           "fired": int(cursor.get("fired") or 0)}
-    if not changed:
-        notes.insert(0, f"no change in {sum(len(v) for v in files.values())} watched file(s)")
-        return new, [], notes
-    settled = changed == pending
-    overdue = pending_since is not None and now - float(pending_since) >= max_wait_s
-    if settled or overdue:
-        baseline.update(changed)
-        new["fired"] += 1
-        why = "settled" if settled else f"still changing after {max_wait_s:.0f}s; firing anyway"
-        notes.insert(0, f"change in {', '.join(sorted(changed))} ({why})")
-        return new, sorted(changed), notes
-    new["pending"] = changed
-    new["pending_since"] = pending_since if pending else now
-    notes.insert(0, f"change seen in {', '.join(sorted(changed))}; waiting one tick for it to settle")
-    return new, [], notes
-
-
 def run_request_for(datasets: list[str], asset_graph, run_key: str, reason: str) -> dg.RunRequest | None:
     """One run: the changed raw assets + downstream CPU assets (+ their checks)."""
     raw_keys = [raw_key(ds) for ds in datasets if asset_graph.has(raw_key(ds))]
@@ -313,8 +202,8 @@ def source_sensor(context: dg.SensorEvaluationContext, datasets: DatasetsResourc
     specs, skip = watched_sources(datasets)
     if skip:
         return dg.SkipReason(skip)
-    cursor = _load_cursor(context.cursor)
-    new_cursor, fire, notes = evaluate_sources(cursor, specs, time.time())
+    cursor = load_cursor(context.cursor)
+    new_cursor, fire, notes = evaluate_sources(cursor, specs, time.time(), max_wait_s=SENSOR_MAX_WAIT_S)
     for note in notes:
         context.log.info(note)
     context.update_cursor(json.dumps(new_cursor, sort_keys=True))

@@ -25,13 +25,14 @@ def curation_config(datasets: DatasetsResource) -> curate.CurationConfig:
     return curate.load_curation_config(demo=datasets.selection().demo)
 
 
-def _read_generated(datasets: DatasetsResource, cfg: curate.CurationConfig) -> dict[str, pl.DataFrame | None]:
-    """Optional generated trace_v1 tables (GPU generation outputs) beside the other tiers; absent = None."""
-    out: dict[str, pl.DataFrame | None] = {}
-    for name in cfg.generated_tables:
-        p = datasets.data_root() / f"{name}.parquet"
-        out[name] = pl.read_parquet(p) if p.exists() else None
-    return out
+def _generated(cfg: curate.CurationConfig, tables: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame | None]:
+    """The generated trace tables the profile draws on (`generated_tables`), from the asset inputs; a table
+    never materialized arrives empty and is reported as missing, never fatal."""
+    unknown = [n for n in cfg.generated_tables if n not in tables]
+    if unknown:
+        raise dg.Failure(f"configs/curation.yaml profile {cfg.profile}: generated_tables {unknown} are not "
+                         f"generation assets (known: {sorted(tables)})")
+    return {n: tables[n] for n in cfg.generated_tables}
 
 
 def _json_safe(obj):
@@ -47,6 +48,7 @@ def _json_safe(obj):
     description="Training mix: harmful (Ds) + retain (Dr) samples with their lossmask under the configured "
     "policy, de-duplicated by the hash of the message content (never the tool list or labels), retain runs that "
     "failed the user's task left out, sampled per priority class (configs/curation.yaml). "
+    "Generated DS/DR/adversarial-safe traces come in as asset inputs (empty until materialized). "
     "Statistics in metadata and in `training_mix.stats.json`.",
 )
 def training_mix(
@@ -54,9 +56,14 @@ def training_mix(
     datasets: DatasetsResource,
     traces: pl.DataFrame,
     lossmasks: pl.DataFrame,
+    ds_completions: pl.DataFrame,
+    dr_completions: pl.DataFrame,
+    adversarial_safe: pl.DataFrame,
 ) -> pl.DataFrame:
     cfg = curation_config(datasets)
-    mix, stats = curate.build_training_mix(traces, lossmasks, cfg, _read_generated(datasets, cfg))
+    generated = _generated(cfg, {"ds_completions": ds_completions, "dr_completions": dr_completions,
+                                 "adversarial_safe": adversarial_safe})
+    mix, stats = curate.build_training_mix(traces, lossmasks, cfg, generated)
     if mix.height == 0:
         raise dg.Failure(
             f"training_mix: no sample selected (profile {cfg.profile}; policies "

@@ -5,7 +5,7 @@ Why: a random tiny Llama emits noise, so every yield, judge outcome and attack-s
 or meaningless. This model makes the CPU pipeline (tests, the README's main job) produce real DS and DR data.
 
 * **Corpus** (its own "pretraining" data, disjoint from what the pipeline trains and evaluates on): the embedded
-  demo generator (``cb_core.demo``) drawn with seeds other than the pipeline's (default 1-4; the pipeline's
+  demo generator (``cb_core.sources.demo``) drawn with seeds other than the pipeline's (default 1-4; the pipeline's
   demo uses 0), read by the project's own source readers. Each skeleton becomes a prompt (its messages up to
   where the agent must act) plus one assistant turn written by a fixed, visible *policy*: the expected tool
   for benign prompts; for attacked ones it follows some injection styles (B4 "pre-approval"/hidden-markup
@@ -250,7 +250,7 @@ def policy_examples(row: dict) -> list[dict]:
 def demo_rows(seed: int) -> list[dict]:
     """Every demo source (seed ``seed``) through the project's readers, as trace_v1 dicts."""
     from cb_core.config import DatasetsConfig, resolve_source_paths
-    from cb_core.demo import write_demo_sources
+    from cb_core.sources.demo import write_demo_sources
     from cb_core.sources import get_reader
 
     cfg = DatasetsConfig.load()
@@ -663,7 +663,7 @@ def _prepare(cfg: TinyAgentConfig, tokenizer):
     return examples, encoded, skipped, rcfg
 
 
-_CODE_FILES = ("cb_core/demo.py", "cb_core/render.py", "cb_core/schemas.py", "cb_core/config.py",
+_CODE_FILES = ("cb_core/render.py", "cb_core/schemas.py", "cb_core/config.py",
                "cb_core/generate/tiny_agent.py", "configs/datasets.yaml", "configs/models/tiny_agent.yaml")
 _MEMO: dict[str, Path] = {}
 

@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 
 import cb_assets.assets.raw as raw_mod
+import cb_core.sources.load as source_load
 from support.dagster_helpers import materialize_keys
 from cb_core.schemas import reject
 from cb_core.sources import SourceError
@@ -114,7 +115,7 @@ def test_source_error_fails_with_file_and_field_and_keeps_its_rejects(xs, data_r
     def read(paths, cfg):
         raise SourceError("xstest: tasks file is truncated", file=str(paths[0]), field="label", rejected=[kept_row])
 
-    monkeypatch.setattr(raw_mod, "get_reader", lambda ds: read)
+    monkeypatch.setattr(source_load, "get_reader", lambda ds: read)
     res = materialize_keys(["raw_xstest"], raise_on_error=False)
     msg = failures(res)
     assert not res.success

@@ -28,7 +28,7 @@ CHECKS = [
     curation.eval_attacks_expected_behavior,
 ]
 ASSETS = [curation.training_mix, curation.train_split, curation.eval_split, curation.eval_attacks]
-UPSTREAM = [dg.AssetSpec("traces"), dg.AssetSpec("renders"), dg.AssetSpec("lossmasks")]
+UPSTREAM = [dg.AssetSpec(k) for k in ("traces", "renders", "lossmasks", "ds_completions", "dr_completions", "adversarial_safe")]
 
 
 def _training_default() -> dict[str, str]:

@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 
 import cb_assets.assets.raw as raw_mod
+import cb_core.sources.load as source_load
 from support.dagster_helpers import materialize_keys
 from cb_core.schemas import make_trace, message, reject
 from cb_core.sources import SourceResult
@@ -46,7 +47,7 @@ def xstest_only(data_root, tmp_path, monkeypatch):
 
 
 def test_unselected_sources_are_empty_and_say_so(xstest_only, monkeypatch):
-    monkeypatch.setattr(raw_mod, "get_reader", lambda ds: _fake_reader(5, 0))
+    monkeypatch.setattr(source_load, "get_reader", lambda ds: _fake_reader(5, 0))
     res = _materialize()
     assert res.success
     mats = {e.asset_key.to_user_string(): e.materialization for e in res.get_asset_materialization_events()}
@@ -57,7 +58,7 @@ def test_unselected_sources_are_empty_and_say_so(xstest_only, monkeypatch):
 
 
 def test_stop_the_line_fails_before_write_and_keeps_rejects(xstest_only, monkeypatch):
-    monkeypatch.setattr(raw_mod, "get_reader", lambda ds: _fake_reader(8, 2))  # 20% malformed > 10%
+    monkeypatch.setattr(source_load, "get_reader", lambda ds: _fake_reader(8, 2))  # 20% malformed > 10%
     res = _materialize(raise_on_error=False)
     assert not res.success
     assert not (xstest_only / "raw_xstest.parquet").exists()
@@ -66,11 +67,11 @@ def test_stop_the_line_fails_before_write_and_keeps_rejects(xstest_only, monkeyp
 
 
 def test_failing_pandera_validation_keeps_previous_good_tier(xstest_only, monkeypatch):
-    monkeypatch.setattr(raw_mod, "get_reader", lambda ds: _fake_reader(3, 0))
+    monkeypatch.setattr(source_load, "get_reader", lambda ds: _fake_reader(3, 0))
     assert _materialize().success
     before = (xstest_only / "traces.parquet").read_bytes()
     # A "harmful" trace without an attack violates TraceModel: the asset must fail and write nothing.
-    monkeypatch.setattr(raw_mod, "get_reader", lambda ds: _fake_reader(4, 0, category="harmful"))
+    monkeypatch.setattr(source_load, "get_reader", lambda ds: _fake_reader(4, 0, category="harmful"))
     res = _materialize(raise_on_error=False)
     assert not res.success
     failures = [e for e in res.all_events if e.event_type_value == "STEP_FAILURE"]

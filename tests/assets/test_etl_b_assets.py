@@ -170,9 +170,9 @@ def test_failed_validation_writes_nothing(data_root, monkeypatch):
 
 
 def _write_demo_traces(data_root: Path, tmp_path: Path, monkeypatch) -> None:
-    """Upstream for the CLI test: the demo sources through ETL_A when cb_core.demo exists, else our own."""
+    """Upstream for the CLI test: the demo sources through ETL_A when cb_core.sources.demo exists, else our own."""
     try:
-        from cb_core.demo import write_demo_sources
+        from cb_core.sources.demo import write_demo_sources
     except ImportError:
         small_traces().write_parquet(data_root / "traces.parquet")
         return

@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 
 from cb_core.config import DatasetsConfig, resolve_source_paths
-from cb_core.demo import write_demo_sources
+from cb_core.sources.demo import write_demo_sources
 from cb_core.schemas import DATASETS, QuarantineModel, TraceModel
 from cb_core.sources import READERS, get_reader
 

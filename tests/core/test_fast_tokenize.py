@@ -108,7 +108,7 @@ def _assert_renders_equal(traces: pl.DataFrame, tok, cfg: RenderConfig):
 
 
 def test_demo_renders_equal_hf_path(tmp_path, llama_tokenizer):
-    from cb_core.demo import write_demo_sources
+    from cb_core.sources.demo import write_demo_sources
 
     frames = [_read(ds, p) for ds, p in write_demo_sources(tmp_path, seed=0).items()]
     traces = pl.concat([f for f in frames if f.height], how="diagonal_relaxed")
@@ -118,7 +118,7 @@ def test_demo_renders_equal_hf_path(tmp_path, llama_tokenizer):
 
 
 def test_two_workers_equal_one(tmp_path, llama_tokenizer):
-    from cb_core.demo import write_demo_sources
+    from cb_core.sources.demo import write_demo_sources
 
     traces = _read("agentdojo", write_demo_sources(tmp_path, seed=0)["agentdojo"])
     one, _ = render_traces(traces, llama_tokenizer, RenderConfig(max_length=65536), num_workers=1)

@@ -126,7 +126,7 @@ def sample_traces(request, tmp_path_factory) -> pl.DataFrame:
 
     if SHARED_DATA.is_dir():
         return request.getfixturevalue("agentdojo_traces")
-    from cb_core.demo import write_demo_sources
+    from cb_core.sources.demo import write_demo_sources
     from cb_core.sources import agentdojo
 
     path = write_demo_sources(tmp_path_factory.mktemp("demo"))["agentdojo"]
