@@ -69,9 +69,10 @@ class GenerationBackend(Protocol):
 class TransformersBackend:
     """HF ``generate`` over left-padded batches with the KV cache.
 
-    ``batch_size`` prompts per forward batch (each expanded ``n`` times for sampling). Prompts are sorted by
-    length inside a call so a batch pads little; results come back in the caller's order. The seed of batch
-    k is ``sampling.seed + k`` where batches are formed over that length-sorted order, so the same prompts,
+    ``batch_size`` prompts per forward batch (each expanded ``n`` times for sampling), and at most
+    ``max_batch_tokens`` padded prompt tokens per batch. Prompts are sorted by length inside a call so a batch
+    pads little; results come back in the caller's order. The seed of batch k is ``sampling.seed + k`` where
+    batches are formed over that length-sorted order, so the same prompts,
     seed and batch size give the same tokens (a different batch size may change the sampled tokens: padding
     changes the float arithmetic, as in any batched engine).
     """
@@ -87,6 +88,7 @@ class TransformersBackend:
         device: str | None = None,
         stop_ids: Sequence[int] = DEFAULT_STOP_IDS,
         sort_by_length: bool = True,
+        max_batch_tokens: int = 8192,
     ):
         import torch
 
@@ -103,6 +105,7 @@ class TransformersBackend:
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.stop_ids[0])
         self.sort_by_length = sort_by_length
+        self.max_batch_tokens = max(1, int(max_batch_tokens))
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
         if not prompts:
@@ -114,12 +117,29 @@ class TransformersBackend:
             range(len(prompts))
         )
         out: list[list[Completion] | None] = [None] * len(prompts)
-        for k in range(0, len(order), self.batch_size):
-            idx = order[k : k + self.batch_size]
-            res = self._generate_batch([prompts[i] for i in idx], sampling, sampling.seed + k // self.batch_size)
+        for k, idx in enumerate(self._batches(order, [len(p) for p in prompts])):
+            res = self._generate_batch([prompts[i] for i in idx], sampling, sampling.seed + k)
             for i, comps in zip(idx, res):
                 out[i] = comps
         return out  # type: ignore[return-value]
+
+    def _batches(self, order: list[int], lengths: list[int]) -> list[list[int]]:
+        """Consecutive prompts of ``order``, at most ``batch_size`` per batch and at most ``max_batch_tokens``
+        padded prompt tokens (rows x longest): one long prompt never makes seven short ones pad to its length
+        (on CPU a padded batch of long prompts is slower than the same prompts one by one)."""
+        batches: list[list[int]] = []
+        cur: list[int] = []
+        longest = 0
+        for i in order:
+            m = max(longest, lengths[i])
+            if cur and (len(cur) >= self.batch_size or m * (len(cur) + 1) > self.max_batch_tokens):
+                batches.append(cur)
+                cur, m = [], lengths[i]
+            cur.append(i)
+            longest = m
+        if cur:
+            batches.append(cur)
+        return batches
 
     def _generate_batch(self, batch: list[list[int]], sampling: SamplingConfig, seed: int) -> list[list[Completion]]:
         import torch
