@@ -383,6 +383,37 @@ def test_sbatch_entry_points_honour_toggles(slurm_cluster, tmp_path):
     assert len(plan["points"]) == 3 and all(k.startswith("quick-custom-a") for k in plan["points"])
 
 
+@pytest.mark.slow
+def test_sbatch_unified_pipeline_runs_for_real(slurm_cluster, tmp_path):
+    """unified_pipeline.sbatch executed (not a dry run) inside a local SLURM allocation, with toggles that leave
+    four stages out and change two settings: ETL_A + ETL_B run on the demo sample of the two chosen datasets,
+    renders honour MAX_LENGTH, and nothing of the skipped stages is written."""
+    import polars as pl
+
+    from cb_core.sources.demo import write_demo_sources
+
+    data = tmp_path / "data"
+    src = write_demo_sources(tmp_path / "sources")  # real files at configured paths (a selected source needs one)
+    base = {"CB_PROJECT_ROOT": str(ROOT), "CB_VENV": str(Path(sys.executable).parent.parent),
+            "CB_DATA_ROOT": str(data), "DAGSTER_HOME": str(tmp_path / "home"),
+            "CB_XSTEST_PATH": str(src["xstest"]), "CB_ULTRACHAT_PATH": str(src["ultrachat"])}
+    (tmp_path / "home").mkdir()
+    toggles = {"DATASETS": "xstest,ultrachat", "MAX_LENGTH": "128", "SKIP_GENERATE": "1", "SKIP_SPLIT": "1",
+               "SKIP_TRAIN": "1", "SKIP_EVAL": "1"}
+    job, out, err = _sbatch_and_wait(slurm_cluster, "unified_pipeline.sbatch", {**base, **toggles}, tmp_path,
+                                     timeout=600)
+    assert f"job {job} (cb_unified_pipeline)" in out
+    assert "RUN_SUCCESS" in out + err and "RUN_FAILURE" not in out + err, err[-3000:]
+    traces = pl.read_parquet(data / "traces.parquet")
+    assert set(traces["dataset"].unique()) == {"xstest", "ultrachat"}
+    renders = pl.read_parquet(data / "renders.parquet")
+    assert renders.height > 0 and renders["input_ids"].list.len().max() <= 128
+    assert renders.height < traces.height  # MAX_LENGTH took effect: the longer UltraChat traces are quarantined
+    assert (data / "lossmasks.parquet").exists()
+    for skipped in ("ds_completions", "training_mix", "train_split", "eval_scores"):
+        assert not (data / f"{skipped}.parquet").exists(), skipped
+
+
 def test_stop_kills_only_own_daemons(slurm_cluster, tmp_path):
     """start/stop of a second cluster leaves the session cluster (and its PIDs) alone."""
     from cb_assets.testing.slurm import start_cluster, stop_cluster
