@@ -8,16 +8,13 @@ The main venv builds the PeftModel (the tiny agent + a LoRA adapter with non-zer
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-from pathlib import Path
 
 import pytest
 
+from support.vllm import run_vllm_script, vllm_python
+
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
-VLLM_PY = Path(os.environ.get("CB_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 
 SCRIPT = r'''
 import json, sys
@@ -44,16 +41,8 @@ if __name__ == "__main__":  # vLLM's engine runs in a spawned process
 '''
 
 
-def _vllm_python() -> Path:
-    if not VLLM_PY.is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI: {VLLM_PY} must exist (scripts/test.sh builds .venv-vllm)")
-        pytest.skip(f"{VLLM_PY} absent (run scripts/test.sh to build the vLLM venv)")
-    return VLLM_PY
-
-
 def test_vllm_eval_generate_matches_transformers(tmp_path):
-    py = _vllm_python()
+    vllm_python()
     import dataclasses
 
     import torch
@@ -84,11 +73,7 @@ def test_vllm_eval_generate_matches_transformers(tmp_path):
     job = {"dirs": {k: str(v) for k, v in dirs.items()}, "samples": [dataclasses.asdict(s) for s in samples],
            "prefills": prefills, "max_tokens": cfg.max_tokens, "render": dataclasses.asdict(render_cfg)}
     (tmp_path / "job.json").write_text(json.dumps(job))
-    (tmp_path / "run.py").write_text(SCRIPT)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_TARGET_DEVICE": "cpu",
-           "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([str(py), str(tmp_path / "run.py"), str(tmp_path)], capture_output=True, text=True,
-                          timeout=1200, env=env, cwd=str(tmp_path))
+    proc = run_vllm_script(SCRIPT, [str(tmp_path)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads((tmp_path / "vllm.json").read_text())
     assert got["base"] == want["base"]

@@ -8,17 +8,14 @@ main venv's transformers must agree as well.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from support.vllm import run_vllm_script, vllm_python
+
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
-VLLM_PY = Path(os.environ.get("CB_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 
 SCRIPT = r'''
 import json, sys, time
@@ -51,16 +48,8 @@ if __name__ == "__main__":  # vLLM's engine runs in a spawned process: the guard
 '''
 
 
-def _vllm_python() -> Path:
-    if not VLLM_PY.is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI: {VLLM_PY} must exist (scripts/test.sh builds .venv-vllm)")
-        pytest.skip(f"{VLLM_PY} absent (run scripts/test.sh to build the vLLM venv)")
-    return VLLM_PY
-
-
 def test_vllm_matches_transformers_greedy(tmp_path, tiny_model, llama_tokenizer):
-    py = _vllm_python()
+    vllm_python()
     from cb_core.generate.backends import SamplingConfig, TransformersBackend
     from cb_core.render import render_conversation
 
@@ -81,12 +70,8 @@ def test_vllm_matches_transformers_greedy(tmp_path, tiny_model, llama_tokenizer)
                for m, t in convs]
     assert all(p[0] == 128000 and p[1] != 128000 for p in prompts)  # one BOS, from the renderer
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
-    (tmp_path / "compare.py").write_text(SCRIPT)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_TARGET_DEVICE": "cpu",
-           "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([str(py), str(tmp_path / "compare.py"), str(model_dir), str(tmp_path / "prompts.json"),
-                           str(tmp_path / "out.json")], capture_output=True, text=True, timeout=900, env=env,
-                          cwd=str(tmp_path))
+    proc = run_vllm_script(SCRIPT, [str(model_dir), str(tmp_path / "prompts.json"), str(tmp_path / "out.json")],
+                           tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads((tmp_path / "out.json").read_text())
     hf_ids = [cs[0]["ids"] for cs in out["hf"]]
