@@ -5,7 +5,6 @@ quarantine, with the blocking checks. Thin: the work is in cb_core.render.
 (`renders.rejected.parquet`) in the same step; `renders_quarantine` publishes those. (A two-output
 multi_asset would make `dagster asset materialize --select lossmasks` fail: a non-subsettable multi-asset
 must be selected whole.)"""
-import os
 import time
 
 import dagster as dg
@@ -16,6 +15,7 @@ from cb_assets.assets.generation import generated_inputs_status, with_generated
 from cb_assets.resources import DatasetsResource, ModelResource
 from cb_assets.tags import cpu_tags
 from cb_assets.validation import check_stage_output, pandera_check
+from cb_core.config import setting
 from cb_core.lossmask import boundary_problems
 from cb_core.schemas import RenderModel
 from cb_core.sources import SourceResult
@@ -57,7 +57,7 @@ def renders(
     rcfg = profile.render_config()
     if config.max_length:
         rcfg.max_length = config.max_length
-    workers = int(os.environ.get("CB_RENDER_WORKERS") or config.num_workers)
+    workers = int(setting("CB_RENDER_WORKERS", "operations.yaml", "renders", "num_workers", None) or config.num_workers)
     stats: dict = {}
     t0 = time.perf_counter()
     df, rejected = render_traces(traces, tok, rcfg, num_workers=workers, stats=stats)

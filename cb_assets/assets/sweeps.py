@@ -27,6 +27,7 @@ import polars as pl
 
 from cb_assets.resources import DatasetsResource
 from cb_assets.tags import gpu_tags
+from cb_core.config import setting
 from cb_core.sweep import POINTS_TABLE, SWEEP_DIR
 
 SWEEP_GROUP = "sweeps"
@@ -68,7 +69,8 @@ class SweepConfig(dg.Config):
 
 
 def default_manifest(datasets: DatasetsResource) -> str:
-    return os.environ.get("CB_SWEEP") or ("tiny" if datasets.selection().demo else "quick")
+    return (setting("CB_SWEEP", "operations.yaml", "sweeps", "manifest", None)
+            or ("tiny" if datasets.selection().demo else "quick"))
 
 
 def load_manifest_for(config: SweepConfig, datasets: DatasetsResource):
@@ -127,7 +129,7 @@ def point_record(key: str, root: Path) -> dict:
 def train_point(context: dg.AssetExecutionContext, key: str, preset: str, overrides: list[str], out: Path,
                 root: Path) -> dict:
     """Train one configuration exactly as `adapter` does (same worker, Pipes, torchrun, publish)."""
-    from cb_assets.assets.training import PROJECT_ROOT, _publish, worker_command
+    from cb_assets.assets.training import PROJECT_ROOT, _publish, worker_command, worker_env
     from cb_core.train import RUNS_DIR
     from cb_core.train.config import load_train_config
     from cb_core.train.worker import slurm_nproc
@@ -138,10 +140,8 @@ def train_point(context: dg.AssetExecutionContext, key: str, preset: str, overri
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = worker_command(preset, overrides, run_dir, root, nproc, False)
     context.log.info(f"point {key}: preset {preset}, overrides {overrides}, run folder {run_dir}")
-    env = {"PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")]),
-           "CB_DATA_ROOT": str(root),
-           "WANDB_MODE": os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")}
-    invocation = dg.PipesSubprocessClient(cwd=str(PROJECT_ROOT)).run(context=context, command=cmd, env=env)
+    invocation = dg.PipesSubprocessClient(cwd=str(PROJECT_ROOT)).run(context=context, command=cmd,
+                                                                      env=worker_env(root))
     out.parent.mkdir(parents=True, exist_ok=True)
     published = _publish(run_dir, out)
     meta = dict(invocation.get_materialize_result().metadata or {})
@@ -476,7 +476,8 @@ def _latest_status(instance, tags: dict) -> dict[str, str]:
 @dg.sensor(
     name="sweep_sensor",
     jobs=[sweep_point_job, sweep_rank_job, final_seed_job, release_job],
-    minimum_interval_seconds=int(os.environ.get("CB_SWEEP_SENSOR_INTERVAL_S", "30")),
+    minimum_interval_seconds=int(setting("CB_SWEEP_SENSOR_INTERVAL_S", "operations.yaml", "sweep_sensor",
+                                         "minimum_interval_seconds", 30)),
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Launches the newest sweep: one run per registered point (GPU -> SLURM), then the leaderboard + "
     "best_config, then one run per final seed, then the release report. Inert until `sweep_points` is materialized.",

@@ -15,6 +15,7 @@ import dagster as dg
 
 from cb_assets.resources import DatasetsResource
 from cb_assets.tags import gpu_tags
+from cb_core.config import setting
 from cb_core.train import RUNS_DIR, adapter_dir
 
 TRAINING_GROUP = "training"
@@ -35,7 +36,8 @@ class AdapterConfig(dg.Config):
 
 
 def default_preset(datasets: DatasetsResource) -> str:
-    return os.environ.get("CB_TRAIN_PRESET") or ("tiny" if datasets.selection().demo else "stage1")
+    return (setting("CB_TRAIN_PRESET", "operations.yaml", "training", "preset", None)
+            or ("tiny" if datasets.selection().demo else "stage1"))
 
 
 def _run_name(cfg, preset: str, root: Path, fast: bool) -> str:
@@ -56,6 +58,14 @@ def worker_command(preset: str, overrides: list[str], run_dir: Path, root: Path,
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                 "-m", "cb_core.train.worker", *args]
     return [sys.executable, "-m", "cb_core.train.worker", *args]
+
+
+def worker_env(root: Path) -> dict[str, str]:
+    """What the training worker needs beyond the inherited environment: the checkout importable, the data
+    root, and W&B online only when a key is set (the key itself is never copied or logged)."""
+    return {"PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")]),
+            "CB_DATA_ROOT": str(root),
+            "WANDB_MODE": os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")}
 
 
 def _publish(run_dir: Path, out: Path) -> Path:
@@ -104,10 +114,8 @@ def adapter(context: dg.AssetExecutionContext, config: AdapterConfig, datasets: 
     latest.symlink_to(run_dir.name)
     cmd = worker_command(preset, list(config.overrides), run_dir, root, nproc, config.fast_dev_run)
     context.log.info(f"adapter: preset {preset}, {nproc} process(es), run folder {run_dir}")
-    env = {"PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")]),
-           "CB_DATA_ROOT": str(root)}
-    env.setdefault("WANDB_MODE", os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline"))
-    invocation = dg.PipesSubprocessClient(cwd=str(PROJECT_ROOT)).run(context=context, command=cmd, env=env)
+    invocation = dg.PipesSubprocessClient(cwd=str(PROJECT_ROOT)).run(context=context, command=cmd,
+                                                                      env=worker_env(root))
     out = _publish(run_dir, adapter_dir(root))
     result = invocation.get_materialize_result()
     meta = dict(result.metadata or {})
@@ -118,8 +126,8 @@ def adapter(context: dg.AssetExecutionContext, config: AdapterConfig, datasets: 
 
 
 # ------------------------------------------------------------------------------------- post-training checks
-KL_EPS = float(os.environ.get("CB_CHECK_KL_EPS", "1e-4"))
-RETAIN_COS_MIN = float(os.environ.get("CB_CHECK_RETAIN_COS_MIN", "0.5"))
+KL_EPS = float(setting("CB_CHECK_KL_EPS", "operations.yaml", "adapter_checks", "kl_eps", 1e-4))
+RETAIN_COS_MIN = float(setting("CB_CHECK_RETAIN_COS_MIN", "operations.yaml", "adapter_checks", "retain_cos_min", 0.5))
 
 
 def _final(root: Path) -> dict | None:
