@@ -21,8 +21,24 @@ TAGS = cpu_tags("C")
 GATE_NAMES = curate.GATE_NAMES
 
 
-def curation_config(datasets: DatasetsResource) -> curate.CurationConfig:
-    return curate.load_curation_config(demo=datasets.selection().demo)
+class CurationRunConfig(dg.Config):
+    """Which profile of configs/curation.yaml a run uses; unset: $CB_CURATION_PROFILE, else `demo` on the embedded
+    demo sample, else `default`. The checks use the profile the checked asset was built with (its metadata)."""
+
+    profile: str | None = None
+
+
+def curation_config(datasets: DatasetsResource, profile: str | None = None) -> curate.CurationConfig:
+    return curate.load_curation_config(profile, demo=datasets.selection().demo)
+
+
+def built_with(context, asset: str, datasets: DatasetsResource) -> curate.CurationConfig:
+    """The profile the latest materialization of ``asset`` recorded (its `profile` metadata), so a check never
+    judges a table by another profile's thresholds; the run's default when there is none."""
+    ev = context.instance.get_latest_materialization_event(dg.AssetKey(asset))
+    md = ev.asset_materialization.metadata if ev is not None and ev.asset_materialization else {}
+    prof = md["profile"].value if "profile" in md else None
+    return curation_config(datasets, prof)
 
 
 def _generated(cfg: curate.CurationConfig, tables: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame | None]:
@@ -53,6 +69,7 @@ def _json_safe(obj):
 )
 def training_mix(
     context: dg.AssetExecutionContext,
+    config: CurationRunConfig,
     datasets: DatasetsResource,
     traces: pl.DataFrame,
     lossmasks: pl.DataFrame,
@@ -60,7 +77,7 @@ def training_mix(
     dr_completions: pl.DataFrame,
     adversarial_safe: pl.DataFrame,
 ) -> pl.DataFrame:
-    cfg = curation_config(datasets)
+    cfg = curation_config(datasets, config.profile)
     generated = _generated(cfg, {"ds_completions": ds_completions, "dr_completions": dr_completions,
                                  "adversarial_safe": adversarial_safe})
     mix, stats = curate.build_training_mix(traces, lossmasks, cfg, generated)
@@ -114,9 +131,10 @@ def _split_asset(which: str, model) -> dg.AssetsDefinition:
         "and attacked, and its generated twins never straddle), hash-based on the seed.",
     )
     def _asset(
-        context: dg.AssetExecutionContext, datasets: DatasetsResource, training_mix: pl.DataFrame
+        context: dg.AssetExecutionContext, config: CurationRunConfig, datasets: DatasetsResource,
+        training_mix: pl.DataFrame,
     ) -> pl.DataFrame:
-        cfg = curation_config(datasets)
+        cfg = curation_config(datasets, config.profile)
         train, eval_ = curate.split(training_mix, cfg)
         df = train if which == "train" else eval_
         validate_or_fail(model, df, f"{which}_split")
@@ -153,11 +171,12 @@ eval_split = _split_asset("eval", EvalSplitModel)
 )
 def eval_attacks(
     context: dg.AssetExecutionContext,
+    config: CurationRunConfig,
     datasets: DatasetsResource,
     traces: pl.DataFrame,
     training_mix: pl.DataFrame,
 ) -> pl.DataFrame:
-    cfg = curation_config(datasets)
+    cfg = curation_config(datasets, config.profile)
     df, stats = curate.build_eval_attacks_with_stats(traces, training_mix.select("id", "pair_group"), cfg)
     validate_or_fail(EvalAttacksModel, df, "eval_attacks")
     strata = curate.eval_attack_strata(df, cfg)
@@ -191,9 +210,10 @@ def eval_attacks(
     ins={"training_mix": dg.AssetIn("training_mix")},
     can_subset=False,
 )
-def training_mix_gates(datasets: DatasetsResource, training_mix: pl.DataFrame):
-    """Merge gates (thresholds from the curation profile; the demo profile lowers them, never skips)."""
-    cfg = curation_config(datasets)
+def training_mix_gates(context: dg.AssetCheckExecutionContext, datasets: DatasetsResource,
+                       training_mix: pl.DataFrame):
+    """Merge gates (thresholds from the profile the mix was built with; the demo profile lowers them, never skips)."""
+    cfg = built_with(context, "training_mix", datasets)
     for g in curate.gate_results(training_mix, cfg):
         yield dg.AssetCheckResult(
             check_name=f"gate_{g.name}",
@@ -223,13 +243,14 @@ def training_mix_schema(training_mix: pl.DataFrame) -> dg.AssetCheckResult:
     "JSON parses against the schema, no empty masks",
 )
 def train_split_preflight(
+    context: dg.AssetCheckExecutionContext,
     datasets: DatasetsResource,
     model: ModelResource,
     train_split: pl.DataFrame,
     renders: pl.DataFrame,
     lossmasks: pl.DataFrame,
 ) -> dg.AssetCheckResult:
-    cfg = curation_config(datasets)
+    cfg = built_with(context, "train_split", datasets)
     fails = curate.preflight(train_split, None, renders, lossmasks, model.tokenizer(), cfg)
     reasons = pl.DataFrame(fails, schema={"id": pl.String, "dataset": pl.String, "reason": pl.String})
     by_reason = (
@@ -338,8 +359,9 @@ def eval_attacks_schema(eval_attacks: pl.DataFrame) -> dg.AssetCheckResult:
     description="every eval-attack stratum (dataset:subtype, small ones merged into dataset:other) reaches "
     "eval_attacks.min_per_stratum",
 )
-def eval_attacks_strata(datasets: DatasetsResource, eval_attacks: pl.DataFrame) -> dg.AssetCheckResult:
-    cfg = curation_config(datasets)
+def eval_attacks_strata(context: dg.AssetCheckExecutionContext, datasets: DatasetsResource,
+                        eval_attacks: pl.DataFrame) -> dg.AssetCheckResult:
+    cfg = built_with(context, "eval_attacks", datasets)
     strata = curate.eval_attack_strata(eval_attacks, cfg)
     low = [s for s in strata if s["below_min"]]
     merged = sorted(s["stratum"] for s in strata if s["stratum"].endswith(":" + curate.OTHER_STRATUM))

@@ -152,6 +152,23 @@ def test_blocking_gate_failure_stops_train_split(upstream, monkeypatch):
     assert "train_split" not in {e.asset_key.to_user_string() for e in res.get_asset_materialization_events()}
 
 
+def test_profile_from_run_config_reaches_the_gates(upstream):
+    """The curation profile set in the run config (no env var) builds the mix, and the gate checks judge it with
+    that profile's thresholds (read back from the materialization), not the run's default (`demo` here)."""
+    res = dg.materialize(
+        [*UPSTREAM, *ASSETS, *CHECKS],
+        resources={"io_manager": ParquetIOManager(), "datasets": DatasetsResource(), "model": ModelResource()},
+        run_config={"ops": {"training_mix": {"config": {"profile": "default"}}}},
+        raise_on_error=False, instance=dg.DagsterInstance.ephemeral(),
+    )
+    mat = next(e for e in res.get_asset_materialization_events() if e.asset_key.to_user_string() == "training_mix")
+    assert mat.materialization.metadata["profile"].value == "default"
+    checks = _checks(res)
+    assert checks["gate_adversarial_safe_count"] is False  # default's 400, not demo's threshold
+    assert "below the required 400" in _evaluation(res, "gate_adversarial_safe_count").description
+    assert not (upstream / "train_split.parquet").exists()
+
+
 def test_preflight_failure_is_blocking(upstream, upstream_frames):
     traces, generated, renders, lossmasks = upstream_frames
     # renders made with another tokenizer: preflight fails on every sample
