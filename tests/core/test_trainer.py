@@ -165,7 +165,8 @@ def test_accumulation_equals_one_big_batch(llama_tokenizer, data, tmp_path):
         tr.fit()
         out[name] = (lora_weights(tr), tr.history)
     for key, w in out["big"][0].items():
-        assert torch.allclose(w, out["accum"][0][key], atol=2e-6), key
+        # float32 sums in another order (2 micro-batches vs 1): equal to ~1e-6 of the weights, not bit-exact
+        assert torch.allclose(w, out["accum"][0][key], rtol=1e-4, atol=1e-5), (key, (w - out["accum"][0][key]).abs().max())
     assert out["big"][1][-1]["train/loss"] == pytest.approx(out["accum"][1][-1]["train/loss"], rel=1e-4)
     assert any(w.abs().sum() > 0 for k, w in out["big"][0].items() if "lora_B" in k)  # it did train
 
