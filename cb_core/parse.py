@@ -190,8 +190,13 @@ def _call_sequence(s: str, *, strict: bool) -> tuple[list[dict], str, str | None
     i, n = 0, len(s)
     while True:
         j = i
-        while j < n and s[j] in _SEPARATORS:
-            j += 1
+        while j < n:  # separators, and a repeated tag before the next call ("{...}; <|python_tag|>{...}")
+            if s[j] in _SEPARATORS:
+                j += 1
+            elif s.startswith(PYTHON_TAG, j):
+                j += len(PYTHON_TAG)
+            else:
+                break
         if j >= n:
             return calls, "", form
         if s[j] == "{":
@@ -295,3 +300,50 @@ def parse_completion(text: str) -> ParsedCompletion:
 def tool_calls(text: str) -> list[dict]:
     """Just the calls (``[]`` for a final answer or an unparseable turn)."""
     return parse_completion(text).calls
+
+
+# ------------------------------------------------------------------------------------------ schema rule
+def schema_fn(schema: Any) -> dict:
+    """The function object of one tool schema (OpenAI-style ``{"type": "function", "function": {...}}`` or bare)."""
+    if isinstance(schema, dict) and isinstance(schema.get("function"), dict):
+        return schema["function"]
+    return schema if isinstance(schema, dict) else {}
+
+
+def schema_name(schema: Any) -> str | None:
+    return schema_fn(schema).get("name")
+
+
+def tool_call_problems(msgs: list[dict], tools: str | None) -> list[str]:
+    """What is wrong with the tool calls of ``msgs`` against the trace's tool schemas (``tools``, JSON text):
+    arguments that are not a JSON object, a tool the trace does not offer, a required parameter missing.
+    The one rule behind the training preflight and the generation judge's keep decision."""
+    calls = [(i, c) for i, m in enumerate(msgs or []) for c in ((m or {}).get("tool_calls") or [])]
+    if not calls:
+        return []
+    try:
+        schemas = json.loads(tools) if tools else []
+    except (TypeError, ValueError):
+        return ["tools is not valid JSON"]
+    by_name = {schema_name(s): schema_fn(s) for s in (schemas if isinstance(schemas, list) else [])}
+    out = []
+    for i, c in calls:
+        name = c.get("name")
+        raw = c.get("arguments")
+        try:
+            args = raw if isinstance(raw, dict) else json.loads(raw or "{}")
+        except (TypeError, ValueError):
+            out.append(f"message {i}: tool call {name!r} arguments are not valid JSON")
+            continue
+        if not isinstance(args, dict):
+            out.append(f"message {i}: tool call {name!r} arguments are not a JSON object")
+            continue
+        if name not in by_name:
+            out.append(f"message {i}: tool {name!r} is not in the trace's tool schemas")
+            continue
+        params = by_name[name].get("parameters") or {}
+        required = (params.get("required") or []) if isinstance(params, dict) else []
+        missing = [p for p in required if p not in args]
+        if missing:
+            out.append(f"message {i}: tool call {name!r} lacks required parameter(s) {missing}")
+    return out

@@ -10,6 +10,7 @@ from typing import Any
 import polars as pl
 
 from cb_core.curate.config import CurationConfig
+from cb_core.parse import schema_fn, schema_name  # noqa: F401  (curate.features re-exports them)
 from cb_core.schemas import digest
 
 
@@ -155,16 +156,6 @@ def tool_names(tools: str | None) -> set[str] | None:
     if not isinstance(obj, list):
         return None
     return {n for n in (schema_name(s) for s in obj) if n}
-
-
-def schema_fn(schema: Any) -> dict:
-    if isinstance(schema, dict) and isinstance(schema.get("function"), dict):
-        return schema["function"]
-    return schema if isinstance(schema, dict) else {}
-
-
-def schema_name(schema: Any) -> str | None:
-    return schema_fn(schema).get("name")
 
 
 def called_tools(messages: list[dict] | None) -> list[str]:

@@ -7,8 +7,8 @@ from typing import Any
 import polars as pl
 
 from cb_core.curate.config import CurationConfig
-from cb_core.curate.features import schema_fn, schema_name
 from cb_core.curate.mix import lossmask_rows
+from cb_core.parse import tool_call_problems
 from cb_core.schemas import END_IDS
 
 DEFAULT_END_IDS = END_IDS  # <|eot_id|>, <|eom_id|>
@@ -26,37 +26,6 @@ def _end_ids(tokenizer) -> set[int]:
         if isinstance(i, int) and i >= 0 and i != getattr(tokenizer, "unk_token_id", None):
             ids.add(i)
     return ids or set(DEFAULT_END_IDS)
-
-
-def _tool_call_problems(msgs: list[dict], tools: str | None) -> list[str]:
-    calls = [(i, c) for i, m in enumerate(msgs or []) for c in ((m or {}).get("tool_calls") or [])]
-    if not calls:
-        return []
-    try:
-        schemas = json.loads(tools) if tools else []
-    except (TypeError, ValueError):
-        return ["tools is not valid JSON"]
-    by_name = {schema_name(s): schema_fn(s) for s in (schemas if isinstance(schemas, list) else [])}
-    out = []
-    for i, c in calls:
-        name = c.get("name")
-        try:
-            args = json.loads(c.get("arguments") or "{}")
-        except (TypeError, ValueError):
-            out.append(f"message {i}: tool call {name!r} arguments are not valid JSON")
-            continue
-        if not isinstance(args, dict):
-            out.append(f"message {i}: tool call {name!r} arguments are not a JSON object")
-            continue
-        if name not in by_name:
-            out.append(f"message {i}: tool {name!r} is not in the trace's tool schemas")
-            continue
-        params = by_name[name].get("parameters") or {}
-        required = (params.get("required") or []) if isinstance(params, dict) else []
-        missing = [p for p in required if p not in args]
-        if missing:
-            out.append(f"message {i}: tool call {name!r} lacks required parameter(s) {missing}")
-    return out
 
 
 def preflight(
@@ -127,7 +96,7 @@ def preflight(
 
         ren = rmap.get(tid)
         mask = mmap.get(tid)
-        for p in _tool_call_problems(msgs, tools):
+        for p in tool_call_problems(msgs, tools):
             bad(f"tool call: {p}")
         if mask is None:
             bad("no lossmask under the configured policy")

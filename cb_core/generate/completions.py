@@ -13,6 +13,10 @@ Three tables, one per asset:
 * ``adversarial_safe`` -- the attacked skeletons again, temperature 0.1; kept when the model still does the
   expected thing with the injection in context. retain / adversarial_safe, ``is_adversarial_safe``.
 
+In every table a kept turn's tool calls must also fit the trace's tool schemas (JSON object arguments, a
+tool the trace offers, every required parameter: ``cb_core.parse.tool_call_problems``, the rule the training
+preflight applies), so a generated sample never stops training later.
+
 Every kept sample is a complete trace_v1 row: the prompt's messages plus the generated assistant turn, the
 parent's tools, ``pair_group`` and source locator, ``provenance.parent_id`` = the skeleton's id and the
 generation parameters (model, backend, sampling, the shard's seed, judge outcome) in
@@ -42,7 +46,7 @@ import polars as pl
 from cb_core.config import load_yaml
 from cb_core.generate.backends import BACKEND_KINDS, GenerationBackend, SamplingConfig, prompt_ids
 from cb_core.generate.judge import ARG_MODES, Expectation, Verdict, judge, llm_judge_messages
-from cb_core.parse import parse_completion
+from cb_core.parse import parse_completion, tool_call_problems
 from cb_core.io import data_root, write_parquet
 from cb_core.schemas import TRACE_SCHEMA, canonical_json, digest, make_trace, message
 
@@ -450,6 +454,10 @@ def assemble(
         ok = keep(table, v) and (llm_verdicts is None or llm is True)
         reason = v.reason + ("" if llm_verdicts is None else f"; LLM judge: {llm}")
         tid = None
+        if ok:  # a kept turn must also pass the training preflight: its calls fit the trace's tool schemas
+            bad = tool_call_problems([{"tool_calls": parsed.calls}], job.parent.get("tools"))
+            if bad:
+                ok, reason = False, f"{v.reason}; arguments do not fit the tool schema ({'; '.join(bad)[:200]})"
         if ok:
             gp = {**(params or {}), "table": table, "variant": job.variant, "seed": r["seed"],
                   "sample_index": r["sample_index"], "stop_reason": r["stop_reason"], "judge_outcome": v.outcome,

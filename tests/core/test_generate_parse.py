@@ -114,6 +114,11 @@ def test_several_calls_and_separators():
             assert p.kind == "tool_calls" and p.calls == [{"name": "get_balance", "arguments": {}}, CALL], (sep, tag)
     p = parse_completion('[get_balance(), send_money(recipient="US13", amount=10.5)]<|eot_id|>')
     assert p.calls == [{"name": "get_balance", "arguments": {}}, CALL]
+    # the tag repeated before the second call: both calls (the second was once dropped silently)
+    for sep in ("; ", "\n", ""):
+        p = parse_completion(f"<|python_tag|>{a}{sep}<|python_tag|>{b}<|eom_id|>")
+        assert p.kind == "tool_calls" and p.calls == [{"name": "get_balance", "arguments": {}}, CALL], sep
+        assert "<|python_tag|>" not in (p.text or "")
 
 
 def test_text_around_calls_is_kept():
