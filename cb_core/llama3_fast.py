@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import re
 from functools import lru_cache
+from typing import Sequence
 
 import numpy as np
 
@@ -91,29 +92,52 @@ class FastEncoder:
         self.cache_chars += len(piece)
         return got
 
-    def encode_with_starts(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    def _safe_edge(self, text: str, e: int, a: int, b: int) -> bool:
+        """True when a piece may end at ``e`` inside the segment [a, b): a segment edge, or right after
+        ``"\n\n"`` followed by a non-whitespace character (the split rule of the module docstring)."""
+        return e == a or e == b or (e - 2 >= a and _SAFE_SPLIT.match(text, e - 2) is not None)
+
+    def encode_with_starts(self, text: str, blocks: Sequence[tuple[int, int]] = ()) -> tuple[np.ndarray, np.ndarray]:
         """``text`` -> (token ids int32, start character of each token int64), equal to HF's
-        ``encode(text, add_special_tokens=False)`` and ``[o[0] for o in offsets]``."""
+        ``encode(text, add_special_tokens=False)`` and ``[o[0] for o in offsets]``.
+
+        ``blocks``: sorted, disjoint character ranges that repeat across texts (the renderer's tool
+        definitions), each encoded and cached as one piece instead of one per definition; a block whose
+        edges are not split points of its segment is ignored, so the ids never change."""
         ids_parts: list[np.ndarray] = []
         st_parts: list[np.ndarray] = []
         offs: list[int] = []
         special = self.special_ids
         piece = self._piece
+        todo = list(blocks)
 
-        def text_segment(a: int, b: int) -> None:
+        def add(a: int, b: int) -> None:
+            i, s = piece(text[a:b])
+            ids_parts.append(i)
+            st_parts.append(s)
+            offs.append(a)
+
+        def split(a: int, b: int) -> None:
             p = a
             for m in _SAFE_SPLIT.finditer(text, a, b):
-                e = m.end()
-                i, s = piece(text[p:e])
-                ids_parts.append(i)
-                st_parts.append(s)
-                offs.append(p)
-                p = e
+                add(p, m.end())
+                p = m.end()
             if p < b:
-                i, s = piece(text[p:b])
-                ids_parts.append(i)
-                st_parts.append(s)
-                offs.append(p)
+                add(p, b)
+
+        def text_segment(a: int, b: int) -> None:
+            while todo and todo[0][1] <= a:
+                todo.pop(0)
+            p = a
+            while todo and todo[0][1] <= b:
+                ba, bb = todo.pop(0)
+                if ba >= p and bb > ba and self._safe_edge(text, ba, a, b) and self._safe_edge(text, bb, a, b):
+                    if ba > p:
+                        split(p, ba)
+                    add(ba, bb)
+                    p = bb
+            if p < b:
+                split(p, b)
 
         pos = 0
         for m in _SPECIAL_CAND.finditer(text):

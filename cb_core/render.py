@@ -174,7 +174,7 @@ class RenderConfig:
     add_bos: bool = True
     max_length: int = 4096
     tool_result_tojson: bool = True  # official: string tool results are JSON-encoded
-    num_workers: int = 1  # render_traces: processes (1 = in-process; the Rust tokenizer is parallel anyway)
+    num_workers: int = 1  # render_traces: processes (1 = in-process; 0 = one per core, for >= 256 traces each)
     truncation: TruncationConfig = field(default_factory=TruncationConfig)  # traces over max_length
 
     def __post_init__(self) -> None:
@@ -463,7 +463,7 @@ _KIND_CODE = {k: i for i, k in enumerate(SPAN_KINDS)}
 def _reject_row(row: dict, reason: str, field: str = "messages", severity: str = "malformed") -> dict:
     file, line = split_locator(row.get("source_locator"))
     raw = {k: row.get(k) for k in ("id", "dataset", "source_locator", "messages", "tools")}
-    return reject(
+    out = reject(
         dataset=row.get("dataset") or "",
         file=file,
         line=line,
@@ -473,6 +473,9 @@ def _reject_row(row: dict, reason: str, field: str = "messages", severity: str =
         stage="renders",
         severity=severity,
     )
+    if "_pos" in row:  # a worker's share: render_traces restores the input order by it
+        out["_pos"] = row["_pos"]
+    return out
 
 
 def _row_injections(row: dict) -> list:
@@ -746,9 +749,10 @@ def _starts(offs) -> np.ndarray:
     return np.fromiter((o[0] for o in offs), np.int64, len(offs))
 
 
-def _encode_batch(texts: list[str], tokenizer, fe) -> tuple[list, list]:
+def _encode_batch(texts: list[str], tokenizer, fe, blocks: list | None = None) -> tuple[list, list]:
     """(ids, start chars) per text: the tiktoken fast path when ``fe`` is set (a text it cannot take, a
-    lone surrogate, goes to HF alone), else one HF batch call with offsets."""
+    lone surrogate, goes to HF alone), else one HF batch call with offsets. ``blocks``: per text, the
+    character ranges the fast path caches whole (the tool definitions)."""
     if not texts:
         return [], []
     if fe is None:
@@ -757,9 +761,9 @@ def _encode_batch(texts: list[str], tokenizer, fe) -> tuple[list, list]:
     from cb_core.llama3_fast import Unencodable
 
     ids, starts = [], []
-    for t in texts:
+    for k, t in enumerate(texts):
         try:
-            i, st = fe.encode_with_starts(t)
+            i, st = fe.encode_with_starts(t, blocks[k] if blocks else ())
         except Unencodable:
             e = tokenizer([t], add_special_tokens=False, return_offsets_mapping=True)
             i, st = e["input_ids"][0], e["offset_mapping"][0]
@@ -774,14 +778,27 @@ _WORK: tuple | None = None  # (rows frame, tokenizer, fast encoder, tokenizer id
 
 
 def _process_chunk(args: tuple) -> tuple[dict[str, list], list[dict], dict[str, float], dict[str, dict]]:
-    """Render + tokenize + map one chunk. ``args``: (rows, tokenizer, fast encoder or None, tok_id, cfg),
-    or (offset, length) into ``_WORK`` in a forked worker (nothing big is pickled on the way in; the
-    result is numpy arrays per trace)."""
+    """Render + tokenize + map one share of the rows. ``args``: (rows, tokenizer, fast encoder or None,
+    tok_id, cfg), or (offset, length) into ``_WORK`` in a forked worker (nothing big is pickled on the way
+    in; the result is numpy arrays per trace). The cyclic garbage collector is off meanwhile: the work
+    allocates millions of short-lived acyclic objects, and its passes over them cost ~15 % of the time."""
+    import gc
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _chunk(args)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _chunk(args: tuple) -> tuple[dict[str, list], list[dict], dict[str, float], dict[str, dict]]:
     cpu0 = time.process_time()
     if len(args) == 2:
         frame, tokenizer, fe, tok_id, cfg = _WORK
         t_rows = time.perf_counter()
-        rows = frame.slice(args[0], args[1]).to_dicts()
+        rows = frame.slice(args[0], args[1]).to_dicts()  # a slice: polars' thread pool is not safe after fork
         t_rows = time.perf_counter() - t_rows
     else:
         rows, tokenizer, fe, tok_id, cfg = args
@@ -790,10 +807,13 @@ def _process_chunk(args: tuple) -> tuple[dict[str, list], list[dict], dict[str, 
     t0 = time.perf_counter()
     rendered, rejected = _render_rows(rows, cfg, tool_cache)
     t1 = time.perf_counter()
-    all_ids, all_offs = _encode_batch([r.text for _, r in rendered], tokenizer, fe)
+    blocks = [[(s.char_start, s.char_end) for s in r.spans if s.kind == "tool_defs"] for _, r in rendered]
+    all_ids, all_offs = _encode_batch([r.text for _, r in rendered], tokenizer, fe, blocks)
     fit_tok = fe if fe is not None else tokenizer
     t2 = time.perf_counter()
     cols: dict[str, list] = {k: [] for k in ("trace_id", "input_ids", "spans", "n_tokens", "truncated", "truncation")}
+    if rows and "_pos" in rows[0]:
+        cols["pos"] = []
     trunc: dict[str, dict[str, int]] = {}
     L = cfg.max_length
     for j, (row, r) in enumerate(rendered):
@@ -852,6 +872,8 @@ def _process_chunk(args: tuple) -> tuple[dict[str, list], list[dict], dict[str, 
         if how != "none":
             c[_SAVED_BY[saved_by]] += 1
         cols["trace_id"].append(row["id"])
+        if "pos" in cols:
+            cols["pos"].append(row["_pos"])
         cols["input_ids"].append(np.asarray(ids[:n], np.int32))
         sp = np.empty((int(keep.sum()), 5), np.int32)  # kind code, message_index, role code, start, end
         sp[:, [0, 1, 3, 4]] = ts[keep]
@@ -903,6 +925,101 @@ def _renders_frame(cols: dict[str, list], tok_id: str) -> pl.DataFrame:
     return pl.from_arrow(table).cast(RENDER_SCHEMA)
 
 
+AUTO_MIN_ROWS_PER_WORKER = 256
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _shares(frame: pl.DataFrame, traces: pl.DataFrame, workers: int) -> list[np.ndarray]:
+    """Row positions per worker. A share holds whole pair groups (a task's twins and its runs by other
+    models share tool outputs and prompts, so they hit one block cache instead of being encoded once per
+    worker), packed largest first onto the least loaded share; a group's cost is its message characters."""
+    key = pl.col("pair_group") if "pair_group" in traces.columns else pl.col("id")
+    cost = pl.col("messages").list.eval(pl.element().struct.field("content").str.len_bytes()).list.sum().fill_null(0)
+    groups = (
+        traces.select(key.fill_null(pl.col("id")).alias("g"), (cost + 1).alias("c"))
+        .with_row_index("pos")
+        .group_by("g", maintain_order=True)
+        .agg(pl.col("pos"), pl.col("c").sum())
+        .sort("c", descending=True, maintain_order=True)
+    )
+    load = [0] * workers
+    parts: list[list[np.ndarray]] = [[] for _ in range(workers)]
+    for pos, c in zip(groups["pos"].to_list(), groups["c"].to_list()):
+        w = load.index(min(load))
+        load[w] += c
+        parts[w].append(np.asarray(pos, np.int64))
+    return [np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in parts]
+
+
+def _render_shares(frame: pl.DataFrame, traces: pl.DataFrame, tokenizer, fe, tok_id: str, cfg: "RenderConfig",
+                   workers: int) -> list[tuple]:
+    """Split the rows into ``workers`` shares; ``workers - 1`` forked children take one share each while
+    this process takes the first, so exactly ``workers`` processes compete for the cores. A child
+    inherits the frame, the tokenizer and the block cache (nothing is pickled on the way in) and writes
+    its result (numpy arrays per trace) to a temporary file, then leaves with ``os._exit``: no
+    interpreter teardown walking the inherited heap. A pool of ``workers`` children beside a parent
+    gathering their chunks was slower than one process on 2 cores."""
+    import gc
+    import pickle
+    import tempfile
+    import traceback
+
+    global _WORK
+    shares = _shares(frame, traces, workers)
+    bounds = np.cumsum([0] + [len(sh) for sh in shares])
+    _WORK = (frame[np.concatenate(shares)], tokenizer, fe, tok_id, cfg)  # shares laid end to end
+    tmp = tempfile.mkdtemp(prefix="cb-render-")
+    children: dict[int, tuple[int, str]] = {}
+    gc.freeze()  # the children's collector leaves the inherited heap alone (no copy-on-write of every page)
+    try:
+        for k in range(1, workers):
+            path = os.path.join(tmp, f"share{k}.pkl")
+            pid = os.fork()
+            if pid == 0:  # child
+                code = 0
+                try:
+                    out = ("ok", _process_chunk((int(bounds[k]), len(shares[k]))))
+                except BaseException:  # noqa: BLE001 - reported by the parent
+                    out, code = ("error", traceback.format_exc()), 1
+                try:
+                    with open(path, "wb") as f:
+                        pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)
+                finally:
+                    os._exit(code)
+            children[pid] = (k, path)
+        results: list = [None] * workers
+        results[0] = _process_chunk((0, len(shares[0])))
+        for pid, (k, path) in children.items():
+            _, status = os.waitpid(pid, 0)
+            if not os.path.exists(path):
+                raise RuntimeError(f"render worker {k} (pid {pid}) died without a result "
+                                   f"(wait status {status}; killed or out of memory?)")
+            with open(path, "rb") as f:
+                kind, out = pickle.load(f)  # our own child's file, written a moment ago
+            if kind != "ok":
+                raise RuntimeError(f"render worker {k} failed:\n{out}")
+            results[k] = out
+        return results
+    finally:
+        _WORK = None
+        gc.unfreeze()
+        for pid in children:  # on an error in this process: no child is left behind
+            try:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+            except (ChildProcessError, ProcessLookupError):
+                pass
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def render_traces(
     traces: pl.DataFrame,
     tokenizer,
@@ -923,13 +1040,16 @@ def render_traces(
     records ``truncated`` and ``truncation`` (the steps done, "+"-joined, or "none"). A trace no step makes
     fit goes to quarantine (severity "excluded", the reason names its length). Traces without assistant
     turns (skeletons) render normally. ``num_workers`` (default ``cfg.num_workers``) > 1 splits the rows
-    over that many forked processes (chunks read from the inherited frame). ``stats``, if given, receives timings and counts, and ``truncation``: per
+    into that many shares of whole pair groups, one per process (this one and forked children, see
+    ``_render_shares``); 0 picks one per core when each share gets ``AUTO_MIN_ROWS_PER_WORKER`` rows. ``stats``, if given, receives timings and counts, and ``truncation``: per
     dataset, traces over the length, saved by each step, and quarantined.
     """
     from cb_core.tokenizer import tokenizer_id
 
     cfg = cfg or RenderConfig()
-    workers = max(1, int(num_workers if num_workers is not None else cfg.num_workers))
+    workers = int(num_workers if num_workers is not None else cfg.num_workers)
+    if workers <= 0:  # auto: one per core, when each gets enough traces to pay for the fork and the gather
+        workers = max(1, min(_cores(), traces.height // AUTO_MIN_ROWS_PER_WORKER))
     tok_id = tokenizer_id(tokenizer)
     cols_needed = ["id", "dataset", "source_locator", "messages", "tools"]
     sel = [c for c in cols_needed if c in traces.columns]
@@ -950,27 +1070,19 @@ def render_traces(
     t0 = time.perf_counter()
     n_rows = frame.height
     if workers == 1 or n_rows < 2 * workers:
+        workers = 1
         results = [_process_chunk((frame.to_dicts(), tokenizer, fe, tok_id, cfg))]
+        shared = False
     else:
-        import multiprocessing as mp
-
-        global _WORK
-        # fork: the workers inherit the frame, the tokenizer and the warm block cache (nothing pickled in);
-        # 4 chunks per worker even out traces of very different lengths
-        n_chunks = min(n_rows, 4 * workers)
-        size = -(-n_rows // n_chunks)
-        chunks = [(k, min(size, n_rows - k)) for k in range(0, n_rows, size)]
-        _WORK = (frame, tokenizer, fe, tok_id, cfg)
-        try:
-            with mp.get_context("fork").Pool(workers) as pool:
-                results = pool.map(_process_chunk, chunks, chunksize=1)
-        finally:
-            _WORK = None
+        results = _render_shares(frame.with_row_index("_pos"), traces, tokenizer, fe, tok_id, cfg, workers)
+        shared = True
     t1 = time.perf_counter()
     cols: dict[str, list] = {k: [] for k in ("trace_id", "input_ids", "spans", "n_tokens", "truncated", "truncation")}
     rejected: list[dict] = []
     timing = {"rows_s": 0.0, "render_s": 0.0, "tokenize_s": 0.0, "map_s": 0.0, "cpu_s": 0.0}  # summed over chunks
     trunc: dict[str, dict[str, int]] = {}
+    if shared:
+        cols["pos"] = []
     for c, rej, tm, tr in results:
         for k in cols:
             cols[k].extend(c[k])
@@ -981,6 +1093,12 @@ def render_traces(
             acc = trunc.setdefault(ds, dict.fromkeys(_TRUNC_COUNTS, 0))
             for k, v in cnt.items():
                 acc[k] += v
+    if shared:  # a share holds whole pair groups: back to the input order
+        perm = np.argsort(np.asarray(cols.pop("pos"), np.int64), kind="stable")
+        cols = {k: [v[i] for i in perm] for k, v in cols.items()}
+        rejected.sort(key=lambda r: r["_pos"])
+        for r in rejected:
+            del r["_pos"]
     renders = _renders_frame(cols, tok_id)
     timing["frame_s"] = time.perf_counter() - t1
     quarantine = pl.DataFrame(rejected, schema=QUARANTINE_SCHEMA) if rejected else pl.DataFrame(schema=QUARANTINE_SCHEMA)

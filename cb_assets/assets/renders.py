@@ -22,7 +22,7 @@ from cb_core.sources import SourceResult
 
 
 class RendersConfig(dg.Config):
-    num_workers: int = 1  # processes for render+tokenize (CB_RENDER_WORKERS overrides)
+    num_workers: int = 0  # processes for render+tokenize; 0: one per core from 512 traces (CB_RENDER_WORKERS overrides)
     max_length: int = 0  # 0: the model profile's max_length
 
 
@@ -57,7 +57,8 @@ def renders(
     rcfg = profile.render_config()
     if config.max_length:
         rcfg.max_length = config.max_length
-    workers = int(setting("CB_RENDER_WORKERS", "operations.yaml", "renders", "num_workers", None) or config.num_workers)
+    env_workers = setting("CB_RENDER_WORKERS", "operations.yaml", "renders", "num_workers", None)
+    workers = int(env_workers if env_workers is not None else config.num_workers)
     stats: dict = {}
     t0 = time.perf_counter()
     df, rejected = render_traces(traces, tok, rcfg, num_workers=workers, stats=stats)
@@ -65,7 +66,8 @@ def renders(
     check_stage_output("renders", df, rejected, RenderModel, n_in=traces.height,
                        limit=datasets.config().max_reject_fraction,
                        empty=f"no trace rendered ({traces.height} in, {rejected.height} rejected)")
-    context.log.info(f"rendered {df.height}/{traces.height} traces in {dt:.1f}s ({df.height / max(dt, 1e-9):.0f}/s)")
+    context.log.info(f"rendered {df.height}/{traces.height} traces in {dt:.1f}s ({df.height / max(dt, 1e-9):.0f}/s, "
+                     f"{stats.get('workers', 1)} process(es))")
     context.add_output_metadata(
         {
             "profile": profile.name,
@@ -74,6 +76,7 @@ def renders(
             "tool_call_format": rcfg.tool_call_format,
             "max_length": rcfg.max_length,
             "truncated": int(df["truncated"].sum()),
+            "workers": int(stats.get("workers", 1)),
             # per dataset: traces over max_length, how many each truncation step saved, how many quarantined
             "truncation": dg.MetadataValue.json(stats.get("truncation", {})),
             "truncation_steps": dg.MetadataValue.json(list(rcfg.truncation.steps)),

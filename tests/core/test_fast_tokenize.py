@@ -92,6 +92,23 @@ def test_repeated_block_is_encoded_once(llama_tokenizer):
     assert a[0][:-2].tolist() == b[0][:-2].tolist()
 
 
+def test_block_hint_is_one_piece_and_never_changes_ids(llama_tokenizer):
+    """A tool-definition block passed as a hint is encoded and cached as one piece; hints whose edges are
+    not split points (mid-word, before whitespace, across a special token) are ignored: same ids."""
+    fe = FastEncoder()
+    block = "".join(json.dumps({"name": f"tool_{k}", "description": "d " * 30}, indent=4) + "\n\n" for k in range(12))
+    text = "<|start_header_id|>user<|end_header_id|>\n\nGiven:\n\n" + block + "question  \n\n x<|eot_id|>"
+    a = text.index("Given:\n\n") + len("Given:\n\n")
+    b = a + len(block)
+    ref_i, ref_s = _hf(llama_tokenizer, [text])
+    fe.encode_with_starts(text, [(a, b)])
+    assert block in fe.cache and not any(k.startswith("{") and k != block for k in fe.cache)
+    for hint in ([(a, b)], [(a + 3, b)], [(a, b - 1)], [(a, len(text) - 3)], [(0, b)], [(b - 4, b + 9)],
+                 [(a, a + 40), (a + 20, b)], [(a - 5, a + 1)]):
+        i, st = fe.encode_with_starts(text, hint)
+        assert i.tolist() == ref_i[0] and st.tolist() == ref_s[0], hint
+
+
 def _read(dataset: str, path) -> pl.DataFrame:
     cfg = getattr(DatasetsConfig.load(), dataset)
     paths = resolve_source_paths(path)
@@ -125,6 +142,59 @@ def test_two_workers_equal_one(tmp_path, llama_tokenizer):
     two, _ = render_traces(traces, llama_tokenizer, RenderConfig(max_length=65536), num_workers=2)
     assert one.height == traces.height
     assert one.equals(two)
+
+
+def test_two_workers_keep_input_order_and_rejects(tmp_path, llama_tokenizer):
+    """Shares hold whole pair groups, so rows are processed out of order; renders and quarantine rows come
+    back in input order, equal to one worker's, with the rejects' reasons."""
+    from cb_core.sources.demo import write_demo_sources
+
+    traces = _read("agentdojo", write_demo_sources(tmp_path, seed=0)["agentdojo"])
+    bad = traces.head(3).with_columns(
+        pl.Series("id", ["bad-a", "bad-b", "bad-c"]), pl.lit("not json").alias("tools"), pl.lit("g-bad").alias("pair_group")
+    )
+    # interleave the groups: reversed pair groups, the bad rows in the middle
+    mixed = pl.concat([traces.reverse().head(20), bad, traces.head(25)], how="vertical_relaxed")
+    mixed = mixed.with_columns((pl.col("id") + "-" + pl.int_range(pl.len()).cast(pl.String)).alias("id"))
+    cfg = RenderConfig(max_length=65536)
+    one, q1 = render_traces(mixed, llama_tokenizer, cfg, num_workers=1)
+    st: dict = {}
+    two, q2 = render_traces(mixed, llama_tokenizer, cfg, num_workers=2, stats=st)
+    assert st["workers"] == 2 and one.height == mixed.height - 3
+    assert one.equals(two) and q1.equals(q2)
+    assert two["trace_id"].to_list() == [i for i in mixed["id"].to_list() if not i.startswith("bad-")]
+    assert q2.height == 3 and all(r.startswith("render error") for r in q2["reason"])
+    assert q2["field"].to_list() == ["tools"] * 3
+
+
+@pytest.mark.parametrize("how", ["raises", "killed"])
+def test_a_failing_worker_is_reported(tmp_path, llama_tokenizer, monkeypatch, how):
+    import os
+    import signal
+
+    import cb_core.render as render_mod
+    from cb_core.sources.demo import write_demo_sources
+
+    traces = _read("agentdojo", write_demo_sources(tmp_path, seed=0)["agentdojo"])
+    real = render_mod._chunk
+
+    def boom(args):
+        if len(args) == 2 and args[0] > 0:  # the forked child's share
+            if how == "killed":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise ValueError("disk on fire")
+        return real(args)
+
+    monkeypatch.setattr(render_mod, "_chunk", boom)
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    want = r"render worker 1 failed:(.|\n)*disk on fire" if how == "raises" else r"render worker 1 .* died without a result"
+    with pytest.raises(RuntimeError, match=want):
+        render_traces(traces, llama_tokenizer, RenderConfig(max_length=65536), num_workers=2)
+    assert not list(scratch.iterdir())  # the share files are gone
 
 
 @pytest.mark.slow
