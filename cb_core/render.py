@@ -798,7 +798,7 @@ def _chunk(args: tuple) -> tuple[dict[str, list], list[dict], dict[str, float], 
     if len(args) == 2:
         frame, tokenizer, fe, tok_id, cfg = _WORK
         t_rows = time.perf_counter()
-        rows = frame.slice(args[0], args[1]).to_dicts()  # a slice: polars' thread pool is not safe after fork
+        rows = frame.slice(args[0], args[1]).to_pylist()  # an Arrow table: polars is not safe after fork
         t_rows = time.perf_counter() - t_rows
     else:
         rows, tokenizer, fe, tok_id, cfg = args
@@ -928,13 +928,6 @@ def _renders_frame(cols: dict[str, list], tok_id: str) -> pl.DataFrame:
 AUTO_MIN_ROWS_PER_WORKER = 256
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def _shares(frame: pl.DataFrame, traces: pl.DataFrame, workers: int) -> list[np.ndarray]:
     """Row positions per worker. A share holds whole pair groups (a task's twins and its runs by other
     models share tool outputs and prompts, so they hit one block cache instead of being encoded once per
@@ -959,65 +952,20 @@ def _shares(frame: pl.DataFrame, traces: pl.DataFrame, workers: int) -> list[np.
 
 def _render_shares(frame: pl.DataFrame, traces: pl.DataFrame, tokenizer, fe, tok_id: str, cfg: "RenderConfig",
                    workers: int) -> list[tuple]:
-    """Split the rows into ``workers`` shares; ``workers - 1`` forked children take one share each while
-    this process takes the first, so exactly ``workers`` processes compete for the cores. A child
-    inherits the frame, the tokenizer and the block cache (nothing is pickled on the way in) and writes
-    its result (numpy arrays per trace) to a temporary file, then leaves with ``os._exit``: no
-    interpreter teardown walking the inherited heap. A pool of ``workers`` children beside a parent
-    gathering their chunks was slower than one process on 2 cores."""
-    import gc
-    import pickle
-    import tempfile
-    import traceback
+    """Split the rows into ``workers`` shares laid end to end; this process takes the first while forked
+    children take the others (``cb_core.forking.fork_map``: they inherit the frame, the tokenizer and
+    the block cache; only (offset, length) go in, numpy arrays per trace come back)."""
+    from cb_core.forking import fork_map
 
     global _WORK
     shares = _shares(frame, traces, workers)
     bounds = np.cumsum([0] + [len(sh) for sh in shares])
-    _WORK = (frame[np.concatenate(shares)], tokenizer, fe, tok_id, cfg)  # shares laid end to end
-    tmp = tempfile.mkdtemp(prefix="cb-render-")
-    children: dict[int, tuple[int, str]] = {}
-    gc.freeze()  # the children's collector leaves the inherited heap alone (no copy-on-write of every page)
+    _WORK = (frame[np.concatenate(shares)].to_arrow(), tokenizer, fe, tok_id, cfg)
     try:
-        for k in range(1, workers):
-            path = os.path.join(tmp, f"share{k}.pkl")
-            pid = os.fork()
-            if pid == 0:  # child
-                code = 0
-                try:
-                    out = ("ok", _process_chunk((int(bounds[k]), len(shares[k]))))
-                except BaseException:  # noqa: BLE001 - reported by the parent
-                    out, code = ("error", traceback.format_exc()), 1
-                try:
-                    with open(path, "wb") as f:
-                        pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)
-                finally:
-                    os._exit(code)
-            children[pid] = (k, path)
-        results: list = [None] * workers
-        results[0] = _process_chunk((0, len(shares[0])))
-        for pid, (k, path) in children.items():
-            _, status = os.waitpid(pid, 0)
-            if not os.path.exists(path):
-                raise RuntimeError(f"render worker {k} (pid {pid}) died without a result "
-                                   f"(wait status {status}; killed or out of memory?)")
-            with open(path, "rb") as f:
-                kind, out = pickle.load(f)  # our own child's file, written a moment ago
-            if kind != "ok":
-                raise RuntimeError(f"render worker {k} failed:\n{out}")
-            results[k] = out
-        return results
+        return fork_map(_process_chunk, [(int(bounds[k]), len(shares[k])) for k in range(workers)],
+                        what="render worker")
     finally:
         _WORK = None
-        gc.unfreeze()
-        for pid in children:  # on an error in this process: no child is left behind
-            try:
-                os.kill(pid, 9)
-                os.waitpid(pid, 0)
-            except (ChildProcessError, ProcessLookupError):
-                pass
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def render_traces(
@@ -1049,7 +997,9 @@ def render_traces(
     cfg = cfg or RenderConfig()
     workers = int(num_workers if num_workers is not None else cfg.num_workers)
     if workers <= 0:  # auto: one per core, when each gets enough traces to pay for the fork and the gather
-        workers = max(1, min(_cores(), traces.height // AUTO_MIN_ROWS_PER_WORKER))
+        from cb_core.forking import cores
+
+        workers = max(1, min(cores(), traces.height // AUTO_MIN_ROWS_PER_WORKER))
     tok_id = tokenizer_id(tokenizer)
     cols_needed = ["id", "dataset", "source_locator", "messages", "tools"]
     sel = [c for c in cols_needed if c in traces.columns]
@@ -1071,7 +1021,7 @@ def render_traces(
     n_rows = frame.height
     if workers == 1 or n_rows < 2 * workers:
         workers = 1
-        results = [_process_chunk((frame.to_dicts(), tokenizer, fe, tok_id, cfg))]
+        results = [_process_chunk((frame.to_arrow().to_pylist(), tokenizer, fe, tok_id, cfg))]
         shared = False
     else:
         results = _render_shares(frame.with_row_index("_pos"), traces, tokenizer, fe, tok_id, cfg, workers)

@@ -613,11 +613,17 @@ def _arrow_schema() -> pa.Schema:
 
 
 def traces_frame(rows: list[dict], msgs: list[list[Msg]]) -> pl.DataFrame:
-    """trace_v1 frame from rows (their `messages` ignored) + per-row message tuples
-    (role, content, tool_calls [{id, name, arguments}], tool_call_id, name), via flat Arrow arrays:
-    ~3x faster than `pl.DataFrame(rows, schema=TRACE_SCHEMA)` on nested message dicts."""
+    """``traces_table`` as a polars frame."""
     if not rows:
         return pl.DataFrame(schema=TRACE_SCHEMA)
+    return pl.from_arrow(traces_table(rows, msgs))
+
+
+def traces_table(rows: list[dict], msgs: list[list[Msg]]) -> pa.Table:
+    """trace_v1 frame from rows (their `messages` ignored) + per-row message tuples
+    (role, content, tool_calls [{id, name, arguments}], tool_call_id, name), via flat Arrow arrays:
+    ~3x faster than `pl.DataFrame(rows, schema=TRACE_SCHEMA)` on nested message dicts. pyarrow only (no
+    polars), so a forked reader process can build it."""
     schema = _arrow_schema()
     mtype = schema.field("messages").type
     stype = mtype.value_type
@@ -642,30 +648,34 @@ def traces_frame(rows: list[dict], msgs: list[list[Msg]]) -> pl.DataFrame:
             arrays.append(messages)
         else:
             arrays.append(pa.array([r[f.name] for r in rows], type=f.type))
-    return pl.from_arrow(pa.Table.from_arrays(arrays, schema=schema))
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
-# ------------------------------------------------------------------------------------------------- read
-def read(paths: list[Path], cfg: dict) -> SourceResult:
-    cfg = cfg or {}
-    targets: dict = _targets(cfg)
-    targets.update(_task_targets(cfg, targets))
-    schemas = load_tool_schemas(cfg)
-    fixed = cfg.get("tool_schemas_version") or "auto"
-    if fixed == "auto":
-        fixed = None
-    elif fixed not in schemas.versions:
-        raise SourceError(f"agentdojo.tool_schemas_version {fixed!r} is not in {schemas.path} "
-                          f"(versions: {', '.join(schemas.versions)}; or `auto`)", field="tool_schemas_version")
-    paths = [Path(p) for p in paths]
-    root = _source_root(paths) if paths else Path(".")
-    files = [p for p in paths if p.suffix.lower() in SUFFIXES]
-    skipped = [p.absolute().relative_to(root).as_posix() for p in paths if p.suffix.lower() not in SUFFIXES]
-    if paths and not files:
-        raise SourceError(
-            f"agentdojo: no .jsonl/.json file in {root} (found only: {', '.join(skipped[:10])}); point "
-            f"CB_AGENTDOJO_PATH at the AgentDojo run files (agentdojo-<model>.jsonl)", file=root)
+MIN_PART_BYTES = 4 << 20  # below this a fork costs more than it saves
 
+
+def _file_parts(files: list[Path], workers: int, min_bytes: int | None = None) -> list[list[Path]]:
+    """Consecutive runs of ``files`` of about equal total size, one per worker (one run when the files
+    are few or small: ``MIN_PART_BYTES``)."""
+    sizes = []
+    for p in files:
+        try:
+            sizes.append(p.stat().st_size)
+        except OSError:
+            sizes.append(0)  # open() reports it with the path
+    total = sum(sizes)
+    n = max(1, min(workers, len(files), total // (MIN_PART_BYTES if min_bytes is None else max(1, min_bytes))))
+    parts: list[list[Path]] = [[] for _ in range(n)]
+    acc = 0
+    for p, size in zip(files, sizes):
+        k = min(n - 1, int(acc * n / total)) if total else 0
+        parts[k].append(p)
+        acc += size
+    return [part for part in parts if part] or [[]]
+
+
+def _read_files(files: list[Path], root: Path, targets: dict, schemas: "ToolSchemas", fixed: str | None) -> dict:
+    """Read some AgentDojo files: their traces as one Arrow table, quarantine rows, and the counts."""
     rows: list[dict] = []
     msgs: list[list[Msg]] = []
     rejected: list[dict] = []
@@ -756,7 +766,54 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
                              id_suffix=hashlib.sha256(line).hexdigest(), **kw)
             rows.append(row)
             msgs.append(ms)
-    good = traces_frame(rows, msgs)
+    return {"table": traces_table(rows, msgs) if rows else None, "rejected": rejected, "file_names": file_names,
+            "versions_by_file": versions_by_file, "reasons": reasons,
+            "count": {"header_lines": header_lines, "blank_lines": blank_lines, "provider_errors": provider_errors,
+                      "empty_messages": empty_messages, "refused": refused, **facts}}
+
+
+# ------------------------------------------------------------------------------------------------- read
+def read(paths: list[Path], cfg: dict) -> SourceResult:
+    cfg = cfg or {}
+    targets: dict = _targets(cfg)
+    targets.update(_task_targets(cfg, targets))
+    schemas = load_tool_schemas(cfg)
+    fixed = cfg.get("tool_schemas_version") or "auto"
+    if fixed == "auto":
+        fixed = None
+    elif fixed not in schemas.versions:
+        raise SourceError(f"agentdojo.tool_schemas_version {fixed!r} is not in {schemas.path} "
+                          f"(versions: {', '.join(schemas.versions)}; or `auto`)", field="tool_schemas_version")
+    paths = [Path(p) for p in paths]
+    root = _source_root(paths) if paths else Path(".")
+    files = [p for p in paths if p.suffix.lower() in SUFFIXES]
+    skipped = [p.absolute().relative_to(root).as_posix() for p in paths if p.suffix.lower() not in SUFFIXES]
+    if paths and not files:
+        raise SourceError(
+            f"agentdojo: no .jsonl/.json file in {root} (found only: {', '.join(skipped[:10])}); point "
+            f"CB_AGENTDOJO_PATH at the AgentDojo run files (agentdojo-<model>.jsonl)", file=root)
+
+    # files in parts of about equal size, laid end to end: this process reads the first, forked children
+    # the others (each part's traces come back as one Arrow table, so the frame keeps the file order)
+    from cb_core.forking import cores, fork_map
+
+    _arrow_schema()  # built before forking (it needs polars)
+    parts = _file_parts(files, cores())
+    outs = fork_map(lambda part: _read_files(part, root, targets, schemas, fixed), parts, what="agentdojo reader")
+    file_names = [f for o in outs for f in o["file_names"]]
+    rejected = [r for o in outs for r in o["rejected"]]
+    versions_by_file = {k: v for o in outs for k, v in o["versions_by_file"].items()}
+    reasons: dict[str, int] = {}
+    for o in outs:
+        for k, v in o["reasons"].items():
+            reasons[k] = reasons.get(k, 0) + v
+    count = {k: sum(o["count"][k] for o in outs) for k in outs[0]["count"]} if outs else {}
+    header_lines, blank_lines = count.get("header_lines", 0), count.get("blank_lines", 0)
+    provider_errors, empty_messages, refused = (count.get("provider_errors", 0), count.get("empty_messages", 0),
+                                                count.get("refused", 0))
+    facts = {k: count.get(k, 0) for k in ("attacked", "security_true_attacked", "with_attacker_call", "benign_success")}
+    tables = [o["table"] for o in outs if o["table"] is not None]
+    good = pl.from_arrow(pa.concat_tables(tables)) if tables else pl.DataFrame(schema=TRACE_SCHEMA)
     lab = good["labels"].struct.unnest() if good.height else None
 
     def n(expr: pl.Expr) -> int:

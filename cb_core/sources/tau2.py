@@ -324,6 +324,41 @@ def _crit_field(task: dict, key: str) -> Any:
 
 
 # --------------------------------------------------------------------------------------------- reading
+MIN_TASKS_PER_PROCESS = 400  # below this a fork costs more than it saves
+
+
+def _parse_tasks(tasks: list, lo: int, hi: int, tool_names: set, domain: str, fname: str) -> tuple[list[dict], list[dict]]:
+    """Pass 1 over ``tasks[lo:hi]``: (candidates without the task itself, quarantine rows). Runs in a
+    forked process too, so it uses no polars."""
+    cands: list[dict] = []
+    bad: list[dict] = []
+    for idx in range(lo + 1, hi + 1):
+        task = tasks[idx - 1]
+        try:
+            if not isinstance(task, dict):
+                raise BadRecord("", f"task is a JSON {type(task).__name__}, not an object")
+            tid = task.get("id")
+            if not isinstance(tid, (str, int)) or isinstance(tid, bool) or str(tid) == "":
+                raise BadRecord("id", "task id is missing or not a string/integer")
+            text = user_request(task)
+            if not text:
+                raise BadRecord("user_scenario.instructions", "no user request (user_scenario.instructions, "
+                                                              "ticket, description.purpose all missing)")
+            calls, user_actions = _actions(task, tool_names, domain)
+        except BadRecord as e:
+            bad.append(reject(dataset=DATASET, file=fname, line=idx, field=e.field, reason=e.reason,
+                              raw=json.dumps(task, ensure_ascii=False)))
+            continue
+        first = calls[0] if calls else None
+        cands.append({
+            "idx": idx, "tid": str(tid), "text": text, "first": first, "calls": calls,
+            "user_actions": user_actions,
+            "key": canonical_json([first["name"], first["arguments"]]) if first else FINAL_ANSWER,
+            "missing": unsupported_values(first["arguments"], text) if first else [],
+        })
+    return cands, bad
+
+
 def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
     cfg = cfg or {}
     schema_files, task_files = _roots_and_task_files([Path(p) for p in paths])
@@ -357,31 +392,16 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
         tools_by_file[rel] = tools_json
         tool_names = {t.get("function", t).get("name") for t in tools}
         system = message("system", system_tpl.format(domain=domain))
-        # pass 1: parse every task (malformed -> quarantine), note its message and expected first action
-        cands: list[dict] = []
-        for idx, task in enumerate(tasks, 1):
-            try:
-                if not isinstance(task, dict):
-                    raise BadRecord("", f"task is a JSON {type(task).__name__}, not an object")
-                tid = task.get("id")
-                if not isinstance(tid, (str, int)) or isinstance(tid, bool) or str(tid) == "":
-                    raise BadRecord("id", "task id is missing or not a string/integer")
-                text = user_request(task)
-                if not text:
-                    raise BadRecord("user_scenario.instructions", "no user request (user_scenario.instructions, "
-                                                                  "ticket, description.purpose all missing)")
-                calls, user_actions = _actions(task, tool_names, domain)
-            except BadRecord as e:
-                bad.append(reject(dataset=DATASET, file=fname, line=idx, field=e.field, reason=e.reason,
-                                  raw=json.dumps(task, ensure_ascii=False)))
-                continue
-            first = calls[0] if calls else None
-            cands.append({
-                "idx": idx, "task": task, "tid": str(tid), "text": text, "first": first, "calls": calls,
-                "user_actions": user_actions,
-                "key": canonical_json([first["name"], first["arguments"]]) if first else FINAL_ANSWER,
-                "missing": unsupported_values(first["arguments"], text) if first else [],
-            })
+        # pass 1 (the costly part: prompt text, expected actions) over parts of the tasks, this process and
+        # forked children (cb_core.forking) each taking one; results in task order
+        from cb_core.forking import cores, fork_map
+
+        n_parts = max(1, min(cores(), len(tasks) // MIN_TASKS_PER_PROCESS))
+        bounds = [len(tasks) * k // n_parts for k in range(n_parts + 1)]
+        outs = fork_map(lambda k: _parse_tasks(tasks, bounds[k], bounds[k + 1], tool_names, domain, fname),
+                        list(range(n_parts)), what="tau2 reader")
+        cands = [c for o in outs for c in o[0]]
+        bad.extend(b for o in outs for b in o[1])
         # pass 2: one prompt must mean one expected first action
         keys_by_text: dict[str, set[str]] = {}
         for c in cands:
@@ -402,9 +422,9 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
                           f"for this same user message in {domain} (they depend on state the prompt does not show)")
             if reason:
                 bad.append(reject(dataset=DATASET, file=fname, line=c["idx"], field=field, reason=reason,
-                                  raw=json.dumps(c["task"], ensure_ascii=False), severity="excluded"))
+                                  raw=json.dumps(tasks[c["idx"] - 1], ensure_ascii=False), severity="excluded"))
                 continue
-            task = c["task"]
+            task = tasks[c["idx"] - 1]
             instr = task.get("user_scenario", {}).get("instructions") if isinstance(
                 task.get("user_scenario"), dict) else None
             good.append(make(

@@ -675,3 +675,46 @@ def test_injection_task_without_the_suite_target_uses_its_ground_truth(tmp_path)
     assert (final[("slack", "injection_task_2")]["tool"], final[("slack", "injection_task_2")]["arg_contains"]) == (
         "post_webpage", "www.my-website-234.com/random")
     assert final[("workspace", "injection_task_1")]["arg_contains"] == "13"
+
+
+# ------------------------------------------------------------------------------ both cores (issue 15)
+def _read_with(monkeypatch, n_cores: int, dataset: str, paths):
+    import cb_core.forking
+
+    monkeypatch.setattr(cb_core.forking, "cores", lambda: n_cores)
+    return get_reader(dataset)(paths, getattr(DatasetsConfig.load(), dataset))
+
+
+@pytest.mark.parametrize("dataset,sub", [("agentdojo", "agent_dojo/*.jsonl"), ("tau2", "tau2")])
+def test_reading_on_two_processes_equals_one(shared_data, monkeypatch, dataset, sub):
+    """AgentDojo files in two runs, TAU2 tasks in two halves (one per process): the same traces in the same
+    order, the same quarantine rows and the same counts as one process."""
+    from cb_core.sources import tau2
+
+    monkeypatch.setattr(agentdojo, "MIN_PART_BYTES", 1)
+    monkeypatch.setattr(tau2, "MIN_TASKS_PER_PROCESS", 1)
+    paths = resolve_source_paths(shared_data / sub)
+    one = _read_with(monkeypatch, 1, dataset, paths)
+    forks = []
+    real_fork = os.fork
+    monkeypatch.setattr(os, "fork", lambda: forks.append(1) or real_fork())
+    two = _read_with(monkeypatch, 2, dataset, paths)
+    assert forks, "no process was forked"
+    assert one.good.height > 50 and one.good.equals(two.good)
+    assert one.rejected.height > 0 and one.rejected.equals(two.rejected)
+    assert one.meta == two.meta
+
+
+def test_a_source_error_in_a_forked_reader_keeps_its_file(tmp_path, monkeypatch):
+    """A file that cannot be opened, read by the forked process: the SourceError naming it reaches the
+    caller as itself."""
+    good = tmp_path / "agentdojo-a.jsonl"
+    good.write_text("")
+    bad = tmp_path / "agentdojo-b.jsonl"
+    bad.mkdir()  # a folder where a file should be: open() fails in the second part
+    monkeypatch.setattr(agentdojo, "MIN_PART_BYTES", 1)
+    monkeypatch.setattr(agentdojo, "_file_parts", lambda files, workers, min_bytes=None: [[f] for f in files])
+    with pytest.raises(SourceError, match="cannot open") as err:
+        _read_with(monkeypatch, 2, "agentdojo", [good, bad])
+    assert err.value.file == str(bad)
+    assert any("agentdojo reader 1" in n for n in err.value.__notes__)
