@@ -204,3 +204,22 @@ def test_cli_materialize_lossmasks(data_root, tmp_path, monkeypatch):
     assert set(lm["trace_id"]) <= set(traces["id"])
     assert (data_root / "lossmasks.rejected.parquet").exists()
     assert (data_root / "mask_preview.html").exists()
+
+
+def test_renders_on_two_processes_inside_a_dagster_run(data_root, monkeypatch):
+    """The renders asset forks its second process inside the Dagster run (threads and all): the same
+    table as one process, the count in the metadata."""
+    many = pl.concat([small_traces().with_columns((pl.col("id") + f"-{k}").alias("id"),
+                                                  (pl.col("pair_group") + f"-{k}").alias("pair_group"))
+                      for k in range(30)])
+    many.write_parquet(data_root / "traces.parquet")
+    out = {}
+    for n in ("1", "2"):
+        monkeypatch.setenv("CB_RENDER_WORKERS", n)
+        res = _run(["renders", "renders_quarantine"])
+        assert res.success
+        md = next(e.materialization.metadata for e in res.get_asset_materialization_events()
+                  if e.asset_key.to_user_string() == "renders")
+        assert md["workers"].value == int(n)
+        out[n] = pl.read_parquet(data_root / "renders.parquet")
+    assert out["1"].height == many.height and out["1"].equals(out["2"])
