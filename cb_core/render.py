@@ -928,7 +928,7 @@ def _renders_frame(cols: dict[str, list], tok_id: str) -> pl.DataFrame:
 AUTO_MIN_ROWS_PER_WORKER = 256
 
 
-def _shares(frame: pl.DataFrame, traces: pl.DataFrame, workers: int) -> list[np.ndarray]:
+def _shares(traces: pl.DataFrame, workers: int) -> list[np.ndarray]:
     """Row positions per worker. A share holds whole pair groups (a task's twins and its runs by other
     models share tool outputs and prompts, so they hit one block cache instead of being encoded once per
     worker), packed largest first onto the least loaded share; a group's cost is its message characters."""
@@ -958,7 +958,7 @@ def _render_shares(frame: pl.DataFrame, traces: pl.DataFrame, tokenizer, fe, tok
     from cb_core.forking import fork_map
 
     global _WORK
-    shares = _shares(frame, traces, workers)
+    shares = _shares(traces, workers)
     bounds = np.cumsum([0] + [len(sh) for sh in shares])
     _WORK = (frame[np.concatenate(shares)].to_arrow(), tokenizer, fe, tok_id, cfg)
     try:

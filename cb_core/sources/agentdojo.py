@@ -51,12 +51,14 @@ import hashlib
 import json
 import os
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pyarrow as pa
 
+from cb_core import forking
 from cb_core.config import config_path
 from cb_core.schemas import QUARANTINE_SCHEMA, TRACE_SCHEMA, BadRecord, canonical_json, make_trace, reject
 from cb_core.sources import SourceError, SourceResult
@@ -652,9 +654,10 @@ def traces_table(rows: list[dict], msgs: list[list[Msg]]) -> pa.Table:
 
 
 MIN_PART_BYTES = 4 << 20  # below this a fork costs more than it saves
+_FACTS = ("attacked", "security_true_attacked", "with_attacker_call", "benign_success")  # per-record counts
 
 
-def _file_parts(files: list[Path], workers: int, min_bytes: int | None = None) -> list[list[Path]]:
+def _file_parts(files: list[Path], workers: int) -> list[list[Path]]:
     """Consecutive runs of ``files`` of about equal total size, one per worker (one run when the files
     are few or small: ``MIN_PART_BYTES``)."""
     sizes = []
@@ -664,7 +667,7 @@ def _file_parts(files: list[Path], workers: int, min_bytes: int | None = None) -
         except OSError:
             sizes.append(0)  # open() reports it with the path
     total = sum(sizes)
-    n = max(1, min(workers, len(files), total // (MIN_PART_BYTES if min_bytes is None else max(1, min_bytes))))
+    n = max(1, min(workers, len(files), total // MIN_PART_BYTES))
     parts: list[list[Path]] = [[] for _ in range(n)]
     acc = 0
     for p, size in zip(files, sizes):
@@ -685,7 +688,7 @@ def _read_files(files: list[Path], root: Path, targets: dict, schemas: "ToolSche
     file_names: list[str] = []
     refused = 0
     # over every record with metadata, kept or quarantined (the data README's EXPECTED.tsv columns)
-    facts = {"attacked": 0, "security_true_attacked": 0, "with_attacker_call": 0, "benign_success": 0}
+    facts = dict.fromkeys(_FACTS, 0)
 
     def quarantine(rel: str, lineno: int, line: bytes, field: str, reason: str, severity: str) -> None:
         raw, utf8 = _raw_text(line)
@@ -795,23 +798,18 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
 
     # files in parts of about equal size, laid end to end: this process reads the first, forked children
     # the others (each part's traces come back as one Arrow table, so the frame keeps the file order)
-    from cb_core.forking import cores, fork_map
-
     _arrow_schema()  # built before forking (it needs polars)
-    parts = _file_parts(files, cores())
-    outs = fork_map(lambda part: _read_files(part, root, targets, schemas, fixed), parts, what="agentdojo reader")
+    parts = _file_parts(files, forking.cores())
+    outs = forking.fork_map(lambda part: _read_files(part, root, targets, schemas, fixed), parts,
+                            what="agentdojo reader")
     file_names = [f for o in outs for f in o["file_names"]]
     rejected = [r for o in outs for r in o["rejected"]]
     versions_by_file = {k: v for o in outs for k, v in o["versions_by_file"].items()}
-    reasons: dict[str, int] = {}
+    reasons: Counter = Counter()
+    count: Counter = Counter()
     for o in outs:
-        for k, v in o["reasons"].items():
-            reasons[k] = reasons.get(k, 0) + v
-    count = {k: sum(o["count"][k] for o in outs) for k in outs[0]["count"]} if outs else {}
-    header_lines, blank_lines = count.get("header_lines", 0), count.get("blank_lines", 0)
-    provider_errors, empty_messages, refused = (count.get("provider_errors", 0), count.get("empty_messages", 0),
-                                                count.get("refused", 0))
-    facts = {k: count.get(k, 0) for k in ("attacked", "security_true_attacked", "with_attacker_call", "benign_success")}
+        reasons.update(o["reasons"])
+        count.update(o["count"])
     tables = [o["table"] for o in outs if o["table"] is not None]
     good = pl.from_arrow(pa.concat_tables(tables)) if tables else pl.DataFrame(schema=TRACE_SCHEMA)
     lab = good["labels"].struct.unnest() if good.height else None
@@ -826,16 +824,16 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
         meta={
             "files": file_names,
             "skipped_files": skipped,
-            "header_lines": header_lines,
-            "blank_lines": blank_lines,
-            "rejected_by_field": reasons,
-            "provider_error_traces": provider_errors,
-            "empty_message_traces": empty_messages,
+            "header_lines": count["header_lines"],
+            "blank_lines": count["blank_lines"],
+            "rejected_by_field": dict(reasons),
+            "provider_error_traces": count["provider_errors"],
+            "empty_message_traces": count["empty_messages"],
             "tool_schemas": schemas.path.name,
             "tool_schemas_version": (distinct[0] if len(distinct) == 1 else
                                      "; ".join(f"{f}={v}" for f, v in versions_by_file.items()) or "none"),
             "tool_schemas_version_by_file": versions_by_file,
-            **{f"records_{k}": v for k, v in facts.items()},
+            **{f"records_{k}": count[k] for k in _FACTS},
             "attacked": int(good["tool_attack"].is_not_null().sum()),
             "injection_reached": n(pl.col("injection_reached").fill_null(False)),
             "injection_not_reached": n(pl.col("injection_reached").eq(False).fill_null(False)),
@@ -843,7 +841,7 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
             "attack_succeeded": n(pl.col("attack_succeeded")),
             "attacker_call_without_security": n(pl.col("attacker_call_made") & ~pl.col("attack_succeeded")),
             "adversarial_safe": n(pl.col("is_adversarial_safe")),
-            "refused_unknown_tool_calls": refused,
+            "refused_unknown_tool_calls": count["refused"],
             "multi_injection_traces": int((good["tool_attack"].struct.field("injection_spans").list.len() >= 2)
                                           .fill_null(False).sum()) if good.height else 0,
         },

@@ -49,6 +49,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from cb_core import forking
 from cb_core.config import config_path
 from cb_core.schemas import FINAL_ANSWER, BadRecord, arguments_json, canonical_json, message, reject
 from cb_core.sources import SourceError, SourceResult
@@ -394,11 +395,9 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
         system = message("system", system_tpl.format(domain=domain))
         # pass 1 (the costly part: prompt text, expected actions) over parts of the tasks, this process and
         # forked children (cb_core.forking) each taking one; results in task order
-        from cb_core.forking import cores, fork_map
-
-        n_parts = max(1, min(cores(), len(tasks) // MIN_TASKS_PER_PROCESS))
+        n_parts = max(1, min(forking.cores(), len(tasks) // MIN_TASKS_PER_PROCESS))
         bounds = [len(tasks) * k // n_parts for k in range(n_parts + 1)]
-        outs = fork_map(lambda k: _parse_tasks(tasks, bounds[k], bounds[k + 1], tool_names, domain, fname),
+        outs = forking.fork_map(lambda k: _parse_tasks(tasks, bounds[k], bounds[k + 1], tool_names, domain, fname),
                         list(range(n_parts)), what="tau2 reader")
         cands = [c for o in outs for c in o[0]]
         bad.extend(b for o in outs for b in o[1])

@@ -713,7 +713,7 @@ def test_a_source_error_in_a_forked_reader_keeps_its_file(tmp_path, monkeypatch)
     bad = tmp_path / "agentdojo-b.jsonl"
     bad.mkdir()  # a folder where a file should be: open() fails in the second part
     monkeypatch.setattr(agentdojo, "MIN_PART_BYTES", 1)
-    monkeypatch.setattr(agentdojo, "_file_parts", lambda files, workers, min_bytes=None: [[f] for f in files])
+    monkeypatch.setattr(agentdojo, "_file_parts", lambda files, workers: [[f] for f in files])
     with pytest.raises(SourceError, match="cannot open") as err:
         _read_with(monkeypatch, 2, "agentdojo", [good, bad])
     assert err.value.file == str(bad)
