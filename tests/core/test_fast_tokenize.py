@@ -248,3 +248,24 @@ def test_other_vocab_falls_back_to_hf(swapped_tokenizer, llama_tokenizer):
     assert renders["input_ids"][0].to_list() == want
     assert want != llama_tokenizer(text, add_special_tokens=False)["input_ids"]  # the vocab really differs
     assert np.array_equal(renders["input_ids"][0].to_numpy(), np.asarray(want))
+
+
+def test_auto_workers_take_one_per_core_only_for_enough_traces(tmp_path, llama_tokenizer, monkeypatch):
+    """num_workers=0 (the renders asset's default): one process per core when each gets
+    AUTO_MIN_ROWS_PER_WORKER traces, else one."""
+    import cb_core.forking
+    import cb_core.render as render_mod
+    from cb_assets.assets.renders import RendersConfig
+    from cb_core.sources.demo import write_demo_sources
+
+    assert RendersConfig().num_workers == 0
+    traces = _read("agentdojo", write_demo_sources(tmp_path, seed=0)["agentdojo"])
+    monkeypatch.setattr(cb_core.forking, "cores", lambda: 2)
+    monkeypatch.setattr(render_mod, "AUTO_MIN_ROWS_PER_WORKER", traces.height // 2)
+    cfg = RenderConfig(max_length=65536)
+    st: dict = {}
+    many, _ = render_traces(traces, llama_tokenizer, cfg, num_workers=0, stats=st)
+    assert st["workers"] == 2
+    few, _ = render_traces(traces.head(traces.height // 2 + 1), llama_tokenizer, cfg, num_workers=0, stats=st)
+    assert st["workers"] == 1
+    assert few.equals(many.head(few.height))
