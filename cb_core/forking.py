@@ -10,6 +10,7 @@ tiktoken do.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import pickle
@@ -17,7 +18,7 @@ import shutil
 import signal
 import tempfile
 import traceback
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 
 def cores() -> int:
@@ -26,6 +27,20 @@ def cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for a block of bulk work (reading a source, rendering a batch):
+    it allocates millions of short-lived acyclic objects, and the collector's passes over them cost 12-35 %
+    of the time (measured: renders, TAU2, AgentDojo). Back on afterwards if it was on."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def fork_map(fn: Callable[[Any], Any], parts: Sequence[Any], what: str = "worker") -> list[Any]:

@@ -54,6 +54,7 @@ from typing import Any, Sequence
 import numpy as np
 import polars as pl
 
+from cb_core import forking
 from cb_core.schemas import (  # noqa: F401  (the render_v1 contract and the special tokens, re-exported)
     BOS,
     END_HEADER,
@@ -780,17 +781,10 @@ _WORK: tuple | None = None  # (rows frame, tokenizer, fast encoder, tokenizer id
 def _process_chunk(args: tuple) -> tuple[dict[str, list], list[dict], dict[str, float], dict[str, dict]]:
     """Render + tokenize + map one share of the rows. ``args``: (rows, tokenizer, fast encoder or None,
     tok_id, cfg), or (offset, length) into ``_WORK`` in a forked worker (nothing big is pickled on the way
-    in; the result is numpy arrays per trace). The cyclic garbage collector is off meanwhile: the work
-    allocates millions of short-lived acyclic objects, and its passes over them cost ~12 % of the time."""
-    import gc
-
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    in; the result is numpy arrays per trace). The cyclic garbage collector is off meanwhile
+    (`forking.gc_paused`: ~12 % of the time here)."""
+    with forking.gc_paused():
         return _chunk(args)
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _chunk(args: tuple) -> tuple[dict[str, list], list[dict], dict[str, float], dict[str, dict]]:

@@ -15,6 +15,7 @@ import hashlib
 import json
 from typing import Any
 
+import orjson
 import pandera.polars as pa
 import polars as pl
 
@@ -208,10 +209,40 @@ def empty_quarantine() -> pl.DataFrame:
 
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
+_SORTED = orjson.OPT_SORT_KEYS
+
+
+def _float_free(obj: Any) -> bool:
+    """Whether ``obj`` is plain JSON without floats (str, int, bool, None, lists, tuples and dicts of them):
+    there orjson writes exactly the standard library's canonical text. Floats are where they part (1e-05 vs
+    0.00001, NaN vs null), so values holding one keep the standard library path. (Non-str keys: orjson
+    refuses them, see canonical_json.)"""
+    t = type(obj)
+    if t is dict:
+        obj = obj.values()
+    elif t is not list and t is not tuple:
+        return t is str or obj is None or t is bool or t is int
+    for v in obj:
+        t = type(v)
+        if t is str or v is None or t is bool or t is int:
+            continue
+        if t is float or not _float_free(v):
+            return False
+    return True
 
 
 def canonical_json(obj: Any) -> str:
-    """The one JSON text of a value (sorted keys, no spaces, UTF-8 kept): what every id and digest hashes."""
+    """The one JSON text of a value (sorted keys, no spaces, UTF-8 kept): what every id and digest hashes.
+
+    The standard library's ``json.dumps(sort_keys=True, ensure_ascii=False, separators=(",", ":"))`` defines
+    it; orjson writes the same bytes ~6x faster for float-free values (a test checks every code point and the
+    shared data), and anything it refuses (lone surrogates, ints beyond 64 bits, deep nesting) or might write
+    differently (floats) takes the standard library path."""
+    try:
+        if _float_free(obj):
+            return orjson.dumps(obj, option=_SORTED).decode()
+    except (TypeError, RecursionError):  # orjson.JSONEncodeError is a TypeError
+        pass
     return _CANONICAL(obj)
 
 
@@ -237,22 +268,23 @@ def normal_tool_attack(tool_attack: dict | None) -> dict | None:
     }
 
 
-def trace_id(dataset: str, source_locator: str, messages: list[dict], tools_enc: str, tool_attack: dict | None,
+def trace_id(dataset: str, source_locator: str, messages: list[dict], tools_enc: bytes, tool_attack: dict | None,
              id_suffix: str | None = None) -> str:
     """The trace id: ``digest([dataset, source_locator, messages, tools_json, tool_attack])`` (+ ``id_suffix``
-    re-hashed in). ``tools_enc`` is ``canonical_json(tools_json)``, encoded once per tool set by the caller:
-    a list's canonical JSON is its items' joined, so the (large) tools part is never re-encoded per row."""
-    tid = digest(
-        "[" + canonical_json(dataset) + "," + canonical_json(source_locator) + "," + canonical_json(messages)
-        + "," + tools_enc + "," + canonical_json(tool_attack) + "]"
-    )
+    re-hashed in). ``tools_enc`` is ``canonical_json(tools_json)`` as UTF-8, encoded once per tool set by the
+    caller: a list's canonical JSON is its items' joined, so the (large) tools part is fed to the hash as it
+    is, never re-encoded or copied per row."""
+    h = hashlib.sha256(("[" + canonical_json([dataset, source_locator, messages])[1:-1] + ",").encode("utf-8"))
+    h.update(tools_enc)
+    h.update(("," + canonical_json(tool_attack) + "]").encode("utf-8"))
+    tid = h.hexdigest()[:32]
     return digest(tid + id_suffix) if id_suffix else tid
 
 
 @functools.lru_cache(maxsize=256)
-def _tools_part(tools_json: str) -> tuple[str, str]:
+def _tools_part(tools_json: str) -> tuple[bytes, str]:
     """Tool schemas repeat across a source's traces: encode and digest each distinct one once."""
-    return canonical_json(tools_json), digest(tools_json, 16)
+    return canonical_json(tools_json).encode("utf-8"), digest(tools_json, 16)
 
 
 def message(

