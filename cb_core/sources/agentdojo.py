@@ -653,12 +653,15 @@ def traces_table(rows: list[dict], msgs: list[list[Msg]]) -> pa.Table:
 
 
 MIN_PART_BYTES = 4 << 20  # below this a fork costs more than it saves
+PARENT_WEIGHT = 1.5  # this process's part against a child's: a child's byte costs ~1.4x (see _file_parts)
 _FACTS = ("attacked", "security_true_attacked", "with_attacker_call", "benign_success")  # per-record counts
 
 
 def _file_parts(files: list[Path], workers: int) -> list[list[Path]]:
-    """Consecutive runs of ``files`` of about equal total size, one per worker (one run when the files
-    are few or small: ``MIN_PART_BYTES``)."""
+    """Consecutive runs of ``files``, one per worker (one run when the files are few or small:
+    ``MIN_PART_BYTES``). The first run, read by this process, is ``PARENT_WEIGHT`` times a child's in
+    bytes: a forked child pays copy-on-write faults on the inherited heap and writes its result for this
+    process to read (measured on the shared data, 2 cores: 60/40 by bytes 0.22 s, 53/47 0.27 s)."""
     sizes = []
     for p in files:
         try:
@@ -667,11 +670,13 @@ def _file_parts(files: list[Path], workers: int) -> list[list[Path]]:
             sizes.append(0)  # open() reports it with the path
     total = sum(sizes)
     n = max(1, min(workers, len(files), total // MIN_PART_BYTES))
+    weights = [PARENT_WEIGHT] + [1.0] * (n - 1)
+    ends = [sum(weights[:k + 1]) / sum(weights) for k in range(n)]  # where each run ends (share of bytes)
     parts: list[list[Path]] = [[] for _ in range(n)]
     acc = 0
     for p, size in zip(files, sizes):
-        k = min(n - 1, int(acc * n / total)) if total else 0
-        parts[k].append(p)
+        at = acc / total if total else 0.0  # where the file starts
+        parts[next(k for k in range(n) if at < ends[k] or k == n - 1)].append(p)
         acc += size
     return [part for part in parts if part] or [[]]
 

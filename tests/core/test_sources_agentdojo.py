@@ -714,3 +714,19 @@ def test_a_source_error_in_a_forked_reader_keeps_its_file(tmp_path, monkeypatch)
         _read_with(monkeypatch, 2, "agentdojo", [good, bad])
     assert err.value.file == str(bad)
     assert any("agentdojo reader 1" in n for n in err.value.__notes__)
+
+
+def test_file_parts_give_this_process_the_larger_run(tmp_path, monkeypatch):
+    """Consecutive runs; the first (this process's) is PARENT_WEIGHT times a child's in bytes; small
+    sources stay in one run."""
+    files = []
+    for k in range(10):
+        f = tmp_path / f"agentdojo-{k}.jsonl"
+        f.write_bytes(b"x" * 1000)
+        files.append(f)
+    assert agentdojo._file_parts(files, 2) == [files]  # 10 kB: below MIN_PART_BYTES
+    monkeypatch.setattr(agentdojo, "MIN_PART_BYTES", 1)
+    assert agentdojo._file_parts(files, 2) == [files[:6], files[6:]]  # 1.5 : 1 -> 60 % of the bytes
+    assert agentdojo._file_parts(files, 3) == [files[:5], files[5:8], files[8:]]  # 1.5 : 1 : 1
+    monkeypatch.setattr(agentdojo, "PARENT_WEIGHT", 1.0)
+    assert agentdojo._file_parts(files, 2) == [files[:5], files[5:]]
