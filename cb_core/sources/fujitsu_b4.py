@@ -39,7 +39,7 @@ from typing import Any
 from cb_core.config import config_path
 from cb_core.schemas import BadRecord, canonical_json, digest, message, reject
 from cb_core.sources import SourceError, SourceResult
-from cb_core.sources._common import WIPE, SharedToolsTraces, fill_tools, relative_names
+from cb_core.sources._common import WIPE, SharedToolsTraces, fill_tools, json_loads, relative_names
 
 DATASET = "fujitsu_b4"
 DEFAULT_SCHEMA = "configs/tool_schemas/b4_standard_v1.json"
@@ -163,7 +163,7 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
                 continue
             line = line.rstrip("\r")
             try:
-                rec = json.loads(line)
+                rec = json_loads(line)
             except ValueError as e:
                 bad.append(reject(dataset=DATASET, file=fname, line=lineno, reason=f"invalid JSON: {e}", raw=line))
                 continue

@@ -25,7 +25,7 @@ import polars as pl
 
 from cb_core.schemas import digest, make_trace, message, reject
 from cb_core.sources import SourceError, SourceResult
-from cb_core.sources._common import WIPE, relative_names
+from cb_core.sources._common import WIPE, json_loads, relative_names
 
 DATASET = "ultrachat"
 PARQUET = (".parquet", ".pq")
@@ -62,7 +62,7 @@ def _jsonl_rows(path: Path, limit: int | None) -> Iterator[tuple[int, Any, str |
                     "base64:" + base64.b64encode(raw.rstrip(b"\r\n")).decode("ascii")
                 continue
             try:
-                yield i, json.loads(line), line
+                yield i, json_loads(line), line
             except ValueError as e:
                 yield i, ValueError(f"invalid JSON: {e}"), line
 
