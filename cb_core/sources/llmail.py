@@ -269,8 +269,7 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
     objectives_cache: dict[str, dict | BadRecord] = {}
     counts = {"succeeded": 0, "attacker_call_made": 0, "detected_attacker_call": 0, "not_retrieved": 0}
     for line, fields, raw_bytes in records:
-        raw_text = raw_bytes.decode("utf-8", "surrogateescape")
-        if SURROGATE.search(raw_text):
+        if raw_bytes is not None:  # not valid UTF-8
             bad_col = next((h for h, v in zip(header, fields) if SURROGATE.search(v)), "")
             rejected.append(reject(
                 dataset=DATASET, file=name, line=line, field=bad_col,

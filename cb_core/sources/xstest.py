@@ -99,8 +99,7 @@ def _rows(path: Path, required: tuple[str, ...], bad: list[dict]) -> list[tuple[
         raise SourceError(f"{path} has a header but no records{WIPE}", file=path)
     out = []
     for line, fields, raw in records:
-        text = raw.decode("utf-8", "surrogateescape")
-        if SURROGATE.search(text):
+        if raw is not None:  # not valid UTF-8
             col = next((h for h, v in zip(header, fields) if SURROGATE.search(v)), "")
             bad.append(reject(dataset=DATASET, file=str(path), line=line, field=col,
                               reason=f"not valid UTF-8 (in column {col!r}); the record's bytes are kept as base64 "
