@@ -1,6 +1,8 @@
 """Run parts of one job in forked children while this process runs the first part: exactly ``n`` processes
 for ``n`` cores, nothing pickled on the way in (a child inherits everything), each child's result written
 to a file and the child leaving with ``os._exit`` (no interpreter teardown walking the inherited heap).
+The file holds pickle protocol 5 with its buffers (numpy arrays, Arrow columns) out of band, and this
+process maps it: the arrays come back without a copy (AgentDojo's 25 MB part: 1 ms to load, not 13).
 
 Measured on 2 cores: a ``multiprocessing`` pool of ``n`` children beside a parent that gathers their chunks
 was slower than one process (three processes on two cores, plus each child's teardown), this is not.
@@ -12,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import mmap
 import os
 import pickle
 import shutil
 import signal
+import struct
 import tempfile
 import traceback
 from typing import Any, Callable, Iterator, Sequence
@@ -41,6 +45,38 @@ def gc_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+def _dump(obj: Any, path: str) -> None:
+    """``obj`` to ``path``: a header (pickle size, buffer sizes), the pickle, then its buffers raw. Written
+    beside and renamed, so a child killed mid-write leaves no file (it is reported as died)."""
+    bufs: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(obj, protocol=5, buffer_callback=bufs.append)
+    raws = [b.raw() for b in bufs]
+    with open(path + ".part", "wb") as f:
+        f.write(struct.pack(f"<QQ{len(raws)}Q", len(data), len(raws), *(r.nbytes for r in raws)))
+        f.write(data)
+        for r in raws:
+            f.write(r)
+    os.rename(path + ".part", path)
+
+
+def _load(path: str) -> Any:
+    """`_dump`'s object, its buffers views of a private (copy-on-write) map of the file: writable, and
+    valid after the file is removed."""
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    view = memoryview(mm)
+    n, k = struct.unpack_from("<QQ", view, 0)
+    sizes = struct.unpack_from(f"<{k}Q", view, 16)
+    at = 16 + 8 * k
+    data = view[at:at + n]
+    at += n
+    bufs = []
+    for size in sizes:
+        bufs.append(view[at:at + size])
+        at += size
+    return pickle.loads(data, buffers=bufs)  # our own child's file, written a moment ago
 
 
 def fork_map(fn: Callable[[Any], Any], parts: Sequence[Any], what: str = "worker") -> list[Any]:
@@ -69,8 +105,7 @@ def fork_map(fn: Callable[[Any], Any], parts: Sequence[Any], what: str = "worker
                             out = ("error", (traceback.format_exc(), e))
                         except Exception:  # noqa: BLE001
                             out = ("error", (traceback.format_exc(), None))
-                    with open(path, "wb") as f:
-                        pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)
+                    _dump(out, path)
                 finally:
                     os._exit(code)
             children[pid] = (k, path)
@@ -82,8 +117,7 @@ def fork_map(fn: Callable[[Any], Any], parts: Sequence[Any], what: str = "worker
             if not os.path.exists(path):
                 raise RuntimeError(f"{what} {k} (pid {pid}) died without a result "
                                    f"(wait status {status}; killed or out of memory?)")
-            with open(path, "rb") as f:
-                kind, out = pickle.load(f)  # our own child's file, written a moment ago
+            kind, out = _load(path)
             if kind != "ok":
                 text, exc = out
                 if isinstance(exc, Exception):

@@ -1,0 +1,41 @@
+"""cb_core.forking: results come back from forked children whole, arrays without a copy and writable."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from cb_core import forking
+
+
+def _part(k: int):
+    if k == 0:
+        return {"pid": os.getpid()}
+    return {"pid": os.getpid(), "ids": np.arange(k * 1000, dtype=np.int32).reshape(-1, 10),
+            "f": np.asfortranarray(np.ones((4, 3))), "table": pa.table({"t": ["é" * k, None], "n": [k, 2]}),
+            "small": [np.zeros(0, np.int64), b"x" * k, "text"]}
+
+
+def test_children_results_come_back_whole_and_writable():
+    out = forking.fork_map(_part, [0, 1, 3])
+    assert out[0]["pid"] == os.getpid() and out[1]["pid"] != os.getpid() != out[2]["pid"]
+    ids = out[2]["ids"]
+    assert ids.dtype == np.int32 and ids.shape == (300, 10) and int(ids.sum()) == sum(range(3000))
+    ids[0, 0] = -1  # writable (a private map of the child's file)
+    assert ids[0, 0] == -1 and out[2]["f"].flags.f_contiguous and out[2]["f"].sum() == 12
+    assert out[2]["table"].to_pylist() == [{"t": "ééé", "n": 3}, {"t": None, "n": 2}]
+    assert out[1]["small"][0].shape == (0,) and out[1]["small"][1:] == [b"x", "text"]
+
+
+def test_dump_is_atomic(tmp_path, monkeypatch):
+    """A write that fails midway leaves no result file (the parent then reports the child as died)."""
+    path = str(tmp_path / "part1.pkl")
+    forking._dump({"a": np.arange(5)}, path)
+    assert list(forking._load(path)["a"]) == [0, 1, 2, 3, 4]
+    os.remove(path)
+    monkeypatch.setattr(forking.os, "rename", lambda a, b: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        forking._dump({"a": np.arange(5)}, path)
+    assert not os.path.exists(path)
