@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-
-import msgspec
 import statistics
 import sys
 import time
 from pathlib import Path
+
+import msgspec
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

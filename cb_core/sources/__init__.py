@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import polars as pl
 
+from cb_core import forking
 from cb_core.schemas import QUARANTINE_SCHEMA, SOURCES, TRACE_SCHEMA
 
 
@@ -89,8 +90,6 @@ def get_reader(dataset: str) -> Reader:
 
     @functools.wraps(read)
     def paused(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
-        from cb_core import forking
-
         with forking.gc_paused():
             return read(paths, cfg)
 

@@ -93,7 +93,6 @@ DEFAULT_TARGETS: dict[str, list[dict[str, Any]]] = {
 }
 
 
-
 class _Excluded(BadRecord):
     """A policy exclusion (empty run, provider error): quarantined with severity "excluded", which does not
     count toward stop-the-line."""
