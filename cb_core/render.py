@@ -779,36 +779,62 @@ _WORK: tuple | None = None  # (rows frame, tokenizer, fast encoder, tokenizer id
 
 
 def _process_chunk(args: tuple) -> tuple[dict[str, list], list[dict], dict[str, float], dict[str, dict]]:
-    """Render + tokenize + map one share of the rows. ``args``: (rows, tokenizer, fast encoder or None,
-    tok_id, cfg), or (offset, length) into ``_WORK`` in a forked worker (nothing big is pickled on the way
-    in; the result is numpy arrays per trace). The cyclic garbage collector is off meanwhile
+    """Render + tokenize + map one share of the rows, ``STEP_ROWS`` at a time. ``args``: (rows as an Arrow
+    table, tokenizer, fast encoder or None, tok_id, cfg), or (offset, length) into ``_WORK`` in a forked
+    worker (nothing big is pickled on the way in; the result is numpy arrays per trace). The cyclic garbage collector is off meanwhile
     (`forking.gc_paused`: ~12 % of the time here)."""
     with forking.gc_paused():
         return _chunk(args)
 
 
+# Rows per step of a share on the fast path: render, tokenize and map this many, then the next, so the
+# texts, start arrays and row objects of a step die before the next one's are made and their memory is
+# reused. A whole share at once kept ~100 MB alive per process, and in a forked worker every page of it is
+# a copy-on-write fault (~20 k per share, ~15 % of its time). The HF path keeps one batch per share (its
+# batch call is what it is fast at).
+STEP_ROWS = 32
+
+
 def _chunk(args: tuple) -> tuple[dict[str, list], list[dict], dict[str, float], dict[str, dict]]:
     cpu0 = time.process_time()
     if len(args) == 2:
-        frame, tokenizer, fe, tok_id, cfg = _WORK
-        t_rows = time.perf_counter()
-        rows = frame.slice(args[0], args[1]).to_pylist()  # an Arrow table: polars is not safe after fork
-        t_rows = time.perf_counter() - t_rows
+        table, tokenizer, fe, tok_id, cfg = _WORK
+        start, length = args
     else:
-        rows, tokenizer, fe, tok_id, cfg = args
-        t_rows = 0.0
+        table, tokenizer, fe, tok_id, cfg = args
+        start, length = 0, table.num_rows
+    step = STEP_ROWS if fe is not None else max(length, 1)
     tool_cache: dict[str, tuple[Any, str | None]] = {}
-    t0 = time.perf_counter()
-    rendered, rejected = _render_rows(rows, cfg, tool_cache)
-    t1 = time.perf_counter()
-    blocks = [[(s.char_start, s.char_end) for s in r.spans if s.kind == "tool_defs"] for _, r in rendered]
-    all_ids, all_offs = _encode_batch([r.text for _, r in rendered], tokenizer, fe, blocks)
-    fit_tok = fe if fe is not None else tokenizer
-    t2 = time.perf_counter()
     cols: dict[str, list] = {k: [] for k in ("trace_id", "input_ids", "spans", "n_tokens", "truncated", "truncation")}
-    if rows and "_pos" in rows[0]:
+    if "_pos" in table.column_names:
         cols["pos"] = []
+    rejected: list[dict] = []  # render errors first, then length rejects (each in row order)
+    late: list[dict] = []
     trunc: dict[str, dict[str, int]] = {}
+    tm = dict.fromkeys(("rows_s", "render_s", "tokenize_s", "map_s"), 0.0)
+    for at in range(start, start + length, step):
+        t0 = time.perf_counter()
+        rows = table.slice(at, min(step, start + length - at)).to_pylist()  # pyarrow: polars is not safe after fork
+        t1 = time.perf_counter()
+        rendered, rej = _render_rows(rows, cfg, tool_cache)
+        rejected.extend(rej)
+        t2 = time.perf_counter()
+        blocks = [[(s.char_start, s.char_end) for s in r.spans if s.kind == "tool_defs"] for _, r in rendered]
+        all_ids, all_offs = _encode_batch([r.text for _, r in rendered], tokenizer, fe, blocks)
+        t3 = time.perf_counter()
+        _map_rows(rendered, all_ids, all_offs, tokenizer if fe is None else fe, cfg, tool_cache, cols, late, trunc)
+        t4 = time.perf_counter()
+        tm["rows_s"] += t1 - t0
+        tm["render_s"] += t2 - t1
+        tm["tokenize_s"] += t3 - t2
+        tm["map_s"] += t4 - t3
+    tm["cpu_s"] = time.process_time() - cpu0
+    return cols, rejected + late, tm, trunc
+
+
+def _map_rows(rendered, all_ids, all_offs, fit_tok, cfg: "RenderConfig", tool_cache: dict, cols: dict[str, list],
+              rejected: list[dict], trunc: dict[str, dict[str, int]]) -> None:
+    """Token spans for each rendered row (truncating one over ``cfg.max_length``), appended to ``cols``."""
     L = cfg.max_length
     for j, (row, r) in enumerate(rendered):
         ids = all_ids[j]
@@ -876,9 +902,6 @@ def _chunk(args: tuple) -> tuple[dict[str, list], list[dict], dict[str, float], 
         cols["n_tokens"].append(n)
         cols["truncated"].append(how != "none")
         cols["truncation"].append(how)
-    t3 = time.perf_counter()
-    return cols, rejected, {"rows_s": t_rows, "render_s": t1 - t0, "tokenize_s": t2 - t1, "map_s": t3 - t2,
-                            "cpu_s": time.process_time() - cpu0}, trunc
 
 
 # per-dataset counts of the truncation policy (renders metadata "truncation")
@@ -1015,7 +1038,7 @@ def render_traces(
     n_rows = frame.height
     if workers == 1 or n_rows < 2 * workers:
         workers = 1
-        results = [_process_chunk((frame.to_arrow().to_pylist(), tokenizer, fe, tok_id, cfg))]
+        results = [_process_chunk((frame.to_arrow(), tokenizer, fe, tok_id, cfg))]
         shared = False
     else:
         results = _render_shares(frame.with_row_index("_pos"), traces, tokenizer, fe, tok_id, cfg, workers)

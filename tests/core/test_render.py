@@ -485,6 +485,36 @@ def test_too_long_is_quarantined_or_cut_when_configured(llama_tokenizer):
                                            "saved_by_shorten_tool_outputs": 0, "saved_by_cut": 2, "quarantined": 1}
 
 
+def test_step_size_never_changes_the_result(llama_tokenizer, monkeypatch):
+    """A share is rendered STEP_ROWS rows at a time (so each step's texts die before the next): one row
+    per step and the whole frame in one step give the same renders, quarantine rows in the same order
+    (render errors first, then length rejects), and the same truncation counts."""
+    import cb_core.render as R
+    from cb_core.render import TruncationConfig
+
+    bad = make_trace(dataset="tau2", source_locator="b.jsonl", completeness="complete", tools=None,
+                     messages=[message("user", "x"), {"role": "assistant", "content": "", "tool_calls": [
+                         {"name": "f", "arguments": "{oops"}], "tool_call_id": None, "name": None}],
+                     category="retain", priority_class="tool_capability")
+    rows = [_long_trace("data/tau2/tasks.json:17", 400), _long_trace("p.jsonl:2", 40), bad,
+            _long_trace("s.jsonl:9", 400, with_assistant=False), _long_trace("ok.jsonl:1", 3), bad]
+    traces = pl.DataFrame(rows, schema=TRACE_SCHEMA)
+    full, _ = render_traces(traces, llama_tokenizer, RenderConfig(max_length=100000))
+    L = dict(zip(full["trace_id"], full["n_tokens"]))[rows[1]["id"]] - 3  # the partial trace just over
+    cfg = RenderConfig(max_length=L, truncation=TruncationConfig(steps=("cut",)))
+    out = {}
+    for step in (1, 2, 10**6):
+        monkeypatch.setattr(R, "STEP_ROWS", step)
+        st: dict = {}
+        renders, rejected = render_traces(traces, llama_tokenizer, cfg, stats=st)
+        out[step] = (renders, rejected, st["truncation"])
+    renders, rejected, trunc = out[10**6]
+    assert renders.height == 3 and rejected["file"].to_list() == ["b.jsonl", "b.jsonl", "data/tau2/tasks.json"]
+    assert trunc["tau2"]["saved_by_cut"] == 2 and trunc["tau2"]["quarantined"] == 1
+    for step in (1, 2):
+        assert out[step][0].equals(renders) and out[step][1].equals(rejected) and out[step][2] == trunc
+
+
 def test_two_workers_same_result(agentdojo, llama_tokenizer):
     traces = _trace_frame(_small_agentdojo(agentdojo, 12))
     cfg = RenderConfig(max_length=32768)
