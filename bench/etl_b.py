@@ -186,7 +186,8 @@ def main() -> None:
 
     # forked workers must not inherit a used rayon pool: TOKENIZERS_PARALLELISM=false there (with "true"
     # the forked tokenizer deadlocks)
-    configs = [("1 thread", {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "true"}, 1, False),
+    # "1 thread" is one thread in every library: polars (lossmasks) too
+    configs = [("1 thread", {"RAYON_NUM_THREADS": "1", "POLARS_MAX_THREADS": "1", "TOKENIZERS_PARALLELISM": "true"}, 1, False),
                ("2 threads", {"RAYON_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "true"}, 1, False),
                ("2 processes", {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}, 2, True)]
     if args.only:
