@@ -21,6 +21,7 @@ import shutil
 import signal
 import struct
 import tempfile
+import threading
 import traceback
 from typing import Any, Callable, Iterator, Sequence
 
@@ -79,23 +80,35 @@ def _load(path: str) -> Any:
     return pickle.loads(data, buffers=bufs)  # our own child's file, written a moment ago
 
 
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
 def fork_map(fn: Callable[[Any], Any], parts: Sequence[Any], what: str = "worker") -> list[Any]:
     """``[fn(p) for p in parts]``: ``parts[0]`` here, the others each in a forked child. An exception in
     a child is raised here as itself (with the child's traceback as a note) when it pickles, else as a
     RuntimeError naming ``what``, the part's index and the traceback; a child that dies (killed, out of
-    memory) is reported with its wait status; no child outlives the call."""
+    memory) is reported with its wait status. A child signals through a pipe once its file is complete, so
+    the call returns without waiting for the children's exits (tearing down an inherited address space
+    takes milliseconds): they are reaped by background threads; on an error every child is killed and
+    reaped before the call raises."""
     if len(parts) <= 1:
         return [fn(p) for p in parts]
     tmp = tempfile.mkdtemp(prefix="cb-fork-")
-    children: dict[int, tuple[int, str]] = {}
+    children: dict[int, tuple[int, str, int]] = {}  # pid -> (part index, result file, read end of its pipe)
     gc.freeze()  # the children's collector leaves the inherited heap alone (no copy-on-write of every page)
     try:
         for k in range(1, len(parts)):
             path = os.path.join(tmp, f"part{k}.pkl")
+            r, w = os.pipe()
             pid = os.fork()
             if pid == 0:  # child: never returns into the caller's code
                 code = 0
                 try:
+                    os.close(r)
                     try:
                         out = ("ok", fn(parts[k]))
                     except BaseException as e:  # noqa: BLE001 - reported by the parent
@@ -106,15 +119,20 @@ def fork_map(fn: Callable[[Any], Any], parts: Sequence[Any], what: str = "worker
                         except Exception:  # noqa: BLE001
                             out = ("error", (traceback.format_exc(), None))
                     _dump(out, path)
+                    os.write(w, b"1")  # the file is complete: the parent need not wait for this exit
                 finally:
                     os._exit(code)
-            children[pid] = (k, path)
+            os.close(w)
+            children[pid] = (k, path, r)
         results: list[Any] = [None] * len(parts)
         results[0] = fn(parts[0])
         for pid in list(children):
-            k, path = children.pop(pid)
-            _, status = os.waitpid(pid, 0)
-            if not os.path.exists(path):
+            k, path, r = children[pid]
+            done = os.read(r, 1)  # b"" (end of file): the child exited without writing its result
+            os.close(r)
+            if not done:
+                _, status = os.waitpid(pid, 0)
+                del children[pid]
                 raise RuntimeError(f"{what} {k} (pid {pid}) died without a result "
                                    f"(wait status {status}; killed or out of memory?)")
             kind, out = _load(path)
@@ -125,10 +143,19 @@ def fork_map(fn: Callable[[Any], Any], parts: Sequence[Any], what: str = "worker
                     raise exc
                 raise RuntimeError(f"{what} {k} failed:\n{text}")
             results[k] = out
+        # every result is in: the children's exits (tearing down a large address space takes milliseconds)
+        # are reaped in the background instead of waited for
+        for pid in list(children):
+            del children[pid]
+            threading.Thread(target=_reap, args=(pid,), daemon=True).start()
         return results
     finally:
         gc.unfreeze()
-        for pid in children:  # on an error here: no child is left behind
+        for pid, (_, _, r) in children.items():  # on an error here: no child is left behind
+            try:
+                os.close(r)
+            except OSError:
+                pass
             try:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)

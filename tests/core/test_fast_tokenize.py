@@ -179,7 +179,7 @@ def test_a_failing_worker_is_reported(tmp_path, llama_tokenizer, monkeypatch, ho
     real = render_mod._chunk
 
     def boom(args):
-        if len(args) == 2 and args[0] > 0:  # the forked child's share
+        if len(args) == 1 and args[0] > 0:  # the forked child's share (its index into _WORK)
             if how == "killed":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise ValueError("disk on fire")

@@ -39,3 +39,19 @@ def test_dump_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         forking._dump({"a": np.arange(5)}, path)
     assert not os.path.exists(path)
+
+
+def test_children_are_reaped_after_the_call():
+    """The call returns once every result file is in; the children's exits are reaped in the background,
+    so none is left a zombie."""
+    import time
+
+    out = forking.fork_map(_part, [0, 1, 2])
+    pids = [o["pid"] for o in out[1:]]
+    deadline = time.monotonic() + 20
+    while any(os.path.exists(f"/proc/{p}") for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not [p for p in pids if os.path.exists(f"/proc/{p}")]  # a zombie keeps its /proc entry
+    for p in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(p, os.WNOHANG)
