@@ -369,21 +369,23 @@ def compute_masks(renders: pl.DataFrame, policies: Sequence[str]) -> pl.DataFram
             )
         )
     ranges = pl.concat(parts) if parts else pl.DataFrame(schema={"_r": pl.Int64, "policy": pl.String, "s": pl.Int32, "e": pl.Int32})
-    # clip to the sequence, drop empties, merge overlapping/touching ranges per (row, policy)
+    # clip to the sequence, drop empties, merge overlapping/touching ranges per (row, policy). Sorted by
+    # (row, policy, start), a range opens a new merged one when it starts past the largest end before it
+    # in its group; that running maximum is one cum_max over the whole column once each end is offset by
+    # its group's number << 32 (a later group's values exceed every earlier one's), not a window per
+    # group (`over` on ~8 k groups took 20 of the 50 ms here).
+    first = ((pl.col("_r") != pl.col("_r").shift(1)) | (pl.col("policy") != pl.col("policy").shift(1))).fill_null(True)
+    gid = pl.col("_gid") * (1 << 32)
+    prev_end = (gid + pl.col("e")).cum_max().shift(1) - gid
     ranges = (
         ranges.join(rows, on="_r")
         .with_columns(pl.col("s").clip(0), pl.min_horizontal("e", "n_tokens").alias("e"))
         .filter(pl.col("s") < pl.col("e"))
         .sort("_r", "policy", "s")
-        .with_columns(
-            pl.col("e").cum_max().shift(1).over("_r", "policy").alias("_prev_end")
-        )
-        .with_columns(
-            (pl.col("_prev_end").is_null() | (pl.col("s") > pl.col("_prev_end"))).cum_sum().over("_r", "policy").alias("_g")
-        )
-        .group_by("_r", "policy", "_g")
-        .agg(pl.col("s").min(), pl.col("e").max())
-        .sort("_r", "policy", "s")
+        .with_columns(first.cast(pl.Int64).cum_sum().alias("_gid"))
+        .with_columns((first | (pl.col("s") > prev_end)).cast(pl.Int64).cum_sum().alias("_g"))
+        .group_by("_g", maintain_order=True)
+        .agg(pl.col("_r").first(), pl.col("policy").first(), pl.col("s").min(), pl.col("e").max())
     )
     masks = ranges.group_by("_r", "policy", maintain_order=True).agg(
         pl.struct(
