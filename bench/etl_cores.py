@@ -201,8 +201,8 @@ def main() -> None:
     print(f"  render_traces(num_workers=1)                   {wall1:6.3f} s, of which the work {inside1:.3f} s; "
           f"build_lossmasks {masks1:.3f} s")
     print(f"  render_traces(num_workers=2)                   {wall2:6.3f} s, of which shares {inside2:.3f} s "
-          f"({inside2 - busy:+.3f} s over share 0 beside its child: rows taken in share order, the child's "
-          f"result file, waiting for the slower share); build_lossmasks {masks:.3f} s")
+          f"({inside2 - busy:+.3f} s over share 0 beside its child: cutting the shares, the fork, the "
+          f"child's result file, waiting for the slower share); build_lossmasks {masks:.3f} s")
     one_proc = wall1 + masks1
     best = one_proc / (max(s0, s1) * (both_ind / alone_ind) + fixed)
     print(f"\n  fixed parts (outside the shares, lossmasks)    {fixed:6.3f} s = {fixed / one_proc:.0%} of one process's"
