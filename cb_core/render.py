@@ -800,12 +800,12 @@ def _chunk(args: tuple) -> tuple[dict[str, list], list[dict], dict[str, float], 
     if len(args) == 1:  # a share of _WORK's rows: taken step by step, by position (no copy of the whole share)
         table, tokenizer, fe, tok_id, cfg, shares = _WORK
         positions = shares[args[0]]
-        start, length = 0, len(positions)
+        n_rows = len(positions)
     else:
         table, tokenizer, fe, tok_id, cfg = args
         positions = None
-        start, length = 0, table.num_rows
-    step = STEP_ROWS if fe is not None else max(length, 1)
+        n_rows = table.num_rows
+    step = STEP_ROWS if fe is not None else max(n_rows, 1)
     tool_cache: dict[str, tuple[Any, str | None]] = {}
     cols: dict[str, list] = {k: [] for k in ("trace_id", "input_ids", "spans", "n_tokens", "truncated", "truncation")}
     if "_pos" in table.column_names:
@@ -814,10 +814,10 @@ def _chunk(args: tuple) -> tuple[dict[str, list], list[dict], dict[str, float], 
     late: list[dict] = []
     trunc: dict[str, dict[str, int]] = {}
     tm = dict.fromkeys(("rows_s", "render_s", "tokenize_s", "map_s"), 0.0)
-    for at in range(start, start + length, step):
+    for at in range(0, n_rows, step):
         t0 = time.perf_counter()
         if positions is None:  # pyarrow, not polars (not safe after fork)
-            rows = table.slice(at, min(step, start + length - at)).to_pylist()
+            rows = table.slice(at, step).to_pylist()
         else:
             rows = table.take(positions[at:at + step]).to_pylist()
         t1 = time.perf_counter()
@@ -978,13 +978,11 @@ def _render_shares(frame: pl.DataFrame, traces: pl.DataFrame, tokenizer, fe, tok
     children take the others (``cb_core.forking.fork_map``: they inherit the rows as one Arrow table, the
     tokenizer and the block cache; only the share index goes in, numpy arrays per trace come back). Each
     share takes its rows step by step: reordering the whole frame first cost 13 ms in this process alone."""
-    from cb_core.forking import fork_map
-
     global _WORK
     shares = _shares(traces, workers)
     _WORK = (frame.to_arrow(), tokenizer, fe, tok_id, cfg, shares)
     try:
-        return fork_map(_process_chunk, [(k,) for k in range(workers)], what="render worker")
+        return forking.fork_map(_process_chunk, [(k,) for k in range(workers)], what="render worker")
     finally:
         _WORK = None
 
