@@ -55,3 +55,32 @@ def test_children_are_reaped_after_the_call():
     for p in pids:
         with pytest.raises(ChildProcessError):
             os.waitpid(p, os.WNOHANG)
+
+
+def _raise_or_linger(arg):
+    import time
+
+    k, pidfile = arg
+    if k == 0:  # this process: wait until part 2 is surely running
+        deadline = time.monotonic() + 20
+        while not os.path.exists(pidfile) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    if k == 1:
+        raise ValueError("part 1 failed")
+    if k == 2:  # still working when part 1's error reaches the parent
+        with open(pidfile + ".part", "w") as f:
+            f.write(str(os.getpid()))
+        os.rename(pidfile + ".part", pidfile)
+        time.sleep(60)
+    return k
+
+
+def test_on_an_error_every_child_is_killed_and_reaped(tmp_path):
+    pidfile = str(tmp_path / "pid2")
+    with pytest.raises(ValueError, match="part 1 failed") as err:
+        forking.fork_map(_raise_or_linger, [(0, pidfile), (1, pidfile), (2, pidfile)])
+    assert "worker 1" in "".join(err.value.__notes__)
+    pid = int(open(pidfile).read())  # part 2 was sleeping when the error came: killed and reaped by now
+    assert not os.path.exists(f"/proc/{pid}")
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
