@@ -13,6 +13,7 @@ tiktoken do.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import mmap
 import os
@@ -46,6 +47,52 @@ def gc_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+class StepQueue:
+    """Steps ``0..n_steps-1`` shared out among ``workers`` processes forked after it is made. Worker ``k``
+    starts on its own contiguous region of steps, front to back (neighbouring rows share tool outputs and
+    prompts, so they meet one block cache), and once that is done takes steps from the back of the region
+    with the most left. The work balances to within one step whatever each step costs, which no estimate
+    made beforehand did. The counters sit in a shared map of an anonymous file, guarded by a POSIX record
+    lock: the kernel releases it if its holder dies, so a killed worker never blocks the others."""
+
+    def __init__(self, n_steps: int, workers: int) -> None:
+        self.workers = workers
+        self._fd = os.memfd_create("cb-steps") if hasattr(os, "memfd_create") else _anon_file()
+        os.ftruncate(self._fd, 16 * workers)
+        self._mm = mmap.mmap(self._fd, 16 * workers)  # MAP_SHARED: every forked worker sees one state
+        self._v = memoryview(self._mm).cast("q")  # [lo0, hi0, lo1, hi1, ...]: region k is steps [lo_k, hi_k)
+        for k in range(workers):
+            self._v[2 * k] = n_steps * k // workers
+            self._v[2 * k + 1] = n_steps * (k + 1) // workers
+
+    def take(self, k: int) -> int | None:
+        """The next step for worker ``k``, or None when every step is taken."""
+        v = self._v
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        try:
+            if v[2 * k] < v[2 * k + 1]:
+                v[2 * k] += 1
+                return v[2 * k] - 1
+            j = max(range(self.workers), key=lambda j: v[2 * j + 1] - v[2 * j])
+            if v[2 * j + 1] > v[2 * j]:
+                v[2 * j + 1] -= 1
+                return v[2 * j + 1]
+            return None
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        self._v.release()
+        self._mm.close()
+        os.close(self._fd)
+
+
+def _anon_file() -> int:  # pragma: no cover - systems without memfd_create
+    fd, path = tempfile.mkstemp(prefix="cb-steps-")
+    os.unlink(path)
+    return fd
 
 
 def _dump(obj: Any, path: str) -> None:

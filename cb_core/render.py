@@ -474,8 +474,6 @@ def _reject_row(row: dict, reason: str, field: str = "messages", severity: str =
         stage="renders",
         severity=severity,
     )
-    if "_pos" in row:  # a worker's share: render_traces restores the input order by it
-        out["_pos"] = row["_pos"]
     return out
 
 
@@ -775,66 +773,71 @@ def _encode_batch(texts: list[str], tokenizer, fe, blocks: list | None = None) -
 
 _ROLES = ("", "system", "user", "assistant", "tool", "ipython")
 _ROLE_CODE = {r: i for i, r in enumerate(_ROLES)}
-_WORK: tuple | None = None  # (rows table, tokenizer, fast encoder, tokenizer id, cfg, shares): set before forking
+_WORK: tuple | None = None  # (rows table, tokenizer, fast encoder, tokenizer id, cfg, step size, StepQueue): set before forking
 
 
-def _process_chunk(args: tuple) -> tuple[dict[str, list], list[dict], dict[str, float], dict[str, dict]]:
-    """Render + tokenize + map one share of the rows, ``STEP_ROWS`` at a time. ``args``: (rows as an Arrow
-    table, tokenizer, fast encoder or None, tok_id, cfg), or (share index,) into ``_WORK`` in a forked
-    worker (nothing big is pickled on the way in; the result is numpy arrays per trace). The cyclic garbage collector is off meanwhile
-    (`forking.gc_paused`: ~12 % of the time here)."""
+def _process_chunk(args: tuple) -> tuple[list[tuple], dict[str, float], dict[str, dict]]:
+    """Render + tokenize + map rows ``step`` at a time. ``args``: (rows as an Arrow table, tokenizer, fast
+    encoder or None, tok_id, cfg) for all of them in order, or (worker index,) in a forked worker, which
+    takes its steps from ``_WORK``'s shared queue (nothing big is pickled on the way in; the result is
+    numpy arrays per trace). The cyclic garbage collector is off meanwhile (`forking.gc_paused`: ~12 % of
+    the time here)."""
     with forking.gc_paused():
         return _chunk(args)
 
 
-# Rows per step of a share on the fast path: render, tokenize and map this many, then the next, so the
-# texts, start arrays and row objects of a step die before the next one's are made and their memory is
-# reused. A whole share at once kept them all alive: peak memory over all shared traces (16 M tokens) 325 MB
-# against 111 MB now, and ~20 k copy-on-write faults per forked share against ~7 k (the time is the same).
-# The HF path keeps one batch per share (its batch call is what it is fast at).
+# Rows per step on the fast path: render, tokenize and map this many, then the next, so the texts, start
+# arrays and row objects of a step die before the next one's are made and their memory is reused. A whole
+# share at once kept them all alive: peak memory over all shared traces (16 M tokens) 325 MB against 111 MB
+# now, and ~20 k copy-on-write faults per forked worker against ~7 k (the time is the same). It is also the
+# grain of the balance between workers (`forking.StepQueue`). The HF path takes one batch per worker (its
+# batch call is what it is fast at).
 STEP_ROWS = 32
 
 
-def _chunk(args: tuple) -> tuple[dict[str, list], list[dict], dict[str, float], dict[str, dict]]:
+def _chunk(args: tuple) -> tuple[list[tuple], dict[str, float], dict[str, dict]]:
+    """-> ([(step, cols, render rejects, length rejects) per step done], timings, truncation counts)."""
     cpu0 = time.process_time()
-    if len(args) == 1:  # a share of _WORK's rows: taken step by step, by position (no copy of the whole share)
-        table, tokenizer, fe, tok_id, cfg, shares = _WORK
-        positions = shares[args[0]]
-        n_rows = len(positions)
+    if len(args) == 1:  # worker k: steps of _WORK's rows from the shared queue
+        table, tokenizer, fe, tok_id, cfg, step, queue = _WORK
+        k = args[0]
+
+        def claim() -> int | None:
+            return queue.take(k)
     else:
         table, tokenizer, fe, tok_id, cfg = args
-        positions = None
-        n_rows = table.num_rows
-    step = STEP_ROWS if fe is not None else max(n_rows, 1)
+        step = STEP_ROWS if fe is not None else max(table.num_rows, 1)
+        order = iter(range(-(-table.num_rows // step)))
+
+        def claim() -> int | None:
+            return next(order, None)
     tool_cache: dict[str, tuple[Any, str | None]] = {}
-    cols: dict[str, list] = {k: [] for k in ("trace_id", "input_ids", "spans", "n_tokens", "truncated", "truncation")}
-    if "_pos" in table.column_names:
-        cols["pos"] = []
-    rejected: list[dict] = []  # render errors first, then length rejects (each in row order)
-    late: list[dict] = []
+    done: list[tuple] = []
     trunc: dict[str, dict[str, int]] = {}
     tm = dict.fromkeys(("rows_s", "render_s", "tokenize_s", "map_s"), 0.0)
-    for at in range(0, n_rows, step):
+    while (s := claim()) is not None:
         t0 = time.perf_counter()
-        if positions is None:  # pyarrow, not polars (not safe after fork)
-            rows = table.slice(at, step).to_pylist()
-        else:
-            rows = table.take(positions[at:at + step]).to_pylist()
+        rows = table.slice(s * step, step).to_pylist()  # pyarrow, not polars (not safe after fork)
         t1 = time.perf_counter()
-        rendered, rej = _render_rows(rows, cfg, tool_cache)
-        rejected.extend(rej)
+        rendered, rejected = _render_rows(rows, cfg, tool_cache)
         t2 = time.perf_counter()
-        blocks = [[(s.char_start, s.char_end) for s in r.spans if s.kind == "tool_defs"] for _, r in rendered]
+        blocks = [[(sp.char_start, sp.char_end) for sp in r.spans if sp.kind == "tool_defs"] for _, r in rendered]
         all_ids, all_offs = _encode_batch([r.text for _, r in rendered], tokenizer, fe, blocks)
         t3 = time.perf_counter()
+        cols: dict[str, list] = {k: [] for k in _RENDER_COLS}
+        late: list[dict] = []
         _map_rows(rendered, all_ids, all_offs, tokenizer if fe is None else fe, cfg, tool_cache, cols, late, trunc)
+        done.append((s, cols, rejected, late))
         t4 = time.perf_counter()
         tm["rows_s"] += t1 - t0
         tm["render_s"] += t2 - t1
         tm["tokenize_s"] += t3 - t2
         tm["map_s"] += t4 - t3
     tm["cpu_s"] = time.process_time() - cpu0
-    return cols, rejected + late, tm, trunc
+    return done, tm, trunc
+
+
+_RENDER_COLS = ("trace_id", "input_ids", "spans", "n_tokens", "truncated", "truncation")
 
 
 def _map_rows(rendered, all_ids, all_offs, fit_tok, cfg: "RenderConfig", tool_cache: dict, cols: dict[str, list],
@@ -897,8 +900,6 @@ def _map_rows(rendered, all_ids, all_offs, fit_tok, cfg: "RenderConfig", tool_ca
         if how != "none":
             c[_SAVED_BY[saved_by]] += 1
         cols["trace_id"].append(row["id"])
-        if "pos" in cols:
-            cols["pos"].append(row["_pos"])
         cols["input_ids"].append(np.asarray(ids[:n], np.int32))
         sp = np.empty((int(keep.sum()), 5), np.int32)  # kind code, message_index, role code, start, end
         sp[:, [0, 1, 3, 4]] = ts[keep]
@@ -950,41 +951,26 @@ def _renders_frame(cols: dict[str, list], tok_id: str) -> pl.DataFrame:
 AUTO_MIN_ROWS_PER_WORKER = 256
 
 
-def _shares(traces: pl.DataFrame, workers: int) -> list[np.ndarray]:
-    """Row positions per worker. A share holds whole pair groups (a task's twins and its runs by other
-    models share tool outputs and prompts, so they hit one block cache instead of being encoded once per
-    worker), packed largest first onto the least loaded share; a group's cost is its message characters."""
-    key = pl.col("pair_group") if "pair_group" in traces.columns else pl.col("id")
-    cost = pl.col("messages").list.eval(pl.element().struct.field("content").str.len_bytes()).list.sum().fill_null(0)
-    groups = (
-        traces.select(key.fill_null(pl.col("id")).alias("g"), (cost + 1).alias("c"))
-        .with_row_index("pos")
-        .group_by("g", maintain_order=True)
-        .agg(pl.col("pos"), pl.col("c").sum())
-        .sort("c", descending=True, maintain_order=True)
-    )
-    load = [0] * workers
-    parts: list[list[np.ndarray]] = [[] for _ in range(workers)]
-    for pos, c in zip(groups["pos"].to_list(), groups["c"].to_list()):
-        w = load.index(min(load))
-        load[w] += c
-        parts[w].append(np.asarray(pos, np.int64))
-    return [np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in parts]
-
-
-def _render_shares(frame: pl.DataFrame, traces: pl.DataFrame, tokenizer, fe, tok_id: str, cfg: "RenderConfig",
-                   workers: int) -> list[tuple]:
-    """Split the rows into ``workers`` shares (row positions); this process takes the first while forked
-    children take the others (``cb_core.forking.fork_map``: they inherit the rows as one Arrow table, the
-    tokenizer and the block cache; only the share index goes in, numpy arrays per trace come back). Each
-    share takes its rows step by step: reordering the whole frame first cost 13 ms in this process alone."""
+def _render_shares(frame: pl.DataFrame, tokenizer, fe, tok_id: str, cfg: "RenderConfig", workers: int) -> list[tuple]:
+    """Render the rows in ``workers`` processes: this one and forked children (``cb_core.forking.fork_map``:
+    they inherit the rows as one Arrow table, the tokenizer and the block cache; only a worker index goes in,
+    numpy arrays per trace come back). The rows are cut into steps that the workers take from one
+    ``forking.StepQueue``: each starts on its own contiguous part of the input (neighbours share tool
+    outputs and prompts, so they hit one block cache) and then helps with what is left of the others, so
+    both finish together; `render_traces` puts the steps back in order. A static split did not balance:
+    cutting by characters or pair groups left one process up to 1.5x the other's time (cache hits and
+    per-piece costs vary by suite)."""
     global _WORK
-    shares = _shares(traces, workers)
-    _WORK = (frame.to_arrow(), tokenizer, fe, tok_id, cfg, shares)
+    n = frame.height
+    step = STEP_ROWS if fe is not None else -(-n // workers)
+    queue = forking.StepQueue(-(-n // step), workers)
+    # polars' newest Arrow level shares its string views with the frame: no copy (10-17 ms for 1000 traces)
+    _WORK = (frame.to_arrow(compat_level=pl.CompatLevel.newest()), tokenizer, fe, tok_id, cfg, step, queue)
     try:
         return forking.fork_map(_process_chunk, [(k,) for k in range(workers)], what="render worker")
     finally:
         _WORK = None
+        queue.close()
 
 
 def _render_frame(traces: pl.DataFrame) -> pl.DataFrame:
@@ -1023,10 +1009,11 @@ def render_traces(
     (see ``TruncationConfig``; re-rendered and re-tokenized alone after each step) until it fits; the row
     records ``truncated`` and ``truncation`` (the steps done, "+"-joined, or "none"). A trace no step makes
     fit goes to quarantine (severity "excluded", the reason names its length). Traces without assistant
-    turns (skeletons) render normally. ``num_workers`` (default ``cfg.num_workers``) > 1 splits the rows
-    into that many shares of whole pair groups, one per process (this one and forked children, see
-    ``_render_shares``); 0 picks one per core when each share gets ``AUTO_MIN_ROWS_PER_WORKER`` rows. ``stats``, if given, receives timings and counts, and ``truncation``: per
-    dataset, traces over the length, saved by each step, and quarantined.
+    turns (skeletons) render normally. ``num_workers`` (default ``cfg.num_workers``) > 1 shares the rows
+    out, step by step, among that many processes (this one and forked children, see ``_render_shares``);
+    the result is the same as one process's. 0 picks one per core when each gets
+    ``AUTO_MIN_ROWS_PER_WORKER`` rows. ``stats``, if given, receives timings and counts, and
+    ``truncation``: per dataset, traces over the length, saved by each step, and quarantined.
     """
     from cb_core.tokenizer import tokenizer_id
 
@@ -1045,34 +1032,24 @@ def render_traces(
     n_rows = frame.height
     if workers == 1 or n_rows < 2 * workers:
         workers = 1
-        results = [_process_chunk((frame.to_arrow(), tokenizer, fe, tok_id, cfg))]
-        shared = False
+        results = [_process_chunk((frame.to_arrow(compat_level=pl.CompatLevel.newest()), tokenizer, fe, tok_id, cfg))]
     else:
-        results = _render_shares(frame.with_row_index("_pos"), traces, tokenizer, fe, tok_id, cfg, workers)
-        shared = True
+        results = _render_shares(frame, tokenizer, fe, tok_id, cfg, workers)
     t1 = time.perf_counter()
-    cols: dict[str, list] = {k: [] for k in ("trace_id", "input_ids", "spans", "n_tokens", "truncated", "truncation")}
-    rejected: list[dict] = []
-    timing = {"rows_s": 0.0, "render_s": 0.0, "tokenize_s": 0.0, "map_s": 0.0, "cpu_s": 0.0}  # summed over chunks
+    timing = {"rows_s": 0.0, "render_s": 0.0, "tokenize_s": 0.0, "map_s": 0.0, "cpu_s": 0.0}  # summed over workers
     trunc: dict[str, dict[str, int]] = {}
-    if shared:
-        cols["pos"] = []
-    for c, rej, tm, tr in results:
-        for k in cols:
-            cols[k].extend(c[k])
-        rejected.extend(rej)
+    for _, tm, tr in results:
         for k in timing:
             timing[k] += tm[k]
         for ds, cnt in tr.items():
             acc = trunc.setdefault(ds, dict.fromkeys(_TRUNC_COUNTS, 0))
             for k, v in cnt.items():
                 acc[k] += v
-    if shared:  # a share holds whole pair groups: back to the input order
-        perm = np.argsort(np.asarray(cols.pop("pos"), np.int64), kind="stable")
-        cols = {k: [v[i] for i in perm] for k, v in cols.items()}
-        rejected.sort(key=lambda r: r["_pos"])
-        for r in rejected:
-            del r["_pos"]
+    # every worker's steps in input order: the renders, then the render errors and the length rejects each
+    # in row order, as one process makes them
+    steps = sorted((d for done, _, _ in results for d in done), key=lambda d: d[0])
+    cols = {k: [x for _, c, _, _ in steps for x in c[k]] for k in _RENDER_COLS}
+    rejected = [r for _, _, rej, _ in steps for r in rej] + [r for _, _, _, late in steps for r in late]
     renders = _renders_frame(cols, tok_id)
     timing["frame_s"] = time.perf_counter() - t1
     quarantine = pl.DataFrame(rejected, schema=QUARANTINE_SCHEMA) if rejected else pl.DataFrame(schema=QUARANTINE_SCHEMA)
