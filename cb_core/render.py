@@ -49,7 +49,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import polars as pl
@@ -776,14 +776,14 @@ _ROLE_CODE = {r: i for i, r in enumerate(_ROLES)}
 _WORK: tuple | None = None  # (rows table, tokenizer, fast encoder, tokenizer id, cfg, step size, StepQueue): set before forking
 
 
-def _process_chunk(args: tuple) -> tuple[list[tuple], dict[str, float], dict[str, dict]]:
-    """Render + tokenize + map rows ``step`` at a time. ``args``: (rows as an Arrow table, tokenizer, fast
-    encoder or None, tok_id, cfg) for all of them in order, or (worker index,) in a forked worker, which
-    takes its steps from ``_WORK``'s shared queue (nothing big is pickled on the way in; the result is
-    numpy arrays per trace). The cyclic garbage collector is off meanwhile (`forking.gc_paused`: ~12 % of
-    the time here)."""
+def _process_chunk(args: tuple) -> Iterator[tuple]:
+    """Render + tokenize + map rows ``step`` at a time, yielding each step's result (see `_chunk`).
+    ``args``: (rows as an Arrow table, tokenizer, fast encoder or None, tok_id, cfg) for all of them in
+    order, or (worker index,) in a forked worker, which takes its steps from ``_WORK``'s shared queue
+    (nothing big is pickled on the way in; numpy arrays per trace come back). The cyclic garbage collector
+    is off meanwhile (`forking.gc_paused`: ~12 % of the time here)."""
     with forking.gc_paused():
-        return _chunk(args)
+        yield from _chunk(args)
 
 
 # Rows per step on the fast path: render, tokenize and map this many, then the next, so the texts, start
@@ -795,9 +795,8 @@ def _process_chunk(args: tuple) -> tuple[list[tuple], dict[str, float], dict[str
 STEP_ROWS = 32
 
 
-def _chunk(args: tuple) -> tuple[list[tuple], dict[str, float], dict[str, dict]]:
-    """-> ([(step, cols, render rejects, length rejects) per step done], timings, truncation counts)."""
-    cpu0 = time.process_time()
+def _chunk(args: tuple) -> Iterator[tuple]:
+    """Yields (step, cols, render rejects, length rejects, timings, truncation counts) per step done."""
     if len(args) == 1:  # worker k: steps of _WORK's rows from the shared queue
         table, tokenizer, fe, tok_id, cfg, step, queue = _WORK
         k = args[0]
@@ -812,10 +811,8 @@ def _chunk(args: tuple) -> tuple[list[tuple], dict[str, float], dict[str, dict]]
         def claim() -> int | None:
             return next(order, None)
     tool_cache: dict[str, tuple[Any, str | None]] = {}
-    done: list[tuple] = []
-    trunc: dict[str, dict[str, int]] = {}
-    tm = dict.fromkeys(("rows_s", "render_s", "tokenize_s", "map_s"), 0.0)
     while (s := claim()) is not None:
+        cpu0 = time.process_time()
         t0 = time.perf_counter()
         rows = table.slice(s * step, step).to_pylist()  # pyarrow, not polars (not safe after fork)
         t1 = time.perf_counter()
@@ -826,15 +823,12 @@ def _chunk(args: tuple) -> tuple[list[tuple], dict[str, float], dict[str, dict]]
         t3 = time.perf_counter()
         cols: dict[str, list] = {k: [] for k in _RENDER_COLS}
         late: list[dict] = []
+        trunc: dict[str, dict[str, int]] = {}
         _map_rows(rendered, all_ids, all_offs, tokenizer if fe is None else fe, cfg, tool_cache, cols, late, trunc)
-        done.append((s, cols, rejected, late))
         t4 = time.perf_counter()
-        tm["rows_s"] += t1 - t0
-        tm["render_s"] += t2 - t1
-        tm["tokenize_s"] += t3 - t2
-        tm["map_s"] += t4 - t3
-    tm["cpu_s"] = time.process_time() - cpu0
-    return done, tm, trunc
+        tm = {"rows_s": t1 - t0, "render_s": t2 - t1, "tokenize_s": t3 - t2, "map_s": t4 - t3,
+              "cpu_s": time.process_time() - cpu0}
+        yield s, cols, rejected, late, tm, trunc
 
 
 _RENDER_COLS = ("trace_id", "input_ids", "spans", "n_tokens", "truncated", "truncation")
@@ -967,7 +961,7 @@ def _render_shares(frame: pl.DataFrame, tokenizer, fe, tok_id: str, cfg: "Render
     # polars' newest Arrow level shares its string views with the frame: no copy (10-17 ms for 1000 traces)
     _WORK = (frame.to_arrow(compat_level=pl.CompatLevel.newest()), tokenizer, fe, tok_id, cfg, step, queue)
     try:
-        return forking.fork_map(_process_chunk, [(k,) for k in range(workers)], what="render worker")
+        return forking.fork_map(_process_chunk, [(k,) for k in range(workers)], what="render worker", stream=True)
     finally:
         _WORK = None
         queue.close()
@@ -1032,24 +1026,22 @@ def render_traces(
     n_rows = frame.height
     if workers == 1 or n_rows < 2 * workers:
         workers = 1
-        results = [_process_chunk((frame.to_arrow(compat_level=pl.CompatLevel.newest()), tokenizer, fe, tok_id, cfg))]
+        results = [list(_process_chunk((frame.to_arrow(compat_level=pl.CompatLevel.newest()), tokenizer, fe, tok_id, cfg)))]
     else:
         results = _render_shares(frame, tokenizer, fe, tok_id, cfg, workers)
     t1 = time.perf_counter()
-    timing = {"rows_s": 0.0, "render_s": 0.0, "tokenize_s": 0.0, "map_s": 0.0, "cpu_s": 0.0}  # summed over workers
+    # every worker's steps in input order: the renders, then the render errors and the length rejects each
+    # in row order, as one process makes them
+    steps = sorted((d for done in results for d in done), key=lambda d: d[0])
+    cols = {k: [x for d in steps for x in d[1][k]] for k in _RENDER_COLS}
+    rejected = [r for d in steps for r in d[2]] + [r for d in steps for r in d[3]]
+    timing = {k: sum(d[4][k] for d in steps) for k in ("rows_s", "render_s", "tokenize_s", "map_s", "cpu_s")}
     trunc: dict[str, dict[str, int]] = {}
-    for _, tm, tr in results:
-        for k in timing:
-            timing[k] += tm[k]
-        for ds, cnt in tr.items():
+    for d in steps:
+        for ds, cnt in d[5].items():
             acc = trunc.setdefault(ds, dict.fromkeys(_TRUNC_COUNTS, 0))
             for k, v in cnt.items():
                 acc[k] += v
-    # every worker's steps in input order: the renders, then the render errors and the length rejects each
-    # in row order, as one process makes them
-    steps = sorted((d for done, _, _ in results for d in done), key=lambda d: d[0])
-    cols = {k: [x for _, c, _, _ in steps for x in c[k]] for k in _RENDER_COLS}
-    rejected = [r for _, _, rej, _ in steps for r in rej] + [r for _, _, _, late in steps for r in late]
     renders = _renders_frame(cols, tok_id)
     timing["frame_s"] = time.perf_counter() - t1
     quarantine = pl.DataFrame(rejected, schema=QUARANTINE_SCHEMA) if rejected else pl.DataFrame(schema=QUARANTINE_SCHEMA)

@@ -193,6 +193,49 @@ def test_vectorised_equals_reference(rendered_sample):
         assert [(s["token_start"], s["token_end"], s["weight"]) for s in r["mask_spans"]] == ref
 
 
+@pytest.mark.parametrize("fmt", ["python_tag", "json"])
+def test_compute_masks_equal_reference_for_every_render_and_policy(sample_traces, llama_tokenizer, fmt):
+    """The numpy core against the per-row helpers for every (render, policy), empty masks included
+    (clipping at the sequence end: the synthetic test below)."""
+    from cb_core.render import RenderConfig, render_traces
+
+    renders, _ = render_traces(sample_traces, llama_tokenizer, RenderConfig(tool_call_format=fmt, max_length=100_000))
+    masks = L.compute_masks(renders, list(L.POLICIES))
+    assert renders.height > 0 and masks.height == renders.height * len(L.POLICIES)
+    rows = renders.select("spans", "n_tokens").rows()
+    for r, policy, spans, n_masked in masks.select("_r", "policy", "mask_spans", "n_masked").iter_rows():
+        ref = L.mask_for(policy, rows[r][0], rows[r][1])
+        assert [(s["token_start"], s["token_end"], s["weight"]) for s in spans] == ref, (r, policy)
+        assert n_masked == sum(e - s for s, e, _ in ref)
+
+
+def test_compute_masks_merge_clip_and_odd_spans():
+    """Overlapping and touching ranges merge, ranges past the sequence are clipped, a render without
+    spans gets only full_sequence, kinds the policies do not read are ignored."""
+    def span(kind, mi, role, s, e):
+        return {"kind": kind, "message_index": mi, "role": role, "token_start": s, "token_end": e}
+
+    a = [span("bos", -1, "", 0, 1),
+         span("message", 0, "assistant", 1, 10), span("header", 0, "assistant", 1, 3),
+         span("tool_call", 0, "assistant", 3, 6), span("tool_call", 0, "assistant", 5, 8),
+         span("tool_call", 0, "assistant", 8, 9), span("tool_name", 0, "assistant", 3, 4),
+         span("message", 1, "user", 10, 30), span("header", 1, "user", 10, 12), span("weird", 1, "user", 0, 5)]
+    renders = pl.DataFrame({"spans": [a, []], "n_tokens": [20, 4]},
+                           schema={"spans": pl.List(pl.Struct({"kind": pl.String, "message_index": pl.Int32,
+                                                               "role": pl.String, "token_start": pl.Int32,
+                                                               "token_end": pl.Int32})), "n_tokens": pl.Int32})
+    got = {(r, p): [(s["token_start"], s["token_end"]) for s in m]
+           for r, p, m in L.compute_masks(renders, list(L.POLICIES)).select("_r", "policy", "mask_spans").iter_rows()}
+    assert got[(0, "tool_calls_only")] == [(3, 9)]  # 3-6, 5-8 overlap and 8-9 touches: one range
+    assert got[(0, "cb_full_sequence")] == [(1, 20)]  # the user message 10-30 clipped to 20, merged with 1-10
+    assert got[(0, "action_commitment")] == [(3, 4)] and got[(0, "assistant_only")] == [(3, 10)]
+    assert got[(1, "full_sequence")] == [(0, 4)]
+    assert not [k for k, v in got.items() if k[0] == 1 and k[1] != "full_sequence" and v]
+    for (r, p), v in got.items():
+        ref = L.mask_for(p, renders["spans"][r].to_list(), renders["n_tokens"][r])
+        assert v == [(s, e) for s, e, _ in ref], (r, p)
+
+
 def test_masks_valid_and_policies_differ(rendered):
     fmt, cfg, renders, masks, q = rendered
     L.LossmaskModel.validate(masks)
