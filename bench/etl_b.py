@@ -122,9 +122,11 @@ def child(args) -> dict:
     tok = llama3_tokenizer()
     cfg = RenderConfig(max_length=args.max_length)
     fe = fast_encoder(tok)
-    rows = traces.select("messages", "tools").to_dicts()
-    texts = [render_conversation(r["messages"], r["tools"], cfg).text for r in rows]
-    tok(texts[:8], add_special_tokens=False)  # warm up
+    texts: list[str] = []
+    if not args.ours_only:  # (a)'s input: the rendered texts
+        rows = traces.select("messages", "tools").to_dicts()
+        texts = [render_conversation(r["messages"], r["tools"], cfg).text for r in rows]
+        tok(texts[:8], add_special_tokens=False)  # warm up
     n = traces.height
     res: dict = {"threads": os.environ.get("RAYON_NUM_THREADS", "default"), "workers": args.workers, "traces": n}
 
@@ -136,18 +138,18 @@ def child(args) -> dict:
         masks, _ = build_lossmasks(renders, tr, policies)
         return renders, masks, st
 
-    methods = {
-        "ours": lambda: ours(list(POLICIES)),
-        "ours1": lambda: ours(["assistant_only"]),
-        "ours_hf": lambda: ours(list(POLICIES), fast=False),
-        "a": lambda: tok(texts, add_special_tokens=False)["input_ids"],
-    }
-    if not args.skip_b:
+    methods = {"ours": lambda: ours(list(POLICIES))}
+    if not args.ours_only:
+        methods["ours1"] = lambda: ours(["assistant_only"])
+        methods["ours_hf"] = lambda: ours(list(POLICIES), fast=False)
+        methods["a"] = lambda: tok(texts, add_special_tokens=False)["input_ids"]
+    if not args.skip_b and not args.ours_only:
         methods["b"] = lambda: baseline_b_per_sample(traces, tok, cfg)
         methods["b_batched"] = lambda: baseline_b(traces, tok, cfg)
     # warm up every code path on a few traces, then interleave the repeats so machine noise hits all alike
     ours(list(POLICIES), traces.head(20))
-    baseline_b(traces.head(20), tok, cfg)
+    if not args.ours_only:
+        baseline_b(traces.head(20), tok, cfg)
     times: dict[str, list[float]] = {k: [] for k in methods}
     outs: dict = {}
     for _ in range(args.repeat):
@@ -167,6 +169,49 @@ def child(args) -> dict:
     return res
 
 
+CONFIGS = [("1 thread", {"RAYON_NUM_THREADS": "1", "POLARS_MAX_THREADS": "1", "TOKENIZERS_PARALLELISM": "true"}, 1),
+           ("2 threads", {"RAYON_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "true"}, 1),
+           ("2 processes", {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}, 2)]
+
+
+def _run_child(args, env: dict, workers: int, extra: list[str]) -> dict | None:
+    cmd = [sys.executable, __file__, "--child", "--limit", str(args.limit), "--workers", str(workers),
+           "--tools", args.tools, "--max-length", str(args.max_length), *extra]
+    try:
+        p = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, cwd=ROOT,
+                           timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        print(f"timed out after {args.timeout}s", file=sys.stderr)
+        return None
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if p.returncode or line is None:
+        print(f"child failed\n{p.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(line[7:])
+
+
+def fresh_rounds(args) -> None:
+    """The both-cores figure as a materialization sees it: each pass is the first (cold) one in a process
+    of its own, 1 thread and 2 processes alternating so the machine's drift hits both alike."""
+    conf = {name: (env, w) for name, env, w in CONFIGS}
+    got: dict[str, list[float]] = {"1 thread": [], "2 processes": []}
+    for k in range(args.fresh):
+        for name in got:
+            env, w = conf[name]
+            r = _run_child(args, env, w, ["--repeat", "1", "--skip-b", "--ours-only"])
+            if r is None:
+                return
+            got[name].append(r["ours_s"])
+        print(f"round {k + 1}: 1 thread {got['1 thread'][-1]:.3f} s, 2 processes {got['2 processes'][-1]:.3f} s: "
+              f"{got['1 thread'][-1] / got['2 processes'][-1]:.2f}x", flush=True)
+    med = {k: sorted(v)[len(v) // 2] for k, v in got.items()}
+    pair = sorted(a / b for a, b in zip(got["1 thread"], got["2 processes"]))
+    print(f"{args.limit} traces, cold pass in a fresh process, medians of {args.fresh} rounds: 1 thread "
+          f"{med['1 thread']:.3f} s, 2 processes {med['2 processes']:.3f} s; speedup from both cores "
+          f"{med['1 thread'] / med['2 processes']:.2f}x (per round {pair[0]:.2f}-{pair[-1]:.2f}, median "
+          f"{pair[len(pair) // 2]:.2f}; target >= 1.7)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=200)
@@ -179,35 +224,30 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=32768)
     ap.add_argument("--only", type=str, default="", help="comma-separated subset of: 1 thread,2 threads,2 processes")
     ap.add_argument("--timeout", type=int, default=1200, help="seconds per configuration")
+    ap.add_argument("--fresh", type=int, default=0, metavar="N",
+                    help="only the both-cores figure: N rounds of one cold pass of ours in a fresh process, "
+                         "1 thread and 2 processes alternating")
+    ap.add_argument("--ours-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args)))
         return
+    if args.fresh:
+        fresh_rounds(args)
+        return
 
     # forked workers must not inherit a used rayon pool: TOKENIZERS_PARALLELISM=false there (with "true"
-    # the forked tokenizer deadlocks)
-    # "1 thread" is one thread in every library: polars (lossmasks) too
-    configs = [("1 thread", {"RAYON_NUM_THREADS": "1", "POLARS_MAX_THREADS": "1", "TOKENIZERS_PARALLELISM": "true"}, 1, False),
-               ("2 threads", {"RAYON_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "true"}, 1, False),
-               ("2 processes", {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}, 2, True)]
+    # the forked tokenizer deadlocks); "1 thread" is one thread in every library: polars (lossmasks) too
+    configs = [(n, e, w, w > 1) for n, e, w in CONFIGS]
     if args.only:
         configs = [c for c in configs if c[0] in args.only.split(",")]
     results = {}
     for name, env, workers, skip_b in configs:
-        cmd = [sys.executable, __file__, "--child", "--limit", str(args.limit), "--repeat", str(args.repeat),
-               "--workers", str(workers), "--tools", args.tools, "--max-length", str(args.max_length)]
-        cmd += ["--skip-b"] if skip_b or args.skip_b else []
-        try:
-            p = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, cwd=ROOT,
-                               timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            print(f"{name}: timed out after {args.timeout}s", file=sys.stderr)
+        extra = ["--repeat", str(args.repeat)] + (["--skip-b"] if skip_b or args.skip_b else [])
+        r = _run_child(args, env, workers, extra)
+        if r is None:
+            print(f"{name}: no result", file=sys.stderr)
             continue
-        line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if p.returncode or line is None:
-            print(f"{name}: child failed\n{p.stderr[-2000:]}", file=sys.stderr)
-            continue
-        r = json.loads(line[7:])
         results[name] = r
         print(f"\n== {name} (tools={args.tools}): {r['traces']} traces, {r['tokens']:,} tokens, {r['n_masks']} masks")
         print(f"  ours (render+tokenize+mask, {8} policies): {r['ours_sps']:8.1f} samples/s  ({r['ours_s']:.2f}s) stages {r['stage_s']}")
