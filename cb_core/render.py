@@ -1063,6 +1063,7 @@ def render_traces(
             n_truncated=int(renders["truncated"].sum()) if renders.height else 0,
             n_tokens=int(renders["n_tokens"].sum()) if renders.height else 0,
             workers=workers,
+            worker_steps=[len(done) for done in results],
             truncation=dict(sorted(trunc.items())),
         )
     return renders, quarantine

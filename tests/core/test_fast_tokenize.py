@@ -144,27 +144,36 @@ def test_two_workers_equal_one(tmp_path, llama_tokenizer):
     assert one.equals(two)
 
 
-def test_two_workers_keep_input_order_and_rejects(tmp_path, llama_tokenizer):
-    """Shares hold whole pair groups, so rows are processed out of order; renders and quarantine rows come
-    back in input order, equal to one worker's, with the rejects' reasons."""
+@pytest.mark.parametrize("step", [1, 4, 10**6])
+def test_two_workers_keep_input_order_and_rejects(tmp_path, llama_tokenizer, monkeypatch, step):
+    """The workers take steps from one queue (each its own half first, then the other's from the back), so
+    steps finish out of order; renders and quarantine rows come back in input order, equal to one
+    worker's, with the rejects' reasons (render errors first, then length rejects, as one process)."""
+    import cb_core.render as render_mod
     from cb_core.sources.demo import write_demo_sources
 
+    monkeypatch.setattr(render_mod, "STEP_ROWS", step)
     traces = _read("agentdojo", write_demo_sources(tmp_path, seed=0)["agentdojo"])
     bad = traces.head(3).with_columns(
         pl.Series("id", ["bad-a", "bad-b", "bad-c"]), pl.lit("not json").alias("tools"), pl.lit("g-bad").alias("pair_group")
     )
-    # interleave the groups: reversed pair groups, the bad rows in the middle
     mixed = pl.concat([traces.reverse().head(20), bad, traces.head(25)], how="vertical_relaxed")
     mixed = mixed.with_columns((pl.col("id") + "-" + pl.int_range(pl.len()).cast(pl.String)).alias("id"))
-    cfg = RenderConfig(max_length=65536)
+    n_tok = render_traces(mixed, llama_tokenizer, RenderConfig(max_length=65536))[0]["n_tokens"]
+    cfg = RenderConfig(max_length=int(n_tok.sort()[-4]) - 1)  # the longest traces (ties too) are too long
     one, q1 = render_traces(mixed, llama_tokenizer, cfg, num_workers=1)
     st: dict = {}
     two, q2 = render_traces(mixed, llama_tokenizer, cfg, num_workers=2, stats=st)
-    assert st["workers"] == 2 and one.height == mixed.height - 3
+    too_long = q1.filter(pl.col("reason").str.starts_with("too long")).height
+    assert st["workers"] == 2 and too_long >= 3 and one.height == mixed.height - 3 - too_long
     assert one.equals(two) and q1.equals(q2)
-    assert two["trace_id"].to_list() == [i for i in mixed["id"].to_list() if not i.startswith("bad-")]
-    assert q2.height == 3 and all(r.startswith("render error") for r in q2["reason"])
-    assert q2["field"].to_list() == ["tools"] * 3
+    n_steps = -(-mixed.height // step)
+    assert sum(st["worker_steps"]) == n_steps and (n_steps == 1 or min(st["worker_steps"]) > 0)
+    assert two["trace_id"].to_list() == [i for i in one["trace_id"].to_list()]
+    assert set(two["trace_id"]).isdisjoint({"bad-a", "bad-b", "bad-c"})
+    reasons = q2["reason"].to_list()
+    assert [r.split(":")[0] for r in reasons] == ["render error"] * 3 + ["too long"] * too_long
+    assert q2["field"].to_list()[:3] == ["tools"] * 3
 
 
 @pytest.mark.parametrize("how", ["raises", "killed"])

@@ -84,3 +84,87 @@ def test_on_an_error_every_child_is_killed_and_reaped(tmp_path):
     assert not os.path.exists(f"/proc/{pid}")
     with pytest.raises(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
+
+
+# ------------------------------------------------------------------------------------------- StepQueue
+def _drain(arg):
+    """Worker k of a StepQueue: the steps it took, in order (the steps cost more the later they are)."""
+    import time
+
+    queue, k = arg
+    got = []
+    while (s := queue.take(k)) is not None:
+        got.append(s)
+        time.sleep(0.001 * (1 + s % 3))
+    return got
+
+
+def test_step_queue_regions_then_the_back_of_the_largest():
+    q = forking.StepQueue(10, 2)
+    try:
+        assert [q.take(0) for _ in range(5)] == [0, 1, 2, 3, 4]  # worker 0's region: the first half, in order
+        assert [q.take(0) for _ in range(3)] == [9, 8, 7]  # then worker 1's, from its back
+        assert [q.take(1) for _ in range(3)] == [5, 6, None]  # worker 1 from its front; nothing is taken twice
+        assert q.take(0) is None
+    finally:
+        q.close()
+    q = forking.StepQueue(2, 3)  # more workers than steps: a region may be empty from the start
+    try:
+        assert sorted(x for x in (q.take(0), q.take(1), q.take(2), q.take(2)) if x is not None) == [0, 1]
+    finally:
+        q.close()
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_step_queue_across_processes_hands_out_every_step_once(workers):
+    q = forking.StepQueue(60, workers)
+    try:
+        out = forking.fork_map(_drain, [(q, k) for k in range(workers)])
+    finally:
+        q.close()
+    assert sorted(s for got in out for s in got) == list(range(60))
+    assert all(got for got in out)  # every process did some of the work
+    assert out[0][:5] == [0, 1, 2, 3, 4]  # each starts on its own contiguous region
+
+
+def _die_holding_the_lock(arg):
+    import fcntl
+    import signal
+
+    queue, k = arg
+    if k == 1:
+        fcntl.lockf(queue._fd, fcntl.LOCK_EX)  # as if killed inside take()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _drain(arg)
+
+
+def test_step_queue_a_killed_worker_does_not_block_the_others():
+    """The lock is a POSIX record lock: the kernel drops it with its dead holder."""
+    q = forking.StepQueue(20, 2)
+    try:
+        with pytest.raises(RuntimeError, match="died without a result"):
+            forking.fork_map(_die_holding_the_lock, [(q, 0), (q, 1)])
+        assert q.take(0) is None  # this process went on and took every step
+    finally:
+        q.close()
+
+
+# -------------------------------------------------------------------------------------------- streaming
+def _stream(k):
+    for i in range(3):
+        if k == 2 and i == 1:
+            raise KeyError(f"part {k} broke at item {i}")
+        yield {"k": k, "i": i, "pid": os.getpid(), "a": np.full(1000 * (i + 1), k, np.int32)}
+
+
+def test_stream_results_come_back_item_by_item_in_order():
+    out = forking.fork_map(_stream, [0, 1], stream=True)
+    assert [[(x["k"], x["i"]) for x in part] for part in out] == [[(0, 0), (0, 1), (0, 2)], [(1, 0), (1, 1), (1, 2)]]
+    assert out[0][0]["pid"] == os.getpid() != out[1][0]["pid"]
+    assert [int(x["a"].sum()) for x in out[1]] == [1000, 2000, 3000]  # part 1: 1000*(i+1) ones
+
+
+def test_stream_error_midway_is_raised_as_itself():
+    with pytest.raises(KeyError, match="part 2 broke at item 1") as err:
+        forking.fork_map(_stream, [0, 1, 2], stream=True)
+    assert "worker 2" in "".join(err.value.__notes__)
