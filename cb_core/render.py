@@ -780,8 +780,8 @@ def _process_chunk(args: tuple) -> Iterator[tuple]:
     """Render + tokenize + map rows ``step`` at a time, yielding each step's result (see `_chunk`).
     ``args``: (rows as an Arrow table, tokenizer, fast encoder or None, tok_id, cfg) for all of them in
     order, or (worker index,) in a forked worker, which takes its steps from ``_WORK``'s shared queue
-    (nothing big is pickled on the way in; numpy arrays per trace come back). The cyclic garbage collector
-    is off meanwhile (`forking.gc_paused`: ~12 % of the time here)."""
+    (nothing big is pickled on the way in; each step's Arrow table comes back). The cyclic garbage
+    collector is off meanwhile (`forking.gc_paused`: ~12 % of the time here)."""
     with forking.gc_paused():
         yield from _chunk(args)
 
@@ -950,7 +950,7 @@ AUTO_MIN_ROWS_PER_WORKER = 256
 def _render_shares(frame: pl.DataFrame, tokenizer, fe, tok_id: str, cfg: "RenderConfig", workers: int) -> list[tuple]:
     """Render the rows in ``workers`` processes: this one and forked children (``cb_core.forking.fork_map``:
     they inherit the rows as one Arrow table, the tokenizer and the block cache; only a worker index goes in,
-    numpy arrays per trace come back). The rows are cut into steps that the workers take from one
+    each step's render_v1 Arrow table comes back, streamed into the child's file as it is done). The rows are cut into steps that the workers take from one
     ``forking.StepQueue``: each starts on its own contiguous part of the input (neighbours share tool
     outputs and prompts, so they hit one block cache) and then helps with what is left of the others, so
     both finish together; `render_traces` puts the steps back in order. A static split did not balance:
