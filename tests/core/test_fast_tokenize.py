@@ -161,9 +161,11 @@ def test_two_workers_keep_input_order_and_rejects(tmp_path, llama_tokenizer, mon
     mixed = mixed.with_columns((pl.col("id") + "-" + pl.int_range(pl.len()).cast(pl.String)).alias("id"))
     n_tok = render_traces(mixed, llama_tokenizer, RenderConfig(max_length=65536))[0]["n_tokens"]
     cfg = RenderConfig(max_length=int(n_tok.sort()[-4]) - 1)  # the longest traces (ties too) are too long
-    one, q1 = render_traces(mixed, llama_tokenizer, cfg, num_workers=1)
+    st1: dict = {}
+    one, q1 = render_traces(mixed, llama_tokenizer, cfg, num_workers=1, stats=st1)
     st: dict = {}
     two, q2 = render_traces(mixed, llama_tokenizer, cfg, num_workers=2, stats=st)
+    assert st["truncation"] == st1["truncation"] and st1["truncation"]["agentdojo"]["over_length"] >= 3
     too_long = q1.filter(pl.col("reason").str.starts_with("too long")).height
     assert st["workers"] == 2 and too_long >= 3 and one.height == mixed.height - 3 - too_long
     assert one.equals(two) and q1.equals(q2)
