@@ -24,7 +24,7 @@ import struct
 import tempfile
 import threading
 import traceback
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 
 def cores() -> int:
@@ -95,23 +95,26 @@ def _anon_file() -> int:  # pragma: no cover - systems without memfd_create
     return fd
 
 
-def _write_record(f, obj: Any) -> None:
-    """One record: a header (pickle size, buffer sizes), the pickle, then its buffers raw."""
+def _pickled(obj: Any) -> tuple[bytes, list]:
+    """``obj`` as pickle protocol 5 bytes and its buffers (numpy/Arrow data), not copied."""
     bufs: list[pickle.PickleBuffer] = []
     data = pickle.dumps(obj, protocol=5, buffer_callback=bufs.append)
-    raws = [b.raw() for b in bufs]
-    f.write(struct.pack(f"<QQ{len(raws)}Q", len(data), len(raws), *(r.nbytes for r in raws)))
-    f.write(data)
-    for r in raws:
-        f.write(r)
+    return data, [b.raw() for b in bufs]
 
 
-def _dump(obj: Any, path: str) -> None:
-    """``obj`` to ``path`` as one record. Written beside and renamed, so a child killed mid-write leaves no
-    file (it is reported as died)."""
+def _dump(records: Iterable[tuple[str, tuple[bytes, list]]], path: str) -> str | None:
+    """Each of ``records`` ((kind, `_pickled` record)) to ``path`` as it comes: a header (pickle size, buffer
+    sizes), the pickle, then its buffers raw. Returns the last record's kind. Written beside and renamed,
+    so a child killed mid-write leaves no file (it is reported as died)."""
+    kind = None
     with open(path + ".part", "wb") as f:
-        _write_record(f, obj)
+        for kind, (data, raws) in records:
+            f.write(struct.pack(f"<QQ{len(raws)}Q", len(data), len(raws), *(r.nbytes for r in raws)))
+            f.write(data)
+            for r in raws:
+                f.write(r)
     os.rename(path + ".part", path)
+    return kind
 
 
 def _records(path: str) -> list[Any]:
@@ -135,17 +138,29 @@ def _records(path: str) -> list[Any]:
     return out
 
 
-def _load(path: str) -> Any:
-    """`_dump`'s object (the first record of ``path``)."""
-    return _records(path)[0]
-
-
-def _error_record(e: BaseException) -> tuple:
-    try:  # the exception itself when it survives pickling (SourceError keeps its file)
-        pickle.loads(pickle.dumps(e))
-        return ("error", (traceback.format_exc(), e))
+def _outcome(fn: Callable[[Any], Any], part: Any, stream: bool) -> Iterator[tuple[str, tuple[bytes, list]]]:
+    """A child's records for `_dump`: ("item", x) for each item as ``fn`` yields it when streaming, then
+    ("ok", result) or ("error", (traceback, the exception when it survives pickling: a SourceError keeps
+    its file)). Pickled here, so a result that cannot be pickled is reported as an error too."""
+    try:
+        if stream:
+            for item in fn(part):
+                yield "item", _pickled(("item", item))
+            out = ("ok", None)
+        else:
+            out = ("ok", fn(part))
+        yield "ok", _pickled(out)
+        return
+    except GeneratorExit:  # writing the file failed and _dump closed this: nothing more to report
+        raise
+    except BaseException as e:  # noqa: BLE001 - reported by the parent
+        err, text = e, traceback.format_exc()
+    try:
+        rec = _pickled(("error", (text, err)))
+        pickle.loads(rec[0], buffers=rec[1])  # it must come back out, too
     except Exception:  # noqa: BLE001
-        return ("error", (traceback.format_exc(), None))
+        rec = _pickled(("error", (text, None)))
+    yield "error", rec
 
 
 def _reap(pid: int) -> None:
@@ -178,22 +193,10 @@ def fork_map(fn: Callable[[Any], Any], parts: Sequence[Any], what: str = "worker
             r, w = os.pipe()
             pid = os.fork()
             if pid == 0:  # child: never returns into the caller's code
-                code = 0
+                code = 1
                 try:
                     os.close(r)
-                    with open(path + ".part", "wb") as f:
-                        try:
-                            if stream:
-                                for item in fn(parts[k]):
-                                    _write_record(f, ("item", item))
-                                out = ("ok", None)
-                            else:
-                                out = ("ok", fn(parts[k]))
-                        except BaseException as e:  # noqa: BLE001 - reported by the parent
-                            code = 1
-                            out = _error_record(e)
-                        _write_record(f, out)
-                    os.rename(path + ".part", path)
+                    code = 0 if _dump(_outcome(fn, parts[k], stream), path) == "ok" else 1
                     os.write(w, b"1")  # the file is complete: the parent need not wait for this exit
                 finally:
                     os._exit(code)

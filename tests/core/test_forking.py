@@ -32,13 +32,22 @@ def test_children_results_come_back_whole_and_writable():
 def test_dump_is_atomic(tmp_path, monkeypatch):
     """A write that fails midway leaves no result file (the parent then reports the child as died)."""
     path = str(tmp_path / "part1.pkl")
-    forking._dump({"a": np.arange(5)}, path)
-    assert list(forking._load(path)["a"]) == [0, 1, 2, 3, 4]
+    assert forking._dump(forking._outcome(lambda p: {"a": np.arange(p)}, 5, False), path) == "ok"
+    assert [(k, list(v["a"])) for k, v in forking._records(path)] == [("ok", [0, 1, 2, 3, 4])]
     os.remove(path)
     monkeypatch.setattr(forking.os, "rename", lambda a, b: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
-        forking._dump({"a": np.arange(5)}, path)
+        forking._dump(forking._outcome(lambda p: {"a": np.arange(p)}, 5, False), path)
     assert not os.path.exists(path)
+
+
+def test_a_result_that_cannot_be_pickled_is_reported_as_an_error():
+    """Streamed or not, the parent gets the pickling error itself with the child's traceback, not "died"."""
+    for stream in (False, True):
+        with pytest.raises(AttributeError, match="Can't pickle local object") as err:
+            forking.fork_map((lambda k: iter([lambda: k])) if stream else (lambda k: (lambda: k)), [0, 1],
+                             stream=stream)
+        assert "worker 1" in "".join(err.value.__notes__) and "_pickled" in "".join(err.value.__notes__)
 
 
 def test_children_are_reaped_after_the_call():
