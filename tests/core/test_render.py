@@ -486,7 +486,7 @@ def test_too_long_is_quarantined_or_cut_when_configured(llama_tokenizer):
 
 
 def test_step_size_never_changes_the_result(llama_tokenizer, monkeypatch):
-    """A share is rendered STEP_ROWS rows at a time (so each step's texts die before the next): one row
+    """Rows are rendered STEP_ROWS at a time (so each step's texts die before the next): one row
     per step and the whole frame in one step give the same renders, quarantine rows in the same order
     (render errors first, then length rejects), and the same truncation counts."""
     import cb_core.render as R
