@@ -49,16 +49,43 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _off_main_arena(call: Callable[[], Any]) -> Any:
+    """``call()`` in a thread of its own; its result returned, its exception raised here. Why: glibc serves
+    a new thread from one of its small per-thread malloc arenas, not from the main one. After a fork the
+    main arena's free memory (in a long-lived process, hundreds of MB freed by earlier work) is shared with
+    the other process, and work that reuses it pays a copy-on-write fault on the first write to each page;
+    a thread arena is small and grows into pages of this process alone. Measured, 1000 traces rendered on
+    2 processes in a process whose main arena held 750 MB free: page faults during the steps 17 k -> 8.5 k
+    in this process and 14 k -> 7.3 k in the child."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["ok"] = call()
+        except BaseException as e:  # noqa: BLE001 - raised in the calling thread
+            box["err"] = e
+
+    t = threading.Thread(target=run, name="cb-fork-part", daemon=True)
+    t.start()
+    t.join()
+    if "err" in box:
+        raise box["err"]
+    return box["ok"]
+
+
 class StepQueue:
     """Steps ``0..n_steps-1`` shared out among ``workers`` processes forked after it is made. Worker ``k``
     starts on its own contiguous region of steps, front to back (neighbouring rows share tool outputs and
     prompts, so they meet one block cache), and once that is done takes steps from the back of the region
     with the most left. The work balances to within one step whatever each step costs, which no estimate
     made beforehand did. The counters sit in a shared map of an anonymous file, guarded by a POSIX record
-    lock: the kernel releases it if its holder dies, so a killed worker never blocks the others."""
+    lock: the kernel releases it if its holder dies, so a killed worker never blocks the others. Closed, it
+    hands out nothing more (a worker thread still running after its caller gave up stops at its next take)."""
 
     def __init__(self, n_steps: int, workers: int) -> None:
         self.workers = workers
+        self._closed = False
+        self._local = threading.Lock()  # record locks exclude processes, not threads of one process
         self._fd = os.memfd_create("cb-steps") if hasattr(os, "memfd_create") else _anon_file()
         os.ftruncate(self._fd, 16 * workers)
         self._mm = mmap.mmap(self._fd, 16 * workers)  # MAP_SHARED: every forked worker sees one state
@@ -69,6 +96,12 @@ class StepQueue:
 
     def take(self, k: int) -> int | None:
         """The next step for worker ``k``, or None when every step is taken."""
+        with self._local:
+            if self._closed:
+                return None
+            return self._take(k)
+
+    def _take(self, k: int) -> int | None:
         v = self._v
         fcntl.lockf(self._fd, fcntl.LOCK_EX)
         try:
@@ -84,9 +117,13 @@ class StepQueue:
             fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
-        self._v.release()
-        self._mm.close()
-        os.close(self._fd)
+        with self._local:
+            if self._closed:
+                return
+            self._closed = True
+            self._v.release()
+            self._mm.close()
+            os.close(self._fd)
 
 
 def _anon_file() -> int:  # pragma: no cover - systems without memfd_create
@@ -196,14 +233,15 @@ def fork_map(fn: Callable[[Any], Any], parts: Sequence[Any], what: str = "worker
                 code = 1
                 try:
                     os.close(r)
-                    code = 0 if _dump(_outcome(fn, parts[k], stream), path) == "ok" else 1
+                    part = parts[k]
+                    code = 0 if _off_main_arena(lambda: _dump(_outcome(fn, part, stream), path)) == "ok" else 1
                     os.write(w, b"1")  # the file is complete: the parent need not wait for this exit
                 finally:
                     os._exit(code)
             os.close(w)
             children[pid] = (k, path, r)
         results: list[Any] = [None] * len(parts)
-        results[0] = list(fn(parts[0])) if stream else fn(parts[0])
+        results[0] = _off_main_arena(lambda: list(fn(parts[0])) if stream else fn(parts[0]))
         for pid in list(children):
             k, path, r = children[pid]
             done = os.read(r, 1)  # b"" (end of file): the child exited without writing its result

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import platform
 
 import numpy as np
 import pyarrow as pa
@@ -177,3 +178,64 @@ def test_stream_error_midway_is_raised_as_itself():
     with pytest.raises(KeyError, match="part 2 broke at item 1") as err:
         forking.fork_map(_stream, [0, 1, 2], stream=True)
     assert "worker 2" in "".join(err.value.__notes__)
+
+
+# --------------------------------------------------------------------------- work off the main arena
+def _heap_range() -> tuple[int, int] | None:
+    """The main malloc arena's span ([heap] in /proc/self/maps), or None where there is none."""
+    try:
+        lines = open("/proc/self/maps").read().splitlines()
+    except OSError:
+        return None
+    for ln in lines:
+        if ln.endswith("[heap]"):
+            lo, hi = ln.split()[0].split("-")
+            return int(lo, 16), int(hi, 16)
+    return None
+
+
+def _where_it_allocates(_k):
+    """(thread name, whether a fresh 4 kB malloc lands in the main arena's span)."""
+    import ctypes
+    import threading
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    p = libc.malloc(4096)
+    heap = _heap_range()
+    libc.free(p)
+    return threading.current_thread().name, heap is not None and heap[0] <= p < heap[1]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or _heap_range() is None, reason="glibc's arenas")
+def test_every_part_runs_in_a_thread_that_allocates_off_the_main_arena():
+    """After a fork the main arena's free pages are shared; each part's thread (here and in the child)
+    allocates from a thread arena instead (mapped apart from [heap])."""
+    import threading
+
+    t_main = threading.current_thread().name
+    out = forking.fork_map(_where_it_allocates, [0, 1])
+    assert [name for name, _ in out] == ["cb-fork-part", "cb-fork-part"] and t_main != "cb-fork-part"
+    assert [in_main for _, in_main in out] == [False, False]
+    assert _where_it_allocates(0)[1] is True  # the check can tell: the main thread allocates in [heap]
+
+
+def _part0_raises(k):
+    if k == 0:
+        raise KeyError("part zero")
+    return k
+
+
+def test_an_error_in_this_process_part_is_raised_here_as_itself():
+    with pytest.raises(KeyError, match="part zero"):
+        forking.fork_map(_part0_raises, [0, 1])
+    assert forking.fork_map(_part0_raises, [1, 2]) == [1, 2]
+
+
+def test_a_closed_step_queue_hands_out_nothing():
+    q = forking.StepQueue(4, 2)
+    assert q.take(0) == 0
+    q.close()
+    assert q.take(0) is None and q.take(1) is None
+    q.close()  # twice is fine
