@@ -21,6 +21,10 @@ processes (render_traces num_workers=2), to report the speedup from using both c
 definitions per trace, where block caching matters most); none drops the tools. --max-length is set high
 so that no trace is quarantined as too long (the real tool sets alone pass 4096).
 
+--materialize N measures the both-cores figure in real `dagster asset materialize --select renders,lossmasks`
+runs (N rounds, 1 worker on one thread and 2 workers alternating; times from the assets' metadata);
+--fresh N from cold passes in fresh processes.
+
 --limit picks that many traces spread evenly over the AgentDojo and TAU2 sets (0 = all; the full set is
 ~10M tokens and takes minutes per pass on 2 cores). Timings exclude reading the sources and loading the
 tokenizer. Other processes on the machine add noise: the median of --repeat interleaved passes is reported.
