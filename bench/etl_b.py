@@ -194,6 +194,20 @@ def _run_child(args, env: dict, workers: int, extra: list[str]) -> dict | None:
     return json.loads(line[7:])
 
 
+def _print_round(k: int, got: dict[str, list[float]]) -> None:
+    one, two = got["1 thread"][-1], got["2 processes"][-1]
+    print(f"round {k + 1}: 1 thread {one:.3f} s, 2 processes {two:.3f} s: {one / two:.2f}x", flush=True)
+
+
+def _print_summary(what: str, got: dict[str, list[float]]) -> None:
+    """Medians of each side and of the per-round ratios (the machine drifts; a round's pair ran together)."""
+    med = {k: sorted(v)[len(v) // 2] for k, v in got.items()}
+    pair = sorted(a / b for a, b in zip(got["1 thread"], got["2 processes"]))
+    print(f"{what}, medians of {len(pair)} rounds: 1 thread {med['1 thread']:.3f} s, 2 processes "
+          f"{med['2 processes']:.3f} s; speedup from both cores {med['1 thread'] / med['2 processes']:.2f}x "
+          f"(per round {pair[0]:.2f}-{pair[-1]:.2f}, median {pair[len(pair) // 2]:.2f}; target >= 1.7)")
+
+
 def fresh_rounds(args) -> None:
     """The both-cores figure as a materialization sees it: each pass is the first (cold) one in a process
     of its own, 1 thread and 2 processes alternating so the machine's drift hits both alike."""
@@ -206,14 +220,8 @@ def fresh_rounds(args) -> None:
             if r is None:
                 return
             got[name].append(r["ours_s"])
-        print(f"round {k + 1}: 1 thread {got['1 thread'][-1]:.3f} s, 2 processes {got['2 processes'][-1]:.3f} s: "
-              f"{got['1 thread'][-1] / got['2 processes'][-1]:.2f}x", flush=True)
-    med = {k: sorted(v)[len(v) // 2] for k, v in got.items()}
-    pair = sorted(a / b for a, b in zip(got["1 thread"], got["2 processes"]))
-    print(f"{args.limit} traces, cold pass in a fresh process, medians of {args.fresh} rounds: 1 thread "
-          f"{med['1 thread']:.3f} s, 2 processes {med['2 processes']:.3f} s; speedup from both cores "
-          f"{med['1 thread'] / med['2 processes']:.2f}x (per round {pair[0]:.2f}-{pair[-1]:.2f}, median "
-          f"{pair[len(pair) // 2]:.2f}; target >= 1.7)")
+        _print_round(k, got)
+    _print_summary(f"{args.limit} traces, cold pass in a fresh process", got)
 
 
 def materialize_rounds(args) -> None:
@@ -260,14 +268,8 @@ def materialize_rounds(args) -> None:
                     print(f"renders ran on {md['renders']['workers'].value} workers, not {w}", file=sys.stderr)
                     return
                 got[name].append(md["renders"]["timing"].value["wall_s"] + md["lossmasks"]["build_s"].value)
-            print(f"round {k + 1}: 1 thread {got['1 thread'][-1]:.3f} s, 2 processes {got['2 processes'][-1]:.3f} s: "
-                  f"{got['1 thread'][-1] / got['2 processes'][-1]:.2f}x", flush=True)
-    med = {k: sorted(v)[len(v) // 2] for k, v in got.items()}
-    pair = sorted(a / b for a, b in zip(got["1 thread"], got["2 processes"]))
-    print(f"{traces.height} traces, `dagster asset materialize --select renders,lossmasks`, medians of "
-          f"{args.materialize} rounds: 1 thread {med['1 thread']:.3f} s, 2 processes {med['2 processes']:.3f} s; "
-          f"speedup from both cores {med['1 thread'] / med['2 processes']:.2f}x (per round {pair[0]:.2f}-"
-          f"{pair[-1]:.2f}, median {pair[len(pair) // 2]:.2f}; target >= 1.7)")
+            _print_round(k, got)
+    _print_summary(f"{traces.height} traces, `dagster asset materialize --select renders,lossmasks`", got)
 
 
 def main() -> None:
