@@ -56,7 +56,9 @@ def _off_main_arena(call: Callable[[], Any]) -> Any:
     the other process, and work that reuses it pays a copy-on-write fault on the first write to each page;
     a thread arena is small and grows into pages of this process alone. Measured, 1000 traces rendered on
     2 processes in a process whose main arena held 750 MB free: page faults during the steps 17 k -> 8.5 k
-    in this process and 14 k -> 7.3 k in the child."""
+    in this process and 14 k -> 7.3 k in the child. A child, single-threaded after the fork, always gets
+    another arena; a process whose arenas (at most 8 per core) are all held by live threads may be handed
+    the main one back, which is only the old cost."""
     box: dict[str, Any] = {}
 
     def run() -> None:
@@ -200,6 +202,10 @@ def _outcome(fn: Callable[[Any], Any], part: Any, stream: bool) -> Iterator[tupl
     yield "error", rec
 
 
+def _run(fn: Callable[[Any], Any], part: Any, stream: bool) -> Any:
+    return list(fn(part)) if stream else fn(part)
+
+
 def _reap(pid: int) -> None:
     try:
         os.waitpid(pid, 0)
@@ -220,7 +226,7 @@ def fork_map(fn: Callable[[Any], Any], parts: Sequence[Any], what: str = "worker
     its file as it comes, so writing its result overlaps its work instead of following it (a 10 MB result
     took 13 ms to write, the whole wait of this process at the end)."""
     if len(parts) <= 1:
-        return [list(fn(p)) if stream else fn(p) for p in parts]
+        return [_run(fn, p, stream) for p in parts]
     tmp = tempfile.mkdtemp(prefix="cb-fork-")
     children: dict[int, tuple[int, str, int]] = {}  # pid -> (part index, result file, read end of its pipe)
     gc.freeze()  # the children's collector leaves the inherited heap alone (no copy-on-write of every page)
@@ -241,7 +247,7 @@ def fork_map(fn: Callable[[Any], Any], parts: Sequence[Any], what: str = "worker
             os.close(w)
             children[pid] = (k, path, r)
         results: list[Any] = [None] * len(parts)
-        results[0] = _off_main_arena(lambda: list(fn(parts[0])) if stream else fn(parts[0]))
+        results[0] = _off_main_arena(lambda: _run(fn, parts[0], stream))
         for pid in list(children):
             k, path, r = children[pid]
             done = os.read(r, 1)  # b"" (end of file): the child exited without writing its result

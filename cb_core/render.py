@@ -950,10 +950,11 @@ AUTO_MIN_ROWS_PER_WORKER = 256
 def _render_shares(frame: pl.DataFrame, tokenizer, fe, tok_id: str, cfg: "RenderConfig", workers: int) -> list[tuple]:
     """Render the rows in ``workers`` processes: this one and forked children (``cb_core.forking.fork_map``:
     they inherit the rows as one Arrow table, the tokenizer and the block cache; only a worker index goes in,
-    each step's render_v1 Arrow table comes back, streamed into the child's file as it is done). The rows are cut into steps that the workers take from one
-    ``forking.StepQueue``: each starts on its own contiguous part of the input (neighbours share tool
-    outputs and prompts, so they hit one block cache) and then helps with what is left of the others, so
-    both finish together; `render_traces` puts the steps back in order. A static split did not balance:
+    each step's render_v1 Arrow table comes back, streamed into the child's file as it is done). The rows
+    are cut into steps that the workers take from one ``forking.StepQueue``: each starts on its own
+    contiguous part of the input (neighbours share tool outputs and prompts, so they hit one block cache)
+    and then helps with what is left of the others, so both finish together; `render_traces` puts the
+    steps back in order. A static split did not balance:
     cutting by characters or pair groups left one process up to 1.5x the other's time (cache hits and
     per-piece costs vary by suite)."""
     global _WORK
