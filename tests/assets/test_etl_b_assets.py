@@ -222,6 +222,6 @@ def test_renders_on_two_processes_inside_a_dagster_run(data_root, monkeypatch):
                   if e.asset_key.to_user_string() == "renders")
         assert md["workers"].value == int(n)
         steps = md["worker_steps"].value
-        assert len(steps) == int(n) and min(steps) > 0 and sum(steps) == -(-many.height // 32)
+        assert len(steps) == int(n) and sum(steps) == -(-many.height // 32)
         out[n] = pl.read_parquet(data_root / "renders.parquet")
     assert out["1"].height == many.height and out["1"].equals(out["2"])

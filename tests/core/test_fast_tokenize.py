@@ -170,7 +170,8 @@ def test_two_workers_keep_input_order_and_rejects(tmp_path, llama_tokenizer, mon
     assert st["workers"] == 2 and too_long >= 3 and one.height == mixed.height - 3 - too_long
     assert one.equals(two) and q1.equals(q2)
     n_steps = -(-mixed.height // step)
-    assert sum(st["worker_steps"]) == n_steps and (n_steps == 1 or min(st["worker_steps"]) > 0)
+    # every step done once; how they split depends on when the child starts (a late one may rightly get none)
+    assert len(st["worker_steps"]) == 2 and sum(st["worker_steps"]) == n_steps
     kept = set(two["trace_id"])
     assert two["trace_id"].to_list() == [i for i in mixed["id"].to_list() if i in kept]  # input order
     assert set(two["trace_id"]).isdisjoint({"bad-a", "bad-b", "bad-c"})

@@ -98,13 +98,20 @@ def test_on_an_error_every_child_is_killed_and_reaped(tmp_path):
 
 # ------------------------------------------------------------------------------------------- StepQueue
 def _drain(arg):
-    """Worker k of a StepQueue: the steps it took, in order (the steps cost more the later they are)."""
+    """Worker k of a StepQueue: the steps it took, in order (the steps cost more the later they are). With a
+    meeting folder, each worker waits there after its first step until every worker has taken one, so a
+    child forked late on a busy machine still gets work (otherwise the others may rightly take it all)."""
     import time
 
-    queue, k = arg
+    queue, k, *meet = arg
     got = []
     while (s := queue.take(k)) is not None:
         got.append(s)
+        if meet and len(got) == 1:
+            (meet[0] / str(k)).touch()
+            deadline = time.monotonic() + 120
+            while len(list(meet[0].iterdir())) < meet[1] and time.monotonic() < deadline:
+                time.sleep(0.002)
         time.sleep(0.001 * (1 + s % 3))
     return got
 
@@ -126,15 +133,15 @@ def test_step_queue_regions_then_the_back_of_the_largest():
 
 
 @pytest.mark.parametrize("workers", [2, 3])
-def test_step_queue_across_processes_hands_out_every_step_once(workers):
+def test_step_queue_across_processes_hands_out_every_step_once(workers, tmp_path):
     q = forking.StepQueue(60, workers)
     try:
-        out = forking.fork_map(_drain, [(q, k) for k in range(workers)])
+        out = forking.fork_map(_drain, [(q, k, tmp_path, workers) for k in range(workers)])
     finally:
         q.close()
     assert sorted(s for got in out for s in got) == list(range(60))
-    assert all(got for got in out)  # every process did some of the work
-    assert out[0][:5] == [0, 1, 2, 3, 4]  # each starts on its own contiguous region
+    assert [got[0] for got in out] == [60 * k // workers for k in range(workers)]  # each starts on its own region
+    assert out[0][:5] == [0, 1, 2, 3, 4]  # front to back
 
 
 def _die_holding_the_lock(arg):
