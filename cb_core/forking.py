@@ -141,16 +141,30 @@ def _pickled(obj: Any) -> tuple[bytes, list]:
     return data, [b.raw() for b in bufs]
 
 
+ALIGN = 64  # each buffer's offset in a result file: Arrow's alignment, so polars takes the columns without a copy
+
+
+def _pad(at: int) -> int:
+    return -at % ALIGN
+
+
 def _dump(records: Iterable[tuple[str, tuple[bytes, list]]], path: str) -> str | None:
     """Each of ``records`` ((kind, `_pickled` record)) to ``path`` as it comes: a header (pickle size, buffer
-    sizes), the pickle, then its buffers raw. Returns the last record's kind. Written beside and renamed,
-    so a child killed mid-write leaves no file (it is reported as died)."""
+    sizes), the pickle, then its buffers raw, each at a multiple of ``ALIGN`` (a map of the file starts on
+    a page: the buffers come back aligned; polars copied the misaligned ones, 10 MB and 6 ms for the
+    child's half of 1000 renders). Returns the last record's kind. Written beside and renamed, so a child
+    killed mid-write leaves no file (it is reported as died)."""
     kind = None
+    at = 0
     with open(path + ".part", "wb") as f:
         for kind, (data, raws) in records:
-            f.write(struct.pack(f"<QQ{len(raws)}Q", len(data), len(raws), *(r.nbytes for r in raws)))
+            head = struct.pack(f"<QQ{len(raws)}Q", len(data), len(raws), *(r.nbytes for r in raws))
+            f.write(head)
             f.write(data)
+            at += len(head) + len(data)
             for r in raws:
+                f.write(b"\0" * _pad(at))
+                at += _pad(at) + r.nbytes
                 f.write(r)
     os.rename(path + ".part", path)
     return kind
@@ -171,6 +185,7 @@ def _records(path: str) -> list[Any]:
         at += n
         bufs = []
         for size in sizes:
+            at += _pad(at)
             bufs.append(view[at:at + size])
             at += size
         out.append(pickle.loads(data, buffers=bufs))  # our own child's file, written a moment ago

@@ -1049,7 +1049,9 @@ def render_traces(
 
         # one chunk per step, not copied into one (a rechunk took ~20 ms of page faults on fresh memory for
         # 1000 traces; the chunks cost less than that when the frame is written or read)
-        renders = pl.from_arrow(pa.concat_tables([d[1] for d in steps])).cast(RENDER_SCHEMA)
+        renders = pl.from_arrow(pa.concat_tables([d[1] for d in steps]))
+        if renders.schema != RENDER_SCHEMA:  # the steps' tables are built to it: a no-op cast took 1-4 ms
+            renders = renders.cast(RENDER_SCHEMA)
     else:
         renders = pl.DataFrame(schema=RENDER_SCHEMA)
     timing["frame_s"] = time.perf_counter() - t1

@@ -30,6 +30,27 @@ def test_children_results_come_back_whole_and_writable():
     assert out[1]["small"][0].shape == (0,) and out[1]["small"][1:] == [b"x", "text"]
 
 
+def _odd_sized(k: int):
+    """Buffers of sizes that are no multiple of 64, in two streamed items, so that each following buffer
+    would start misaligned if written end to end."""
+    yield {"b": np.arange(3 + k, dtype=np.int8), "ids": np.arange(1001, dtype=np.int32)}
+    yield pa.table({"ids": pa.array([[1, 2, 3]] * 7, pa.large_list(pa.int32())), "s": ["x" * 5] * 7})
+
+
+def test_child_buffers_come_back_aligned_so_polars_need_not_copy_them():
+    import polars as pl
+
+    out = forking.fork_map(_odd_sized, [0, 1], stream=True)
+    first, table = out[1]
+    assert list(first["b"]) == [0, 1, 2, 3] and int(first["ids"].sum()) == sum(range(1001))
+    assert first["b"].ctypes.data % forking.ALIGN == 0 and first["ids"].ctypes.data % forking.ALIGN == 0
+    bufs = [b for col in table.columns for chunk in col.chunks for b in chunk.buffers() if b is not None]
+    bufs += [b for b in table.column("ids").chunks[0].values.buffers() if b is not None]
+    assert bufs and all(b.address % forking.ALIGN == 0 for b in bufs)
+    frame = pl.from_arrow(table)
+    assert frame["ids"].to_list() == [[1, 2, 3]] * 7 and frame["s"].to_list() == ["xxxxx"] * 7
+
+
 def test_dump_is_atomic(tmp_path, monkeypatch):
     """A write that fails midway leaves no result file (the parent then reports the child as died)."""
     path = str(tmp_path / "part1.pkl")
