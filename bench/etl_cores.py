@@ -16,6 +16,7 @@ two-process passes in one process makes the one-process passes slower than they 
                  one of them alone: what the machine's two cores lose by working at once
 
     .venv/bin/python bench/etl_cores.py [--limit 1000] [--repeat 5]
+    .venv/bin/python bench/etl_cores.py --fresh-steps 5   # each step's CPU, one worker against two, fresh processes
 """
 from __future__ import annotations
 
@@ -72,6 +73,10 @@ def one_process(args) -> None:
         _cold(fe)
         return sum(step[4]["cpu_s"] for step in R._process_chunk((t, tok, fe, tid, cfg)))
 
+    def per_step() -> dict[int, float]:
+        _cold(fe)
+        return {step[0]: step[4]["cpu_s"] for step in R._process_chunk((table, tok, fe, tid, cfg))}
+
     def job() -> tuple[float, float]:
         _cold(fe)
         st: dict = {}
@@ -82,13 +87,17 @@ def one_process(args) -> None:
 
     job()
     got: dict[str, list] = {"job": [], "work": [], **{k: [] for k in parts}}
+    steps: list[dict[int, float]] = []
     for _ in range(args.repeat):
         wall, cpu = job()
         got["job"].append(wall)
         got["work"].append(cpu)
         for k, t in parts.items():
             got[k].append(work(t))
-    print("RESULT " + json.dumps({k: _median(v) for k, v in got.items()}), flush=True)
+        steps.append(per_step())
+    out = {k: _median(v) for k, v in got.items()}
+    out["steps"] = {s: _median([r[s] for r in steps]) for s in steps[0]}
+    print("RESULT " + json.dumps(out), flush=True)
 
 
 def two_workers(args) -> dict:
@@ -118,6 +127,7 @@ def two_workers(args) -> dict:
         marks["fm_out"] = time.perf_counter()
         marks["done"] = [max(s[4]["t"] for s in w) if w else marks["fm_in"] for w in out]
         marks["cpu"] = [sum(s[4]["cpu_s"] for s in w) for w in out]
+        marks["steps"] = [[(s[0], s[4]["cpu_s"]) for s in w] for w in out]
         return out
 
     R._chunk, forking.fork_map, forking.os.fork = chunk, fm, fork
@@ -133,14 +143,79 @@ def two_workers(args) -> dict:
         return {"job": t2 - t0, "before": marks["fm_in"] - t0, "fork": marks["fork"],
                 "cpu0": marks["cpu"][0], "cpu1": marks["cpu"][1],
                 "imbalance": abs(marks["done"][0] - marks["done"][1]),
-                "wait": marks["fm_out"] - max(marks["done"]), "after": t1 - marks["fm_out"], "lossmasks": t2 - t1}
+                "wait": marks["fm_out"] - max(marks["done"]), "after": t1 - marks["fm_out"], "lossmasks": t2 - t1,
+                "steps": marks["steps"]}
 
     try:
         job()
         runs = [job() for _ in range(args.repeat)]
     finally:
         R._chunk, forking.fork_map, forking.os.fork = real_chunk, real_fm, real_fork
-    return {k: _median([r[k] for r in runs]) for k in runs[0]}
+    out = {k: _median([r[k] for r in runs]) for k in runs[0] if k != "steps"}
+    out["steps"] = [r["steps"] for r in runs]
+    return out
+
+
+def _start_and_rest(one_steps: dict, runs: list, first: int = 3) -> list[tuple[float, float, float, float]]:
+    """Per worker: (CPU of its first ``first`` steps, the same steps in one process, CPU of its other steps,
+    the same in one process), medians over the passes. Where the two-worker overhead sits: a worker's
+    first steps start on a cold block cache (the pieces the other worker's rows share, encoded again) and
+    a fresh malloc arena (a page fault per page it grows by)."""
+    got = []
+    for k in range(len(runs[0])):
+        rows = []
+        for r in runs:
+            mine = r[k]
+            rows.append((sum(c for _, c in mine[:first]), sum(one_steps[str(s)] for s, _ in mine[:first]),
+                         sum(c for _, c in mine[first:]), sum(one_steps[str(s)] for s, _ in mine[first:])))
+        got.append(tuple(_median([x[i] for x in rows]) for i in range(4)))
+    return got
+
+
+def steps_child(args) -> None:
+    """Child mode: one cold render_traces in this fresh process on ``--workers``; each step's worker and CPU."""
+    from cb_core import forking
+
+    R, traces, tok, fe, cfg, table, tid = _setup(args.limit)
+    real_fm = forking.fork_map
+    got: dict = {}
+
+    def fm(*a, **k):
+        out = real_fm(*a, **k)
+        got.update({s[0]: (w, s[4]["cpu_s"]) for w, done in enumerate(out) for s in done})
+        return out
+
+    forking.fork_map = fm
+    _cold(fe)
+    if args.workers == 1:
+        got.update({s[0]: (0, s[4]["cpu_s"]) for s in R._process_chunk((table, tok, fe, tid, cfg))})
+    else:
+        R.render_traces(traces, tok, cfg, num_workers=args.workers)
+    print("RESULT " + json.dumps(got), flush=True)
+
+
+def fresh_steps(args) -> None:
+    """Each step's CPU, cold, in fresh processes (as in a materialization), one worker against two,
+    alternating: per worker, its first 3 steps and its other steps against the same steps in one process."""
+    one: list[dict] = []
+    two: list[dict] = []
+    for _ in range(args.fresh_steps):
+        one.append(_result(_child(args, ["--steps-child"], workers="1")))
+        two.append(_result(_child(args, ["--steps-child"], workers="2")))
+    steps = sorted(one[0], key=int)
+    cpu1 = {s: _median([r[s][1] for r in one]) for s in steps}
+    cpu2 = {s: _median([r[s][1] for r in two]) for s in steps}
+    owner = {s: max((0, 1), key=[r[s][0] for r in two].count) for s in steps}
+    print(f"{args.limit} traces, each step's CPU, cold, in fresh processes, medians of {args.fresh_steps} rounds")
+    print(f"  one process {sum(cpu1.values()):.3f} s, two workers {sum(cpu2.values()):.3f} s "
+          f"({sum(cpu2.values()) / sum(cpu1.values()) - 1:+.1%})")
+    for k in (0, 1):
+        mine = [s for s in steps if owner[s] == k]
+        a, b = mine[:3], mine[3:]
+        f2, f1 = sum(cpu2[s] for s in a), sum(cpu1[s] for s in a)
+        r2, r1 = sum(cpu2[s] for s in b), sum(cpu1[s] for s in b)
+        print(f"  worker {k} ({len(mine)} steps): its first 3 {f2:.3f} s vs {f1:.3f} s in one process "
+              f"({f2 - f1:+.3f} s); its other steps {r2:.3f} vs {r1:.3f} s ({r2 - r1:+.3f} s)")
 
 
 def independent(args) -> None:
@@ -195,6 +270,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--independent", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--one-process", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--fresh-steps", type=int, default=0, metavar="N",
+                    help="instead: each step's CPU in N rounds of fresh processes, one worker against two")
+    ap.add_argument("--steps-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
     ap.add_argument("--me", default="")
     ap.add_argument("--partner", default="")
     ap.add_argument("--barrier", default="")
@@ -204,6 +283,12 @@ def main() -> None:
         return
     if args.one_process:
         one_process(args)
+        return
+    if args.steps_child:
+        steps_child(args)
+        return
+    if args.fresh_steps:
+        fresh_steps(args)
         return
 
     one = _result(_child(args, ["--one-process"]))  # 1 thread everywhere, polars too (etl_b's "1 thread")
@@ -222,6 +307,9 @@ def main() -> None:
     work2 = two["cpu0"] + two["cpu1"]
     print(f"    the workers' steps                             {two['cpu0']:.3f} + {two['cpu1']:.3f} s CPU = "
           f"{work2 / one['work'] - 1:+.1%} over one process (the cut, copy-on-write faults, the cores' own loss)")
+    for k, (a, a1, b, b1) in enumerate(_start_and_rest(one["steps"], two["steps"])):
+        print(f"      worker {k}: its first 3 steps {a:.3f} s CPU vs {a1:.3f} s in one process ({a / max(a1, 1e-9) - 1:+.0%}); "
+              f"its other steps {b:.3f} vs {b1:.3f} s ({b / max(b1, 1e-9) - 1:+.1%})")
     print(f"    the workers' last steps apart                  {two['imbalance']:6.3f} s")
     print(f"    last step done -> every result in              {two['wait']:6.3f} s")
     print(f"    stacking the steps into render_v1              {two['after']:6.3f} s")

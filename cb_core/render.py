@@ -813,7 +813,7 @@ def _chunk(args: tuple) -> Iterator[tuple]:
             return next(order, None)
     tool_cache: dict[str, tuple[Any, str | None]] = {}
     while (s := claim()) is not None:
-        cpu0 = time.process_time()
+        cpu0 = time.thread_time()  # this worker's own (a process's would add its other threads)
         t0 = time.perf_counter()
         rows = table.slice(s * step, step).to_pylist()  # pyarrow, not polars (not safe after fork)
         t1 = time.perf_counter()
@@ -829,7 +829,7 @@ def _chunk(args: tuple) -> Iterator[tuple]:
         out = _step_table(cols, tok_id)
         t4 = time.perf_counter()
         tm = {"rows_s": t1 - t0, "render_s": t2 - t1, "tokenize_s": t3 - t2, "map_s": t4 - t3,
-              "cpu_s": time.process_time() - cpu0}
+              "cpu_s": time.thread_time() - cpu0}
         yield s, out, rejected, late, tm, trunc
 
 
@@ -947,7 +947,8 @@ def _step_table(cols: dict[str, list], tok_id: str):
 AUTO_MIN_ROWS_PER_WORKER = 256
 
 
-def _render_shares(frame: pl.DataFrame, tokenizer, fe, tok_id: str, cfg: "RenderConfig", workers: int) -> list[tuple]:
+def _render_shares(frame: pl.DataFrame, tokenizer, fe, tok_id: str, cfg: "RenderConfig", workers: int,
+                   timings: dict | None = None) -> list[tuple]:
     """Render the rows in ``workers`` processes: this one and forked children (``cb_core.forking.fork_map``:
     they inherit the rows as one Arrow table, the tokenizer and the block cache; only a worker index goes in,
     each step's render_v1 Arrow table comes back, streamed into the child's file as it is done). The rows
@@ -964,7 +965,8 @@ def _render_shares(frame: pl.DataFrame, tokenizer, fe, tok_id: str, cfg: "Render
     # polars' newest Arrow level shares its string views with the frame: no copy (10-17 ms for 1000 traces)
     _WORK = (frame.to_arrow(compat_level=pl.CompatLevel.newest()), tokenizer, fe, tok_id, cfg, step, queue)
     try:
-        return forking.fork_map(_process_chunk, [(k,) for k in range(workers)], what="render worker", stream=True)
+        return forking.fork_map(_process_chunk, [(k,) for k in range(workers)], what="render worker", stream=True,
+                                timings=timings)
     finally:
         _WORK = None
         queue.close()
@@ -1009,7 +1011,8 @@ def render_traces(
     turns (skeletons) render normally. ``num_workers`` (default ``cfg.num_workers``) > 1 shares the rows
     out, step by step, among that many processes (this one and forked children, see ``_render_shares``);
     the result is the same as one process's. 0 picks one per core when each gets
-    ``AUTO_MIN_ROWS_PER_WORKER`` rows. ``stats``, if given, receives timings and counts, and
+    ``AUTO_MIN_ROWS_PER_WORKER`` rows. ``stats``, if given, receives timings and counts (per worker: steps
+    taken and their CPU seconds; with more than one, ``forking.fork_map``'s timings), and
     ``truncation``: per dataset, traces over the length, saved by each step, and quarantined.
     """
     from cb_core.tokenizer import tokenizer_id
@@ -1027,11 +1030,12 @@ def render_traces(
     frame = _render_frame(traces)
     t0 = time.perf_counter()
     n_rows = frame.height
+    shares_timing: dict = {}
     if workers == 1 or n_rows < 2 * workers:
         workers = 1
         results = [list(_process_chunk((frame.to_arrow(compat_level=pl.CompatLevel.newest()), tokenizer, fe, tok_id, cfg)))]
     else:
-        results = _render_shares(frame, tokenizer, fe, tok_id, cfg, workers)
+        results = _render_shares(frame, tokenizer, fe, tok_id, cfg, workers, shares_timing)
     t1 = time.perf_counter()
     # every worker's steps in input order: the renders, then the render errors and the length rejects each
     # in row order, as one process makes them
@@ -1067,6 +1071,8 @@ def render_traces(
             n_tokens=int(renders["n_tokens"].sum()) if renders.height else 0,
             workers=workers,
             worker_steps=[len(done) for done in results],
+            worker_cpu_s=[round(sum(d[4]["cpu_s"] for d in done), 4) for done in results],
+            **shares_timing,
             truncation=dict(sorted(trunc.items())),
         )
     return renders, quarantine

@@ -172,6 +172,10 @@ def test_two_workers_keep_input_order_and_rejects(tmp_path, llama_tokenizer, mon
     n_steps = -(-mixed.height // step)
     # every step done once; how they split depends on when the child starts (a late one may rightly get none)
     assert len(st["worker_steps"]) == 2 and sum(st["worker_steps"]) == n_steps
+    # where the time went: each worker's CPU (its steps' sum), forking's timings (only with two workers)
+    assert len(st["worker_cpu_s"]) == 2 and abs(sum(st["worker_cpu_s"]) - st["cpu_s"]) < 1e-3
+    assert 0 < st["fork_s"] < st["wall_s"] and 0 < st["own_part_s"] < st["wall_s"] and min(st["wait_s"], st["load_s"]) >= 0
+    assert st1["worker_cpu_s"] == [round(st1["cpu_s"], 4)] and "fork_s" not in st1
     kept = set(two["trace_id"])
     assert two["trace_id"].to_list() == [i for i in mixed["id"].to_list() if i in kept]  # input order
     assert set(two["trace_id"]).isdisjoint({"bad-a", "bad-b", "bad-c"})

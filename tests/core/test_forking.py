@@ -51,6 +51,21 @@ def test_child_buffers_come_back_aligned_so_polars_need_not_copy_them():
     assert frame["ids"].to_list() == [[1, 2, 3]] * 7 and frame["s"].to_list() == ["xxxxx"] * 7
 
 
+def _sleep(seconds: float) -> float:
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+def test_timings_say_where_this_process_waited():
+    t: dict = {}
+    assert forking.fork_map(_sleep, [0.05, 0.3], timings=t) == [0.05, 0.3]
+    assert set(t) == {"fork_s", "own_part_s", "wait_s", "load_s"} and min(t.values()) >= 0
+    assert t["own_part_s"] >= 0.05
+    assert t["fork_s"] + t["own_part_s"] + t["wait_s"] >= 0.3  # the child slept 0.3 s from some moment of its fork
+
+
 def test_dump_is_atomic(tmp_path, monkeypatch):
     """A write that fails midway leaves no result file (the parent then reports the child as died)."""
     path = str(tmp_path / "part1.pkl")
