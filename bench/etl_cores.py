@@ -17,6 +17,7 @@ two-process passes in one process makes the one-process passes slower than they 
 
     .venv/bin/python bench/etl_cores.py [--limit 1000] [--repeat 5]
     .venv/bin/python bench/etl_cores.py --fresh-steps 5   # each step's CPU, one worker against two, fresh processes
+    .venv/bin/python bench/etl_cores.py --threads         # the steps on two threads of one process against one
 """
 from __future__ import annotations
 
@@ -218,6 +219,53 @@ def fresh_steps(args) -> None:
               f"({f2 - f1:+.3f} s); its other steps {r2:.3f} vs {r1:.3f} s ({r2 - r1:+.3f} s)")
 
 
+def two_threads(args) -> None:
+    """The steps on two threads of this process (one StepQueue, one block cache) against one thread:
+    tiktoken releases the GIL while it encodes, the render, the span mapping and the work around each
+    piece hold it."""
+    import threading
+
+    from cb_core import forking
+
+    R, traces, tok, fe, cfg, table, tid = _setup(args.limit)
+    n = -(-table.num_rows // R.STEP_ROWS)
+
+    def one() -> float:
+        _cold(fe)
+        t0 = time.perf_counter()
+        list(R._process_chunk((table, tok, fe, tid, cfg)))
+        return time.perf_counter() - t0
+
+    def two() -> float:
+        _cold(fe)
+        queue = forking.StepQueue(n, 2)
+        R._WORK = (table, tok, fe, tid, cfg, R.STEP_ROWS, queue)
+        done: list = [None, None]
+
+        def run(k: int) -> None:
+            done[k] = list(R._process_chunk((k,)))
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in (0, 1)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        queue.close()
+        R._WORK = None
+        assert sum(len(d) for d in done) == n
+        return wall
+
+    one()
+    ones, twos = [], []
+    for _ in range(args.repeat):
+        ones.append(one())
+        twos.append(two())
+    print(f"{args.limit} traces, the steps, medians of {args.repeat}: one thread {_median(ones):.3f} s, two threads "
+          f"{_median(twos):.3f} s: {_median(ones) / _median(twos):.2f}x")
+
+
 def independent(args) -> None:
     """Child mode: run the whole job ``--repeat`` times, each pass started with the partner (barrier files)."""
     R, traces, tok, fe, cfg, table, tid = _setup(args.limit)
@@ -272,6 +320,7 @@ def main() -> None:
     ap.add_argument("--one-process", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--fresh-steps", type=int, default=0, metavar="N",
                     help="instead: each step's CPU in N rounds of fresh processes, one worker against two")
+    ap.add_argument("--threads", action="store_true", help="instead: the steps on two threads against one")
     ap.add_argument("--steps-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
     ap.add_argument("--me", default="")
@@ -289,6 +338,9 @@ def main() -> None:
         return
     if args.fresh_steps:
         fresh_steps(args)
+        return
+    if args.threads:
+        two_threads(args)
         return
 
     one = _result(_child(args, ["--one-process"]))  # 1 thread everywhere, polars too (etl_b's "1 thread")

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -814,6 +815,7 @@ def _chunk(args: tuple) -> Iterator[tuple]:
     tool_cache: dict[str, tuple[Any, str | None]] = {}
     while (s := claim()) is not None:
         cpu0 = time.thread_time()  # this worker's own (a process's would add its other threads)
+        faults0 = _thread_faults()
         t0 = time.perf_counter()
         rows = table.slice(s * step, step).to_pylist()  # pyarrow, not polars (not safe after fork)
         t1 = time.perf_counter()
@@ -829,8 +831,14 @@ def _chunk(args: tuple) -> Iterator[tuple]:
         out = _step_table(cols, tok_id)
         t4 = time.perf_counter()
         tm = {"rows_s": t1 - t0, "render_s": t2 - t1, "tokenize_s": t3 - t2, "map_s": t4 - t3,
-              "cpu_s": time.thread_time() - cpu0}
+              "cpu_s": time.thread_time() - cpu0, "faults": _thread_faults() - faults0}
         yield s, out, rejected, late, tm, trunc
+
+
+def _thread_faults() -> int:
+    """Page faults of this thread so far (first writes to fresh or copy-on-write pages: what a forked worker
+    pays that one process does not)."""
+    return resource.getrusage(getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)).ru_minflt
 
 
 _RENDER_COLS = ("trace_id", "input_ids", "spans", "n_tokens", "truncated", "truncation")
@@ -1072,6 +1080,7 @@ def render_traces(
             workers=workers,
             worker_steps=[len(done) for done in results],
             worker_cpu_s=[round(sum(d[4]["cpu_s"] for d in done), 4) for done in results],
+            worker_faults=[sum(d[4]["faults"] for d in done) for done in results],
             **shares_timing,
             truncation=dict(sorted(trunc.items())),
         )

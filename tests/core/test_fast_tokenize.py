@@ -176,6 +176,7 @@ def test_two_workers_keep_input_order_and_rejects(tmp_path, llama_tokenizer, mon
     assert len(st["worker_cpu_s"]) == 2 and abs(sum(st["worker_cpu_s"]) - st["cpu_s"]) < 1e-3
     assert 0 < st["fork_s"] < st["wall_s"] and 0 < st["own_part_s"] < st["wall_s"] and min(st["wait_s"], st["load_s"]) >= 0
     assert st1["worker_cpu_s"] == [round(st1["cpu_s"], 4)] and "fork_s" not in st1
+    assert len(st["worker_faults"]) == 2 and min(st["worker_faults"]) >= 0 and sum(st["worker_faults"]) > 0
     kept = set(two["trace_id"])
     assert two["trace_id"].to_list() == [i for i in mixed["id"].to_list() if i in kept]  # input order
     assert set(two["trace_id"]).isdisjoint({"bad-a", "bad-b", "bad-c"})
