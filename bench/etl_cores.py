@@ -157,18 +157,22 @@ def two_workers(args) -> dict:
     return out
 
 
-def _start_and_rest(one_steps: dict, runs: list, first: int = 3) -> list[tuple[float, float, float, float]]:
-    """Per worker: (CPU of its first ``first`` steps, the same steps in one process, CPU of its other steps,
-    the same in one process), medians over the passes. Where the two-worker overhead sits: a worker's
-    first steps start on a cold block cache (the pieces the other worker's rows share, encoded again) and
-    a fresh malloc arena (a page fault per page it grows by)."""
+def _first_and_rest(mine: list, cpu: dict, one_cpu: dict, first: int = 3) -> tuple[float, float, float, float]:
+    """For one worker's steps ``mine`` (in the order it took them): (CPU of its first ``first`` steps, the same
+    steps in one process, CPU of its other steps, the same in one process). Where the two-worker overhead
+    sits: a worker's first steps start on a cold block cache (the pieces the other worker's rows share,
+    encoded again) and a fresh malloc arena (a page fault per page it grows by)."""
+    head, rest = mine[:first], mine[first:]
+    return (sum(cpu[s] for s in head), sum(one_cpu[s] for s in head),
+            sum(cpu[s] for s in rest), sum(one_cpu[s] for s in rest))
+
+
+def _start_and_rest(one_steps: dict, runs: list) -> list[tuple[float, float, float, float]]:
+    """`_first_and_rest` per worker, medians over the passes of `two_workers`."""
     got = []
     for k in range(len(runs[0])):
-        rows = []
-        for r in runs:
-            mine = r[k]
-            rows.append((sum(c for _, c in mine[:first]), sum(one_steps[str(s)] for s, _ in mine[:first]),
-                         sum(c for _, c in mine[first:]), sum(one_steps[str(s)] for s, _ in mine[first:])))
+        rows = [_first_and_rest([s for s, _ in r[k]], dict(r[k]), {s: one_steps[str(s)] for s, _ in r[k]})
+                for r in runs]
         got.append(tuple(_median([x[i] for x in rows]) for i in range(4)))
     return got
 
@@ -212,9 +216,7 @@ def fresh_steps(args) -> None:
           f"({sum(cpu2.values()) / sum(cpu1.values()) - 1:+.1%})")
     for k in (0, 1):
         mine = [s for s in steps if owner[s] == k]
-        a, b = mine[:3], mine[3:]
-        f2, f1 = sum(cpu2[s] for s in a), sum(cpu1[s] for s in a)
-        r2, r1 = sum(cpu2[s] for s in b), sum(cpu1[s] for s in b)
+        f2, f1, r2, r1 = _first_and_rest(mine, cpu2, cpu1)
         print(f"  worker {k} ({len(mine)} steps): its first 3 {f2:.3f} s vs {f1:.3f} s in one process "
               f"({f2 - f1:+.3f} s); its other steps {r2:.3f} vs {r1:.3f} s ({r2 - r1:+.3f} s)")
 

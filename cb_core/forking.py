@@ -156,16 +156,12 @@ def _dump(records: Iterable[tuple[str, tuple[bytes, list]]], path: str) -> str |
     child's half of 1000 renders). Returns the last record's kind. Written beside and renamed, so a child
     killed mid-write leaves no file (it is reported as died)."""
     kind = None
-    at = 0
     with open(path + ".part", "wb") as f:
         for kind, (data, raws) in records:
-            head = struct.pack(f"<QQ{len(raws)}Q", len(data), len(raws), *(r.nbytes for r in raws))
-            f.write(head)
+            f.write(struct.pack(f"<QQ{len(raws)}Q", len(data), len(raws), *(r.nbytes for r in raws)))
             f.write(data)
-            at += len(head) + len(data)
             for r in raws:
-                f.write(b"\0" * _pad(at))
-                at += _pad(at) + r.nbytes
+                f.write(b"\0" * _pad(f.tell()))
                 f.write(r)
     os.rename(path + ".part", path)
     return kind
