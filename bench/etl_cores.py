@@ -76,7 +76,7 @@ def one_process(args) -> None:
 
     def per_step() -> dict[int, float]:
         _cold(fe)
-        return {step[0]: step[4]["cpu_s"] for step in R._process_chunk((table, tok, fe, tid, cfg))}
+        return {step[0]: (step[4]["cpu_s"], step[4]["rows"]) for step in R._process_chunk((table, tok, fe, tid, cfg))}
 
     def job() -> tuple[float, float]:
         _cold(fe)
@@ -97,7 +97,7 @@ def one_process(args) -> None:
             got[k].append(work(t))
         steps.append(per_step())
     out = {k: _median(v) for k, v in got.items()}
-    out["steps"] = {s: _median([r[s] for r in steps]) for s in steps[0]}
+    out["steps"] = {s: (_median([r[s][0] for r in steps]), steps[0][s][1]) for s in steps[0]}
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -128,7 +128,7 @@ def two_workers(args) -> dict:
         marks["fm_out"] = time.perf_counter()
         marks["done"] = [max(s[4]["t"] for s in w) if w else marks["fm_in"] for w in out]
         marks["cpu"] = [sum(s[4]["cpu_s"] for s in w) for w in out]
-        marks["steps"] = [[(s[0], s[4]["cpu_s"]) for s in w] for w in out]
+        marks["steps"] = [[(s[0], s[4]["cpu_s"], s[4]["rows"]) for s in w] for w in out]
         return out
 
     R._chunk, forking.fork_map, forking.os.fork = chunk, fm, fork
@@ -167,11 +167,24 @@ def _first_and_rest(mine: list, cpu: dict, one_cpu: dict, first: int = 3) -> tup
             sum(cpu[s] for s in rest), sum(one_cpu[s] for s in rest))
 
 
+def _one_cost(one_steps: dict, a: int, b: int) -> float:
+    """What rows [a, b) cost in one process: its steps ({first row: (cpu, rows)}) that overlap, prorated by
+    rows (two workers' runs shrink at the end of the work, so their edges differ from one process's steps)."""
+    tot = 0.0
+    for s, (cpu, n) in one_steps.items():
+        s = int(s)
+        lap = min(b, s + n) - max(a, s)
+        if lap > 0:
+            tot += cpu * lap / n
+    return tot
+
+
 def _start_and_rest(one_steps: dict, runs: list) -> list[tuple[float, float, float, float]]:
     """`_first_and_rest` per worker, medians over the passes of `two_workers`."""
     got = []
     for k in range(len(runs[0])):
-        rows = [_first_and_rest([s for s, _ in r[k]], dict(r[k]), {s: one_steps[str(s)] for s, _ in r[k]})
+        rows = [_first_and_rest([s for s, _, _ in r[k]], {s: c for s, c, _ in r[k]},
+                                {s: _one_cost(one_steps, s, s + n) for s, _, n in r[k]})
                 for r in runs]
         got.append(tuple(_median([x[i] for x in rows]) for i in range(4)))
     return got
@@ -187,13 +200,13 @@ def steps_child(args) -> None:
 
     def fm(*a, **k):
         out = real_fm(*a, **k)
-        got.update({s[0]: (w, s[4]["cpu_s"]) for w, done in enumerate(out) for s in done})
+        got.update({s[0]: (w, s[4]["cpu_s"], s[4]["rows"]) for w, done in enumerate(out) for s in done})
         return out
 
     forking.fork_map = fm
     _cold(fe)
     if args.workers == 1:
-        got.update({s[0]: (0, s[4]["cpu_s"]) for s in R._process_chunk((table, tok, fe, tid, cfg))})
+        got.update({s[0]: (0, s[4]["cpu_s"], s[4]["rows"]) for s in R._process_chunk((table, tok, fe, tid, cfg))})
     else:
         R.render_traces(traces, tok, cfg, num_workers=args.workers)
     print("RESULT " + json.dumps(got), flush=True)
@@ -207,18 +220,15 @@ def fresh_steps(args) -> None:
     for _ in range(args.fresh_steps):
         one.append(_result(_child(args, ["--steps-child"], workers="1")))
         two.append(_result(_child(args, ["--steps-child"], workers="2")))
-    steps = sorted(one[0], key=int)
-    cpu1 = {s: _median([r[s][1] for r in one]) for s in steps}
-    cpu2 = {s: _median([r[s][1] for r in two]) for s in steps}
-    owner = {s: max((0, 1), key=[r[s][0] for r in two].count) for s in steps}
+    one_steps = {s: (_median([r[s][1] for r in one]), one[0][s][2]) for s in one[0]}
+    total1 = sum(c for c, _ in one_steps.values())
+    total2 = _median([sum(x[1] for x in r.values()) for r in two])
     print(f"{args.limit} traces, each step's CPU, cold, in fresh processes, medians of {args.fresh_steps} rounds")
-    print(f"  one process {sum(cpu1.values()):.3f} s, two workers {sum(cpu2.values()):.3f} s "
-          f"({sum(cpu2.values()) / sum(cpu1.values()) - 1:+.1%})")
-    for k in (0, 1):
-        mine = [s for s in steps if owner[s] == k]
-        f2, f1, r2, r1 = _first_and_rest(mine, cpu2, cpu1)
-        print(f"  worker {k} ({len(mine)} steps): its first 3 {f2:.3f} s vs {f1:.3f} s in one process "
-              f"({f2 - f1:+.3f} s); its other steps {r2:.3f} vs {r1:.3f} s ({r2 - r1:+.3f} s)")
+    print(f"  one process {total1:.3f} s, two workers {total2:.3f} s ({total2 / total1 - 1:+.1%})")
+    runs = [[[(int(s), c, n) for s, (w, c, n) in r.items() if w == k] for k in (0, 1)] for r in two]
+    for k, (f2, f1, r2, r1) in enumerate(_start_and_rest(one_steps, runs)):
+        print(f"  worker {k} (~{_median([len(r[k]) for r in runs])} runs): its first 3 {f2:.3f} s vs {f1:.3f} s "
+              f"in one process ({f2 - f1:+.3f} s); its other runs {r2:.3f} vs {r1:.3f} s ({r2 - r1:+.3f} s)")
 
 
 def two_threads(args) -> None:
@@ -230,7 +240,7 @@ def two_threads(args) -> None:
     from cb_core import forking
 
     R, traces, tok, fe, cfg, table, tid = _setup(args.limit)
-    n = -(-table.num_rows // R.STEP_ROWS)
+    n = table.num_rows
 
     def one() -> float:
         _cold(fe)
@@ -240,8 +250,8 @@ def two_threads(args) -> None:
 
     def two() -> float:
         _cold(fe)
-        queue = forking.StepQueue(n, 2)
-        R._WORK = (table, tok, fe, tid, cfg, R.STEP_ROWS, queue)
+        queue = forking.StepQueue(n, 2, max_run=R.STEP_ROWS, min_run=R.STEP_ROWS // 4)
+        R._WORK = (table, tok, fe, tid, cfg, queue)
         done: list = [None, None]
 
         def run(k: int) -> None:
@@ -256,7 +266,7 @@ def two_threads(args) -> None:
         wall = time.perf_counter() - t0
         queue.close()
         R._WORK = None
-        assert sum(len(d) for d in done) == n
+        assert sum(d[4]["rows"] for part in done for d in part) == n
         return wall
 
     one()

@@ -32,6 +32,7 @@ from cb_core.tokenizer import LLAMA3_PAT_STR, llama3_special_tokens, llama3_toke
 
 _SPECIAL_CAND = re.compile(r"<\|[a-z0-9_]+\|>")
 _SAFE_SPLIT = re.compile(r"\n\n(?=\S)")  # split point right after "\n\n" (see the module docstring)
+_ZERO = np.zeros(1, np.int32)
 
 
 class Unencodable(ValueError):
@@ -52,7 +53,7 @@ class FastEncoder:
             name="cb-llama3", pat_str=LLAMA3_PAT_STR, mergeable_ranks=ranks, special_tokens=self.special_ids
         )
         self._core = self.enc._core_bpe  # encode_ordinary without tiktoken's per-call Python wrapper
-        lens = np.zeros(128000 + len(specials), np.int64)
+        lens = np.zeros(128000 + len(specials), np.int32)
         for b, r in ranks.items():
             lens[r] = len(b)
         self.byte_len = lens
@@ -60,7 +61,7 @@ class FastEncoder:
         self.cache_chars = 0
         self.max_cache_chars = max_cache_chars
         self.hits = self.misses = 0
-        self._empty = (np.zeros(0, np.int32), np.zeros(0, np.int64))
+        self._empty = (np.zeros(0, np.int32), np.zeros(0, np.int32))
 
     # ------------------------------------------------------------------------------------------ pieces
     def _piece(self, piece: str) -> tuple[np.ndarray, np.ndarray]:
@@ -76,13 +77,14 @@ class FastEncoder:
             raise Unencodable(str(e)) from None
         arr = np.asarray(ids, np.int32)
         lens = self.byte_len[arr]
-        bstart = np.empty(len(arr), np.int64)
+        bstart = np.empty(len(arr), np.int32)
         if len(arr):
             bstart[0] = 0
             np.cumsum(lens[:-1], out=bstart[1:])
         if not piece.isascii():
             raw = np.frombuffer(piece.encode("utf-8"), np.uint8)
-            char_of_byte = np.cumsum((raw & 0xC0) != 0x80) - 1  # the character holding each byte
+            char_of_byte = np.cumsum((raw & 0xC0) != 0x80, dtype=np.int32)  # 1 + the character holding each byte
+            char_of_byte -= 1
             bstart = char_of_byte[bstart]
         got = (arr, bstart)
         if self.cache_chars + len(piece) > self.max_cache_chars:
@@ -148,7 +150,7 @@ class FastEncoder:
             if a > pos:
                 text_segment(pos, a)
             ids_parts.append(np.array([sid], np.int32))
-            st_parts.append(np.zeros(1, np.int64))
+            st_parts.append(_ZERO)
             offs.append(a)
             pos = m.end()
         if pos < len(text):
@@ -157,7 +159,8 @@ class FastEncoder:
             return self._empty
         lens = np.fromiter((len(x) for x in ids_parts), np.int64, len(ids_parts))
         ids = np.concatenate(ids_parts)
-        starts = np.concatenate(st_parts) + np.repeat(np.asarray(offs, np.int64), lens)
+        starts = np.concatenate(st_parts)
+        starts += np.repeat(np.asarray(offs, np.int32), lens)
         return ids, starts
 
     def __call__(self, texts, add_special_tokens: bool = False, return_offsets_mapping: bool = False):
@@ -190,6 +193,13 @@ def _llama3_state() -> str:
 
 
 @lru_cache(maxsize=1)
+def _llama3_id() -> str:
+    from cb_core.tokenizer import llama3_tokenizer_id
+
+    return llama3_tokenizer_id()
+
+
+@lru_cache(maxsize=1)
 def _shared_encoder() -> FastEncoder:
     return FastEncoder()
 
@@ -198,12 +208,12 @@ def is_llama3_encoding(tok) -> bool:
     """True when ``tok`` encodes exactly as the Llama-3 build (checked once per tokenizer object)."""
     flag = getattr(tok, "_cb_llama3_encoding", None)
     if flag is None:
-        from cb_core.tokenizer import llama3_tokenizer, tokenizer_id
+        from cb_core.tokenizer import tokenizer_id
 
         backend = getattr(tok, "backend_tokenizer", None)
         if backend is None or len(tok) != 128256:
             flag = False
-        elif tokenizer_id(tok) == tokenizer_id(llama3_tokenizer()):
+        elif tokenizer_id(tok) == _llama3_id():
             flag = True  # the same build (digest of the whole backend)
         else:
             flag = _encoding_state(tok) == _llama3_state()

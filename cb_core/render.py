@@ -519,8 +519,9 @@ def _token_spans(r: Rendered, starts: np.ndarray) -> np.ndarray:
     ``injection`` spans cover every token that overlaps them, so their first token is the one holding the
     injection's first character even when BPE merged it with the character before)."""
     sp = r.spans
-    cs = np.fromiter((s.char_start for s in sp), np.int64, len(sp))
-    ce = np.fromiter((s.char_end for s in sp), np.int64, len(sp))
+    dt = starts.dtype if starts.dtype == np.int32 else np.int64  # as the starts: searchsorted casts neither
+    cs = np.fromiter((s.char_start for s in sp), dt, len(sp))
+    ce = np.fromiter((s.char_end for s in sp), dt, len(sp))
     out = np.empty((len(sp), 4), np.int64)
     out[:, 0] = [_KIND_CODE[s.kind] for s in sp]
     out[:, 1] = [s.message_index for s in sp]
@@ -774,7 +775,7 @@ def _encode_batch(texts: list[str], tokenizer, fe, blocks: list | None = None) -
 
 _ROLES = ("", "system", "user", "assistant", "tool", "ipython")
 _ROLE_CODE = {r: i for i, r in enumerate(_ROLES)}
-_WORK: tuple | None = None  # (rows table, tokenizer, fast encoder, tokenizer id, cfg, step size, StepQueue): set before forking
+_WORK: tuple | None = None  # (rows table, tokenizer, fast encoder, tokenizer id, cfg, StepQueue): set before forking
 
 
 def _process_chunk(args: tuple) -> Iterator[tuple]:
@@ -791,33 +792,36 @@ def _process_chunk(args: tuple) -> Iterator[tuple]:
 # arrays and row objects of a step die before the next one's are made and their memory is reused. A whole
 # share at once kept them all alive: peak memory over all shared traces (16 M tokens) 325 MB against 111 MB
 # now, and ~20 k copy-on-write faults per forked worker against ~7 k (the time is the same). It is also the
-# grain of the balance between workers (`forking.StepQueue`). The HF path takes one batch per worker (its
-# batch call is what it is fast at).
+# longest run of the balance between workers (`forking.StepQueue`: runs shrink to a quarter of this as the
+# rows left run out, so the workers finish together). The HF path takes one batch per worker (its batch
+# call is what it is fast at).
 STEP_ROWS = 32
 
 
 def _chunk(args: tuple) -> Iterator[tuple]:
-    """Yields (step, render_v1 Arrow table, render rejects, length rejects, timings, truncation counts)
-    per step done."""
-    if len(args) == 1:  # worker k: steps of _WORK's rows from the shared queue
-        table, tokenizer, fe, tok_id, cfg, step, queue = _WORK
+    """Yields (first row, render_v1 Arrow table, render rejects, length rejects, timings, truncation counts)
+    per step (a run of rows) done."""
+    if len(args) == 1:  # worker k: runs of _WORK's rows from the shared queue
+        table, tokenizer, fe, tok_id, cfg, queue = _WORK
         k = args[0]
 
-        def claim() -> int | None:
+        def claim() -> tuple[int, int] | None:
             return queue.take(k)
     else:
         table, tokenizer, fe, tok_id, cfg = args
-        step = STEP_ROWS if fe is not None else max(table.num_rows, 1)
-        order = iter(range(-(-table.num_rows // step)))
+        n = table.num_rows
+        step = STEP_ROWS if fe is not None else max(n, 1)
+        order = iter([(a, min(a + step, n)) for a in range(0, n, step)])
 
-        def claim() -> int | None:
+        def claim() -> tuple[int, int] | None:
             return next(order, None)
     tool_cache: dict[str, tuple[Any, str | None]] = {}
-    while (s := claim()) is not None:
+    while (run := claim()) is not None:
+        s, stop = run
         cpu0 = time.thread_time()  # this worker's own (a process's would add its other threads)
         faults0 = _thread_faults()
         t0 = time.perf_counter()
-        rows = table.slice(s * step, step).to_pylist()  # pyarrow, not polars (not safe after fork)
+        rows = table.slice(s, stop - s).to_pylist()  # pyarrow, not polars (not safe after fork)
         t1 = time.perf_counter()
         rendered, rejected = _render_rows(rows, cfg, tool_cache)
         t2 = time.perf_counter()
@@ -831,8 +835,16 @@ def _chunk(args: tuple) -> Iterator[tuple]:
         out = _step_table(cols, tok_id)
         t4 = time.perf_counter()
         tm = {"rows_s": t1 - t0, "render_s": t2 - t1, "tokenize_s": t3 - t2, "map_s": t4 - t3,
-              "cpu_s": time.thread_time() - cpu0, "faults": _thread_faults() - faults0}
+              "cpu_s": time.thread_time() - cpu0, "faults": _thread_faults() - faults0, "rows": stop - s,
+              "end": time.perf_counter()}  # CLOCK_MONOTONIC: comparable across the forked workers
         yield s, out, rejected, late, tm, trunc
+
+
+def _idle(results: list[list[tuple]]) -> list[float]:
+    """Per worker: seconds from the end of its last step to the end of the last step of any worker."""
+    ends = [max((d[4]["end"] for d in done), default=None) for done in results]
+    last = max((e for e in ends if e is not None), default=0.0)
+    return [round(last - e, 4) if e is not None else None for e in ends]
 
 
 def _thread_faults() -> int:
@@ -969,9 +981,9 @@ def _render_shares(frame: pl.DataFrame, tokenizer, fe, tok_id: str, cfg: "Render
     global _WORK
     n = frame.height
     step = STEP_ROWS if fe is not None else -(-n // workers)
-    queue = forking.StepQueue(-(-n // step), workers)
+    queue = forking.StepQueue(n, workers, max_run=step, min_run=max(1, step // 4) if fe is not None else step)
     # polars' newest Arrow level shares its string views with the frame: no copy (10-17 ms for 1000 traces)
-    _WORK = (frame.to_arrow(compat_level=pl.CompatLevel.newest()), tokenizer, fe, tok_id, cfg, step, queue)
+    _WORK = (frame.to_arrow(compat_level=pl.CompatLevel.newest()), tokenizer, fe, tok_id, cfg, queue)
     try:
         return forking.fork_map(_process_chunk, [(k,) for k in range(workers)], what="render worker", stream=True,
                                 timings=timings)
@@ -1079,8 +1091,11 @@ def render_traces(
             n_tokens=int(renders["n_tokens"].sum()) if renders.height else 0,
             workers=workers,
             worker_steps=[len(done) for done in results],
+            worker_rows=[sum(d[4]["rows"] for d in done) for done in results],
             worker_cpu_s=[round(sum(d[4]["cpu_s"] for d in done), 4) for done in results],
             worker_faults=[sum(d[4]["faults"] for d in done) for done in results],
+            # how long each worker had nothing left to take while another finished its last step
+            worker_idle_s=_idle(results),
             **shares_timing,
             truncation=dict(sorted(trunc.items())),
         )

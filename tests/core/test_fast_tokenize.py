@@ -169,9 +169,13 @@ def test_two_workers_keep_input_order_and_rejects(tmp_path, llama_tokenizer, mon
     too_long = q1.filter(pl.col("reason").str.starts_with("too long")).height
     assert st["workers"] == 2 and too_long >= 3 and one.height == mixed.height - 3 - too_long
     assert one.equals(two) and q1.equals(q2)
-    n_steps = -(-mixed.height // step)
-    # every step done once; how they split depends on when the child starts (a late one may rightly get none)
-    assert len(st["worker_steps"]) == 2 and sum(st["worker_steps"]) == n_steps
+    # every row done once, in runs of at most `step` rows (shorter at the end); how they split depends on
+    # when the child starts (a late one may rightly get none)
+    assert len(st["worker_rows"]) == 2 and sum(st["worker_rows"]) == mixed.height
+    assert sum(st["worker_steps"]) >= -(-mixed.height // step)
+    # the last worker to finish was idle for no time; the other waited for it, never a negative time
+    assert len(st["worker_idle_s"]) == 2 and min(i for i in st["worker_idle_s"] if i is not None) == 0
+    assert all(i is None or i >= 0 for i in st["worker_idle_s"])
     # where the time went: each worker's CPU (its steps' sum), forking's timings (only with two workers)
     assert len(st["worker_cpu_s"]) == 2 and abs(sum(st["worker_cpu_s"]) - st["cpu_s"]) < 1e-3
     assert 0 < st["fork_s"] < st["wall_s"] and 0 < st["own_part_s"] < st["wall_s"] and min(st["wait_s"], st["load_s"]) >= 0

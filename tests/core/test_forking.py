@@ -141,8 +141,9 @@ def _drain(arg):
 
     queue, k, *meet = arg
     got = []
-    while (s := queue.take(k)) is not None:
-        got.append(s)
+    while (run := queue.take(k)) is not None:
+        s = run[0]
+        got.extend(range(*run))
         if meet and len(got) == 1:
             (meet[0] / str(k)).touch()
             deadline = time.monotonic() + 120
@@ -152,20 +153,49 @@ def _drain(arg):
     return got
 
 
+def _first(run):
+    return None if run is None else run[0]
+
+
 def test_step_queue_regions_then_the_back_of_the_largest():
     q = forking.StepQueue(10, 2)
     try:
-        assert [q.take(0) for _ in range(5)] == [0, 1, 2, 3, 4]  # worker 0's region: the first half, in order
-        assert [q.take(0) for _ in range(3)] == [9, 8, 7]  # then worker 1's, from its back
-        assert [q.take(1) for _ in range(3)] == [5, 6, None]  # worker 1 from its front; nothing is taken twice
+        assert q.take(0) == (0, 1)  # one item a run (max_run=1)
+        assert [_first(q.take(0)) for _ in range(4)] == [1, 2, 3, 4]  # worker 0's region: the first half, in order
+        assert [_first(q.take(0)) for _ in range(3)] == [9, 8, 7]  # then worker 1's, from its back
+        assert [_first(q.take(1)) for _ in range(3)] == [5, 6, None]  # worker 1 from its front; nothing is taken twice
         assert q.take(0) is None
     finally:
         q.close()
     q = forking.StepQueue(2, 3)  # more workers than steps: a region may be empty from the start
     try:
-        assert sorted(x for x in (q.take(0), q.take(1), q.take(2), q.take(2)) if x is not None) == [0, 1]
+        assert sorted(_first(x) for x in (q.take(0), q.take(1), q.take(2), q.take(2)) if x is not None) == [0, 1]
     finally:
         q.close()
+
+
+def test_step_queue_runs_shrink_as_the_items_run_out():
+    """Guided runs: max_run while much is left, then a quarter of what is left per worker, never below
+    min_run (except where a region has fewer left); every item once, each region front to back."""
+    q = forking.StepQueue(200, 2, max_run=16, min_run=4)
+    try:
+        runs = []
+        for k in [0, 1] * 200:
+            run = q.take(k)
+            if run is not None:
+                runs.append((k, run))
+    finally:
+        q.close()
+    items = sorted(i for _, (a, b) in runs for i in range(a, b))
+    assert items == list(range(200))
+    sizes = [b - a for _, (a, b) in runs]
+    assert sizes[:4] == [16, 16, 16, 16]  # 200 left: 200 // 8 = 25, capped at 16
+    assert max(sizes) == 16 and min(sizes) >= 1 and sizes[-1] <= 4  # short runs at the end
+    left = 200
+    for (_, (a, b)) in runs:  # each run is the size the rule gives for what was left then (or its region's rest)
+        assert b - a <= max(4, min(16, left // 8))
+        left -= b - a
+    assert [a for k, (a, _) in runs if k == 0] == sorted(a for k, (a, _) in runs if k == 0)  # front to back
 
 
 @pytest.mark.parametrize("workers", [2, 3])
@@ -297,7 +327,7 @@ def test_an_error_in_this_process_part_is_raised_here_as_itself():
 
 def test_a_closed_step_queue_hands_out_nothing():
     q = forking.StepQueue(4, 2)
-    assert q.take(0) == 0
+    assert q.take(0) == (0, 1)
     q.close()
     assert q.take(0) is None and q.take(1) is None
     q.close()  # twice is fine
