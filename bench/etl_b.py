@@ -22,7 +22,8 @@ definitions per trace, where block caching matters most); none drops the tools. 
 so that no trace is quarantined as too long (the real tool sets alone pass 4096).
 
 --materialize N measures the both-cores figure in real `dagster asset materialize --select renders,lossmasks`
-runs (N rounds, 1 worker on one thread and 2 workers alternating; times from the assets' metadata);
+runs (N rounds, 1 worker on one thread and 2 workers alternating; times from the assets' metadata; --show-timing
+prints each run's renders timing: fork, parts, idle, load, stacking, CPU and page faults per worker);
 --fresh N from cold passes in fresh processes.
 
 --limit picks that many traces spread evenly over the AgentDojo and TAU2 sets (0 = all; the full set is
@@ -268,6 +269,12 @@ def materialize_rounds(args) -> None:
                     print(f"renders ran on {md['renders']['workers'].value} workers, not {w}", file=sys.stderr)
                     return
                 got[name].append(md["renders"]["timing"].value["wall_s"] + md["lossmasks"]["build_s"].value)
+                if args.show_timing:
+                    tm = md["renders"]["timing"].value
+                    keep = ("wall_s", "fork_s", "own_part_s", "wait_s", "load_s", "frame_s", "worker_steps",
+                            "worker_cpu_s", "worker_faults", "worker_idle_s")
+                    print(f"  {name}: lossmasks build {md['lossmasks']['build_s'].value} s; renders "
+                          + ", ".join(f"{k} {tm[k]}" for k in keep if k in tm))
             _print_round(k, got)
     _print_summary(f"{traces.height} traces, `dagster asset materialize --select renders,lossmasks`", got)
 
@@ -290,6 +297,8 @@ def main() -> None:
     ap.add_argument("--materialize", type=int, default=0, metavar="N",
                     help="only the both-cores figure from N rounds of real `dagster asset materialize` runs of "
                          "renders,lossmasks, 1 worker on one thread and 2 workers alternating")
+    ap.add_argument("--show-timing", action="store_true",
+                    help="with --materialize: each run's renders timing metadata (where the time went)")
     ap.add_argument("--ours-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:

@@ -100,7 +100,7 @@ class FastEncoder:
         return e == a or e == b or (e - 2 >= a and _SAFE_SPLIT.match(text, e - 2) is not None)
 
     def encode_with_starts(self, text: str, blocks: Sequence[tuple[int, int]] = ()) -> tuple[np.ndarray, np.ndarray]:
-        """``text`` -> (token ids int32, start character of each token int64), equal to HF's
+        """``text`` -> (token ids int32, start character of each token int32), equal to HF's
         ``encode(text, add_special_tokens=False)`` and ``[o[0] for o in offsets]``.
 
         ``blocks``: sorted, disjoint character ranges that repeat across texts (the renderer's tool
