@@ -149,6 +149,25 @@ def test_cache_build_and_reload(tmp_path, llama_tokenizer):
     assert again.encode(text) == built.encode(text)
 
 
+def test_llama3_tokenizer_id_reads_the_stamp_and_builds_only_without_one(tmp_path, llama_tokenizer, monkeypatch):
+    """The Llama-3 build's digest comes from a current cache stamp without loading a tokenizer (the fast
+    path's check used to load a second copy: ~1 s, ~200 MB); a missing or stale stamp means a build."""
+    import cb_core.tokenizer as T
+
+    want = tokenizer_id(llama_tokenizer)
+    cache = tmp_path / "tok"
+    llama3_tokenizer(cache_dir=cache)  # builds it and writes the stamp
+    built: list = []
+    monkeypatch.setattr(T, "llama3_tokenizer", lambda cache_dir=None: built.append(cache_dir) or llama_tokenizer)
+    assert T.llama3_tokenizer_id(cache) == want and built == []
+    stamp = json.loads((cache / "cb_build.json").read_text())
+    (cache / "cb_build.json").write_text(json.dumps({**stamp, "source_sha256": "0" * 64}))  # stale
+    assert T.llama3_tokenizer_id(cache) == want and built == [cache]
+    (cache / "cb_build.json").write_text("{not json")
+    assert T.llama3_tokenizer_id(cache) == want and built == [cache, cache]
+    assert T.llama3_tokenizer_id(tmp_path / "none") == want and built[-1] == tmp_path / "none"
+
+
 def test_load_tokenizer_specs(tmp_path, llama_tokenizer):
     assert load_tokenizer("llama3").encode("hi") == llama_tokenizer.encode("hi")
     local = tmp_path / "model_dir"
