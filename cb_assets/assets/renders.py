@@ -77,8 +77,9 @@ def renders(
             "max_length": rcfg.max_length,
             "truncated": int(df["truncated"].sum()),
             "workers": int(stats.get("workers", 1)),
-            # steps of STEP_ROWS traces each process took from the shared queue (this one first)
+            # runs of up to STEP_ROWS traces each process took from the shared queue (this one first)
             "worker_steps": dg.MetadataValue.json(stats.get("worker_steps", [])),
+            "worker_rows": dg.MetadataValue.json(stats.get("worker_rows", [])),  # traces each process rendered
             # per dataset: traces over max_length, how many each truncation step saved, how many quarantined
             "truncation": dg.MetadataValue.json(stats.get("truncation", {})),
             "truncation_steps": dg.MetadataValue.json(list(rcfg.truncation.steps)),
