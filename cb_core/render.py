@@ -519,9 +519,9 @@ def _token_spans(r: Rendered, starts: np.ndarray) -> np.ndarray:
     ``injection`` spans cover every token that overlaps them, so their first token is the one holding the
     injection's first character even when BPE merged it with the character before)."""
     sp = r.spans
-    dt = starts.dtype if starts.dtype == np.int32 else np.int64  # as the starts: searchsorted casts neither
-    cs = np.fromiter((s.char_start for s in sp), dt, len(sp))
-    ce = np.fromiter((s.char_end for s in sp), dt, len(sp))
+    # the starts' own dtype (int32 on the fast path, int64 from HF offsets): searchsorted then casts neither
+    cs = np.fromiter((s.char_start for s in sp), starts.dtype, len(sp))
+    ce = np.fromiter((s.char_end for s in sp), starts.dtype, len(sp))
     out = np.empty((len(sp), 4), np.int64)
     out[:, 0] = [_KIND_CODE[s.kind] for s in sp]
     out[:, 1] = [s.message_index for s in sp]

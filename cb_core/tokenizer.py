@@ -145,16 +145,14 @@ def llama3_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedTokenizer
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     src = llama3_tokenizer_model_path()
     stamp = {"format": _CACHE_FORMAT, "source_sha256": _file_sha256(src)}
-    stamp_file = cache / "cb_build.json"
-    if stamp_file.is_file():
+    saved = _current_stamp(cache, stamp)
+    if saved is not None:
         try:
-            saved = json.loads(stamp_file.read_text())
-            if {k: saved.get(k) for k in stamp} == stamp:
-                tok = PreTrainedTokenizerFast.from_pretrained(str(cache), local_files_only=True)
-                check_llama3_special_ids(tok)
-                if saved.get("tokenizer_id"):
-                    tok._cb_tokenizer_id = saved["tokenizer_id"]  # digest computed at build time (saves ~2 s)
-                return tok
+            tok = PreTrainedTokenizerFast.from_pretrained(str(cache), local_files_only=True)
+            check_llama3_special_ids(tok)
+            if saved.get("tokenizer_id"):
+                tok._cb_tokenizer_id = saved["tokenizer_id"]  # digest computed at build time (saves ~2 s)
+            return tok
         except Exception:  # corrupt cache: rebuild below
             pass
     tok = build_llama3_tokenizer(src)
@@ -185,16 +183,23 @@ def llama3_tokenizer_id(cache_dir: str | Path | None = None) -> str:
     tokenizer is the Llama-3 build used to load a second copy for this: ~1 s and ~200 MB of freed heap a
     process, which also made every later fork copy that much more page table."""
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    src = llama3_tokenizer_model_path()
-    stamp_file = cache / "cb_build.json"
-    try:
-        saved = json.loads(stamp_file.read_text())
-        if (saved.get("format") == _CACHE_FORMAT and saved.get("source_sha256") == _file_sha256(src)
-                and saved.get("tokenizer_id")):
-            return saved["tokenizer_id"]
-    except (OSError, ValueError):  # no cache yet, or a corrupt one: build it
-        pass
+    stamp = {"format": _CACHE_FORMAT, "source_sha256": _file_sha256(llama3_tokenizer_model_path())}
+    saved = _current_stamp(cache, stamp)
+    if saved is not None and saved.get("tokenizer_id"):
+        return saved["tokenizer_id"]
     return tokenizer_id(llama3_tokenizer(cache_dir))
+
+
+def _current_stamp(cache: Path, stamp: dict) -> dict | None:
+    """The cache's ``cb_build.json`` when it names this build (``stamp``'s format and source digest), else
+    None (no cache, a stale one, or an unreadable stamp)."""
+    try:
+        saved = json.loads((cache / "cb_build.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or {k: saved.get(k) for k in stamp} != stamp:
+        return None
+    return saved
 
 
 def load_tokenizer(spec: str | Path):
