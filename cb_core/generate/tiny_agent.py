@@ -67,7 +67,7 @@ class TinyAgentConfig:
     seeds: tuple[int, ...] = (1, 2, 3, 4)  # demo seeds of the corpus; the pipeline's demo uses 0
     eval_seed: int = 0  # held-out figures: the pipeline's own demo skeletons
     seed: int = 0  # init + batch order
-    steps: int = 720
+    steps: int = 1080
     batch_tokens: int = 12288  # computed tokens per step: the shared prefix once + rows x longest suffix
     batch_size: int = 16  # at most this many sequences per step
     lr: float = 4e-3
