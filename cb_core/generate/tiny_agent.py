@@ -21,7 +21,8 @@ or meaningless. This model makes the CPU pipeline (tests, the README's main job)
   cost of a few-thousand-way one.
 * **Shared prefixes**: rows that share a token prefix (the tool schemas of a source; a twin and its attacked
   prompt up to the injection) are batched together and the prefix runs once (``prefix_batches``,
-  ``prefix_forward``): exact, and about 6x fewer computed tokens, which is what fits the build into 3 minutes.
+  ``prefix_forward``): exact, and about 6x fewer computed tokens, which is what fits 1,080 steps into ~6
+  minutes on 2 cores.
 * **Cache**: built once, keyed by config + corpus digest + tokenizer id (``$CB_CACHE_DIR/tiny_agent/<key>`` or
   ``~/.cache/cb_platform/tiny_agent/<key>``), written to a temp dir and renamed; a file lock keeps parallel
   test workers from building twice. ``cb_build.json`` holds size, steps, timings and the held-out figures.
