@@ -144,7 +144,7 @@ def llama3_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedTokenizer
     """
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     src = llama3_tokenizer_model_path()
-    stamp = {"format": _CACHE_FORMAT, "source_sha256": _file_sha256(src)}
+    stamp = _build_stamp(src)
     saved = _current_stamp(cache, stamp)
     if saved is not None:
         try:
@@ -183,11 +183,15 @@ def llama3_tokenizer_id(cache_dir: str | Path | None = None) -> str:
     tokenizer is the Llama-3 build used to load a second copy for this: ~1 s and ~200 MB of freed heap a
     process, which also made every later fork copy that much more page table."""
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    stamp = {"format": _CACHE_FORMAT, "source_sha256": _file_sha256(llama3_tokenizer_model_path())}
-    saved = _current_stamp(cache, stamp)
+    saved = _current_stamp(cache, _build_stamp(llama3_tokenizer_model_path()))
     if saved is not None and saved.get("tokenizer_id"):
         return saved["tokenizer_id"]
     return tokenizer_id(llama3_tokenizer(cache_dir))
+
+
+def _build_stamp(src: Path) -> dict:
+    """What names a cached build: the cache format and the digest of the ``tokenizer.model`` it came from."""
+    return {"format": _CACHE_FORMAT, "source_sha256": _file_sha256(src)}
 
 
 def _current_stamp(cache: Path, stamp: dict) -> dict | None:
