@@ -64,6 +64,7 @@ def _off_main_arena(call: Callable[[], Any]) -> Any:
 
     def run() -> None:
         try:
+            huge_arena()
             box["ok"] = call()
         except BaseException as e:  # noqa: BLE001 - raised in the calling thread
             box["err"] = e
@@ -74,6 +75,83 @@ def _off_main_arena(call: Callable[[], Any]) -> Any:
     if "err" in box:
         raise box["err"]
     return box["ok"]
+
+
+_HEAP_MAX = 64 << 20  # glibc's HEAP_MAX_SIZE on 64-bit: a thread arena's heap is one such region, aligned to it
+_MADV_HUGEPAGE = 14
+_PROT_RW = 3
+
+
+def _thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+        with open("/proc/sys/vm/overcommit_memory") as f:
+            strict = f.read().strip() == "2"
+    except OSError:
+        return "never"
+    if strict:  # making the whole reserve writable would commit 64 MB
+        return "never"
+    return text[text.index("[") + 1:text.index("]")] if "[" in text else "never"
+
+
+def huge_arena() -> bool:
+    """Back the calling thread's glibc malloc arena with transparent huge pages. Why: a forked part grows
+    fresh memory of its own (one page fault per 4 KB page it first writes, 5-7 k per worker on 1000 traces,
+    ~3 us each here) where one process reuses memory it already has; a huge page is one fault for 2 MB
+    (zeroing 64 MB took 6.4 ms as huge pages against 43 ms page by page, `bench/page_faults.py`). glibc
+    reserves a thread arena's heap as one 64 MB region aligned to its size and makes it writable in small
+    steps, so a 2 MB range is seldom whole inside the writable part when it is first written: the region is
+    made writable at once (glibc's own later calls on it are then no-ops) and advised. Only where it is
+    surely such a heap: the kernel's THP setting is ``madvise`` or ``always``, overcommit is not strict,
+    and the 64 MB region holding a fresh small allocation is all unnamed anonymous memory (else, e.g. a
+    thread served from the main arena's ``[heap]``, nothing is done). Returns whether it did."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux") or _thp_mode() not in ("madvise", "always"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only
+        libc.malloc.restype = ctypes.c_void_p
+        libc.malloc.argtypes = [ctypes.c_size_t]
+        libc.free.argtypes = [ctypes.c_void_p]
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    except (OSError, AttributeError):
+        return False
+    p = libc.malloc(64)
+    if not p:
+        return False
+    libc.free(p)
+    base = p & ~(_HEAP_MAX - 1)
+    if not _is_thread_heap(base):
+        return False
+    if libc.mprotect(base, _HEAP_MAX, _PROT_RW) != 0:
+        return False
+    return libc.madvise(base, _HEAP_MAX, _MADV_HUGEPAGE) == 0
+
+
+def _is_thread_heap(base: int) -> bool:
+    """True when [base, base + 64 MB) is wholly covered by unnamed anonymous private mappings: glibc's
+    thread heap (its writable part and the reserved rest; a heap already advised may have merged with a
+    neighbour of the same flags). The main arena's memory is ``[heap]``, named."""
+    end = base + _HEAP_MAX
+    covered = base
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                if hi <= base or lo >= end:
+                    continue
+                if lo > covered or len(parts) > 5 or not parts[1].endswith("p") or parts[4] != "0":
+                    return False
+                covered = max(covered, hi)
+    except (OSError, ValueError):
+        return False
+    return covered >= end
 
 
 class StepQueue:
@@ -180,30 +258,107 @@ def _dump(records: Iterable[tuple[str, tuple[bytes, list]]], path: str) -> str |
             for r in raws:
                 f.write(b"\0" * _pad(f.tell()))
                 f.write(r)
+            f.flush()  # whole records reach the file as they come: the parent reads them while it works
     os.rename(path + ".part", path)
     return kind
 
 
+class _ResultReader:
+    """A child's result file (`_dump`), read record by record as it grows: this process takes in what a
+    streaming child has finished between its own items, so only the child's last records are left to read
+    when both are done (reading them all at the end took 6-15 ms of a 2-worker render, all of it serial).
+    Each record's buffers are views of a private (copy-on-write) map of the file: writable, and valid after
+    the file is removed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd: int | None = None
+        self.at = 0  # end of the last whole record taken in
+        self.records: list[Any] = []
+        self.poll_s = 0.0  # time spent taking records in
+
+    def _open(self) -> bool:
+        if self.fd is None:
+            for name in (self.path + ".part", self.path):  # being written, or already complete
+                try:
+                    self.fd = os.open(name, os.O_RDONLY)
+                    break
+                except FileNotFoundError:
+                    continue
+        return self.fd is not None
+
+    def _record_end(self, at: int, size: int) -> int | None:
+        """Where the record at ``at`` ends, or None while it is not all in the file yet."""
+        if at + 16 > size:
+            return None
+        n, k = struct.unpack("<QQ", os.pread(self.fd, 16, at))
+        head = at + 16 + 8 * k
+        if head > size:
+            return None
+        end = head + n
+        for b in struct.unpack(f"<{k}Q", os.pread(self.fd, 8 * k, at + 16)) if k else ():
+            end += _pad(end) + b
+        return end if end <= size else None
+
+    def poll(self) -> None:
+        """Take in every record that is whole in the file now."""
+        t0 = time.perf_counter()
+        try:
+            self._take()
+        finally:
+            self.poll_s += time.perf_counter() - t0
+
+    def _take(self) -> None:
+        if not self._open():
+            return
+        size = os.fstat(self.fd).st_size
+        ends = []
+        at = self.at
+        while (end := self._record_end(at, size)) is not None:
+            ends.append(end)
+            at = end
+        if not ends:
+            return
+        first = self.at - self.at % mmap.ALLOCATIONGRANULARITY  # a map starts on a page: buffers stay aligned
+        mm = mmap.mmap(self.fd, ends[-1] - first, access=mmap.ACCESS_COPY, offset=first)
+        view = memoryview(mm)
+        at = self.at
+        for end in ends:
+            n, k = struct.unpack_from("<QQ", view, at - first)
+            sizes = struct.unpack_from(f"<{k}Q", view, at - first + 16)
+            at += 16 + 8 * k
+            data = view[at - first:at - first + n]
+            at += n
+            bufs = []
+            for size_ in sizes:
+                at += _pad(at)
+                bufs.append(view[at - first:at - first + size_])
+                at += size_
+            assert at == end
+            self.records.append(pickle.loads(data, buffers=bufs))  # our own child's file, written a moment ago
+        self.at = at
+
+    def finish(self) -> list[Any]:
+        """Every record, once the child has said its file is complete; the file's length must be theirs."""
+        self.poll()
+        if self.fd is None:
+            raise FileNotFoundError(self.path)
+        size = os.fstat(self.fd).st_size
+        os.close(self.fd)
+        self.fd = None
+        if self.at != size:
+            raise RuntimeError(f"{self.path}: {size - self.at} bytes after the last whole record")
+        return self.records
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 def _records(path: str) -> list[Any]:
-    """Every record of ``path``, its buffers views of a private (copy-on-write) map of the file: writable,
-    and valid after the file is removed."""
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    view = memoryview(mm)
-    out, at = [], 0
-    while at < len(view):
-        n, k = struct.unpack_from("<QQ", view, at)
-        sizes = struct.unpack_from(f"<{k}Q", view, at + 16)
-        at += 16 + 8 * k
-        data = view[at:at + n]
-        at += n
-        bufs = []
-        for size in sizes:
-            at += _pad(at)
-            bufs.append(view[at:at + size])
-            at += size
-        out.append(pickle.loads(data, buffers=bufs))  # our own child's file, written a moment ago
-    return out
+    """Every record of ``path`` (see `_ResultReader`)."""
+    return _ResultReader(path).finish()
 
 
 def _outcome(fn: Callable[[Any], Any], part: Any, stream: bool) -> Iterator[tuple[str, tuple[bytes, list]]]:
@@ -231,8 +386,17 @@ def _outcome(fn: Callable[[Any], Any], part: Any, stream: bool) -> Iterator[tupl
     yield "error", rec
 
 
-def _run(fn: Callable[[Any], Any], part: Any, stream: bool) -> Any:
-    return list(fn(part)) if stream else fn(part)
+def _run(fn: Callable[[Any], Any], part: Any, stream: bool, readers: Sequence[_ResultReader] = ()) -> Any:
+    """``fn(part)``; streaming, its items as a list, and after each item every reader takes in what its
+    child has finished meanwhile."""
+    if not stream:
+        return fn(part)
+    out = []
+    for item in fn(part):
+        out.append(item)
+        for rd in readers:
+            rd.poll()
+    return out
 
 
 def _reap(pid: int) -> None:
@@ -258,11 +422,14 @@ def fork_map(fn: Callable[[Any], Any], parts: Sequence[Any], what: str = "worker
 
     ``timings``, if given, receives where this process's time went (seconds): ``fork_s`` forking the
     children (the kernel copies this process's page tables: ~12 ms at 460 MB of memory), ``own_part_s``
-    running ``parts[0]``, ``wait_s`` waiting for the children's files after that, ``load_s`` reading them."""
+    running ``parts[0]`` (streaming: with ``read_during_s`` of it spent taking in the children's finished
+    items, see `_ResultReader`), ``wait_s`` waiting for the children's files after that, ``load_s`` reading
+    what was left of them."""
     if len(parts) <= 1:
         return [_run(fn, p, stream) for p in parts]
     tmp = tempfile.mkdtemp(prefix="cb-fork-")
     children: dict[int, tuple[int, str, int]] = {}  # pid -> (part index, result file, read end of its pipe)
+    readers: dict[int, _ResultReader] = {}  # pid -> its result file, read as it grows
     gc.freeze()  # the children's collector leaves the inherited heap alone (no copy-on-write of every page)
     try:
         t0 = time.perf_counter()
@@ -281,11 +448,13 @@ def fork_map(fn: Callable[[Any], Any], parts: Sequence[Any], what: str = "worker
                     os._exit(code)
             os.close(w)
             children[pid] = (k, path, r)
+            readers[pid] = _ResultReader(path)
         t1 = time.perf_counter()
         results: list[Any] = [None] * len(parts)
-        results[0] = _off_main_arena(lambda: _run(fn, parts[0], stream))
+        results[0] = _off_main_arena(lambda: _run(fn, parts[0], stream, list(readers.values()) if stream else ()))
         t2 = time.perf_counter()
         waited = 0.0
+        read_during = sum(rd.poll_s for rd in readers.values())
         for pid in list(children):
             k, path, r = children[pid]
             tw = time.perf_counter()
@@ -297,7 +466,7 @@ def fork_map(fn: Callable[[Any], Any], parts: Sequence[Any], what: str = "worker
                 del children[pid]
                 raise RuntimeError(f"{what} {k} (pid {pid}) died without a result "
                                    f"(wait status {status}; killed or out of memory?)")
-            records = _records(path)
+            records = readers.pop(pid).finish()
             kind, out = records[-1]
             if kind != "ok":
                 text, exc = out
@@ -313,10 +482,12 @@ def fork_map(fn: Callable[[Any], Any], parts: Sequence[Any], what: str = "worker
             threading.Thread(target=_reap, args=(pid,), daemon=True).start()
         if timings is not None:
             timings.update(fork_s=t1 - t0, own_part_s=t2 - t1, wait_s=waited,
-                           load_s=time.perf_counter() - t2 - waited)
+                           load_s=time.perf_counter() - t2 - waited, read_during_s=read_during)
         return results
     finally:
         gc.unfreeze()
+        for rd in readers.values():
+            rd.close()
         for pid, (_, _, r) in children.items():  # on an error here: no child is left behind
             try:
                 os.close(r)

@@ -61,7 +61,8 @@ def _sleep(seconds: float) -> float:
 def test_timings_say_where_this_process_waited():
     t: dict = {}
     assert forking.fork_map(_sleep, [0.05, 0.3], timings=t) == [0.05, 0.3]
-    assert set(t) == {"fork_s", "own_part_s", "wait_s", "load_s"} and min(t.values()) >= 0
+    assert set(t) == {"fork_s", "own_part_s", "wait_s", "load_s", "read_during_s"} and min(t.values()) >= 0
+    assert t["read_during_s"] == 0  # not streaming: nothing is read before the child is done
     assert t["own_part_s"] >= 0.05
     assert t["fork_s"] + t["own_part_s"] + t["wait_s"] >= 0.3  # the child slept 0.3 s from some moment of its fork
 
@@ -331,3 +332,120 @@ def test_a_closed_step_queue_hands_out_nothing():
     q.close()
     assert q.take(0) is None and q.take(1) is None
     q.close()  # twice is fine
+
+
+def test_result_reader_takes_in_each_record_once_it_is_whole(tmp_path):
+    """A streaming child's file is read as it grows: every record the child has written is taken in at the
+    next poll, arrays aligned, and none twice."""
+    path = str(tmp_path / "part1.pkl")
+    rd = forking._ResultReader(path)
+    rd.poll()  # no file yet: nothing
+    seen = []
+
+    def records():
+        for k in range(4):
+            rd.poll()
+            seen.append(len(rd.records))
+            yield "item", forking._pickled(("item", {"k": k, "ids": np.arange(3000 * k + 7, dtype=np.int32)}))
+        rd.poll()
+        seen.append(len(rd.records))
+        yield "ok", forking._pickled(("ok", None))
+
+    assert forking._dump(records(), path) == "ok"
+    assert seen == [0, 1, 2, 3, 4]  # each record in the file (flushed) before the next is made
+    got = rd.finish()
+    assert [kind for kind, _ in got] == ["item"] * 4 + ["ok"]
+    for k, (_, item) in enumerate(got[:4]):
+        assert item["k"] == k and int(item["ids"].sum()) == sum(range(3000 * k + 7))
+        assert item["ids"].ctypes.data % forking.ALIGN == 0  # also in maps that start past the first page
+
+
+def test_result_reader_leaves_a_partly_written_record_for_later(tmp_path):
+    whole = str(tmp_path / "whole.pkl")
+    forking._dump([("item", forking._pickled(("item", np.arange(5000)))), ("ok", forking._pickled(("ok", 1)))],
+                  whole)
+    raw = open(whole, "rb").read()
+    path = str(tmp_path / "part1.pkl")
+    rd = forking._ResultReader(path)
+    first_end = None
+    for cut in (10, 100, len(raw) - 5, len(raw)):
+        with open(path + ".part", "wb") as f:
+            f.write(raw[:cut])
+        rd.poll()
+        if cut < len(raw) - 5:
+            assert rd.records == []  # a header or the pickle only in part: nothing taken
+        elif cut < len(raw):
+            assert len(rd.records) == 1 and int(rd.records[0][1].sum()) == sum(range(5000))
+            first_end = rd.at
+        else:
+            assert len(rd.records) == 2 and rd.records[1] == ("ok", 1) and rd.at == len(raw) > first_end
+    with open(path + ".part", "ab") as f:
+        f.write(b"junk")
+    with pytest.raises(RuntimeError, match="4 bytes after the last whole record"):
+        rd.finish()
+
+
+def _slow_here_fast_there(k: int):
+    import time
+
+    for j in range(3):
+        if k == 0:
+            time.sleep(0.15)
+        yield k, j
+
+
+def test_streaming_parent_takes_in_the_childs_items_while_it_works(monkeypatch):
+    """The child is done long before this process's part: its items are read between this process's
+    items, not all after them."""
+    polls: list[int] = []
+    poll = forking._ResultReader.poll
+
+    def counting(self):
+        poll(self)
+        polls.append(len(self.records))
+
+    monkeypatch.setattr(forking._ResultReader, "poll", counting)
+    t: dict = {}
+    out = forking.fork_map(_slow_here_fast_there, [0, 1], stream=True, timings=t)
+    assert out == [[(0, 0), (0, 1), (0, 2)], [(1, 0), (1, 1), (1, 2)]]
+    assert polls[:3] and max(polls[:3]) >= 3  # the child's 3 items taken in during this process's part
+    assert t["read_during_s"] > 0
+
+
+def test_huge_arena_advises_a_thread_heap_and_not_the_main_one():
+    """A thread's glibc arena heap (a 64 MB region) is made writable and advised for huge pages; the main
+    thread's [heap] is left alone. Where the kernel's THP setting is "never" nothing is advised."""
+    import threading
+
+    if not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
+        pytest.skip("no transparent huge pages on this system")
+    assert forking.huge_arena() is False  # the main thread: [heap], not a thread heap
+    got: dict = {}
+
+    def run():
+        got["ok"] = forking.huge_arena()
+        a = np.ones(1000)  # allocated in this thread's arena
+        got["addr"] = a.ctypes.data
+        got["base"] = got["addr"] & ~(forking._HEAP_MAX - 1)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    mode = forking._thp_mode()
+    assert got["ok"] is (mode in ("madvise", "always"))
+    if got["ok"]:
+        flags = _vm_flags(got["base"])
+        assert flags and "hg" in flags and "wr" in flags  # advised, and writable from its start
+
+
+def _vm_flags(addr: int) -> str | None:
+    """VmFlags of the mapping starting at ``addr`` (/proc/self/smaps)."""
+    cur = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not line.startswith("VmFlags"):
+                cur = int(head.split("-")[0], 16)
+            elif line.startswith("VmFlags") and cur == addr:
+                return line.split(":", 1)[1]
+    return None
