@@ -790,3 +790,30 @@ def test_renders_asset_reports_truncation_per_dataset(data_root):
     # the tau2 retain trace has no injection: cb_from_injection fell back to cb_full_sequence for it
     assert md["lossmasks"]["cb_from_injection_fallback"].value == {"harmful": 0, "retain": 1}
     assert md["lossmasks"]["training_default"].value["harmful"] == "cb_from_injection"
+
+
+def test_step_tables_carry_strings_as_views_polars_takes_as_they_are():
+    """A step's string columns are Arrow string views (polars' layout, no conversion when the steps are
+    stacked); every span kind and role decodes back to its name."""
+    import numpy as np
+    import pyarrow as pa
+
+    from cb_core import render as R
+
+    spans = np.array([[k, 0, k % len(R._ROLES), k, k + 1] for k in range(len(R.SPAN_KINDS))], np.int32)
+    cols = {"trace_id": ["a-long-trace-id-over-twelve-bytes", "b"],
+            "input_ids": [np.arange(3, dtype=np.int32), np.arange(2, dtype=np.int32)],
+            "spans": [spans, spans[:0]], "n_tokens": [3, 2], "truncated": [False, True],
+            "truncation": ["none", "drop_turns+cut"]}
+    tab = R._step_table(cols, "llama3-0123456789abcdef")
+    assert tab.schema.field("trace_id").type == pa.string_view()
+    assert tab.schema.field("spans").type.value_type.field("kind").type == pa.string_view()
+    frame = pl.from_arrow(tab).cast(R.RENDER_SCHEMA)
+    assert frame.schema == R.RENDER_SCHEMA
+    first = frame["spans"][0].to_list()
+    assert [s["kind"] for s in first] == list(R.SPAN_KINDS)
+    assert [s["role"] for s in first] == [R._ROLES[k % len(R._ROLES)] for k in range(len(R.SPAN_KINDS))]
+    assert frame["spans"][1].to_list() == [] and frame["truncation"].to_list() == ["none", "drop_turns+cut"]
+    assert frame["trace_id"].to_list() == cols["trace_id"] and frame["tokenizer_id"][1] == "llama3-0123456789abcdef"
+    with pytest.raises(ValueError, match="longer than an inline string view"):
+        R._inline_views(["a_kind_name_too_long"])
