@@ -136,19 +136,27 @@ def huge_arena() -> bool:
 def _is_thread_heap(base: int) -> bool:
     """True when [base, base + 64 MB) is wholly covered by unnamed anonymous private mappings: glibc's
     thread heap (its writable part and the reserved rest; a heap already advised may have merged with a
-    neighbour of the same flags). The main arena's memory is ``[heap]``, named."""
+    neighbour of the same flags). The main arena's memory is ``[heap]``, named. The maps are sorted by
+    address: a binary search finds the first one that matters (a Dagster process has ~800; parsing them
+    all took 3 ms)."""
+    import bisect
+
     end = base + _HEAP_MAX
-    covered = base
     try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                parts = line.split()
-                lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                if hi <= base or lo >= end:
-                    continue
-                if lo > covered or len(parts) > 5 or not parts[1].endswith("p") or parts[4] != "0":
-                    return False
-                covered = max(covered, hi)
+        with open("/proc/self/maps", "rb") as f:
+            lines = f.read().splitlines()
+        i = max(0, bisect.bisect_right(lines, base, key=lambda ln: int(ln[:ln.index(b"-")], 16)) - 1)
+        covered = base
+        for line in lines[i:]:
+            parts = line.split()
+            lo, hi = (int(x, 16) for x in parts[0].split(b"-"))
+            if lo >= end:
+                break
+            if hi <= base:
+                continue
+            if lo > covered or len(parts) > 5 or not parts[1].endswith(b"p") or parts[4] != b"0":
+                return False
+            covered = max(covered, hi)
     except (OSError, ValueError):
         return False
     return covered >= end
