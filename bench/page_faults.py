@@ -19,11 +19,11 @@ import time
 PAGE = mmap.PAGESIZE
 
 
-def _touch(m: mmap.mmap, size: int) -> tuple[float, int]:
-    """(seconds, page faults) to write one byte into every page of ``m``."""
+def _touch(m: mmap.mmap, size: int, start: int = 0) -> tuple[float, int]:
+    """(seconds, page faults) to write one byte into every page of ``m[start:start + size]``."""
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
-    for i in range(0, size, PAGE):
+    for i in range(start, start + size, PAGE):
         m[i] = 1
     return time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
 
@@ -41,11 +41,7 @@ def _huge(size: int) -> tuple[float, int]:
     if libc.madvise(addr + start, size, 14) != 0:  # MADV_HUGEPAGE
         m.close()
         return float("nan"), 0
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    t0 = time.perf_counter()
-    for i in range(start, start + size, PAGE):
-        m[i] = 1
-    out = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    out = _touch(m, size, start)
     m.close()
     return out
 

@@ -271,6 +271,20 @@ def _dump(records: Iterable[tuple[str, tuple[bytes, list]]], path: str) -> str |
     return kind
 
 
+def _layout(at: int, n: int, sizes: Sequence[int]) -> tuple[tuple[int, int], list[tuple[int, int]], int]:
+    """Where the parts of a `_dump` record whose header starts at ``at`` lie in the file: (pickle start, its
+    size ``n``), (start, size) of each buffer (``sizes``), and the record's end."""
+    at += 16 + 8 * len(sizes)
+    data = (at, n)
+    at += n
+    bufs = []
+    for size in sizes:
+        at += _pad(at)
+        bufs.append((at, size))
+        at += size
+    return data, bufs, at
+
+
 class _ResultReader:
     """A child's result file (`_dump`), read record by record as it grows: this process takes in what a
     streaming child has finished between its own items, so only the child's last records are left to read
@@ -295,18 +309,16 @@ class _ResultReader:
                     continue
         return self.fd is not None
 
-    def _record_end(self, at: int, size: int) -> int | None:
-        """Where the record at ``at`` ends, or None while it is not all in the file yet."""
+    def _record(self, at: int, size: int) -> tuple[tuple[int, int], list[tuple[int, int]], int] | None:
+        """The record at ``at`` as `_layout` gives it, or None while it is not all in the file yet."""
         if at + 16 > size:
             return None
         n, k = struct.unpack("<QQ", os.pread(self.fd, 16, at))
-        head = at + 16 + 8 * k
-        if head > size:
+        if at + 16 + 8 * k > size:
             return None
-        end = head + n
-        for b in struct.unpack(f"<{k}Q", os.pread(self.fd, 8 * k, at + 16)) if k else ():
-            end += _pad(end) + b
-        return end if end <= size else None
+        sizes = struct.unpack(f"<{k}Q", os.pread(self.fd, 8 * k, at + 16)) if k else ()
+        rec = _layout(at, n, sizes)
+        return rec if rec[2] <= size else None
 
     def poll(self) -> None:
         """Take in every record that is whole in the file now."""
@@ -320,30 +332,19 @@ class _ResultReader:
         if not self._open():
             return
         size = os.fstat(self.fd).st_size
-        ends = []
+        whole = []
         at = self.at
-        while (end := self._record_end(at, size)) is not None:
-            ends.append(end)
-            at = end
-        if not ends:
+        while (rec := self._record(at, size)) is not None:
+            whole.append(rec)
+            at = rec[2]
+        if not whole:
             return
         first = self.at - self.at % mmap.ALLOCATIONGRANULARITY  # a map starts on a page: buffers stay aligned
-        mm = mmap.mmap(self.fd, ends[-1] - first, access=mmap.ACCESS_COPY, offset=first)
+        mm = mmap.mmap(self.fd, at - first, access=mmap.ACCESS_COPY, offset=first)
         view = memoryview(mm)
-        at = self.at
-        for end in ends:
-            n, k = struct.unpack_from("<QQ", view, at - first)
-            sizes = struct.unpack_from(f"<{k}Q", view, at - first + 16)
-            at += 16 + 8 * k
-            data = view[at - first:at - first + n]
-            at += n
-            bufs = []
-            for size_ in sizes:
-                at += _pad(at)
-                bufs.append(view[at - first:at - first + size_])
-                at += size_
-            assert at == end
-            self.records.append(pickle.loads(data, buffers=bufs))  # our own child's file, written a moment ago
+        for (data, n), bufs, _ in whole:
+            self.records.append(pickle.loads(  # our own child's file, written a moment ago
+                view[data - first:data - first + n], buffers=[view[b - first:b - first + k] for b, k in bufs]))
         self.at = at
 
     def finish(self) -> list[Any]:
@@ -459,7 +460,7 @@ def fork_map(fn: Callable[[Any], Any], parts: Sequence[Any], what: str = "worker
             readers[pid] = _ResultReader(path)
         t1 = time.perf_counter()
         results: list[Any] = [None] * len(parts)
-        results[0] = _off_main_arena(lambda: _run(fn, parts[0], stream, list(readers.values()) if stream else ()))
+        results[0] = _off_main_arena(lambda: _run(fn, parts[0], stream, list(readers.values())))
         t2 = time.perf_counter()
         waited = 0.0
         read_during = sum(rd.poll_s for rd in readers.values())
