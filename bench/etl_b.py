@@ -23,7 +23,9 @@ so that no trace is quarantined as too long (the real tool sets alone pass 4096)
 
 --materialize N measures the both-cores figure in real `dagster asset materialize --select renders,lossmasks`
 runs (N rounds, 1 worker on one thread and 2 workers alternating; times from the assets' metadata; --show-timing
-prints each run's renders timing: fork, parts, idle, load, stacking, CPU and page faults per worker);
+prints each run's renders timing: fork, parts, idle, load, stacking, CPU and page faults per worker; --ceiling
+adds, after each round, the machine's own two-core figure of that moment, bench/cores_ceiling.py's split sized
+like the 1-thread run, and the ETL's share of it);
 --fresh N from cold passes in fresh processes.
 
 --limit picks that many traces spread evenly over the AgentDojo and TAU2 sets (0 = all; the full set is
@@ -200,13 +202,39 @@ def _print_round(k: int, got: dict[str, list[float]]) -> None:
     print(f"round {k + 1}: 1 thread {one:.3f} s, 2 processes {two:.3f} s: {one / two:.2f}x", flush=True)
 
 
-def _print_summary(what: str, got: dict[str, list[float]]) -> None:
-    """Medians of each side and of the per-round ratios (the machine drifts; a round's pair ran together)."""
-    med = {k: sorted(v)[len(v) // 2] for k, v in got.items()}
-    pair = sorted(a / b for a, b in zip(got["1 thread"], got["2 processes"]))
+def _median(v: list[float]) -> float:
+    return sorted(v)[len(v) // 2]
+
+
+def _print_summary(what: str, got: dict[str, list[float]], ceiling: list[float] | None = None) -> None:
+    """Medians of each side and of the per-round ratios (the machine drifts; a round's pair ran together);
+    with ``ceiling``, the machine's own two-core figure of each round and the ETL's share of it."""
+    med = {k: _median(v) for k, v in got.items()}
+    ratios = [a / b for a, b in zip(got["1 thread"], got["2 processes"])]
+    pair = sorted(ratios)
     print(f"{what}, medians of {len(pair)} rounds: 1 thread {med['1 thread']:.3f} s, 2 processes "
           f"{med['2 processes']:.3f} s; speedup from both cores {med['1 thread'] / med['2 processes']:.2f}x "
           f"(per round {pair[0]:.2f}-{pair[-1]:.2f}, median {pair[len(pair) // 2]:.2f}; target >= 1.7)")
+    if ceiling:
+        share = sorted(r / c for r, c in zip(ratios, ceiling))
+        print(f"the machine's own two-core figure in the same rounds (bench/cores_ceiling.py's split, no serial "
+              f"part): median {_median(ceiling):.2f}x (per round {min(ceiling):.2f}-{max(ceiling):.2f}); the ETL's "
+              f"share of it per round: median {_median(share):.2f} ({share[0]:.2f}-{share[-1]:.2f})")
+
+
+def _ceiling_round(seconds: float) -> float:
+    """One round of `bench/cores_ceiling.py` sized so its one-process run takes about ``seconds``: the
+    two-core figure a split with no serial part gets at this moment on this machine. In a small process of
+    its own (forking this one, which holds Dagster, would add its page tables to the split)."""
+    from cores_ceiling import work
+
+    t0 = time.perf_counter()
+    work(1_000_000)
+    n = int(1_000_000 * seconds / max(time.perf_counter() - t0, 1e-6))
+    p = subprocess.run([sys.executable, str(Path(__file__).with_name("cores_ceiling.py")), "--rounds", "1",
+                        "--n", str(n)], capture_output=True, text=True, check=True)
+    m = re.search(r"1 process ([\d.]+) s, 2 processes ([\d.]+) s", p.stdout)
+    return float(m.group(1)) / float(m.group(2))
 
 
 def fresh_rounds(args) -> None:
@@ -244,6 +272,7 @@ def materialize_rounds(args) -> None:
     conf = {name: (env, w) for name, env, w in CONFIGS}
     run_config = json.dumps({"ops": {"renders": {"config": {"max_length": args.max_length}}}})
     got: dict[str, list[float]] = {"1 thread": [], "2 processes": []}
+    ceiling: list[float] = []
     with tempfile.TemporaryDirectory(prefix="cb-etl-b-") as tmp:
         root, home = Path(tmp) / "data", Path(tmp) / "dagster_home"
         root.mkdir()
@@ -276,7 +305,11 @@ def materialize_rounds(args) -> None:
                     print(f"  {name}: lossmasks build {md['lossmasks']['build_s'].value} s; renders "
                           + ", ".join(f"{k} {tm[k]}" for k in keep if k in tm))
             _print_round(k, got)
-    _print_summary(f"{traces.height} traces, `dagster asset materialize --select renders,lossmasks`", got)
+            if args.ceiling:
+                ceiling.append(_ceiling_round(got["1 thread"][-1]))
+                print(f"  the machine's two-core figure this round: {ceiling[-1]:.2f}x; the ETL's share of it: "
+                      f"{got['1 thread'][-1] / got['2 processes'][-1] / ceiling[-1]:.2f}", flush=True)
+    _print_summary(f"{traces.height} traces, `dagster asset materialize --select renders,lossmasks`", got, ceiling)
 
 
 def main() -> None:
@@ -299,6 +332,10 @@ def main() -> None:
                          "renders,lossmasks, 1 worker on one thread and 2 workers alternating")
     ap.add_argument("--show-timing", action="store_true",
                     help="with --materialize: each run's renders timing metadata (where the time went)")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="with --materialize: after each round, one round of bench/cores_ceiling.py's split sized "
+                         "like the 1-thread run (the machine's own two-core figure at that moment) and the "
+                         "ETL's share of it")
     ap.add_argument("--ours-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
