@@ -43,6 +43,8 @@ import sys
 import time
 from pathlib import Path
 
+from etl_cores import _median  # a sibling bench script (stdlib only at import)
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -166,11 +168,12 @@ def child(args) -> dict:
             times[k].append(time.perf_counter() - t0)
     renders, masks, st = outs["ours"]
     for k, ts in times.items():  # median of the interleaved passes (the machine is shared)
-        res[f"{k}_s"] = sorted(ts)[len(ts) // 2]
+        res[f"{k}_s"] = _median(ts)
         res[f"{k}_sps"] = n / res[f"{k}_s"]
     res.update(n_rendered=renders.height, n_masks=masks.height,
                tokens=int(renders["n_tokens"].cast(pl.Int64).sum()),
-               stage_s={k: round(v, 3) for k, v in st.items() if k.endswith("_s")})
+               # the stages' seconds (render_traces' stats also hold per-worker lists ending in _s)
+               stage_s={k: round(v, 3) for k, v in st.items() if k.endswith("_s") and isinstance(v, float)})
     if "b" in outs:
         res["b_ranges"] = outs["b"]
     return res
@@ -202,10 +205,6 @@ def _print_round(k: int, got: dict[str, list[float]]) -> None:
     print(f"round {k + 1}: 1 thread {one:.3f} s, 2 processes {two:.3f} s: {one / two:.2f}x", flush=True)
 
 
-def _median(v: list[float]) -> float:
-    return sorted(v)[len(v) // 2]
-
-
 def _print_summary(what: str, got: dict[str, list[float]], ceiling: list[float] | None = None) -> None:
     """Medians of each side and of the per-round ratios (the machine drifts; a round's pair ran together);
     with ``ceiling``, the machine's own two-core figure of each round and the ETL's share of it."""
@@ -214,7 +213,7 @@ def _print_summary(what: str, got: dict[str, list[float]], ceiling: list[float] 
     pair = sorted(ratios)
     print(f"{what}, medians of {len(pair)} rounds: 1 thread {med['1 thread']:.3f} s, 2 processes "
           f"{med['2 processes']:.3f} s; speedup from both cores {med['1 thread'] / med['2 processes']:.2f}x "
-          f"(per round {pair[0]:.2f}-{pair[-1]:.2f}, median {pair[len(pair) // 2]:.2f}; target >= 1.7)")
+          f"(per round {pair[0]:.2f}-{pair[-1]:.2f}, median {_median(pair):.2f}; target >= 1.7)")
     if ceiling:
         share = sorted(r / c for r, c in zip(ratios, ceiling))
         print(f"the machine's own two-core figure in the same rounds (bench/cores_ceiling.py's split, no serial "
