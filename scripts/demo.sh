@@ -8,6 +8,7 @@ cd "$root"
 bash scripts/setup.sh
 export DAGSTER_HOME="${DAGSTER_HOME:-$root/dagster_home}"
 export CB_DATA_ROOT="${CB_DATA_ROOT:-$root/.cb_data}"
+mkdir -p "$DAGSTER_HOME"  # a DAGSTER_HOME of the user's choosing may not exist yet (Dagster requires the folder)
 export CB_MODEL="${CB_MODEL:-tiny_agent}"          # generation, training and evaluation on the tiny agent
 export CB_EVAL_LIMIT="${CB_EVAL_LIMIT:-16}"        # prompts per eval set: a quick, honest demo figure
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE="${WANDB_MODE:-offline}"
