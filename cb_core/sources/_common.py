@@ -72,8 +72,11 @@ def read_csv_records(path: Path, expected: str) -> tuple[list[str], list[tuple[i
         data = data[3:]
     if not data.strip():
         raise SourceError(f"{path} is empty (no record){WIPE}: expected a header and {expected}", file=path)
-    text = data.decode("utf-8", "surrogateescape")
-    dirty = SURROGATE.search(text) is not None  # not valid UTF-8 somewhere
+    try:  # valid UTF-8 (the usual case) needs no scan for escaped bytes
+        text, dirty = data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", "surrogateescape")
+        dirty = True  # not valid UTF-8 somewhere
     lines = io.StringIO(text, newline="").readlines()
     reader = csv.reader(lines, strict=True)
     records: list[tuple[int, list[str], bytes]] = []

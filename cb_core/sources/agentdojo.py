@@ -53,7 +53,7 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import polars as pl
 import pyarrow as pa
@@ -651,33 +651,20 @@ def traces_table(rows: list[dict], msgs: list[list[Msg]]) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-MIN_PART_BYTES = 4 << 20  # below this a fork costs more than it saves
-PARENT_WEIGHT = 1.5  # this process's part against a child's: a child's byte costs ~1.4x (see _file_parts)
+MIN_PART_BYTES = 4 << 20  # a worker per this many bytes at most: below it a fork costs more than it saves
 _FACTS = ("attacked", "security_true_attacked", "with_attacker_call", "benign_success")  # per-record counts
 
 
-def _file_parts(files: list[Path], workers: int) -> list[list[Path]]:
-    """Consecutive runs of ``files``, one per worker (one run when the files are few or small:
-    ``MIN_PART_BYTES``). The first run, read by this process, is ``PARENT_WEIGHT`` times a child's in
-    bytes: a forked child pays copy-on-write faults on the inherited heap and writes its result for this
-    process to read (measured on the shared data, 2 cores: 60/40 by bytes 0.22 s, 53/47 0.27 s)."""
-    sizes = []
+def _workers(files: list[Path], cores: int) -> int:
+    """How many processes read ``files``: one per core, but one per ``MIN_PART_BYTES`` at most and never
+    more than there are files."""
+    total = 0
     for p in files:
         try:
-            sizes.append(p.stat().st_size)
+            total += p.stat().st_size
         except OSError:
-            sizes.append(0)  # open() reports it with the path
-    total = sum(sizes)
-    n = max(1, min(workers, len(files), total // MIN_PART_BYTES))
-    weights = [PARENT_WEIGHT] + [1.0] * (n - 1)
-    ends = [sum(weights[:k + 1]) / sum(weights) for k in range(n)]  # where each run ends (share of bytes)
-    parts: list[list[Path]] = [[] for _ in range(n)]
-    acc = 0
-    for p, size in zip(files, sizes):
-        at = acc / total if total else 0.0  # where the file starts
-        parts[next(k for k in range(n) if at < ends[k] or k == n - 1)].append(p)
-        acc += size
-    return [part for part in parts if part] or [[]]
+            pass  # open() reports it with the path
+    return max(1, min(cores, len(files), total // MIN_PART_BYTES))
 
 
 def _read_files(files: list[Path], root: Path, targets: dict, schemas: "ToolSchemas", fixed: str | None) -> dict:
@@ -799,12 +786,23 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
             f"agentdojo: no .jsonl/.json file in {root} (found only: {', '.join(skipped[:10])}); point "
             f"CB_AGENTDOJO_PATH at the AgentDojo run files (agentdojo-<model>.jsonl)", file=root)
 
-    # files in parts of about equal size, laid end to end: this process reads the first, forked children
-    # the others (each part's traces come back as one Arrow table, so the frame keeps the file order)
+    # the files are shared out one at a time from a forking.StepQueue: each process starts on its own
+    # half of the list and then helps with what is left of the other's, so both finish together whatever
+    # a file costs (the cost follows its records more than its bytes); the results go back in file order
     _arrow_schema()  # built before forking (it needs polars)
-    parts = _file_parts(files, forking.cores())
-    outs = forking.fork_map(lambda part: _read_files(part, root, targets, schemas, fixed), parts,
-                            what="agentdojo reader")
+    workers = _workers(files, forking.cores())
+    queue = forking.StepQueue(len(files), workers)
+
+    def read_share(k: int) -> Iterator[tuple[int, dict]]:
+        while (run := queue.take(k)) is not None:
+            for i in range(*run):
+                yield i, _read_files([files[i]], root, targets, schemas, fixed)
+
+    try:
+        shares = forking.fork_map(read_share, list(range(workers)), what="agentdojo reader", stream=True)
+    finally:
+        queue.close()
+    outs = [out for _, out in sorted((x for share in shares for x in share), key=lambda x: x[0])]
     file_names = [f for o in outs for f in o["file_names"]]
     rejected = [r for o in outs for r in o["rejected"]]
     versions_by_file = {k: v for o in outs for k, v in o["versions_by_file"].items()}

@@ -122,6 +122,28 @@ def test_trace_ids_are_unchanged(suffix):
                                       suffix)
 
 
+@pytest.mark.parametrize("msgs", [
+    [message("user", "plain é \U0001F600 \x00 \u2028")],
+    [{"role": "user", "content": 1e-05, "tool_calls": [], "tool_call_id": None, "name": None}],  # off the shape
+    [{"role": "assistant", "content": "", "tool_calls": [{"id": "c", "name": "f", "arguments": 2.5}]}],
+    [{"role": "user", "content": "lone \ud800 surrogate"}],
+    [{"role": "user", "content": "x", 1: "non-string key"}],
+    [{"role": "user", "content": ("tuple", 1e16)}],
+    (message("user", "a tuple of messages"),),
+    [],
+])
+def test_trace_ids_are_unchanged_whatever_the_messages_hold(msgs):
+    """trace_id writes trace_v1-shaped messages (strings and nulls) with orjson; anything else takes the
+    standard library's text, so the id never depends on which path wrote it."""
+    try:
+        want = _old_trace_id("d", "f:1", msgs, "[]", None)
+    except (UnicodeEncodeError, TypeError) as e:  # the definition itself refuses it: so must trace_id
+        with pytest.raises(type(e)):
+            schemas.trace_id("d", "f:1", msgs, b"\"[]\"", None)
+        return
+    assert schemas.trace_id("d", "f:1", msgs, b"\"[]\"", None) == want
+
+
 def test_readers_run_with_the_collector_paused_and_restore_it(monkeypatch):
     from cb_core.sources import tau2
 

@@ -708,25 +708,61 @@ def test_a_source_error_in_a_forked_reader_keeps_its_file(tmp_path, monkeypatch)
     good.write_text("")
     bad = tmp_path / "agentdojo-b.jsonl"
     bad.mkdir()  # a folder where a file should be: open() fails in the second part
+    import cb_core.forking
+
     monkeypatch.setattr(agentdojo, "MIN_PART_BYTES", 1)
-    monkeypatch.setattr(agentdojo, "_file_parts", lambda files, workers: [[f] for f in files])
+
+    class OwnFilesOnly(cb_core.forking.StepQueue):  # no help with the other's files: the bad one stays forked
+        def take(self, k):
+            run = super().take(k)
+            return run if run is None or run[0] == k else None
+
+    monkeypatch.setattr(cb_core.forking, "StepQueue", OwnFilesOnly)
     with pytest.raises(SourceError, match="cannot open") as err:
         _read_with(monkeypatch, 2, "agentdojo", [good, bad])
     assert err.value.file == str(bad)
     assert any("agentdojo reader 1" in n for n in err.value.__notes__)
 
 
-def test_file_parts_give_this_process_the_larger_run(tmp_path, monkeypatch):
-    """Consecutive runs; the first (this process's) is PARENT_WEIGHT times a child's in bytes; small
-    sources stay in one run."""
+def test_workers_one_per_core_and_min_part_bytes(tmp_path, monkeypatch):
+    """One process per core, but at most one per MIN_PART_BYTES and per file."""
     files = []
     for k in range(10):
         f = tmp_path / f"agentdojo-{k}.jsonl"
         f.write_bytes(b"x" * 1000)
         files.append(f)
-    assert agentdojo._file_parts(files, 2) == [files]  # 10 kB: below MIN_PART_BYTES
+    assert agentdojo._workers(files, 2) == 1  # 10 kB: below MIN_PART_BYTES
+    monkeypatch.setattr(agentdojo, "MIN_PART_BYTES", 4000)
+    assert agentdojo._workers(files, 2) == 2 and agentdojo._workers(files, 8) == 2  # 10 kB / 4 kB
     monkeypatch.setattr(agentdojo, "MIN_PART_BYTES", 1)
-    assert agentdojo._file_parts(files, 2) == [files[:6], files[6:]]  # 1.5 : 1 -> 60 % of the bytes
-    assert agentdojo._file_parts(files, 3) == [files[:5], files[5:8], files[8:]]  # 1.5 : 1 : 1
-    monkeypatch.setattr(agentdojo, "PARENT_WEIGHT", 1.0)
-    assert agentdojo._file_parts(files, 2) == [files[:5], files[5:]]
+    assert agentdojo._workers(files, 8) == 8 and agentdojo._workers(files[:3], 8) == 3
+    assert agentdojo._workers(files + [tmp_path / "missing.jsonl"], 1) == 1
+
+
+def test_files_are_shared_out_as_the_processes_free_up(shared_data, monkeypatch):
+    """Two processes, the files claimed one at a time: a process slowed down reads fewer files, the other
+    takes over the rest of its half, and the result is still one process's, in file order."""
+    import time
+
+    import cb_core.forking
+
+    monkeypatch.setattr(agentdojo, "MIN_PART_BYTES", 1)
+    paths = resolve_source_paths(shared_data / "agent_dojo/*.jsonl")
+    one = _read_with(monkeypatch, 1, "agentdojo", paths)
+    real = agentdojo._read_files
+    parent = os.getpid()
+
+    def slow_here(files, *a):  # this process (worker 0) takes 0.3 s a file more than the child
+        if os.getpid() == parent:
+            time.sleep(0.3)
+        return real(files, *a)
+
+    monkeypatch.setattr(agentdojo, "_read_files", slow_here)
+    claims = []
+    real_take = cb_core.forking.StepQueue.take
+    monkeypatch.setattr(cb_core.forking.StepQueue, "take",
+                        lambda self, k: claims.append(run := real_take(self, k)) or run)
+    two = _read_with(monkeypatch, 2, "agentdojo", paths)
+    assert one.good.equals(two.good) and one.rejected.equals(two.rejected) and one.meta == two.meta
+    mine = [r for r in claims if r is not None]  # only this process's claims are seen here
+    assert 1 <= len(mine) < len(paths) // 2  # the child read its half and most of this one's
