@@ -253,6 +253,7 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
     system_prompt = textwrap.dedent(prompts[key]).strip()
     tools_json = canonical_json(load_tools(cfg))
     targets: dict[str, dict] = {}  # scenario key -> attacker args (derived on first use)
+    target_json: dict[str, str] = {}  # the same as canonical JSON text
 
     header, records = read_csv_records(csv_path, "LLMail-Inject submissions")
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
@@ -304,7 +305,8 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
             continue
         if skey not in targets:
             targets[skey] = scenario_target(skey, scen, cfg, scen_path)
-        attacker_args = targets[skey]
+            target_json[skey] = canonical_json(targets[skey])
+        attacker_args = target_json[skey]  # canonical JSON text, written once per scenario
         reached = flags["email.retrieved"]
         call_made = reached and flags["exfil.sent"] and flags["exfil.destination"]
         succeeded = all(flags.values())
@@ -315,7 +317,7 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
         counts["not_retrieved"] += not reached
         if complete:
             # to and body both confirmed by the flags: the call is the observed harmful completion
-            attack_call = {"id": "call_1", "name": cfg["attacker_tool"], "arguments": canonical_json(attacker_args)}
+            attack_call = {"id": "call_1", "name": cfg["attacker_tool"], "arguments": attacker_args}
             messages = [*messages, _msg("assistant", "", [attack_call])]
         m = _LEVEL.match(level)
         letter = m.group(2).lower() if m else ""

@@ -53,7 +53,7 @@ import msgspec
 from cb_core.config import config_path
 from cb_core.schemas import FINAL_ANSWER, BadRecord, arguments_json, canonical_json, message, reject
 from cb_core.sources import SourceError, SourceResult
-from cb_core.sources._common import WIPE, SharedToolsTraces, fill_tools, record_json
+from cb_core.sources._common import WIPE, SharedToolsTraces, fill_tools, json_loads, record_json
 
 DATASET = "tau2"
 DEFAULT_SYSTEM = (
@@ -368,7 +368,7 @@ def _actions(task: dict, tool_names: set[str], domain: str) -> tuple[list[dict],
             continue
         if name not in tool_names:
             raise BadRecord(f"{fld}.name", f"tool '{name}' is not among the {domain} agent tools")
-        args = json.loads(arguments_json(act.get("arguments"), f"{fld}.arguments"))
+        args = json_loads(arguments_json(act.get("arguments"), f"{fld}.arguments"))
         out.append({"name": name, "arguments": args, "action_id": act.get("action_id")})
     return out, user
 
