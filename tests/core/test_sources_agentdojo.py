@@ -713,9 +713,8 @@ def test_a_source_error_in_a_forked_reader_keeps_its_file(tmp_path, monkeypatch)
     monkeypatch.setattr(agentdojo, "MIN_PART_BYTES", 1)
 
     class OwnFilesOnly(cb_core.forking.StepQueue):  # no help with the other's files: the bad one stays forked
-        def take(self, k):
-            run = super().take(k)
-            return run if run is None or run[0] == k else None
+        def take(self, k):  # [lo_k, hi_k) is worker k's own region (see StepQueue)
+            return super().take(k) if self._v[2 * k] < self._v[2 * k + 1] else None
 
     monkeypatch.setattr(cb_core.forking, "StepQueue", OwnFilesOnly)
     with pytest.raises(SourceError, match="cannot open") as err:
