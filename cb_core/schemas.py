@@ -234,7 +234,7 @@ def _float_free(obj: Any) -> bool:
 def _plain_messages(messages: Any) -> bool:
     """Whether ``messages`` has trace_v1's shape, strings and nulls only (dicts, and lists of tool-call dicts):
     then orjson writes the canonical text. `_float_free` says the same for any value; this knows the shape
-    and takes a third less time (it runs once per trace)."""
+    and takes ~30 % less time (it runs once per trace)."""
     if type(messages) is not list:
         return False
     for m in messages:
@@ -245,12 +245,16 @@ def _plain_messages(messages: Any) -> bool:
                 continue
             if type(v) is not list:
                 return False
-            for call in v:
-                if type(call) is not dict:
+            for call in v:  # tool calls
+                if type(call) is not dict or not _strings(call):
                     return False
-                for x in call.values():
-                    if type(x) is not str and x is not None:
-                        return False
+    return True
+
+
+def _strings(d: dict) -> bool:
+    for x in d.values():
+        if type(x) is not str and x is not None:
+            return False
     return True
 
 
