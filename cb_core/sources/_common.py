@@ -19,6 +19,9 @@ from cb_core.sources import SourceError, SourceResult
 
 WIPE = "; an empty source would wipe its traces"  # the tail of every "no record" SourceError
 SURROGATE = re.compile("[\udc80-\udcff]")  # invalid UTF-8 read with surrogateescape
+# the read buffer of a JSONL reader: records run to many kB (AgentDojo ~8 kB), and a line past the default
+# 8 kB buffer is read in pieces and joined (iterating AgentDojo's 26 MB: 34 ms by default, 9 ms with this)
+LINE_BUFFER = 1 << 20
 
 
 class SharedToolsTraces:

@@ -62,7 +62,7 @@ from cb_core import forking
 from cb_core.config import config_path
 from cb_core.schemas import QUARANTINE_SCHEMA, TRACE_SCHEMA, BadRecord, canonical_json, make_trace, reject
 from cb_core.sources import SourceError, SourceResult
-from cb_core.sources._common import json_loads
+from cb_core.sources._common import LINE_BUFFER, fill_tools, json_loads
 
 DATASET = "agentdojo"
 INFO_OPEN = "<INFORMATION>"
@@ -693,7 +693,7 @@ def _read_files(files: list[Path], root: Path, targets: dict, schemas: "ToolSche
         rel = path.absolute().relative_to(root).as_posix()
         file_names.append(rel)
         try:
-            fh = open(path, "rb", buffering=1 << 20)  # lines run ~8 kB: past the default buffer, 3x slower
+            fh = open(path, "rb", buffering=LINE_BUFFER)
         except OSError as e:
             raise SourceError(f"agentdojo: cannot open {path}: {e} (check CB_AGENTDOJO_PATH)", file=path) from e
         parsed: list[tuple[int, bytes, str, list[Msg], list[Call], dict]] = []
@@ -759,7 +759,8 @@ def _read_files(files: list[Path], root: Path, targets: dict, schemas: "ToolSche
             row = make_trace(dataset=DATASET, source_locator=f"{rel}:{lineno}", completeness="complete",
                              messages=[], tools=tools, id_suffix=hashlib.sha256(line).hexdigest(), **kw)
             # the frame is built with a placeholder for the suite's tool set (20-30 kB a row), and `read`
-            # puts the one copy of it back column-wise (fill_tools): no per-row copies to build and send
+            # puts the one copy of it back (fill_tools, as SharedToolsTraces' rows): no per-row copies to
+            # build and send
             row["tools"] = key = f"{version}/{suite}"
             tools_by_key[key] = tools
             rows.append(row)
@@ -818,16 +819,13 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
         count.update(o["count"])
     tables = [o["table"] for o in outs if o["table"] is not None]
     good = pl.from_arrow(pa.concat_tables(tables)) if tables else pl.DataFrame(schema=TRACE_SCHEMA)
-    if good.height:  # the tool sets in place of their placeholders (views of one copy each, as fill_tools)
-        tools_by_key = {k: v for o in outs for k, v in o["tools_by_key"].items()}
-        good = good.with_columns(pl.col("tools").replace_strict(tools_by_key, return_dtype=pl.String))
     lab = good["labels"].struct.unnest() if good.height else None
 
     def n(expr: pl.Expr) -> int:
         return int(lab.select(expr.sum()).item()) if lab is not None else 0
 
     distinct = sorted(set(versions_by_file.values()))
-    return SourceResult(
+    result = SourceResult(
         good=good,
         rejected=pl.DataFrame(rejected, schema=QUARANTINE_SCHEMA),
         meta={
@@ -855,3 +853,5 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
                                           .fill_null(False).sum()) if good.height else 0,
         },
     )
+    # the tool sets in place of their placeholders (one copy each, column-wise)
+    return fill_tools(result, {k: v for o in outs for k, v in o["tools_by_key"].items()})

@@ -25,7 +25,7 @@ import polars as pl
 
 from cb_core.schemas import digest, make_trace, message, reject
 from cb_core.sources import SourceError, SourceResult
-from cb_core.sources._common import WIPE, json_loads, relative_names
+from cb_core.sources._common import LINE_BUFFER, WIPE, json_loads, relative_names
 
 DATASET = "ultrachat"
 PARQUET = (".parquet", ".pq")
@@ -48,7 +48,7 @@ def _parquet_rows(path: Path, limit: int | None) -> Iterator[tuple[int, Any, str
 
 def _jsonl_rows(path: Path, limit: int | None) -> Iterator[tuple[int, Any, str | None]]:
     n = 0
-    with open(path, "rb", buffering=1 << 20) as f:  # long lines: past the default buffer, much slower
+    with open(path, "rb", buffering=LINE_BUFFER) as f:
         for i, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
