@@ -203,6 +203,12 @@ def scenario_target(key: str, scenario: dict, cfg: dict, path: Path) -> dict[str
 
 def build_skeleton(*, email: str, scenario: dict, system_prompt: str, cfg: dict) -> tuple[list[dict], dict]:
     """Messages of one skeleton and the injection span of `email` inside the tool message."""
+    return skeleton_parts(scenario, system_prompt, cfg)(email)
+
+
+def skeleton_parts(scenario: dict, system_prompt: str, cfg: dict):
+    """``email -> (messages, injection span)`` for one scenario: the scenario's e-mails are joined around the
+    submission's place once, not per submission (the read's submissions share a handful of scenarios)."""
     corpus = [e for e in (scenario.get("emails") or []) if isinstance(e, str)]
     position = scenario.get("position", "last")
     if position == "mid":
@@ -211,21 +217,23 @@ def build_skeleton(*, email: str, scenario: dict, system_prompt: str, cfg: dict)
         idx = 0
     else:  # last, retrieval (retrieval order is not recorded: the submission goes after the corpus)
         idx = len(corpus)
-    emails = corpus[:idx] + [email] + corpus[idx:]
     sep = cfg["email_separator"]
-    start = sum(len(e) + len(sep) for e in emails[:idx])
-    content = sep.join(emails)
+    before = sep.join(corpus[:idx]) + sep if idx else ""
+    after = sep + sep.join(corpus[idx:]) if idx < len(corpus) else ""
+    start = len(before)
     query = scenario.get("user_query") or ""
     tool = cfg["retrieval_tool"]
-    call = {"id": "call_0", "name": tool, "arguments": canonical_json({"query": query})}
-    messages = [
+    head = [
         _msg("system", system_prompt),
         _msg("user", query),
-        _msg("assistant", "", [call]),
-        _msg("tool", content, tool_call_id="call_0", name=tool),
+        _msg("assistant", "", [{"id": "call_0", "name": tool, "arguments": canonical_json({"query": query})}]),
     ]
-    span = {"message_index": 3, "char_start": start, "char_end": start + len(email)}
-    return messages, span
+
+    def build(email: str) -> tuple[list[dict], dict]:
+        messages = [*head, _msg("tool", before + email + after, tool_call_id="call_0", name=tool)]
+        return messages, {"message_index": 3, "char_start": start, "char_end": start + len(email)}
+
+    return build
 
 
 def _msg(role: str, content: str, calls: list | None = None, tool_call_id: str | None = None,
@@ -268,6 +276,7 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
     good: list[dict] = []
     rejected: list[dict] = []
     objectives_cache: dict[str, dict | BadRecord] = {}
+    skeletons: dict[str, Any] = {}  # scenario key -> skeleton_parts(...)
     counts = {"succeeded": 0, "attacker_call_made": 0, "detected_attacker_call": 0, "not_retrieved": 0}
     for line, fields, raw_bytes in records:
         if raw_bytes is not None:  # not valid UTF-8
@@ -298,7 +307,10 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
             if not subject.strip() and not body.strip():
                 raise BadRecord("body", "empty submission (no subject and no body)")
             email = cfg["email_template"].format(subject=subject, body=body)
-            messages, span = build_skeleton(email=email, scenario=scen, system_prompt=system_prompt, cfg=cfg)
+            build = skeletons.get(skey)
+            if build is None:
+                build = skeletons[skey] = skeleton_parts(scen, system_prompt, cfg)
+            messages, span = build(email)
         except BadRecord as bad:
             rejected.append(reject(dataset=DATASET, file=name, line=line, field=bad.field, reason=bad.reason,
                                    raw=json.dumps(row, ensure_ascii=False)))

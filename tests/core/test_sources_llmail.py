@@ -332,3 +332,26 @@ def test_parse_objectives_never_evaluates():
     with pytest.raises(BadRecord):
         llmail.parse_objectives("{'email.retrieved': 'yes', 'defense.undetected': True, 'exfil.sent': True, "
                                 "'exfil.destination': True, 'exfil.content': True}")
+
+
+@pytest.mark.parametrize("position, emails, expected", [
+    ("first", ["E1", "E2"], "X\n\nE1\n\nE2"),
+    ("mid", ["E1", 7, "E2", "E3"], "E1\n\nX\n\nE2\n\nE3"),  # a non-string entry is not an e-mail
+    ("last", [], "X"),
+    ("retrieval", ["E1"], "E1\n\nX"),
+    ("mid", ["E1"], "X\n\nE1"),
+])
+def test_skeleton_places_the_submission_where_the_scenario_says(position, emails, expected):
+    """One scenario's skeletons share its joined e-mails: each submission still lands in its own place, with
+    its own span, and building one leaves the next one's messages untouched."""
+    cfg = {**llmail.DEFAULTS}
+    scenario = {"emails": emails, "position": position, "user_query": "Summarise"}
+    build = llmail.skeleton_parts(scenario, "sys", cfg)
+    messages, span = build("X")
+    assert messages[3]["content"] == expected
+    assert messages[3]["content"][span["char_start"]:span["char_end"]] == "X"
+    other, span2 = build("Longer one")
+    assert other[3]["content"] == expected.replace("X", "Longer one")
+    assert messages[3]["content"] == expected and span2["char_start"] == span["char_start"]
+    assert (messages, span) == llmail.build_skeleton(email="X", scenario=scenario, system_prompt="sys", cfg=cfg)
+    assert json.loads(messages[2]["tool_calls"][0]["arguments"]) == {"query": "Summarise"}
