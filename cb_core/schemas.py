@@ -246,12 +246,13 @@ def _plain_messages(messages: Any) -> bool:
             if type(v) is not list:
                 return False
             for call in v:  # tool calls
-                if type(call) is not dict or not _strings(call):
+                if type(call) is not dict or not _str_or_null_values(call):
                     return False
     return True
 
 
-def _strings(d: dict) -> bool:
+def _str_or_null_values(d: dict) -> bool:
+    """Whether every value of ``d`` is a string or None (a tool call's fields)."""
     for x in d.values():
         if type(x) is not str and x is not None:
             return False

@@ -52,7 +52,7 @@ import json
 import re
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import polars as pl
 
@@ -201,14 +201,13 @@ def scenario_target(key: str, scenario: dict, cfg: dict, path: Path) -> dict[str
     return {"to": to.group(1), "body": body_text}
 
 
-def build_skeleton(*, email: str, scenario: dict, system_prompt: str, cfg: dict) -> tuple[list[dict], dict]:
-    """Messages of one skeleton and the injection span of `email` inside the tool message."""
-    return skeleton_parts(scenario, system_prompt, cfg)(email)
+Skeleton = Callable[[str], tuple[list[dict], dict]]  # e-mail -> (messages, injection span in the tool message)
 
 
-def skeleton_parts(scenario: dict, system_prompt: str, cfg: dict):
-    """``email -> (messages, injection span)`` for one scenario: the scenario's e-mails are joined around the
-    submission's place once, not per submission (the read's submissions share a handful of scenarios)."""
+def skeleton_parts(scenario: dict, system_prompt: str, cfg: dict) -> Skeleton:
+    """``email -> (messages of one skeleton, the injection span of `email` inside its tool message)`` for one
+    scenario: the scenario's e-mails are joined around the submission's place once, not per submission (the
+    read's submissions share a handful of scenarios)."""
     corpus = [e for e in (scenario.get("emails") or []) if isinstance(e, str)]
     position = scenario.get("position", "last")
     if position == "mid":
@@ -276,7 +275,7 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
     good: list[dict] = []
     rejected: list[dict] = []
     objectives_cache: dict[str, dict | BadRecord] = {}
-    skeletons: dict[str, Any] = {}  # scenario key -> skeleton_parts(...)
+    skeletons: dict[str, Skeleton] = {}  # scenario key -> its skeleton_parts
     counts = {"succeeded": 0, "attacker_call_made": 0, "detected_attacker_call": 0, "not_retrieved": 0}
     for line, fields, raw_bytes in records:
         if raw_bytes is not None:  # not valid UTF-8
