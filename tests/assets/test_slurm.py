@@ -127,7 +127,7 @@ def _gone(cluster, job_id: str, timeout: float = 20) -> bool:
 
 
 def test_sacct_reads_jobcomp_on_real_cluster(slurm_cluster):
-    out = slurm_cluster.cmd("sbatch", "--parsable", "--wrap", "true")
+    out = slurm_cluster.cmd("sbatch", "--parsable", "--output=/dev/null", "--wrap", "true")  # no slurm-N.out in the cwd
     job_id = out.stdout.strip()
     for _ in range(100):
         st = slurm.job_state(job_id)
