@@ -4,16 +4,28 @@ No hub access: local directories are loaded with ``local_files_only=True``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
 from cb_core.config import PROJECT_ROOT  # noqa: F401  (re-exported)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@contextlib.contextmanager
+def peft_wrap_quiet() -> Iterator[None]:
+    """Around wrapping a model in peft (a LoRA, a saved adapter): peft reads ``model.is_gradient_checkpointing``,
+    which transformers 5 deprecates with a FutureWarning on every wrap, noise in every training and eval log
+    that a user cannot act on. Only that warning is silenced, and only inside the block."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 TINY_CONFIG: dict[str, Any] = {

@@ -129,7 +129,7 @@ def point_record(key: str, root: Path) -> dict:
 def train_point(context: dg.AssetExecutionContext, key: str, preset: str, overrides: list[str], out: Path,
                 root: Path) -> dict:
     """Train one configuration exactly as `adapter` does (same worker, Pipes, torchrun, publish)."""
-    from cb_assets.assets.training import PROJECT_ROOT, _publish, worker_command, worker_env
+    from cb_assets.assets.training import _publish, run_worker, worker_command
     from cb_core.train import RUNS_DIR
     from cb_core.train.config import load_train_config
     from cb_core.train.worker import slurm_nproc
@@ -140,8 +140,7 @@ def train_point(context: dg.AssetExecutionContext, key: str, preset: str, overri
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = worker_command(preset, overrides, run_dir, root, nproc, False)
     context.log.info(f"point {key}: preset {preset}, overrides {overrides}, run folder {run_dir}")
-    invocation = dg.PipesSubprocessClient(cwd=str(PROJECT_ROOT)).run(context=context, command=cmd,
-                                                                      env=worker_env(root))
+    invocation = run_worker(context, cmd, root)
     out.parent.mkdir(parents=True, exist_ok=True)
     published = _publish(run_dir, out)
     meta = dict(invocation.get_materialize_result().metadata or {})

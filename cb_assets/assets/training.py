@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import dagster as dg
@@ -68,6 +69,16 @@ def worker_env(root: Path) -> dict[str, str]:
             "WANDB_MODE": os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")}
 
 
+def run_worker(context: dg.AssetExecutionContext, cmd: list[str], root: Path) -> dg.PipesClientCompletedInvocation:
+    """The training worker as a Dagster Pipes subprocess: its log lines and metadata stream into the run.
+    Dagster's own Pipes session reads a preview property of its message reader and warns about it in every
+    run, noise a user cannot act on: only that warning is silenced, and only around the call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Function `PipesMessageReader.expected_writer_count`",
+                                category=dg.PreviewWarning)
+        return dg.PipesSubprocessClient(cwd=str(PROJECT_ROOT)).run(context=context, command=cmd, env=worker_env(root))
+
+
 def _publish(run_dir: Path, out: Path) -> Path:
     """Copy the run's adapter + summary files to $CB_DATA_ROOT/adapter atomically (temp dir, rename)."""
     tmp = out.with_name(f".{out.name}.tmp")
@@ -114,8 +125,7 @@ def adapter(context: dg.AssetExecutionContext, config: AdapterConfig, datasets: 
     latest.symlink_to(run_dir.name)
     cmd = worker_command(preset, list(config.overrides), run_dir, root, nproc, config.fast_dev_run)
     context.log.info(f"adapter: preset {preset}, {nproc} process(es), run folder {run_dir}")
-    invocation = dg.PipesSubprocessClient(cwd=str(PROJECT_ROOT)).run(context=context, command=cmd,
-                                                                      env=worker_env(root))
+    invocation = run_worker(context, cmd, root)
     out = _publish(run_dir, adapter_dir(root))
     result = invocation.get_materialize_result()
     meta = dict(result.metadata or {})

@@ -17,7 +17,10 @@ def load_adapter_model(base_model, adapter_dir: str | Path):
     """Wrap a loaded base model with the trained LoRA adapter (safetensors; nothing is unpickled)."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=False)
+    from cb_core.model import peft_wrap_quiet
+
+    with peft_wrap_quiet():
+        model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=False)
     model.eval()
     return model
 

@@ -54,6 +54,8 @@ def add_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     parameters train."""
     from peft import LoraConfig, get_peft_model
 
+    from cb_core.model import peft_wrap_quiet
+
     lc = cfg.lora
     n_layers = model.config.num_hidden_layers
     layers = lc.layers_to_transform
@@ -67,7 +69,8 @@ def add_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
         layers_to_transform=layers, layers_pattern="layers" if layers is not None else None, bias="none",
     )
-    peft_model = get_peft_model(model, pcfg)
+    with peft_wrap_quiet():
+        peft_model = get_peft_model(model, pcfg)
     if cfg.model.gradient_checkpointing:
         peft_model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return peft_model

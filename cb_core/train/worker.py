@@ -218,7 +218,7 @@ def train(args: argparse.Namespace, argv: list[str], pipes=None) -> dict[str, An
         import wandb
 
         wb = wandb.init(project=cfg.log.wandb_project, dir=str(run_dir), mode=wandb_mode(), config=cfg.to_dict(),
-                        name=run_dir.name, id=run_dir.name.replace("/", "_"), resume="allow", reinit=True)
+                        name=run_dir.name, id=run_dir.name.replace("/", "_"), resume="allow", reinit="finish_previous")
     trainer = Trainer(cfg, model, data, run_dir, pad_id=pad, schedule=schedule, dist_ctx=d, log=log,
                       on_metrics=(lambda m: wb.log({k: v for k, v in m.items() if k != "step"}, step=m["step"])) if wb else None)
     start_probe = run_dir / "probe_start.json"

@@ -142,6 +142,27 @@ def test_gradients_reach_only_lora_parameters(llama_tokenizer, data):
     assert not any(p.requires_grad for p in lm_head.parameters())
 
 
+def test_lora_wrap_and_adapter_load_leave_out_the_deprecation_noise_only(llama_tokenizer, tmp_path):
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` on every wrap; training and eval logs
+    stay free of that FutureWarning, every other warning still shows, and the filters are put back."""
+    import warnings
+
+    from cb_core.evaluate.models import load_adapter_model
+    from cb_core.train.trainer import add_lora
+
+    before = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model = add_lora(fresh_model(llama_tokenizer), tiny_cfg())
+        model.save_pretrained(str(tmp_path / "adapter"))
+        load_adapter_model(fresh_model(llama_tokenizer), tmp_path / "adapter")
+        warnings.warn("`is_gradient_checkpointing` is deprecated: outside a wrap it still shows", FutureWarning)
+    texts = [str(w.message) for w in seen]
+    assert [t for t in texts if "is_gradient_checkpointing" in t] == [
+        "`is_gradient_checkpointing` is deprecated: outside a wrap it still shows"]
+    assert warnings.filters == before
+
+
 def test_thirty_steps_lower_the_objective_and_the_harmful_cos_sim(llama_tokenizer, data, tmp_path):
     tr = Trainer(tiny_cfg(), fresh_model(llama_tokenizer), data, tmp_path, pad_id=0, log=lambda m: None)
     start = tr.probe()
