@@ -144,10 +144,12 @@ def test_gradients_reach_only_lora_parameters(llama_tokenizer, data):
 
 def test_lora_wrap_and_adapter_load_leave_out_the_deprecation_noise_only(llama_tokenizer, tmp_path):
     """peft reads transformers' deprecated ``is_gradient_checkpointing`` on every wrap; training and eval logs
-    stay free of that FutureWarning, every other warning still shows, and the filters are put back."""
+    stay free of that FutureWarning; any other warning inside a wrap and that one outside it still show, and
+    the filters are put back."""
     import warnings
 
     from cb_core.evaluate.models import load_adapter_model
+    from cb_core.model import peft_wrap_quiet
     from cb_core.train.trainer import add_lora
 
     before = list(warnings.filters)
@@ -157,7 +159,10 @@ def test_lora_wrap_and_adapter_load_leave_out_the_deprecation_noise_only(llama_t
         model.save_pretrained(str(tmp_path / "adapter"))
         load_adapter_model(fresh_model(llama_tokenizer), tmp_path / "adapter")
         warnings.warn("`is_gradient_checkpointing` is deprecated: outside a wrap it still shows", FutureWarning)
+        with peft_wrap_quiet():
+            warnings.warn("another deprecation inside a wrap still shows", FutureWarning)
     texts = [str(w.message) for w in seen]
+    assert "another deprecation inside a wrap still shows" in texts
     assert [t for t in texts if "is_gradient_checkpointing" in t] == [
         "`is_gradient_checkpointing` is deprecated: outside a wrap it still shows"]
     assert warnings.filters == before
