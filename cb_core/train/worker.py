@@ -191,11 +191,12 @@ def train(args: argparse.Namespace, argv: list[str], pipes=None) -> dict[str, An
         if d.rank != 0:
             return
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
         log_file.write(line + "\n")
         log_file.flush()
-        if pipes is not None:
+        if pipes is not None:  # Dagster's log shows it on the console: printing it too doubles every line
             pipes.log.info(msg)
+        else:
+            print(line, flush=True)
 
     train_split, renders, lossmasks = load_frames(root)
     schedule = MixtureSchedule.load(cfg.data.mwcs_schedule) if cfg.data.mwcs_schedule else None

@@ -49,7 +49,8 @@ def test_adapter_asset_trains_through_pipes_and_publishes(data_root, monkeypatch
     # no noise a user cannot act on: Dagster's warning about its own Pipes preview property here, W&B's and
     # transformers' deprecations in the worker (its stderr is this process's)
     assert not [str(w.message) for w in seen if "expected_writer_count" in str(w.message)]
-    worker_err = capfd.readouterr().err
+    worker_out, worker_err = capfd.readouterr()
+    assert "step 6/6" not in worker_out, "under Pipes a line reaches the console once, through Dagster's log"
     assert "wandb" in worker_err  # the worker's stderr was captured
     assert "reinit" not in worker_err and "is_gradient_checkpointing" not in worker_err, worker_err[-2000:]
     mat = next(e for e in res.get_asset_materialization_events() if e.asset_key == dg.AssetKey("adapter"))
