@@ -61,6 +61,14 @@ def relative_names(paths: list[Path]) -> dict[Path, str]:
     return {Path(p): f.relative_to(root).as_posix() for p, f in zip(paths, files)}
 
 
+FIELD_LIMIT = 2**31 - 1  # the csv module's largest field: any field a file can hold
+
+
+def strip_bom(data: bytes) -> bytes:
+    """A file's bytes without a leading UTF-8 byte order mark (editors on Windows write one; it is not data)."""
+    return data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+
+
 def read_csv_records(path: Path, expected: str) -> tuple[list[str], list[tuple[int, list[str], bytes]]]:
     """(header, [(physical start line, fields, the record's exact bytes or None)]). Invalid UTF-8 survives
     as surrogate escapes (the bytes are recovered exactly); the bytes are given only for a record holding
@@ -70,9 +78,8 @@ def read_csv_records(path: Path, expected: str) -> tuple[list[str], list[tuple[i
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise SourceError(f"cannot read {path}: {e}") from e
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
+        raise SourceError(f"cannot read {path}: {e}", file=path) from e
+    data = strip_bom(data)
     if not data.strip():
         raise SourceError(f"{path} is empty (no record){WIPE}: expected a header and {expected}", file=path)
     try:  # valid UTF-8 (the usual case) needs no scan for escaped bytes
@@ -81,6 +88,8 @@ def read_csv_records(path: Path, expected: str) -> tuple[list[str], list[tuple[i
         text = data.decode("utf-8", "surrogateescape")
         dirty = True  # not valid UTF-8 somewhere
     lines = io.StringIO(text, newline="").readlines()
+    if csv.field_size_limit() < FIELD_LIMIT:  # the default 128 kB would fail a file over one long e-mail
+        csv.field_size_limit(FIELD_LIMIT)
     reader = csv.reader(lines, strict=True)
     records: list[tuple[int, list[str], bytes]] = []
     header: list[str] | None = None
@@ -107,7 +116,7 @@ def read_csv_records(path: Path, expected: str) -> tuple[list[str], list[tuple[i
                 raw = record.encode("utf-8", "surrogateescape")
         records.append((start, fields, raw))
     if header is None:
-        raise SourceError(f"{path} has no header line")
+        raise SourceError(f"{path} has no header line", file=path)
     return header, records
 
 
@@ -120,18 +129,69 @@ def record_json(obj: Any, strict: bool = True) -> str:
             return orjson.dumps(obj).decode()
         except TypeError:  # orjson.JSONEncodeError
             pass
-    return json.dumps(obj, ensure_ascii=False, default=str)
+    text = json.dumps(obj, ensure_ascii=False, default=str)
+    # a lone surrogate stays a \u escape: the row must be storable as UTF-8
+    return json.dumps(obj, default=str) if _LONE.search(text) else text
 
 
 _DECODE = msgspec.json.Decoder().decode
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """Where (``messages[0].content``; ``""`` for the value itself) the first key or string of a decoded JSON
+    value holding a lone surrogate is, or None. JSON lets a ``\\ud800`` escape stand alone; no UTF-8 text
+    (Parquet, Arrow, a trace id's hash) can hold it, so such a record is rejected, never stored. Iterative:
+    the value may nest as deep as the parser allowed."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        v, at = stack.pop()
+        if isinstance(v, str):
+            if _LONE.search(v):
+                return at
+        elif isinstance(v, dict):
+            for k, x in reversed(list(v.items())):
+                key = str(k)
+                if _LONE.search(key):
+                    return f"{at}.{ascii(key)}" if at else ascii(key)
+                stack.append((x, f"{at}.{key}" if at else key))
+        elif isinstance(v, list):
+            stack.extend((x, f"{at}[{i}]") for i, x in reversed(list(enumerate(v))))
+    return None
+
+
+_LONE = re.compile("[\ud800-\udfff]")
+
+
+class UnstorableText(ValueError):
+    """Valid JSON, but the string at ``field`` holds a lone surrogate escape: quarantined naming that field."""
+
+    def __init__(self, field: str):
+        self.field = field
+        super().__init__(f"the string at {field or 'the top level'} holds a lone surrogate escape (\\ud800-\\udfff "
+                         "without its pair): not a character, no UTF-8 text can store it")
+
+
+def json_reason(e: ValueError) -> tuple[str, str]:
+    """(field, reason) for a quarantine row of a record `json_loads` refused."""
+    return (e.field, str(e)) if isinstance(e, UnstorableText) else ("", f"invalid JSON: {e}")
 
 
 def json_loads(data: bytes | str) -> Any:
     """``json.loads``: its values and its errors. msgspec decodes (1.4x faster on AgentDojo lines; the same
     values, floats and big ints included: tested); what msgspec refuses (invalid JSON or UTF-8, NaN/Infinity,
     a BOM, lone surrogates, deep nesting) goes through ``json.loads``, which returns the value or raises
-    its own error, so quarantine reasons read as before."""
+    its own error, so quarantine reasons read as before. Two values ``json.loads`` would return or raise
+    as something else become ``ValueError``s a reader quarantines like any bad line: nesting past the
+    recursion limit, and a string with a lone surrogate escape (`UnstorableText`, naming where)."""
     try:
         return _DECODE(data)
-    except msgspec.DecodeError:
-        return json.loads(data)
+    except (msgspec.DecodeError, RecursionError):
+        pass
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise ValueError("invalid JSON: nested deeper than the parser's recursion limit") from None
+    where = lone_surrogate(value)
+    if where is not None:
+        raise UnstorableText(where)
+    return value

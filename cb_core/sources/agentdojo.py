@@ -62,7 +62,7 @@ from cb_core import forking
 from cb_core.config import config_path
 from cb_core.schemas import QUARANTINE_SCHEMA, TRACE_SCHEMA, BadRecord, canonical_json, make_trace, reject
 from cb_core.sources import SourceError, SourceResult
-from cb_core.sources._common import LINE_BUFFER, fill_tools, json_loads
+from cb_core.sources._common import LINE_BUFFER, WIPE, fill_tools, json_loads, json_reason
 
 DATASET = "agentdojo"
 INFO_OPEN = "<INFORMATION>"
@@ -125,6 +125,12 @@ def _raw_text(line: bytes) -> tuple[str, bool]:
         return body.decode("utf-8"), True
     except UnicodeDecodeError:
         return "base64:" + base64.b64encode(body).decode("ascii"), False
+
+
+def _lf(line: bytes) -> bytes:
+    """The line as its id hashes it: ending in one LF, so a copy saved with CRLF line ends, or without the
+    last line's newline, keeps its trace ids (a copy only when the line does not already end so)."""
+    return line if line[-1:] == b"\n" and line[-2:-1] != b"\r" else line.rstrip(b"\r\n") + b"\n"
 
 
 def _source_root(paths: list[Path]) -> Path:
@@ -697,6 +703,8 @@ def _read_files(files: list[Path], root: Path, targets: dict, schemas: "ToolSche
         except OSError as e:
             raise SourceError(f"agentdojo: cannot open {path}: {e} (check CB_AGENTDOJO_PATH)", file=path) from e
         parsed: list[tuple[int, bytes, str, list[Msg], list[Call], dict]] = []
+        blank_before = blank_lines
+        lineno = 0
         with fh:
             first = True
             for lineno, line in enumerate(fh, 1):
@@ -711,7 +719,7 @@ def _read_files(files: list[Path], root: Path, targets: dict, schemas: "ToolSche
                     continue
                 except (ValueError, RecursionError) as e:
                     first = False
-                    quarantine(rel, lineno, line, "", f"invalid JSON: {e}", "malformed")
+                    quarantine(rel, lineno, line, *json_reason(e), "malformed")
                     continue
                 if first and _is_header(rec):
                     header_lines += 1
@@ -744,6 +752,8 @@ def _read_files(files: list[Path], root: Path, targets: dict, schemas: "ToolSche
                 if security and any(_is_target(c[2], c[3], targets[suite]) for c in calls):
                     facts["with_attacker_call"] += 1
                 parsed.append((lineno, line, suite, ms, calls, kw))
+        if blank_lines - blank_before == lineno:  # a header line alone is a run without records: not this
+            raise SourceError(f"agentdojo: {path} holds no records (empty or blank lines only){WIPE}", file=path)
         version, bad = _pick_version(schemas, [(p[2], p[4]) for p in parsed], fixed)
         if parsed:
             versions_by_file[rel] = version
@@ -757,7 +767,7 @@ def _read_files(files: list[Path], root: Path, targets: dict, schemas: "ToolSche
             kw["generation_params"][DATASET]["benchmark_version"] = version
             tools = schemas.json_for(version, suite)
             row = make_trace(dataset=DATASET, source_locator=f"{rel}:{lineno}", completeness="complete",
-                             messages=[], tools=tools, id_suffix=hashlib.sha256(line).hexdigest(), **kw)
+                             messages=[], tools=tools, id_suffix=hashlib.sha256(_lf(line)).hexdigest(), **kw)
             # the frame is built with a placeholder for the suite's tool set (20-30 kB a row), and `read`
             # puts the one copy of it back (fill_tools, as SharedToolsTraces' rows): no per-row copies to
             # build and send

@@ -39,7 +39,8 @@ from typing import Any
 from cb_core.config import config_path
 from cb_core.schemas import BadRecord, canonical_json, digest, message, reject
 from cb_core.sources import SourceError, SourceResult
-from cb_core.sources._common import WIPE, SharedToolsTraces, fill_tools, json_loads, relative_names
+from cb_core.sources._common import (WIPE, SharedToolsTraces, fill_tools, json_loads, json_reason, relative_names,
+                                     strip_bom)
 
 DATASET = "fujitsu_b4"
 DEFAULT_SCHEMA = "configs/tool_schemas/b4_standard_v1.json"
@@ -95,7 +96,7 @@ def injection_span(combined: str, injection: str, benign: str | None) -> tuple[s
 
 
 def _lines(path: Path) -> list[str | bytes]:
-    data = path.read_bytes()
+    data = strip_bom(path.read_bytes())
     if data.endswith(b"\n"):
         data = data[:-1]  # the final newline ends the last line; it does not start a blank one
     if not data:
@@ -165,7 +166,8 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
             try:
                 rec = json_loads(line)
             except ValueError as e:
-                bad.append(reject(dataset=DATASET, file=fname, line=lineno, reason=f"invalid JSON: {e}", raw=line))
+                field, reason = json_reason(e)
+                bad.append(reject(dataset=DATASET, file=fname, line=lineno, field=field, reason=reason, raw=line))
                 continue
             try:
                 if not isinstance(rec, dict):

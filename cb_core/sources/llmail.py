@@ -115,23 +115,46 @@ def _locate(paths: list[Path], cfg: dict) -> tuple[Path, Path, Path, Path | None
 
 def _load_json(path: Path, what: str) -> Any:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
-    except ValueError as e:
-        raise SourceError(f"cannot read {what} {path}: invalid JSON: {e}") from e
+    except (ValueError, RecursionError) as e:
+        raise SourceError(f"cannot read {what} {path}: invalid JSON: {e}", file=path) from e
     except OSError as e:
-        raise SourceError(f"cannot read {what} {path}: {e}") from e
+        raise SourceError(f"cannot read {what} {path}: {e}", file=path) from e
+
+
+POSITIONS = ("first", "mid", "last", "retrieval")  # where a scenario puts the submission among its e-mails
+
+
+def check_scenarios(scenarios: Any, path: Path) -> None:
+    """The scenario fields the reader uses, each of the type it needs: a wrong type would otherwise become
+    wrong text without a word (an e-mail list given as one string joins its characters) or fail deep in the
+    frame builder without naming the file."""
+    if not isinstance(scenarios, dict) or not all(isinstance(v, dict) for v in scenarios.values()):
+        raise SourceError(f"{path} must map scenario_N -> scenario object", file=path)
+    for key, sc in scenarios.items():
+        emails = sc.get("emails")
+        if emails is not None and not (isinstance(emails, list) and all(isinstance(e, str) for e in emails)):
+            raise SourceError(f"{path}: {key}.emails must be a list of e-mail texts (strings), got "
+                              f"{json.dumps(emails, ensure_ascii=False)[:80]}", file=path, field=f"{key}.emails")
+        for fld in ("user_query", "task", "position"):
+            if sc.get(fld) is not None and not isinstance(sc[fld], str):
+                raise SourceError(f"{path}: {key}.{fld} must be a string, got {type(sc[fld]).__name__} "
+                                  f"{json.dumps(sc[fld], ensure_ascii=False)[:80]}", file=path, field=f"{key}.{fld}")
+        if sc.get("position") is not None and sc["position"] not in POSITIONS:
+            raise SourceError(f"{path}: {key}.position {sc['position']!r} is not one of {list(POSITIONS)}",
+                              file=path, field=f"{key}.position")
 
 
 def load_tools(cfg: dict) -> list[dict]:
     path = config_path(cfg["tool_schema"])
     tools = _load_json(path, "tool schema")
     if not isinstance(tools, list) or not all(isinstance(t, dict) and "function" in t for t in tools):
-        raise SourceError(f"{path} must be a JSON list of OpenAI-style function schemas")
-    names = {t["function"].get("name") for t in tools}
+        raise SourceError(f"{path} must be a JSON list of OpenAI-style function schemas", file=path)
+    names = {t["function"].get("name") for t in tools if isinstance(t["function"], dict)}
     missing = {cfg["retrieval_tool"], cfg["attacker_tool"]} - names
     if missing:
-        raise SourceError(f"tool schema {path} lacks {sorted(missing)}")
+        raise SourceError(f"tool schema {path} lacks {sorted(missing)}", file=path)
     return tools
 
 
@@ -177,7 +200,8 @@ def scenario_target(key: str, scenario: dict, cfg: dict, path: Path) -> dict[str
     task = scenario.get("task")
     if not isinstance(task, str) or not task.strip():
         raise SourceError(f"{path}: {key}.task is missing: the attacker's target cannot be derived (set "
-                          f"llmail_inject.attacker_args_by_scenario.{key} in configs/datasets.yaml)")
+                          f"llmail_inject.attacker_args_by_scenario.{key} in configs/datasets.yaml)", file=path,
+                          field=f"{key}.task")
     to = _TASK_TO.search(task)
     body = _TASK_BODY.search(task)
     if body is not None:
@@ -186,18 +210,18 @@ def scenario_target(key: str, scenario: dict, cfg: dict, path: Path) -> dict[str
         fmt = _TASK_DATA.search(task)
         if fmt is None or to is None:
             raise SourceError(f"{path}: {key}.task {task!r}: no 'body message \"...\"' / 'to \"...\"' target "
-                              f"(set llmail_inject.attacker_args_by_scenario.{key})")
+                              f"(set llmail_inject.attacker_args_by_scenario.{key})", file=path, field=f"{key}.task")
         rx = re.compile(re.escape(fmt.group(1)).replace("NUM", r"\d[\d,]*(?:\.\d+)?"))
         found = sorted({m.group(0) for e in scenario.get("emails") or [] if isinstance(e, str)
                         for m in rx.finditer(e)})
         if len(found) != 1:
             raise SourceError(f"{path}: {key}.task asks for a figure shaped {fmt.group(1)!r}; the scenario's "
                               f"e-mails hold {len(found)} such ({found[:5]}): set "
-                              f"llmail_inject.attacker_args_by_scenario.{key}")
+                              f"llmail_inject.attacker_args_by_scenario.{key}", file=path, field=f"{key}.task")
         body_text = found[0]
     if to is None:
         raise SourceError(f"{path}: {key}.task {task!r} names no 'to \"...\"' address "
-                          f"(set llmail_inject.attacker_args_by_scenario.{key})")
+                          f"(set llmail_inject.attacker_args_by_scenario.{key})", file=path, field=f"{key}.task")
     return {"to": to.group(1), "body": body_text}
 
 
@@ -208,7 +232,7 @@ def skeleton_parts(scenario: dict, system_prompt: str, cfg: dict) -> Skeleton:
     """``email -> (messages of one skeleton, the injection span of `email` inside its tool message)`` for one
     scenario: the scenario's e-mails are joined around the submission's place once, not per submission (the
     read's submissions share a handful of scenarios)."""
-    corpus = [e for e in (scenario.get("emails") or []) if isinstance(e, str)]
+    corpus = [e for e in (scenario.get("emails") or []) if isinstance(e, str)]  # read() refuses the rest
     position = scenario.get("position", "last")
     if position == "mid":
         idx = len(corpus) // 2
@@ -245,12 +269,11 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
     cfg = {**DEFAULTS, **{k: v for k, v in (cfg or {}).items() if v is not None}}
     csv_path, scen_path, sp_path, levels_path = _locate(paths, cfg)
     scenarios = _load_json(scen_path, "scenarios")
-    if not isinstance(scenarios, dict) or not all(isinstance(v, dict) for v in scenarios.values()):
-        raise SourceError(f"{scen_path} must map scenario_N -> scenario object")
+    check_scenarios(scenarios, scen_path)
     prompts = _load_json(sp_path, "system prompt")
     key = cfg["system_prompt_key"]
     if not isinstance(prompts, dict) or not isinstance(prompts.get(key), str):
-        raise SourceError(f"{sp_path} has no string `{key}` (system_prompt_key)")
+        raise SourceError(f"{sp_path} has no string `{key}` (system_prompt_key)", file=sp_path, field=key)
     defences: dict[str, str] = {}
     if levels_path is not None:
         lv = _load_json(levels_path, "level descriptions")

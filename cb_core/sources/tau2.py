@@ -53,7 +53,8 @@ import msgspec
 from cb_core.config import config_path
 from cb_core.schemas import FINAL_ANSWER, BadRecord, arguments_json, canonical_json, message, reject
 from cb_core.sources import SourceError, SourceResult
-from cb_core.sources._common import WIPE, SharedToolsTraces, fill_tools, json_loads, record_json
+from cb_core.sources._common import (WIPE, SharedToolsTraces, UnstorableText, fill_tools, json_loads,
+                                     lone_surrogate, record_json, strip_bom)
 
 DATASET = "tau2"
 DEFAULT_SYSTEM = (
@@ -107,18 +108,25 @@ def _load_schemas(files: list[Path], cfg: dict[str, Any]) -> dict[str, list[dict
         files = [config_path(cfg["tool_schemas"]), *files]
     for f in files:
         try:
-            with open(f, encoding="utf-8") as fh:
+            with open(f, encoding="utf-8-sig") as fh:
                 data = json.load(fh)
-        except ValueError as e:
-            raise SourceError(f"cannot read tool schemas {f}: invalid JSON: {e}") from e
+        except (ValueError, RecursionError) as e:
+            raise SourceError(f"cannot read tool schemas {f}: invalid JSON: {e}", file=f) from e
         except OSError as e:
-            raise SourceError(f"cannot read tool schemas {f}: {e}") from e
+            raise SourceError(f"cannot read tool schemas {f}: {e}", file=f) from e
         if not isinstance(data, dict):
-            raise SourceError(f"{f} must map domain -> {{agent_tools: [...], user_tools: [...]}}")
+            raise SourceError(f"{f} must map domain -> {{agent_tools: [...], user_tools: [...]}}", file=f)
         for domain, entry in data.items():
             tools = entry.get("agent_tools") if isinstance(entry, dict) else entry
             if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-                raise SourceError(f"{f}: {domain}.agent_tools must be a list of function schemas")
+                raise SourceError(f"{f}: {domain}.agent_tools must be a list of function schemas", file=f,
+                                  field=f"{domain}.agent_tools")
+            for i, t in enumerate(tools):  # OpenAI-style {"type": "function", "function": {...}} or the function
+                fn = t.get("function", t)
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+                    raise SourceError(f"{f}: {domain}.agent_tools[{i}] has no function name (expected "
+                                      f"{{\"function\": {{\"name\": ...}}}} or {{\"name\": ...}}): {str(t)[:120]}",
+                                      file=f, field=f"{domain}.agent_tools[{i}]")
             out.setdefault(domain, tools)
     return out
 
@@ -151,25 +159,30 @@ def _task(raw: msgspec.Raw) -> Any:
     return {k: getattr(t, k) for k in _KEYS}
 
 
-def _load_tasks(tf: Path) -> tuple[list, Callable[[int], str]]:
-    """(the tasks file's tasks, ``raw(i)``: task ``i`` as text for its quarantine row), or a SourceError
-    naming the file (a truncated file must not pass as zero tasks).
+def _load_tasks(tf: Path) -> tuple[list, Callable[[int], str], dict[int, str]]:
+    """(the tasks file's tasks, ``raw(i)``: task ``i`` as text for its quarantine row, {task index: where
+    a lone surrogate sits} for the tasks no UTF-8 text can store), or a SourceError naming the file (a
+    truncated file must not pass as zero tasks).
 
     msgspec splits the array into each task's exact text and decodes only the fields the reader uses (2.5x
     ``json.load`` on the 14 MB telecom file); a quarantined task keeps its own text. A file msgspec refuses
     (invalid JSON, NaN/Infinity, a BOM, lone surrogates) goes through ``json.loads``, which decides: its
     error (with line and column) or its values, with ``raw`` re-serialised (`record_json`)."""
     try:
-        data = tf.read_bytes()
+        data = strip_bom(tf.read_bytes())
     except OSError as e:
-        raise SourceError(f"cannot read {tf}: {e}") from e
+        raise SourceError(f"cannot read {tf}: {e}", file=tf) from e
+    unstorable: dict[int, str] = {}
     try:
         raws = _SPLIT.decode(data)
         tasks = [_task(r) for r in raws]
 
         def raw(i: int) -> str:
-            return bytes(raws[i]).decode("utf-8")
-    except msgspec.DecodeError:  # the standard library decides (the same values, or its own error)
+            try:  # msgspec does not check the UTF-8 of keys it skips; the standard library would refuse the file
+                return bytes(raws[i]).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SourceError(f"cannot read {tf}: task {i + 1} is not valid UTF-8 ({e})", file=tf) from None
+    except (msgspec.DecodeError, RecursionError):  # the standard library decides (the same values, or its error)
         try:
             text = data.decode("utf-8")
             tasks = json.loads(text)
@@ -177,8 +190,13 @@ def _load_tasks(tf: Path) -> tuple[list, Callable[[int], str]]:
             raise SourceError(f"{tf}: invalid or truncated JSON at line {e.lineno} column {e.colno}: {e.msg}",
                               file=tf) from None
         except UnicodeDecodeError as e:
-            raise SourceError(f"cannot read {tf}: {e}") from e
+            raise SourceError(f"cannot read {tf}: {e}", file=tf) from e
+        except RecursionError:
+            raise SourceError(f"{tf}: invalid JSON: nested deeper than the parser's recursion limit",
+                              file=tf) from None
         strict = "NaN" not in text and "Infinity" not in text
+        if isinstance(tasks, list):
+            unstorable = {i: at for i, t in enumerate(tasks) if (at := lone_surrogate(t)) is not None}
 
         def raw(i: int) -> str:
             return record_json(tasks[i], strict)
@@ -187,7 +205,7 @@ def _load_tasks(tf: Path) -> tuple[list, Callable[[int], str]]:
                           file=tf)
     if not tasks:
         raise SourceError(f"{tf} holds no tasks (an empty list, no record){WIPE}", file=tf)
-    return tasks, raw
+    return tasks, raw, unstorable
 
 
 # -------------------------------------------------------------------------------------- user message text
@@ -381,8 +399,8 @@ def _crit_field(task: dict, key: str) -> Any:
 
 
 # --------------------------------------------------------------------------------------------- reading
-def _parse_tasks(tasks: list, raw: Callable[[int], str], tool_names: set, domain: str, fname: str
-                 ) -> tuple[list[dict], list[dict]]:
+def _parse_tasks(tasks: list, raw: Callable[[int], str], tool_names: set, domain: str, fname: str,
+                 unstorable: dict[int, str]) -> tuple[list[dict], list[dict]]:
     """Pass 1: (candidates without the task itself, quarantine rows). One process: since the prompt
     texts are cached per read, a forked half costs more than it saves (measured)."""
     cands: list[dict] = []
@@ -390,6 +408,8 @@ def _parse_tasks(tasks: list, raw: Callable[[int], str], tool_names: set, domain
     spoken: dict = {}
     for idx, task in enumerate(tasks, 1):
         try:
+            if idx - 1 in unstorable:
+                raise BadRecord(unstorable[idx - 1], str(UnstorableText(unstorable[idx - 1])))
             if not isinstance(task, dict):
                 raise BadRecord("", f"task is a JSON {type(task).__name__}, not an object")
             tid = task.get("id")
@@ -435,12 +455,12 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
     for tf in task_files:
         domain = tf.parent.name
         fname, rel = str(tf), relative_name(tf)
-        tasks, raw = _load_tasks(tf)
+        tasks, raw, unstorable = _load_tasks(tf)
         if domain not in schemas:
             raise SourceError(
                 f"no agent tool schemas for domain '{domain}' ({tf}) in {[str(f) for f in schema_files]} "
-                "(tau2 traces offer the domain's full tool set: add it to tool_schemas.json or cfg tool_schemas)"
-            )
+                "(tau2 traces offer the domain's full tool set: add it to tool_schemas.json or cfg tool_schemas)",
+                file=tf)
         tools = schemas[domain]
         tools_json = canonical_json(tools)
         make = SharedToolsTraces(DATASET, tools_json, placeholder=rel)
@@ -448,7 +468,7 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
         tool_names = {t.get("function", t).get("name") for t in tools}
         system = message("system", system_tpl.format(domain=domain))
         # pass 1: prompt text and expected actions per task; pass 2 needs them all
-        cands, rejected = _parse_tasks(tasks, raw, tool_names, domain, fname)
+        cands, rejected = _parse_tasks(tasks, raw, tool_names, domain, fname, unstorable)
         bad.extend(rejected)
         # pass 2: one prompt must mean one expected first action
         keys_by_text: dict[str, set[str]] = {}

@@ -25,7 +25,7 @@ import polars as pl
 
 from cb_core.schemas import digest, make_trace, message, reject
 from cb_core.sources import SourceError, SourceResult
-from cb_core.sources._common import LINE_BUFFER, WIPE, json_loads, relative_names
+from cb_core.sources._common import LINE_BUFFER, WIPE, UnstorableText, json_loads, relative_names, strip_bom
 
 DATASET = "ultrachat"
 PARQUET = (".parquet", ".pq")
@@ -41,7 +41,10 @@ def _parquet_rows(path: Path, limit: int | None) -> Iterator[tuple[int, Any, str
     if "messages" not in cols:
         raise SourceError(f"{path} has no 'messages' column (columns: {list(cols)})", file=path, field="messages")
     use = [c for c in ("prompt_id", "messages") if c in cols]
-    df = pl.read_parquet(path, columns=use, n_rows=limit)
+    try:  # a sound footer says nothing of the pages: a corrupt one fails here
+        df = pl.read_parquet(path, columns=use, n_rows=limit)
+    except (OSError, pl.exceptions.PolarsError) as e:
+        raise SourceError(f"cannot read {path} as Parquet: {e}", file=path) from None
     for i, rec in enumerate(df.iter_rows(named=True), 1):
         yield i, rec, None
 
@@ -55,6 +58,8 @@ def _jsonl_rows(path: Path, limit: int | None) -> Iterator[tuple[int, Any, str |
             if limit is not None and n >= limit:
                 return
             n += 1
+            if i == 1:
+                raw = strip_bom(raw)
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError:
@@ -64,7 +69,7 @@ def _jsonl_rows(path: Path, limit: int | None) -> Iterator[tuple[int, Any, str |
             try:
                 yield i, json_loads(line), line
             except ValueError as e:
-                yield i, ValueError(f"invalid JSON: {e}"), line
+                yield i, e if isinstance(e, UnstorableText) else ValueError(f"invalid JSON: {e}"), line
 
 
 def _check(msgs: Any) -> tuple[str, str] | None:
@@ -117,7 +122,8 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
                 remaining -= 1
             n_records += 1
             if isinstance(rec, Exception):
-                bad.append(reject(dataset=DATASET, file=fname, line=line, reason=str(rec), raw=raw))
+                bad.append(reject(dataset=DATASET, file=fname, line=line, field=getattr(rec, "field", ""),
+                                  reason=str(rec), raw=raw))
                 continue
             msgs = rec.get("messages") if isinstance(rec, dict) else None
             problem = _check(msgs) if isinstance(rec, dict) else ("", f"row is a {type(rec).__name__}, not an object")

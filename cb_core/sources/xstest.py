@@ -46,9 +46,13 @@ FINAL_LABELS = ("1_full_compliance", "2_full_refusal", "3_partial_refusal")
 
 
 def _header(path: Path) -> list[str]:
+    """The column names of the first non-blank line, lower-cased (only to tell the two kinds of file apart:
+    a file of either kind is then read with its header as written)."""
     with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
-        first = f.readline()
-    return [c.strip().strip('"') for c in first.rstrip("\r\n").split(",")]
+        for line in f:
+            if line.strip():
+                return [c.strip().strip('"').lower() for c in line.rstrip("\r\n").split(",")]
+    return []
 
 
 def _classify(paths: list[Path]) -> tuple[list[Path], list[Path], list[str]]:
@@ -77,6 +81,11 @@ def _classify(paths: list[Path]) -> tuple[list[Path], list[Path], list[str]]:
             completions.append(c)
         elif "label" in head or "prompt" in head:
             prompts.append(c)
+        elif c.parent.name == "completions":  # every CSV there is a model's completions: none is dropped unread
+            raise SourceError(f"{c}: a CSV in completions/ whose first line names neither 'completion' nor "
+                              f"'final_label' (header: {sorted(head) if any(head) else 'none, blank lines only'}); "
+                              "its records would be lost: fix its header or move it out of completions/",
+                              file=c, field="completion")
         else:
             skipped.append(c.name)
     # completion files given alone: pick up the prompts file one level up for the labels

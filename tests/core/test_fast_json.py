@@ -14,7 +14,7 @@ import pytest
 from cb_core import schemas
 from cb_core.schemas import canonical_json, make_trace, message
 from cb_core.sources import SourceError, get_reader
-from cb_core.sources._common import json_loads, record_json
+from cb_core.sources._common import UnstorableText, json_loads, json_reason, record_json
 
 STDLIB = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
 
@@ -72,7 +72,7 @@ def _random_floats(n: int) -> list[float]:
 
 @pytest.mark.parametrize("text", [
     b'{"a": 1, "a": 2}', b"[18446744073709551616, -9223372036854775809, 123456789012345678901234567890]",
-    b"[NaN, Infinity, -Infinity]", b"[1e400, -1e400, 0.1e-400]", b'"\\ud800"', b'"\\udc00x"',
+    b"[NaN, Infinity, -Infinity]", b"[1e400, -1e400, 0.1e-400]", b'"\\ud83d\\ude00 paired"',
     b"\xef\xbb\xbf[1]", b" [1]\r\n", b'{"k": "caf\xc3\xa9 \\u00e9 \\n"}', b"[1.0E+2, -0, -0.0]",
     " ".join(repr(f) for f in _random_floats(2000)).replace(" ", ",").join("[]").encode(),
     ",".join("%.17e" % f for f in _random_floats(2000)).join("[]").encode(),
@@ -93,12 +93,33 @@ def test_json_loads_raises_the_standard_librarys_error(text):
     assert type(ours.value) is type(std.value) and str(ours.value) == str(std.value)
 
 
+@pytest.mark.parametrize("text, where", [
+    (b'"\\ud800"', ""), (b'["ok", "x\\udc00x"]', "[1]"), (b'{"m": [{"content": "\\udbff"}]}', "m[0].content"),
+    (b'{"\\ud800k": 1}', "'\\ud800k'"), (b'{"a": {"\\udfffk": 1}}', "a.'\\udfffk'"),
+])
+def test_json_loads_refuses_a_lone_surrogate_naming_where(text, where):
+    """JSON allows a lone surrogate escape; no UTF-8 text (Parquet, a trace id's hash) can hold one, so the
+    record is refused as a ValueError a reader quarantines, naming the field."""
+    json.loads(text)  # valid JSON
+    with pytest.raises(UnstorableText) as err:
+        json_loads(text)
+    assert isinstance(err.value, ValueError) and err.value.field == where
+    assert json_reason(err.value) == (where, str(err.value)) and "lone surrogate" in str(err.value)
+    assert json_reason(ValueError("x")) == ("", "invalid JSON: x")
+
+
+def test_json_loads_turns_deep_nesting_into_a_value_error():
+    with pytest.raises(ValueError, match="nested deeper"):
+        json_loads(b"[" * 100_000)
+
+
 def test_record_json_keeps_order_text_and_non_finite_floats():
     rec = {"z": "café", "a": [1, 2.5, None], "n": 2 ** 70}
     assert json.loads(record_json(rec)) == rec and list(json.loads(record_json(rec))) == ["z", "a", "n"]
     assert "café" in record_json(rec)
     assert record_json({"x": float("nan")}, strict=False) == '{"x": NaN}'
-    assert record_json({"s": "\ud800"}) == json.dumps({"s": "\ud800"}, ensure_ascii=False)
+    assert record_json({"s": "\ud800", "t": "é"}) == json.dumps({"s": "\ud800", "t": "é"})  # escaped: storable
+    assert record_json({"s": "\ud800", "t": "é"}).encode("utf-8")
 
 
 def _old_trace_id(dataset, locator, messages, tools_json, tool_attack, suffix=None):
@@ -174,7 +195,8 @@ def test_tau2_tasks_keep_their_exact_text_for_quarantine(tmp_path):
     text = ('[\n  {"id": "1", "user_scenario": {"instructions": "hi"},\n   "evaluation_criteria": {},'
             ' "initial_state": {"big": [1, 2.50, "é"]}},\n  [1, 2],\n  {"id": 3, "userScenario": {"instructions":'
             ' "x"}, "evaluation_criteria": null}\n]\n')
-    tasks, raw = tau2._load_tasks(_tasks_file(tmp_path, text))
+    tasks, raw, unstorable = tau2._load_tasks(_tasks_file(tmp_path, text))
+    assert unstorable == {}
     assert tasks[0] == {"id": "1", "user_scenario": {"instructions": "hi"}, "evaluation_criteria": {},
                         "ticket": None, "description": None}  # only the fields the reader uses
     assert tasks[1] == [1, 2]  # not an object: the whole value, for the reader to report
@@ -186,9 +208,17 @@ def test_tau2_tasks_keep_their_exact_text_for_quarantine(tmp_path):
 def test_tau2_tasks_msgspec_refuses_take_the_standard_library(tmp_path):
     from cb_core.sources import tau2
 
-    tasks, raw = tau2._load_tasks(_tasks_file(tmp_path, '[{"id": "1", "score": NaN}, {"id": 2}]'))
+    tasks, raw, unstorable = tau2._load_tasks(_tasks_file(tmp_path, '[{"id": "1", "score": NaN}, {"id": 2}]'))
     assert tasks[1] == {"id": 2} and math.isnan(tasks[0]["score"])
-    assert raw(0) == '{"id": "1", "score": NaN}'  # non-finite floats survive in raw
+    assert raw(0) == '{"id": "1", "score": NaN}' and unstorable == {}  # non-finite floats survive in raw
+    # a lone surrogate: that task is named (index, where), its raw stays storable; a BOM is not data
+    tasks, raw, unstorable = tau2._load_tasks(_tasks_file(
+        tmp_path, '\ufeff[{"id": "1"}, {"id": "2", "user_scenario": {"instructions": "x\\ud800"}}]'))
+    assert unstorable == {1: "user_scenario.instructions"} and tasks[0] == {"id": "1"}
+    assert raw(1) == '{"id": "2", "user_scenario": {"instructions": "x\\ud800"}}'
+    with pytest.raises(SourceError, match="nested deeper") as err:
+        tau2._load_tasks(_tasks_file(tmp_path, "[" + "[" * 100_000))
+    assert err.value.file is not None
     with pytest.raises(SourceError, match=r"invalid or truncated JSON at line 2 column \d+"):
         tau2._load_tasks(_tasks_file(tmp_path, '[{"id": "1"},\n {"id": '))
     with pytest.raises(SourceError, match="must be a JSON list"):

@@ -705,7 +705,7 @@ def test_a_source_error_in_a_forked_reader_keeps_its_file(tmp_path, monkeypatch)
     """A file that cannot be opened, read by the forked process: the SourceError naming it reaches the
     caller as itself."""
     good = tmp_path / "agentdojo-a.jsonl"
-    good.write_text("")
+    good.write_text(HEADER + "\n")
     bad = tmp_path / "agentdojo-b.jsonl"
     bad.mkdir()  # a folder where a file should be: open() fails in the second part
     import cb_core.forking
