@@ -81,6 +81,36 @@ def display_path(path: str | Path) -> str:
         return str(p)
 
 
+class StrictSafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (no Python tags) that refuses a key given twice in one mapping: PyYAML keeps the
+    last copy without a word, so a second ``train:`` block would silently replace the first."""
+
+
+def _unique_mapping(loader: StrictSafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges; its keys may be overridden
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.setdefault(key, key_node.start_mark.line + 1)
+        except TypeError:  # an unhashable key: the constructor reports it
+            continue
+        if first != key_node.start_mark.line + 1:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first given on line {first}): only one may stay",
+                key_node.start_mark)
+    return loader.construct_mapping(node, deep=deep)
+
+
+StrictSafeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def safe_load(stream: Any) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys (`StrictSafeLoader`): every config file goes through it."""
+    return yaml.load(stream, Loader=StrictSafeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_yaml(name: str | Path) -> dict[str, Any]:
     """A YAML mapping from the config folder (or an absolute path); problems name the file."""
     path = Path(name)
@@ -88,7 +118,7 @@ def load_yaml(name: str | Path) -> dict[str, Any]:
         path = config_dir() / path
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = safe_load(f)
     except FileNotFoundError:
         raise ConfigFileNotFound(
             f"config file {display_path(path)} not found (CB_CONFIG_DIR={os.environ.get('CB_CONFIG_DIR') or 'unset'})"
@@ -117,6 +147,100 @@ def _number_in(value: Any, lo: float, hi: float, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (lo <= value <= hi):
         raise ConfigError(f"{where} must be a number in [{lo:g}, {hi:g}], got {value!r}")
     return float(value)
+
+
+# --- typed values: one check per kind, the message names where the value came from (``file: key`` or the
+# environment variable) and what was found. YAML gives true/false, numbers and lists their own types; a
+# quoted 'false' is a string, and Python would take it as true, so a flag must be a real boolean.
+def _got(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def check_bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false (unquoted), got {_got(value)}")
+    return value
+
+
+def check_int(value: Any, where: str, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where} must be a whole number, got {_got(value)}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{where} must be {_range(lo, hi)}, got {value}")
+    return value
+
+
+def check_number(value: Any, where: str, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False) -> float:
+    """A finite int or float in range (``lo_open``: strictly above ``lo``)."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {_got(value)}")
+    if (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi):
+        raise ConfigError(f"{where} must be {_range(lo, hi, lo_open)}, got {value}")
+    return float(value)
+
+
+def check_str(value: Any, where: str, choices: tuple[str, ...] | list[str] | None = None) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where} must be a non-empty text, got {_got(value)}")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def check_str_list(value: Any, where: str, choices: tuple[str, ...] | list[str] | None = None) -> list[str]:
+    """A YAML list of texts (one text is not a list: ``[airline]``, not ``airline``, which would be read as
+    its letters)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(f"{where} must be a list of texts, e.g. [a, b], got {_got(value)}")
+    bad = [v for v in value if choices is not None and v not in choices]
+    if bad:
+        raise ConfigError(f"{where}: {bad} not among {list(choices)}")
+    return value
+
+
+def check_mapping(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping (key: value lines), got {_got(value)}")
+    return value
+
+
+def check_keys(mapping: dict, known: Any, where: str) -> None:
+    """Every key of ``mapping`` is one of ``known``; a misspelt one is named with its nearest known key (a
+    key nobody reads would silently leave its default in force)."""
+    import difflib
+
+    unknown = [k for k in mapping if k not in known]
+    if unknown:
+        k = unknown[0]
+        near = difflib.get_close_matches(str(k), [str(x) for x in known], n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ConfigError(f"{where}: unknown key {k!r}{hint}; known: {sorted(map(str, known))}")
+
+
+def _range(lo: float | None, hi: float | None, lo_open: bool = False) -> str:
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {lo:g}"
+    return f"<= {hi:g}"
+
+
+def env_number(var: str, default: Any, kind: type = int, lo: float | None = None, hi: float | None = None,
+               lo_open: bool = False) -> Any:
+    """``$var`` parsed as ``kind`` (int or float) and checked, naming the variable; ``default`` when unset or
+    empty (the default is returned as given)."""
+    raw = os.environ.get(var)
+    if raw in (None, ""):
+        return default
+    where = f"environment variable {var}"
+    try:
+        value = kind(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{where} must be a {'whole number' if kind is int else 'number'}, got {raw!r}") from None
+    return check_int(value, where, lo, hi) if kind is int else check_number(value, where, lo, hi, lo_open)
 
 
 def resolve_source_paths(spec: str | Path) -> list[Path]:

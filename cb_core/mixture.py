@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from cb_core.config import config_dir, config_path
+from cb_core.config import config_dir, config_path, safe_load
 from cb_core.schemas import DEFAULT_CLASS_WEIGHTS, POLICY_NAMES, PRIORITY_CLASSES  # noqa: F401  (re-exported)
 
 CURRICULUM_TYPES = ("step", "linear", "cosine", "none")
@@ -79,7 +79,7 @@ class MixtureSchedule:
         cb_core.schemas.POLICY_NAMES)."""
         p = _resolve(path)
         try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+            raw = safe_load(p.read_text(encoding="utf-8"))
         except OSError as e:
             raise MixtureError(f"{p}: cannot read MWCS schedule: {e}") from e
         except yaml.YAMLError as e:

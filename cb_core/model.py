@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from cb_core.config import PROJECT_ROOT  # noqa: F401  (re-exported)
+from cb_core.config import PROJECT_ROOT, safe_load  # noqa: F401  (PROJECT_ROOT re-exported)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -118,7 +118,7 @@ def load_profile(name_or_path: str | Path | None = None) -> ModelProfile:
     if not path.is_file():
         raise FileNotFoundError(f"model profile '{spec}' not found (looked for {path})")
     with open(path, encoding="utf-8") as f:
-        raw = yaml.safe_load(f) or {}
+        raw = safe_load(f) or {}
     raw.setdefault("name", path.stem)
     known = {f.name for f in fields(ModelProfile)}
     unknown = set(raw) - known

@@ -200,9 +200,11 @@ def from_dict(raw: dict, source: str = "<manifest>") -> Manifest:
 
 def load_manifest(name_or_path: str, overrides: dict[str, Any] | None = None) -> Manifest:
     """Load a manifest; ``overrides`` (dotted keys) are added to its shared overrides (sbatch toggles)."""
+    from cb_core.config import safe_load
+
     path = manifest_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise SweepError(f"{path}: invalid YAML: {e}") from e
     m = from_dict(raw, source=str(path))

@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from cb_core.config import safe_load
 from cb_core.train.losses import CENTROIDS, DISTANCES, LOSS_MODES, SCHEDULES, check_centroid_config
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -197,7 +198,7 @@ def preset_path(name_or_path: str) -> Path:
 def load_preset_raw(name_or_path: str) -> tuple[dict, Path]:
     path = preset_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise TrainConfigError(f"{path}: invalid YAML: {e}") from e
     if not isinstance(raw, dict):
@@ -217,7 +218,7 @@ def parse_overrides(items: Iterable[str] | dict | None) -> dict[str, Any]:
             raise TrainConfigError(f"override {item!r}: expected section.field=value")
         k, v = item.split("=", 1)
         try:
-            val = yaml.safe_load(v) if v.strip() else None
+            val = safe_load(v) if v.strip() else None
         except yaml.YAMLError as e:
             raise TrainConfigError(f"override {item!r}: cannot parse value: {e}") from e
         out[k.strip()] = _number(val)
