@@ -47,7 +47,8 @@ import dagster as dg
 
 from cb_assets.resources import DatasetsResource
 from cb_assets.tags import COMPUTE_TAG, GPU
-from cb_core.config import ConfigError, resolve_source_paths, setting
+from cb_core.config import (ConfigError, ConfigFileNotFound, check_keys, config_dir, display_path, load_yaml,
+                            resolve_source_paths, setting)
 from cb_core.watch import MISSING, evaluate_sources, load_cursor, scan_sources  # noqa: F401  (tests use them here)
 
 GPU_TAG = (COMPUTE_TAG, GPU)
@@ -56,30 +57,56 @@ RAW_PREFIX = "raw_"
 
 
 # ------------------------------------------------------------------------------------------- settings
-def _setting(env: str, section: str, key: str, default: Any) -> Any:
-    """$env, else `section.key` of configs/operations.yaml (optional), else the default."""
-    return setting(env, "operations.yaml", section, key, default)
+# every key of configs/operations.yaml, by section (a misspelt one would leave its default in force)
+OPERATIONS_KEYS = {
+    "revalidate": ["cron", "timezone"], "source_sensor": ["minimum_interval_seconds", "max_wait_seconds",
+                                                         "default_status"],
+    "slurm_watchdog": ["minimum_interval_seconds"], "training": ["preset"],
+    "adapter_checks": ["kl_eps", "retain_cos_min"], "renders": ["num_workers"], "sweeps": ["manifest"],
+    "sweep_sensor": ["minimum_interval_seconds"],
+}
+
+
+def check_operations_file() -> None:
+    """configs/operations.yaml holds only known sections and keys (read when the code location loads)."""
+    try:
+        raw = load_yaml("operations.yaml")
+    except ConfigFileNotFound:
+        return
+    shown = display_path(config_dir() / "operations.yaml")
+    check_keys(raw, OPERATIONS_KEYS, shown)
+    for section, keys in OPERATIONS_KEYS.items():
+        if isinstance(raw.get(section), dict):
+            check_keys(raw[section], keys, f"{shown}: {section}")
+
+
+def _setting(env: str, section: str, key: str, default: Any, kind: type | None = None, **rules: Any) -> Any:
+    """$env, else `section.key` of configs/operations.yaml (optional), else the default; checked by kind."""
+    return setting(env, "operations.yaml", section, key, default, kind, **rules)
 
 
 def revalidate_cron() -> tuple[str, str]:
     """(cron, timezone) of the re-validation schedule: env, else configs/operations.yaml, else daily 04:00 UTC."""
     return (
-        str(_setting("CB_REVALIDATE_CRON", "revalidate", "cron", "0 4 * * *")),
-        str(_setting("CB_REVALIDATE_TIMEZONE", "revalidate", "timezone", "UTC")),
+        _setting("CB_REVALIDATE_CRON", "revalidate", "cron", "0 4 * * *", str),
+        _setting("CB_REVALIDATE_TIMEZONE", "revalidate", "timezone", "UTC", str),
     )
 
 
+check_operations_file()
 REVALIDATE_CRON, REVALIDATE_TIMEZONE = revalidate_cron()
-SENSOR_INTERVAL_S = int(_setting("CB_SOURCE_SENSOR_INTERVAL_S", "source_sensor", "minimum_interval_seconds", 60))
-SENSOR_MAX_WAIT_S = float(_setting("CB_SOURCE_SENSOR_MAX_WAIT_S", "source_sensor", "max_wait_seconds", 900))
+SENSOR_INTERVAL_S = _setting("CB_SOURCE_SENSOR_INTERVAL_S", "source_sensor", "minimum_interval_seconds", 60, int, lo=1)
+SENSOR_MAX_WAIT_S = float(_setting("CB_SOURCE_SENSOR_MAX_WAIT_S", "source_sensor", "max_wait_seconds", 900, float,
+                                   lo=0))
 # RUNNING by default: inert on the demo sample (skips with a reason), fires only for changed real sources.
 SENSOR_DEFAULT_STATUS = (
     dg.DefaultSensorStatus.STOPPED
-    if str(_setting("CB_SOURCE_SENSOR_DEFAULT_STATUS", "source_sensor", "default_status", "RUNNING")).upper()
-    == "STOPPED"
+    if _setting("CB_SOURCE_SENSOR_DEFAULT_STATUS", "source_sensor", "default_status", "RUNNING", str,
+                choices=("RUNNING", "STOPPED", "running", "stopped")).upper() == "STOPPED"
     else dg.DefaultSensorStatus.RUNNING
 )
-WATCHDOG_INTERVAL_S = int(_setting("CB_SLURM_WATCHDOG_INTERVAL_S", "slurm_watchdog", "minimum_interval_seconds", 30))
+WATCHDOG_INTERVAL_S = _setting("CB_SLURM_WATCHDOG_INTERVAL_S", "slurm_watchdog", "minimum_interval_seconds", 30, int,
+                               lo=1)
 
 
 # ------------------------------------------------------------------------------------------- selections

@@ -13,7 +13,7 @@ import glob
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -59,17 +59,43 @@ def named_config(folder: str, name_or_path: str, what: str, error: type[Exceptio
     return cand
 
 
-def setting(env_var: str, file: str, section: str, key: str, default: Any) -> Any:
+def setting(env_var: str, file: str, section: str, key: str, default: Any, kind: type | None = None,
+            lo: float | None = None, hi: float | None = None, choices: tuple[str, ...] | None = None) -> Any:
     """One setting with its environment overlay: ``$env_var`` when set and non-empty, else ``section.key`` of
-    ``configs/<file>`` (an absent file is empty), else ``default``."""
+    ``configs/<file>`` (an absent file is empty), else ``default`` (also for a null in the file).
+
+    ``kind`` (int, float or str) checks the value found, naming where it came from: the variable (whose
+    text is parsed first) or ``file: section.key``; ``lo``/``hi`` bound numbers, ``choices`` texts. The
+    default is returned as given."""
     val = os.environ.get(env_var)
     if val not in (None, ""):
-        return val
-    try:
-        raw = load_yaml(file)
-    except ConfigFileNotFound:
-        raw = {}
-    return (raw.get(section) or {}).get(key, default)
+        where = f"environment variable {env_var}"
+        if kind in (int, float):
+            try:
+                val = kind(val.strip())
+            except ValueError:
+                raise ConfigError(f"{where} must be a {'whole number' if kind is int else 'number'}, "
+                                  f"got {val!r}") from None
+    else:
+        try:
+            raw = load_yaml(file)
+        except ConfigFileNotFound:
+            raw = {}
+        shown = display_path(config_dir() / file)
+        sec = raw.get(section)
+        if sec is not None and not isinstance(sec, dict):
+            raise ConfigError(f"{shown}: {section} must be a mapping (key: value lines), got {sec!r}")
+        val = (sec or {}).get(key)
+        if val is None:
+            return default
+        where = f"{shown}: {section}.{key} (or ${env_var})"
+    if kind is int:
+        return check_int(val, where, lo, hi)
+    if kind is float:
+        return check_number(val, where, lo, hi)
+    if kind is str:
+        return check_str(val, where, choices)
+    return val
 
 
 def display_path(path: str | Path) -> str:
@@ -93,13 +119,13 @@ def _unique_mapping(loader: StrictSafeLoader, node: yaml.MappingNode, deep: bool
             continue
         key = loader.construct_object(key_node, deep=True)
         try:
-            first = seen.setdefault(key, key_node.start_mark.line + 1)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {seen[key]}): only one may stay",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
         except TypeError:  # an unhashable key: the constructor reports it
             continue
-        if first != key_node.start_mark.line + 1:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first given on line {first}): only one may stay",
-                key_node.start_mark)
     return loader.construct_mapping(node, deep=deep)
 
 
@@ -274,6 +300,39 @@ class SourceSelection:
         return path
 
 
+def _text(v: Any, where: str) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(f"{where} must be a text, got {v!r} ({type(v).__name__})")
+    return v
+
+
+def _config_file(v: Any, where: str) -> None:
+    """A file named in the config (``configs/...`` or a path) must exist: found now, not when a source reads."""
+    if not config_path(check_str(v, where)).is_file():
+        raise ConfigError(f"{where}: file {config_path(v)} not found")
+
+
+def _max_rows(v: Any, where: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ConfigError(f"{where} must be a positive integer or null, got {v!r}")
+
+
+# Each source section's keys and the check of each (null always means the reader's default); a key not
+# listed is an error naming it. The readers read exactly these (cb_core/sources/<source>.py).
+SOURCE_SETTINGS: dict[str, dict[str, Callable[[Any, str], Any]]] = {
+    "fujitsu_b4": {"tool_schema": _config_file, "required_fields": check_str_list, "system_prompt": _text},
+    "agentdojo": {"tool_schemas": _config_file, "tool_schemas_version": check_str, "attacker_targets": check_mapping,
+                  "injection_tasks": _config_file},
+    "llmail_inject": {"jobs_file": check_str, "scenarios_file": check_str, "system_prompt_file": check_str,
+                      "system_prompt_key": check_str, "tool_schema": _config_file, "retrieval_tool": check_str,
+                      "attacker_tool": check_str, "levels_file": check_str, "attacker_args_by_scenario": check_mapping,
+                      "scenario_map": check_mapping, "email_template": _text, "email_separator": _text},
+    "tau2": {"domains": check_str_list, "system_prompt": _text, "tool_schemas": _config_file},
+    "ultrachat": {"max_rows": _max_rows},
+    "xstest": {},
+}
+
+
 @dataclass
 class DatasetsConfig:
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -292,6 +351,7 @@ class DatasetsConfig:
         path = Path(name) if Path(name).is_absolute() else config_dir() / name
         raw = load_yaml(path)
         shown = display_path(path)
+        check_keys(raw, [k for k in cls.__dataclass_fields__ if k != "file"], shown)
         known = {}
         for k in cls.__dataclass_fields__:
             if k == "file":
@@ -305,21 +365,27 @@ class DatasetsConfig:
         return cfg
 
     def validate(self) -> None:
-        """Fail at load time, naming file and key, instead of silently misbehaving later."""
+        """Fail at load time, naming file and key, instead of silently misbehaving later: a misspelt key
+        (``pth:`` for ``path:``) would leave its default in force, here the demo sample instead of the data."""
         for ds, spec in self.sources.items():
             if ds not in DATASETS:
                 raise ConfigError(f"{self.file}: sources.{ds} is not a known source ({', '.join(DATASETS)})")
             if spec is not None and not isinstance(spec, dict):
                 raise ConfigError(f"{self.file}: sources.{ds} must be a mapping like {{path: ...}}, got {spec!r}")
+            check_keys(spec or {}, ["path"], f"{self.file}: sources.{ds}")
             path = (spec or {}).get("path")
             if path is not None and not isinstance(path, str):
                 raise ConfigError(f"{self.file}: sources.{ds}.path must be a string or null, got {path!r}")
+        check_keys(self.stop_the_line, ["max_reject_fraction"], f"{self.file}: stop_the_line")
+        for section, rules in SOURCE_SETTINGS.items():
+            values = getattr(self, section)
+            check_keys(values, rules, f"{self.file}: {section}")
+            for key, rule in rules.items():
+                if values.get(key) is not None:
+                    rule(values[key], f"{self.file}: {section}.{key}")
         if "max_reject_fraction" in self.stop_the_line:
             _number_in(self.stop_the_line["max_reject_fraction"], 0, 1,
                        f"{self.file}: stop_the_line.max_reject_fraction")
-        max_rows = self.ultrachat.get("max_rows")
-        if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
-            raise ConfigError(f"{self.file}: ultrachat.max_rows must be a positive integer or null, got {max_rows!r}")
 
     @property
     def max_reject_fraction(self) -> float:

@@ -57,7 +57,7 @@ def renders(
     rcfg = profile.render_config()
     if config.max_length:
         rcfg.max_length = config.max_length
-    env_workers = setting("CB_RENDER_WORKERS", "operations.yaml", "renders", "num_workers", None)
+    env_workers = setting("CB_RENDER_WORKERS", "operations.yaml", "renders", "num_workers", None, int, lo=0)
     workers = int(env_workers if env_workers is not None else config.num_workers)
     stats: dict = {}
     t0 = time.perf_counter()

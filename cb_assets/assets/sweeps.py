@@ -69,7 +69,7 @@ class SweepConfig(dg.Config):
 
 
 def default_manifest(datasets: DatasetsResource) -> str:
-    return (setting("CB_SWEEP", "operations.yaml", "sweeps", "manifest", None)
+    return (setting("CB_SWEEP", "operations.yaml", "sweeps", "manifest", None, str)
             or ("tiny" if datasets.selection().demo else "quick"))
 
 
@@ -475,8 +475,8 @@ def _latest_status(instance, tags: dict) -> dict[str, str]:
 @dg.sensor(
     name="sweep_sensor",
     jobs=[sweep_point_job, sweep_rank_job, final_seed_job, release_job],
-    minimum_interval_seconds=int(setting("CB_SWEEP_SENSOR_INTERVAL_S", "operations.yaml", "sweep_sensor",
-                                         "minimum_interval_seconds", 30)),
+    minimum_interval_seconds=setting("CB_SWEEP_SENSOR_INTERVAL_S", "operations.yaml", "sweep_sensor",
+                                     "minimum_interval_seconds", 30, int, lo=1),
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Launches the newest sweep: one run per registered point (GPU -> SLURM), then the leaderboard + "
     "best_config, then one run per final seed, then the release report. Inert until `sweep_points` is materialized.",

@@ -37,7 +37,7 @@ class AdapterConfig(dg.Config):
 
 
 def default_preset(datasets: DatasetsResource) -> str:
-    return (setting("CB_TRAIN_PRESET", "operations.yaml", "training", "preset", None)
+    return (setting("CB_TRAIN_PRESET", "operations.yaml", "training", "preset", None, str)
             or ("tiny" if datasets.selection().demo else "stage1"))
 
 
@@ -136,8 +136,9 @@ def adapter(context: dg.AssetExecutionContext, config: AdapterConfig, datasets: 
 
 
 # ------------------------------------------------------------------------------------- post-training checks
-KL_EPS = float(setting("CB_CHECK_KL_EPS", "operations.yaml", "adapter_checks", "kl_eps", 1e-4))
-RETAIN_COS_MIN = float(setting("CB_CHECK_RETAIN_COS_MIN", "operations.yaml", "adapter_checks", "retain_cos_min", 0.5))
+KL_EPS = float(setting("CB_CHECK_KL_EPS", "operations.yaml", "adapter_checks", "kl_eps", 1e-4, float, lo=0))
+RETAIN_COS_MIN = float(setting("CB_CHECK_RETAIN_COS_MIN", "operations.yaml", "adapter_checks", "retain_cos_min", 0.5,
+                               float, lo=-1, hi=1))
 
 
 def _final(root: Path) -> dict | None:

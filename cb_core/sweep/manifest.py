@@ -75,6 +75,18 @@ class SweepError(ValueError):
     """A bad manifest: the message names the file and the key."""
 
 
+# What `selection` may name: the eval_scores metrics (a test checks an evaluation produces no other) and the
+# gates of cb_core.evaluate.scores.gates. Checked at load: a typo would otherwise surface after every point
+# had trained, when the leaderboard ranks.
+KNOWN_METRICS = frozenset({
+    "agentdojo_asr", "agentdojo_utility", "capability_retention", "coherence", "forced_function_call",
+    "llmail_attacker_send", "llmail_refusal", "llmail_useful", "output_difference_rate", "rep_cos_benign",
+    "rep_cos_harmful", "tool_flip_asr", "tool_flip_correct", "unparseable_rate", "valid_json_rate",
+    "xstest_over_refusal", "xstest_unsafe_refusal",
+})
+KNOWN_GATES = ("asr_reduction", "capability", "output_difference", "over_refusal")
+
+
 @dataclass(frozen=True)
 class Point:
     """One grid point: its key, the axis values (short names) and every override it adds to the preset."""
@@ -165,6 +177,9 @@ def from_dict(raw: dict, source: str = "<manifest>") -> Manifest:
         raise SweepError(f"{source}: preset: required (a configs/train/<preset>.yaml name)")
     grid = raw.get("grid")
     grids = grid if isinstance(grid, list) else [grid]
+    if not grids:
+        raise SweepError(f"{source}: grid: an empty list has no point to train; give one mapping of axis -> values "
+                         "or a list of them")
     out_grids = []
     for i, g in enumerate(grids):
         where = f"{source}: grid" + (f"[{i}]" if isinstance(grid, list) else "")
@@ -184,6 +199,17 @@ def from_dict(raw: dict, source: str = "<manifest>") -> Manifest:
     sel = Selection(**sel_raw)
     if sel.not_measured not in ("fail", "pass"):
         raise SweepError(f"{source}: selection.not_measured must be fail or pass, got {sel.not_measured!r}")
+    if sel.metric not in KNOWN_METRICS:
+        raise SweepError(f"{source}: selection.metric {sel.metric!r} is not an eval_scores metric "
+                         f"({sorted(KNOWN_METRICS)})")
+    if not isinstance(sel.gates, list) or any(g not in KNOWN_GATES for g in sel.gates):
+        raise SweepError(f"{source}: selection.gates must be a list of {list(KNOWN_GATES)}, got {sel.gates!r}")
+    if sel.higher_is_better is not None and not isinstance(sel.higher_is_better, bool):
+        raise SweepError(f"{source}: selection.higher_is_better must be true, false or null, "
+                         f"got {sel.higher_is_better!r}")
+    if not isinstance(raw.get("continue_on_error", True), bool):
+        raise SweepError(f"{source}: continue_on_error must be true or false (unquoted), "
+                         f"got {raw['continue_on_error']!r}")
     final = {"seeds": [101, 555, 888], "overrides": {}, **(raw.get("final") or {})}
     seeds = final["seeds"]
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
@@ -195,7 +221,7 @@ def from_dict(raw: dict, source: str = "<manifest>") -> Manifest:
     return Manifest(name=name, preset=str(raw["preset"]), grids=out_grids,
                     overrides=_dotted(raw.get("overrides"), f"{source}: overrides"),
                     description=str(raw.get("description", "")), eval=dict(ev), selection=sel, final=final,
-                    continue_on_error=bool(raw.get("continue_on_error", True)), source=source)
+                    continue_on_error=raw.get("continue_on_error", True), source=source)
 
 
 def load_manifest(name_or_path: str, overrides: dict[str, Any] | None = None) -> Manifest:

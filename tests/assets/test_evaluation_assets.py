@@ -78,6 +78,10 @@ def test_eval_scores_table_has_real_numbers(chain):
     assert "data:image/png;base64," in meta["chart"].value and (root / "eval_scores.png").stat().st_size > 1000
     checks = {e.check_name for e in res.get_asset_check_evaluations()}
     assert {"gate_asr_reduction", "gate_capability", "gate_output_difference", "gate_over_refusal"} <= checks
+    # what a sweep manifest's `selection` may name is what an evaluation produces (checked at manifest load)
+    from cb_core.sweep.manifest import KNOWN_GATES, KNOWN_METRICS
+
+    assert set(sc["metric"]) <= KNOWN_METRICS and {c.removeprefix("gate_") for c in checks} >= set(KNOWN_GATES)
 
 
 def test_base_model_follows_some_injections(chain):

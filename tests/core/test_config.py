@@ -1,5 +1,6 @@
 """Source selection: env overrides YAML, CB_DATASETS selects, demo mode only when nothing is configured."""
 import pytest
+import yaml
 
 from cb_core.config import ConfigError, DatasetsConfig, resolve_source_paths
 
@@ -122,6 +123,20 @@ def test_project_config_errors_show_the_relative_file(monkeypatch, tmp_path):
     ("ultrachat: {max_rows: many}\n", r"datasets.yaml: ultrachat.max_rows must be a positive integer"),
     ("- just a list\n", r"datasets.yaml: must be a mapping of keys, got list"),
     ("a: [unclosed\n", r"datasets.yaml: not valid YAML"),
+    # a misspelt key would leave its default in force (here: the demo sample instead of the data)
+    ("sources: {xstest: {pth: /data/xstest}}\n", r"datasets.yaml: sources.xstest: unknown key 'pth' \(did you mean 'path'\?\)"),
+    ("stop_the_line: {max_reject_fractoin: 0.5}\n", r"stop_the_line: unknown key 'max_reject_fractoin' \(did you mean"),
+    ("ultrachat: {max_row: 5}\n", r"datasets.yaml: ultrachat: unknown key 'max_row' \(did you mean 'max_rows'\?\)"),
+    ("fujitsu_b4: {tool_shema: x.json}\n", r"fujitsu_b4: unknown key 'tool_shema' \(did you mean 'tool_schema'\?\)"),
+    ("tau2s: {}\n", r"datasets.yaml: unknown key 'tau2s' \(did you mean 'tau2'\?\)"),
+    # one text is not a list: `airline` would be read as its letters
+    ("tau2: {domains: airline}\n", r"datasets.yaml: tau2.domains must be a list of texts"),
+    ("fujitsu_b4: {required_fields: combined_query}\n", r"fujitsu_b4.required_fields must be a list of texts"),
+    ("fujitsu_b4: {tool_schema: configs/tool_schemas/nosuch.json}\n", r"fujitsu_b4.tool_schema: file .*nosuch.json not found"),
+    ("agentdojo: {tool_schemas_version: 5}\n", r"agentdojo.tool_schemas_version must be a non-empty text"),
+    ("llmail_inject: {email_separator: 5}\n", r"llmail_inject.email_separator must be a text, got 5"),
+    ("xstest: {path: x}\n", r"datasets.yaml: xstest: unknown key 'path'"),
+    ("ultrachat: {max_rows: 5}\nultrachat: {max_rows: 6}\n", r"datasets.yaml: not valid YAML: duplicate key 'ultrachat' \(first given on line 1\)"),
 ])
 def test_malformed_datasets_yaml_names_file_and_key(configs_copy, text, match):
     (configs_copy / "datasets.yaml").write_text(text)
@@ -135,3 +150,88 @@ def test_missing_config_file_names_it(configs_copy):
         load_yaml("operations.yaml")
     with pytest.raises(FileNotFoundError):  # callers that treat a config file as optional still work
         load_yaml("operations.yaml")
+
+
+def test_shipped_datasets_yaml_loads_with_every_source_setting_checked():
+    cfg = DatasetsConfig.load()
+    assert cfg.fujitsu_b4["required_fields"] and cfg.agentdojo["tool_schemas_version"] == "auto"
+    assert cfg.max_reject_fraction == 0.10
+
+
+def test_a_key_given_twice_is_refused_in_every_config_kind(tmp_path):
+    """PyYAML keeps the last copy of a repeated key without a word: a second `train:` block replaced the
+    first. Every config loader goes through cb_core.config.safe_load, which refuses it with its line."""
+    from cb_core.config import safe_load
+    from cb_core.sweep.manifest import SweepError, load_manifest
+    from cb_core.train.config import TrainConfigError, load_train_config
+
+    with pytest.raises(yaml.YAMLError, match=r"duplicate key 'a' \(first given on line 1\)"):
+        safe_load("a: 1\nb: {c: 2}\na: 3\n")
+    with pytest.raises(yaml.YAMLError, match="duplicate key 'c'"):
+        safe_load("b: {c: 2, c: 3}\n")
+    assert safe_load("base: &b {x: 1, y: 2}\nd:\n  <<: *b\n  x: 5\n")["d"] == {"x": 5, "y": 2}  # merges may override
+    with pytest.raises(yaml.constructor.ConstructorError):
+        safe_load("!!python/object/apply:os.system [echo pwned]\n")
+    preset = tmp_path / "p.yaml"
+    preset.write_text("train: {steps: 40}\nmodel: {profile: tiny}\ntrain: {steps: 5}\n")
+    with pytest.raises(TrainConfigError, match=r"p.yaml: invalid YAML: duplicate key 'train'"):
+        load_train_config(str(preset))
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text("preset: tiny\noverrides: {train.steps: 2}\noverrides: {train.steps: 3}\n")
+    with pytest.raises(SweepError, match="duplicate key 'overrides'"):
+        load_manifest(str(manifest))
+
+
+@pytest.mark.parametrize("env, value, kind, rules, match", [
+    ("CB_X", "abc", int, {}, r"environment variable CB_X must be a whole number, got 'abc'"),
+    ("CB_X", "1m", int, {"lo": 1}, r"environment variable CB_X must be a whole number"),
+    ("CB_X", "-3", int, {"lo": 0}, r"environment variable CB_X must be >= 0, got -3"),
+    ("CB_X", "x", float, {}, r"environment variable CB_X must be a number, got 'x'"),
+    ("CB_X", "nan", float, {"lo": 0}, r"environment variable CB_X must be a finite number"),
+    ("CB_X", "STOPED", str, {"choices": ("RUNNING", "STOPPED")}, r"CB_X must be one of \['RUNNING', 'STOPPED'\]"),
+])
+def test_setting_checks_an_environment_value_naming_the_variable(monkeypatch, env, value, kind, rules, match):
+    from cb_core.config import setting
+
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ConfigError, match=match):
+        setting(env, "operations.yaml", "renders", "num_workers", None, kind, **rules)
+
+
+@pytest.mark.parametrize("text, kind, rules, match", [
+    ("renders: {num_workers: -3}\n", int, {"lo": 0}, r"operations.yaml: renders.num_workers \(or \$CB_X\) must be >= 0"),
+    ("renders: {num_workers: '2'}\n", int, {"lo": 0}, r"renders.num_workers \(or \$CB_X\) must be a whole number, got '2'"),
+    ("renders: {num_workers: .nan}\n", float, {}, r"renders.num_workers \(or \$CB_X\) must be a finite number"),
+    ("renders: [1]\n", int, {}, r"operations.yaml: renders must be a mapping"),
+])
+def test_setting_checks_a_file_value_naming_file_key_and_variable(configs_copy, monkeypatch, text, kind, rules, match):
+    from cb_core.config import setting
+
+    monkeypatch.delenv("CB_X", raising=False)
+    (configs_copy / "operations.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        setting("CB_X", "operations.yaml", "renders", "num_workers", None, kind, **rules)
+
+
+def test_setting_values_that_pass(configs_copy, monkeypatch):
+    from cb_core.config import setting
+
+    (configs_copy / "operations.yaml").write_text("renders: {num_workers: null}\nadapter_checks: {kl_eps: 2}\n")
+    monkeypatch.delenv("CB_X", raising=False)
+    assert setting("CB_X", "operations.yaml", "renders", "num_workers", 7, int, lo=0) == 7  # null: the default
+    assert setting("CB_X", "operations.yaml", "adapter_checks", "kl_eps", 1e-4, float, lo=0) == 2.0
+    monkeypatch.setenv("CB_X", " 3 ")
+    assert setting("CB_X", "operations.yaml", "renders", "num_workers", None, int, lo=0) == 3
+
+
+@pytest.mark.parametrize("text, match", [
+    ("renders: {num_wrokers: 2}\n", r"operations.yaml: renders: unknown key 'num_wrokers' \(did you mean 'num_workers'\?\)"),
+    ("source_sensor: {default_status: RUNNING}\nrender: {}\n", r"operations.yaml: unknown key 'render' \(did you mean 'renders'\?\)"),
+])
+def test_operations_yaml_refuses_unknown_keys(configs_copy, text, match):
+    from cb_assets.automation import check_operations_file
+
+    check_operations_file()  # the shipped file passes
+    (configs_copy / "operations.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        check_operations_file()

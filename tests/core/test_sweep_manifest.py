@@ -88,6 +88,22 @@ def test_bad_manifests_name_the_key(tmp_path):
     assert len(load_manifest(str(p)).expand()) == 2
 
 
+@pytest.mark.parametrize("extra, match", [
+    ({"grid": []}, r"grid: an empty list has no point to train"),
+    ({"selection": {"metric": "tool_flip_as"}}, r"selection.metric 'tool_flip_as' is not an eval_scores metric"),
+    ({"selection": {"gates": ["capability", "nosuch"]}}, r"selection.gates must be a list of"),
+    ({"selection": {"gates": "capability"}}, r"selection.gates must be a list of"),
+    ({"selection": {"not_measured": "maybe"}}, r"selection.not_measured must be fail or pass"),
+    ({"selection": {"higher_is_better": "no"}}, r"selection.higher_is_better must be true, false or null"),
+    ({"continue_on_error": "false"}, r"continue_on_error must be true or false \(unquoted\), got 'false'"),
+])
+def test_manifest_selection_and_flags_are_checked_at_load(extra, match):
+    """A typo here surfaced only when the leaderboard ranked, after every point had trained; a quoted 'false'
+    was read as true."""
+    with pytest.raises(SweepError, match=match):
+        from_dict({"name": "x", "preset": "tiny", "grid": {"lr": [1e-3]}, **extra}, source="m.yaml")
+
+
 def test_final_points_one_per_seed():
     m = load_manifest("quick")
     best = m.expand()[0]
