@@ -197,14 +197,15 @@ def check_int(value: Any, where: str, lo: int | None = None, hi: int | None = No
 
 
 def check_number(value: Any, where: str, lo: float | None = None, hi: float | None = None,
-                 lo_open: bool = False) -> float:
-    """A finite int or float in range (``lo_open``: strictly above ``lo``)."""
+                 lo_open: bool = False, hi_open: bool = False) -> float:
+    """A finite int or float in range (``lo_open``/``hi_open``: strictly inside that bound)."""
     import math
 
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{where} must be a finite number, got {_got(value)}")
-    if (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi):
-        raise ConfigError(f"{where} must be {_range(lo, hi, lo_open)}, got {value}")
+    if ((lo is not None and (value <= lo if lo_open else value < lo))
+            or (hi is not None and (value >= hi if hi_open else value > hi))):
+        raise ConfigError(f"{where} must be {_range(lo, hi, lo_open, hi_open)}, got {value}")
     return float(value)
 
 
@@ -246,24 +247,59 @@ def check_keys(mapping: dict, known: Any, where: str) -> None:
         raise ConfigError(f"{where}: unknown key {k!r}{hint}; known: {sorted(map(str, known))}")
 
 
-def _range(lo: float | None, hi: float | None, lo_open: bool = False) -> str:
+def _range(lo: float | None, hi: float | None, lo_open: bool = False, hi_open: bool = False) -> str:
     if lo is not None and hi is not None:
-        return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
     if lo is not None:
         return f"{'>' if lo_open else '>='} {lo:g}"
-    return f"<= {hi:g}"
+    return f"{'<' if hi_open else '<='} {hi:g}"
+
+
+# Rules: ``check(value, where) -> the checked value``, raising ConfigError naming ``where``. A config's loader
+# keeps one table of key -> rule (a key without one is unknown), built from these.
+Rule = Callable[[Any, str], Any]
+
+
+def nullable(rule: Rule) -> Rule:
+    """``rule``, or null (where null has a meaning: "all", "the default", "off")."""
+    return lambda v, where: None if v is None else rule(v, where)
+
+
+def whole(lo: int | None = None, hi: int | None = None) -> Rule:
+    return lambda v, where: check_int(v, where, lo, hi)
+
+
+def number(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> Rule:
+    return lambda v, where: check_number(v, where, lo, hi, lo_open, hi_open)
+
+
+def one_of(choices: Any) -> Rule:
+    return lambda v, where: check_str(v, where, tuple(choices))
+
+
+def texts(choices: Any = None) -> Rule:
+    return lambda v, where: check_str_list(v, where, None if choices is None else tuple(choices))
+
+
+def section(rules: dict[str, Rule]) -> Rule:
+    """A mapping whose every key has a rule in ``rules``: the checked values (keys not given keep their
+    defaults)."""
+    def check(v: Any, where: str) -> dict[str, Any]:
+        check_keys(check_mapping(v, where), rules, where)
+        return {k: rules[k](x, f"{where}.{k}") for k, x in v.items()}
+    return check
 
 
 def env_number(var: str, default: Any, kind: type = int, lo: float | None = None, hi: float | None = None,
-               lo_open: bool = False) -> Any:
-    """``$var`` parsed as ``kind`` (int or float) and checked, naming the variable; ``default`` when unset or
-    empty (the default is returned as given)."""
-    raw = os.environ.get(var)
+               lo_open: bool = False, env: Any = None) -> Any:
+    """``$var`` (from ``env``, default ``os.environ``) parsed as ``kind`` (int or float) and checked, naming the
+    variable; ``default`` when unset or empty (the default is returned as given)."""
+    raw = (os.environ if env is None else env).get(var)
     if raw in (None, ""):
         return default
     where = f"environment variable {var}"
     try:
-        value = kind(raw.strip())
+        value = kind(str(raw).strip())
     except ValueError:
         raise ConfigError(f"{where} must be a {'whole number' if kind is int else 'number'}, got {raw!r}") from None
     return check_int(value, where, lo, hi) if kind is int else check_number(value, where, lo, hi, lo_open)

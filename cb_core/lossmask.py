@@ -20,7 +20,7 @@ builds dense masks. ``build_lossmasks`` computes every policy for a whole frame 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -28,6 +28,19 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from cb_core.config import (
+    ConfigError,
+    ConfigFileNotFound,
+    check_int,
+    check_keys,
+    check_mapping,
+    check_str,
+    check_str_list,
+    config_dir,
+    config_path,
+    display_path,
+    load_yaml,
+)
 from cb_core.schemas import (  # noqa: F401  (the lossmask_v1 contract, re-exported)
     DEFAULT_CLASS_WEIGHTS,
     DEFAULT_TRAINING_POLICY,
@@ -228,47 +241,42 @@ class LossmaskConfig:
     @classmethod
     def load(cls, path: str | Path | None = None) -> "LossmaskConfig":
         """configs/lossmask.yaml (built-in defaults when the folder has none), or ``path`` (must exist)."""
-        from cb_core.config import config_dir, config_path, load_yaml  # `configs/...` follows CB_CONFIG_DIR
-
-        cfg_dir = config_dir()
+        cfg_dir = config_dir()  # `configs/...` follows CB_CONFIG_DIR
         p = Path(path) if path else cfg_dir / "lossmask.yaml"
         if not p.is_absolute():
             p = next((c for c in (config_path(p), cfg_dir / p) if c.is_file()), config_path(p))
         if not p.is_file():
             if path:
-                raise FileNotFoundError(f"lossmask config {p} not found")
+                raise ConfigFileNotFound(f"lossmask config {display_path(p)} not found")
             return cls()
-        return cls.from_dict(load_yaml(p), source=str(p))
+        return cls.from_dict(load_yaml(p), source=display_path(p))
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "<dict>") -> "LossmaskConfig":
-        if not isinstance(raw, dict):
-            raise ValueError(f"{source}: expected a mapping")
-        unknown = set(raw) - {"policies", "training_default", "preview_samples"}
-        if unknown:
-            raise ValueError(f"{source}: unknown keys {sorted(unknown)}")
+        """Every key checked, naming ``source`` (the file) and the key (ConfigError, a ValueError):
+        ``policies`` is ``all`` (or null) or a list of policy names; ``training_default`` maps a category
+        (harmful, retain) to one of those policies; ``preview_samples`` is a whole number >= 0."""
+        check_keys(check_mapping(raw, source), _LOSSMASK_KEYS, source)
         pols = raw.get("policies", "all")
         if pols in (None, "all") or pols == ["all"]:
             pols = list(POLICIES)
-        if isinstance(pols, str):
-            pols = [pols]
-        bad = [p for p in pols if p not in POLICIES]
-        if bad:
-            raise ValueError(f"{source}: policies: unknown {bad} (known: {list(POLICIES)})")
-        td = {**cls().training_default, **(raw.get("training_default") or {})}
+        pols = list(dict.fromkeys(check_str_list(pols, f"{source}: policies (`all` or a list)", tuple(POLICIES))))
+        given = check_mapping(raw.get("training_default") or {}, f"{source}: training_default")
+        check_keys(given, DEFAULT_TRAINING_POLICY, f"{source}: training_default (categories)")
+        td = {**cls().training_default, **given}
         for cat, pol in td.items():
-            if cat not in ("harmful", "retain"):
-                raise ValueError(f"{source}: training_default: unknown category {cat!r} (harmful|retain)")
-            if pol not in POLICIES:
-                raise ValueError(f"{source}: training_default.{cat}: unknown policy {pol!r}")
+            check_str(pol, f"{source}: training_default.{cat}", tuple(POLICIES))
             if pol not in pols:
-                raise ValueError(f"{source}: training_default.{cat}: policy {pol!r} is not in `policies`")
+                raise ConfigError(f"{source}: training_default.{cat}: policy {pol!r} is not in `policies` {pols}")
         return cls(
-            policies=list(dict.fromkeys(pols)),
+            policies=pols,
             training_default=td,
-            preview_samples=int(raw.get("preview_samples", 3)),
+            preview_samples=check_int(raw.get("preview_samples", 3), f"{source}: preview_samples", 0),
             source=source,
         )
+
+
+_LOSSMASK_KEYS = tuple(f.name for f in fields(LossmaskConfig) if f.name != "source")  # the keys of the file
 
 
 # ------------------------------------------------------------------------------------ vectorised core

@@ -7,13 +7,25 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import yaml
-
-from cb_core.config import PROJECT_ROOT, safe_load  # noqa: F401  (PROJECT_ROOT re-exported)
+from cb_core.config import (  # noqa: F401  (PROJECT_ROOT re-exported)
+    PROJECT_ROOT,
+    ConfigError,
+    ConfigFileNotFound,
+    check_bool,
+    check_keys,
+    check_mapping,
+    check_str,
+    display_path,
+    load_yaml,
+    named_config,
+    nullable,
+    one_of,
+    whole,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -61,6 +73,18 @@ class ModelProfile:
     build: dict[str, Any] = field(default_factory=dict)  # tiny_agent: TinyAgentConfig fields (cache key)
     truncation: dict[str, Any] | None = None  # traces over max_length (cb_core.render.TruncationConfig)
 
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str) -> "ModelProfile":
+        """A profile from its file's mapping: every key checked by ``PROFILE_RULES``, errors naming ``source``
+        (the file) and the key."""
+        check_keys(raw, PROFILE_RULES, source)
+        for key, val in raw.items():
+            PROFILE_RULES[key](val, f"{source}: {key}")
+        try:
+            return cls(**raw)
+        except ValueError as e:  # the checks of __post_init__ (model needs path, truncation)
+            raise ConfigError(f"{source}: {e}") from None
+
     def __post_init__(self) -> None:
         if self.model not in ("tiny", "local", "tiny_agent"):
             raise ValueError(
@@ -97,6 +121,35 @@ class ModelProfile:
         )
 
 
+def _date_text(v: Any, w: str) -> str:
+    """An unquoted 2024-07-26 is a YAML date, not the text the template prints."""
+    if not isinstance(v, str):
+        raise ConfigError(f"{w} must be a quoted text like \"26 Jul 2024\", got {v!r} ({type(v).__name__})")
+    return check_str(v, w)
+
+
+def _rules() -> dict[str, Any]:
+    """configs/models/*.yaml: key -> check(value, where); one per ModelProfile field."""
+    return {
+        "name": check_str,
+        "tokenizer": check_str,
+        "model": one_of(("tiny", "local", "tiny_agent")),
+        "path": nullable(check_str),
+        "seed": whole(0),
+        "max_length": whole(1),
+        "tool_call_format": one_of(("python_tag", "json")),
+        "tools_in_user_message": check_bool,
+        "date_string": _date_text,
+        "torch_dtype": nullable(one_of(("bfloat16", "float16", "float32", "float64"))),
+        "overrides": check_mapping,
+        "build": check_mapping,
+        "truncation": nullable(check_mapping),  # its keys: cb_core.render.TruncationConfig (in __post_init__)
+    }
+
+
+PROFILE_RULES = _rules()  # tests check it has one rule per ModelProfile field
+
+
 def models_dir() -> Path:
     from cb_core.config import config_dir
 
@@ -110,23 +163,18 @@ def profile_name(default: str = "tiny") -> str:
 
 def load_profile(name_or_path: str | Path | None = None) -> ModelProfile:
     """A profile by name (configs/models/<name>.yaml) or YAML path. Default: $CB_MODEL or "tiny".
-    ``CB_MODEL_PATH`` overrides the profile's ``path``."""
+    ``CB_MODEL_PATH`` overrides the profile's ``path`` (the directory is looked for when the model is loaded,
+    as for ``path``). Problems are ConfigErrors naming the file and key (``CB_MODEL`` when the missing profile
+    is the one it names); a missing profile is also a FileNotFoundError."""
     spec = str(name_or_path or profile_name())
-    path = Path(spec)
-    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
-        path = models_dir() / f"{spec}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"model profile '{spec}' not found (looked for {path})")
-    with open(path, encoding="utf-8") as f:
-        raw = safe_load(f) or {}
+    from_env = spec == os.environ.get("CB_MODEL")  # also when a caller passes profile_name() on (ModelResource)
+    what = "environment variable CB_MODEL: model profile" if from_env else "model profile"
+    path = named_config("models", spec, what, error=ConfigFileNotFound)
+    raw = load_yaml(path.resolve())
     raw.setdefault("name", path.stem)
-    known = {f.name for f in fields(ModelProfile)}
-    unknown = set(raw) - known
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
     if os.environ.get("CB_MODEL_PATH"):
-        raw["path"] = os.environ["CB_MODEL_PATH"]
-    return ModelProfile(**raw)
+        raw["path"] = check_str(os.environ["CB_MODEL_PATH"], "environment variable CB_MODEL_PATH")
+    return ModelProfile.from_dict(raw, display_path(path))
 
 
 def tiny_llama(tokenizer, seed: int = 0, **overrides):

@@ -28,15 +28,17 @@ class EvalScoresConfig(dg.Config):
 def _settings(config: EvalScoresConfig) -> EvaluationSettings:
     from cb_core.config import load_yaml
 
+    from cb_core.evaluate.pipeline import EVAL_RULES, LIVE_RULES
+
     s = EvaluationSettings.from_dict(load_yaml("evaluation.yaml"))
-    for k in ("limit", "max_tokens", "temperature", "seed", "batch_size", "backend"):
+    for k in ("limit", "max_tokens", "temperature", "seed", "batch_size", "backend"):  # checked as the file's are
         v = getattr(config, k)
         if v is not None:
-            setattr(s.eval, k, v)
+            setattr(s.eval, k, EVAL_RULES[k](v, f"eval_scores config {k}"))
     if config.live_agentdojo is not None:
         s.live_agentdojo = config.live_agentdojo
     if config.live_limit is not None:
-        s.live_limit = config.live_limit
+        s.live_limit = LIVE_RULES["limit"](config.live_limit, "eval_scores config live_limit")
     return s
 
 

@@ -158,16 +158,16 @@ def evaluate_point(context: dg.AssetExecutionContext, adapter_path: Path, preset
     from cb_assets.assets.evaluation import eval_metadata, run_scoring
     from cb_core.config import load_yaml
     from cb_core.evaluate.adapter_eval import EVAL_FRAMES
-    from cb_core.evaluate.pipeline import EvaluationSettings
+    from cb_core.evaluate.pipeline import EVAL_RULES, EvaluationSettings
     from cb_core.io import write_parquet
 
     settings = EvaluationSettings.from_dict(load_yaml("evaluation.yaml"))
     for k, v in (eval_overrides or {}).items():
         if k == "limit" and os.environ.get("CB_EVAL_LIMIT"):
             continue  # EVAL_LIMIT / CB_EVAL_LIMIT set for this run wins over the manifest's
-        if not hasattr(settings.eval, k):
+        if k not in EVAL_RULES:
             raise dg.Failure(f"sweep eval setting {k!r} is not an eval key of configs/evaluation.yaml")
-        setattr(settings.eval, k, v)
+        setattr(settings.eval, k, EVAL_RULES[k](v, f"sweep eval setting {k}"))
     context.log.info(f"point eval: preset {preset}, overrides {overrides}, adapter {adapter_path}")
     frames = {n: _read(n, root) for n in EVAL_FRAMES}
     result = run_scoring(adapter_path, frames, settings, out, log=context.log.info)

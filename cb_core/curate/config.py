@@ -1,4 +1,9 @@
-"""configs/curation.yaml: one profile (profiles `extends:` others) as typed dataclasses."""
+"""configs/curation.yaml: one profile (profiles `extends:` others) as typed dataclasses.
+
+Every value is checked where the file is parsed (`CurationConfig.from_dict`, driven by the field -> rule tables
+below): a wrong type, a value out of range, an unknown key or an unknown name (source, priority class,
+loss-mask policy, generated table) is a `ConfigError` naming the file, the profile and the key.
+"""
 from __future__ import annotations
 
 import copy
@@ -7,9 +12,23 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-
-from cb_core.config import ConfigError, load_yaml
-from cb_core.schemas import CATEGORIES, DATASETS, DEFAULT_TRAINING_POLICY, PRIORITY_CLASSES
+from cb_core.config import (
+    ConfigError,
+    Rule,
+    check_bool,
+    check_keys,
+    check_mapping,
+    check_str,
+    config_dir,
+    display_path,
+    load_yaml,
+    nullable,
+    number,
+    texts,
+    whole,
+)
+from cb_core.schemas import CATEGORIES, DATASETS, DEFAULT_TRAINING_POLICY, POLICY_NAMES, PRIORITY_CLASSES
+from cb_core.summary import GENERATED
 
 PROFILE_ENV = "CB_CURATION_PROFILE"
 CONFIG_FILE = "curation.yaml"
@@ -63,6 +82,72 @@ def _with_training_default(training: dict) -> dict:
     return {**training, "lossmask_policy": {**LossmaskConfig.load().training_default, **given}}
 
 
+# --- the rules: field -> check(value, where). `where` is "<file>: profile '<name>': <key>"; every check raises
+# ConfigError (cb_core.config) naming it and the value found.
+_fraction_below_one = number(0, 1, hi_open=True)
+
+
+def _per_key(keys: tuple[str, ...], rule: Rule, required: bool = False, what: str = "") -> Rule:
+    """A mapping whose keys are among ``keys`` (all of them when ``required``; ``what`` they are, for the
+    message), each value checked by ``rule``."""
+    def check(v: Any, w: str) -> None:
+        check_keys(check_mapping(v, w), keys, f"{w} ({what})" if what else w)
+        missing = [k for k in keys if required and k not in v]
+        if missing:
+            raise ConfigError(f"{w}.{missing[0]} is missing (give every one of {list(keys)})")
+        for k, x in v.items():
+            rule(x, f"{w}.{k}")
+    return check
+
+
+def _user_tasks(v: Any, w: str) -> None:
+    """A path or null; a file that is not there is allowed: those attacks fall back to `no_attacker_call`,
+    reported by eval_attacks (configs/curation.yaml says so)."""
+    if v is not None:
+        check_str(v, w)
+
+
+def _policies(names: tuple[str, ...] | None) -> Rule:
+    """training.lossmask_policy: {category: policy name or null (= training_default of configs/lossmask.yaml)}."""
+    return nullable(_per_key(CATEGORIES, nullable(lambda v, w: check_str(v, w, names)), what="categories"))
+
+
+_CLASS = _per_key(("target", "cap"), nullable(whole(0)))  # cap null = unlimited; missing = default_class_cap
+
+SECTION_RULES: dict[str, dict[str, Rule]] = {
+    "gates": {
+        "min_dr_ds_ratio": number(0),
+        "min_adversarial_safe": whole(0),
+        "max_duplicate_ids": whole(0),
+        "require_tool_schemas": check_bool,
+    },
+    "eval_attacks": {
+        "min_per_stratum": whole(0),
+        "max_per_stratum": whole(0),
+        "max_reserve_fraction": number(0, 1),
+    },
+    "training": {
+        "max_seq_length": whole(1),
+        "tokenizer_id": nullable(check_str),
+        "lossmask_policy": _policies(POLICY_NAMES),
+    },
+}
+SECTION_TYPES = {"gates": GateConfig, "eval_attacks": EvalAttackConfig, "training": TrainingConfig}
+RULES: dict[str, Rule] = {
+    "seed": whole(0),
+    "targets": _per_key(CATEGORIES, whole(0), required=True, what="categories"),
+    "dr_ratio": nullable(number(0, lo_open=True)),  # null: retain not capped by the harmful count
+    "classes": _per_key(PRIORITY_CLASSES, _CLASS, what="priority classes"),
+    "default_class_cap": nullable(whole(0)),
+    "expected_sources": texts(DATASETS),
+    "required_sources": texts(DATASETS),
+    "generated_tables": texts(GENERATED),
+    "retain_requires_task_success": nullable(texts(DATASETS)),
+    "agentdojo_user_tasks": _user_tasks,
+    "eval_fraction": _fraction_below_one,
+}
+
+
 @dataclass
 class CurationConfig:
     profile: str = "default"
@@ -87,43 +172,48 @@ class CurationConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], profile: str = "custom") -> "CurationConfig":
-        raw = dict(raw)
+    def from_dict(cls, raw: dict[str, Any], profile: str = "custom", source: str | None = None) -> "CurationConfig":
+        """One (merged) profile. ``source``: the file it came from, named in every message. Loss-mask policy
+        names are checked against ``cb_core.schemas.POLICY_NAMES`` for a file; a dict built in code may name
+        a policy that has no masks (tests do, to see such traces left out)."""
+        where = f"{source}: profile '{profile}'" if source else f"curation profile '{profile}'"
+        raw = dict(check_mapping(raw, where))
         raw.pop("extends", None)
-        known = set(cls.__dataclass_fields__) - {"profile", "gates", "eval_attacks", "training"}
-        unknown = set(raw) - known - {"gates", "eval_attacks", "training"}
-        if unknown:
-            raise ConfigError(f"curation profile '{profile}': unknown key(s) {sorted(unknown)}")
-        kw = {k: raw[k] for k in known if k in raw}
-        try:
-            cfg = cls(
-                profile=profile,
-                gates=GateConfig(**(raw.get("gates") or {})),
-                eval_attacks=EvalAttackConfig(**(raw.get("eval_attacks") or {})),
-                training=TrainingConfig(**_with_training_default(raw.get("training") or {})),
-                **kw,
-            )
-        except TypeError as err:
-            raise ConfigError(f"curation profile '{profile}': {err}") from err
-        cfg.validate()
+        check_keys(raw, [*RULES, *SECTION_RULES], where)
+        for key, rule in RULES.items():
+            if key in raw:
+                rule(raw[key], f"{where}: {key}")
+        section_rules = SECTION_RULES if source else {
+            **SECTION_RULES, "training": {**SECTION_RULES["training"], "lossmask_policy": _policies(None)}}
+        sections = {}
+        for name, rules in section_rules.items():
+            sec = dict(check_mapping(raw.get(name) or {}, f"{where}: {name}"))
+            check_keys(sec, rules, f"{where}: {name}")
+            for key, val in sec.items():
+                rules[key](val, f"{where}: {name}.{key}")
+            if name == "training":
+                sec = _with_training_default(sec)
+            sections[name] = SECTION_TYPES[name](**sec)
+        cfg = cls(profile=profile, **sections, **{k: raw[k] for k in RULES if k in raw})
+        cfg.validate(where)
         return cfg
 
-    def validate(self) -> None:
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"curation: eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        for cat in ("harmful", "retain"):
+    def validate(self, where: str | None = None) -> None:
+        """What the per-field rules cannot see: values that must agree with each other."""
+        where = where or f"curation profile '{self.profile}'"
+        for cat in CATEGORIES:
             if cat not in self.targets:
-                raise ConfigError(f"curation: targets.{cat} is missing")
+                raise ConfigError(f"{where}: targets.{cat} is missing")
             if cat not in self.training.lossmask_policy:
-                raise ConfigError(f"curation: training.lossmask_policy.{cat} is missing")
+                raise ConfigError(f"{where}: training.lossmask_policy.{cat} is missing")
         if self.eval_attacks.min_per_stratum > self.eval_attacks.max_per_stratum:
-            raise ConfigError("curation: eval_attacks.min_per_stratum > max_per_stratum")
-        unknown = set(self.classes) - set(PRIORITY_CLASSES)
-        if unknown:
-            raise ConfigError(f"curation: classes {sorted(unknown)} are not priority classes {list(PRIORITY_CLASSES)}")
-        bad = set(self.retain_requires_task_success or []) - set(DATASETS)
-        if bad:
-            raise ConfigError(f"curation: retain_requires_task_success names unknown dataset(s) {sorted(bad)}")
+            raise ConfigError(
+                f"{where}: eval_attacks.min_per_stratum ({self.eval_attacks.min_per_stratum}) > "
+                f"max_per_stratum ({self.eval_attacks.max_per_stratum})"
+            )
+        extra = sorted(set(self.required_sources) - set(self.expected_sources))
+        if extra:
+            raise ConfigError(f"{where}: required_sources {extra} are not in expected_sources")
 
     def class_target(self, pclass: str) -> int:
         return int((self.classes.get(pclass) or {}).get("target") or 0)
@@ -143,24 +233,33 @@ def resolve_profile(demo: bool, env: dict[str, str] | None = None) -> str:
 def load_curation_config(
     profile: str | None = None, *, demo: bool = False, name: str = CONFIG_FILE, env: dict | None = None
 ) -> CurationConfig:
-    """Load one profile of configs/curation.yaml (profiles may `extends:` another)."""
+    """Load one profile of configs/curation.yaml (profiles may `extends:` another); see `CurationConfig.from_dict`
+    for the checks."""
     profile = profile or resolve_profile(demo, env)
-    profiles = (load_yaml(name) or {}).get("profiles") or {}
+    path = config_dir() / name
+    shown = display_path(path)
+    raw = load_yaml(path)
+    check_keys(raw, ["profiles"], shown)
+    profiles = check_mapping(raw.get("profiles") or {}, f"{shown}: profiles")
     if profile not in profiles:
         raise ConfigError(
-            f"curation profile '{profile}' not in configs/{name} (known: {', '.join(sorted(profiles))}); "
+            f"curation profile '{profile}' not in {shown} (known: {', '.join(sorted(map(str, profiles)))}); "
             f"set {PROFILE_ENV} to one of them"
         )
-    chain, seen, cur = [], set(), profile
+    chain, seen, cur, chain_name = [], set(), profile, profile
     while cur is not None:
         if cur in seen:
-            raise ConfigError(f"curation profile '{profile}': circular `extends`")
+            raise ConfigError(f"{shown}: profile '{profile}': circular `extends`")
         if cur not in profiles:
-            raise ConfigError(f"curation profile '{cur}' (extended) not found")
+            raise ConfigError(f"{shown}: profile '{chain_name}': extends '{cur}', which is not a profile "
+                              f"(known: {', '.join(sorted(map(str, profiles)))})")
         seen.add(cur)
-        chain.append(profiles[cur] or {})
-        cur = (profiles[cur] or {}).get("extends")
+        part = check_mapping(profiles[cur] or {}, f"{shown}: profiles.{cur}")
+        if "extends" in part and part["extends"] is not None:
+            check_str(part["extends"], f"{shown}: profiles.{cur}.extends")
+        chain.append(part)
+        chain_name, cur = cur, part.get("extends")
     merged: dict = {}
     for part in reversed(chain):
         merged = _deep_merge(merged, part)
-    return CurationConfig.from_dict(merged, profile)
+    return CurationConfig.from_dict(merged, profile, source=shown)

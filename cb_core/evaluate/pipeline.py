@@ -5,50 +5,95 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import polars as pl
 
+from cb_core.config import (Rule, check_bool, check_keys, check_mapping, check_str, check_str_list, config_dir, display_path,
+                            env_number, load_yaml, nullable, number, one_of, section, whole)
 from cb_core.evaluate.runner import EvalConfig, EvalResult, EvalSample, attack_samples, capability_samples, score, xstest_samples
 from cb_core.evaluate.scores import Gate, GateConfig, deltas, gates, scores_frame
 from cb_core.evaluate.stats import rate
 
 LIMIT_ENV = "CB_EVAL_LIMIT"  # the old EVAL_LIMIT: cap every prompt set for a quick run
+CONFIG_FILE = "evaluation.yaml"
+VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+
+# configs/evaluation.yaml, one rule per key (a key not listed is an error naming it). null = all, for limits only.
+EVAL_RULES: dict[str, Rule] = {  # the `eval:` section -> EvalConfig
+    "limit": nullable(whole(1)),
+    "max_tokens": whole(1),
+    "temperature": number(lo=0),
+    "seed": whole(0),
+    "batch_size": whole(1),
+    "forced_call": check_bool,
+    "seed_key": check_str,
+    "backend": one_of(("transformers", "vllm")),
+    "tensor_parallel_size": whole(1),
+    "gpu_memory_utilization": number(lo=0, hi=1, lo_open=True),
+    "dtype": one_of(VLLM_DTYPES),
+    "enforce_eager": check_bool,
+}
+assert set(EVAL_RULES) == set(EvalConfig.__dataclass_fields__), "EVAL_RULES must cover EvalConfig"
+LIVE_RULES: dict[str, Rule] = {  # the `live_agentdojo:` section -> EvaluationSettings.live_*
+    "enabled": check_bool,
+    "suites": check_str_list,
+    "limit": nullable(whole(1)),
+    "max_iters": whole(1),
+}
+TOP_KEYS = ("eval", "representation_limit", "gates", "live_agentdojo")
+
+
+def config_file_shown(name: str | Path = CONFIG_FILE) -> str:
+    """The evaluation config as messages name it: the file actually read (``$CB_CONFIG_DIR`` when set)."""
+    path = Path(name)
+    return display_path(path if path.is_absolute() else config_dir() / path)
+
+
+def _section(raw: dict, key: str, rules: dict[str, Rule], source: str) -> dict[str, Any]:
+    """``raw[key]`` (absent or null: empty) as a mapping whose every key has a rule; each value checked."""
+    return {} if raw.get(key) is None else section(rules)(raw[key], f"{source}: {key}")
 
 
 @dataclass
 class EvaluationSettings:
     eval: EvalConfig = field(default_factory=EvalConfig)
     gates: GateConfig = field(default_factory=GateConfig)
-    representation_limit: int = 16
+    representation_limit: int | None = 16  # null: every eval_split sample
     live_agentdojo: bool = False
     live_suites: tuple[str, ...] = ("banking",)
-    live_limit: int = 2
+    live_limit: int | None = 2
     live_max_iters: int = 4
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any] | None, source: str = "configs/evaluation.yaml",
-                  env: dict[str, str] | None = None) -> "EvaluationSettings":
-        raw = dict(raw or {})
+    def load(cls, name: str | Path = CONFIG_FILE, env: Mapping[str, str] | None = None) -> "EvaluationSettings":
+        """``configs/evaluation.yaml`` (in ``$CB_CONFIG_DIR`` when set), checked; ``$CB_EVAL_LIMIT`` over it."""
+        path = Path(name) if Path(name).is_absolute() else config_dir() / name
+        return cls.from_dict(load_yaml(path), source=display_path(path), env=env)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None, source: str | None = None,
+                  env: Mapping[str, str] | None = None) -> "EvaluationSettings":
+        """The parsed file, every value checked by the rules above (``source``: the file as messages name it,
+        default the evaluation.yaml actually read); ``$CB_EVAL_LIMIT`` (a whole number >= 1) caps every set."""
+        source = source or config_file_shown()
+        raw = {} if raw is None else check_mapping(raw, source)
+        check_keys(raw, TOP_KEYS, source)
         env = os.environ if env is None else env
-        ev = dict(raw.get("eval") or {})
-        unknown = set(ev) - set(EvalConfig.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"{source}: unknown key(s) eval.{sorted(unknown)}")
-        if env.get(LIMIT_ENV):
-            try:
-                ev["limit"] = int(env[LIMIT_ENV])
-            except ValueError:
-                raise ValueError(f"{LIMIT_ENV} must be an integer, got {env[LIMIT_ENV]!r}") from None
-        live = dict(raw.get("live_agentdojo") or {})
+        ev = _section(raw, "eval", EVAL_RULES, source)
+        limit = env_number(LIMIT_ENV, None, int, lo=1, env=env)
+        if limit is not None:
+            ev["limit"] = limit
+        live = _section(raw, "live_agentdojo", LIVE_RULES, source)
+        rep = raw.get("representation_limit", 16)
         return cls(
             eval=EvalConfig(**ev),
             gates=GateConfig.from_dict(raw.get("gates"), source=f"{source}: gates"),
-            representation_limit=int(raw.get("representation_limit", 16)),
-            live_agentdojo=bool(live.get("enabled", False)),
+            representation_limit=nullable(whole(1))(rep, f"{source}: representation_limit"),
+            live_agentdojo=live.get("enabled", False),
             live_suites=tuple(live.get("suites", ("banking",))),
-            live_limit=int(live.get("limit", 2)),
-            live_max_iters=int(live.get("max_iters", 4)),
+            live_limit=live.get("limit", 2),
+            live_max_iters=live.get("max_iters", 4),
         )
 
 

@@ -43,7 +43,8 @@ from typing import Any, Callable, Sequence
 
 import polars as pl
 
-from cb_core.config import load_yaml
+from cb_core.config import (ConfigError, Rule, check_bool, check_keys, check_mapping, check_str,
+                            config_dir, display_path, env_number, load_yaml, nullable, number, one_of, section, whole)
 from cb_core.generate.backends import BACKEND_KINDS, GenerationBackend, SamplingConfig, prompt_ids
 from cb_core.generate.judge import ARG_MODES, Expectation, Verdict, judge, llm_judge_messages
 from cb_core.parse import parse_completion, tool_call_problems
@@ -97,6 +98,56 @@ GENERATION_SCHEMA = pl.Schema(
 
 
 # ---------------------------------------------------------------------------------------------- config
+def _profile(v: Any, where: str) -> str:
+    """A model profile: a name among ``config_dir()/models/*.yaml`` or the path of a profile YAML."""
+    check_str(v, where)
+    if Path(v).suffix in (".yaml", ".yml") and Path(v).is_file():
+        return v
+    folder = config_dir() / "models"
+    if not (folder / f"{v}.yaml").is_file():
+        known = sorted(x.stem for x in folder.glob("*.yaml"))
+        raise ConfigError(f"{where}: model profile {v!r} not found in {display_path(folder)} (known: {known})")
+    return v
+
+
+def _per_table(rule: Rule) -> Rule:
+    """A mapping table -> value; tables not given keep their defaults."""
+    def check(v: Any, where: str) -> dict:
+        check_keys(check_mapping(v, where), TABLES, where)
+        return {t: rule(x, f"{where}.{t}") for t, x in v.items()}
+    return check
+
+
+LLM_JUDGE_RULES: dict[str, Rule] = {"enabled": check_bool, "model": nullable(_profile), "max_tokens": whole(1)}
+# configs/generation.yaml (and its demo block, the env overrides, the assets' Config), one rule per key; a key
+# not listed is an error naming it.
+GEN_RULES: dict[str, Rule] = {
+    "mode": one_of(MODES),
+    "backend": one_of(BACKEND_KINDS),
+    "batch_size": whole(1),
+    "shard_size": whole(1),
+    "limit": nullable(whole(0)),
+    "n": whole(1),
+    "max_tokens": whole(1),
+    "top_p": number(lo=0, hi=1, lo_open=True),
+    "seed": whole(0),
+    "temperature": _per_table(number(lo=0)),
+    "model": _per_table(nullable(_profile)),
+    "attacker_args": one_of(ARG_MODES),
+    "tensor_parallel_size": whole(1),
+    "random_weights": one_of(("run", "skip")),
+    "llm_judge": section(LLM_JUDGE_RULES),
+}
+ENV_OVERRIDES = {"CB_GEN_MODE": "mode", "CB_GEN_LIMIT": "limit", "CB_GEN_BACKEND": "backend"}
+
+
+def _checked(values: dict, where: str, key_prefix: str) -> dict:
+    """``values`` with every key known (``where`` names the block) and every value checked (its message names
+    ``key_prefix`` + the key)."""
+    check_keys(values, GEN_RULES, where)
+    return {k: GEN_RULES[k](v, f"{key_prefix}{k}") for k, v in values.items()}
+
+
 @dataclass
 class LLMJudgeSettings:
     enabled: bool = False
@@ -107,7 +158,7 @@ class LLMJudgeSettings:
 @dataclass
 class GenerationConfig:
     """configs/generation.yaml; the Dagster Config of each asset has the same keys (per-table values
-    flattened). Env: CB_GEN_MODE, CB_GEN_LIMIT, CB_GEN_BACKEND override."""
+    flattened). Env: CB_GEN_MODE, CB_GEN_LIMIT, CB_GEN_BACKEND override. Checked in `load` (GEN_RULES)."""
 
     mode: str = "both"
     backend: str = "transformers"
@@ -132,56 +183,40 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if isinstance(self.llm_judge, dict):
             self.llm_judge = LLMJudgeSettings(**self.llm_judge)
-        if self.mode not in MODES:
-            raise ValueError(f"generation: mode must be one of {MODES}, got {self.mode!r}")
-        if self.backend not in BACKEND_KINDS:
-            raise ValueError(f"generation: backend must be one of {BACKEND_KINDS}, got {self.backend!r}")
-        if self.random_weights not in ("run", "skip"):
-            raise ValueError(f"generation: random_weights must be run|skip, got {self.random_weights!r}")
-        if self.attacker_args not in ARG_MODES:
-            raise ValueError(f"generation: attacker_args must be one of {ARG_MODES}, got {self.attacker_args!r}")
-        for name, v in (("batch_size", self.batch_size), ("shard_size", self.shard_size), ("n", self.n),
-                        ("max_tokens", self.max_tokens)):
-            if int(v) < 1:
-                raise ValueError(f"generation: {name} must be >= 1, got {v}")
-        if self.limit is not None and int(self.limit) < 0:
-            raise ValueError(f"generation: limit must be >= 0 or null, got {self.limit}")
-        for key in (*self.temperature, *self.model):
-            if key not in TABLES:
-                raise ValueError(f"generation: unknown table {key!r} (known: {TABLES})")
 
     @classmethod
     def load(cls, name: str = CONFIG_FILE, env: dict | None = None, *, demo: bool = False,
              **overrides) -> "GenerationConfig":
         """The file's keys; its ``demo:`` block over them when the pipeline runs on the embedded demo sample;
-        then the env overrides; then ``overrides`` (None = not set)."""
-        raw = dict(load_yaml(name) or {}) if name else {}
-        demo_block = raw.pop("demo", None) or {}
-        if demo:
-            for k, v in demo_block.items():
-                raw[k] = {**(raw.get(k) or {}), **v} if isinstance(v, dict) else v
+        then the env overrides; then ``overrides`` (None = not set). Every value is checked (GEN_RULES): a bad
+        one names the file (the one actually read) and key, the environment variable, or the override."""
         env = os.environ if env is None else env
-        if env.get("CB_GEN_MODE"):
-            raw["mode"] = env["CB_GEN_MODE"]
-        if env.get("CB_GEN_LIMIT"):
-            raw["limit"] = int(env["CB_GEN_LIMIT"])
-        if env.get("CB_GEN_BACKEND"):
-            raw["backend"] = env["CB_GEN_BACKEND"]
-        known = set(cls.__dataclass_fields__)
-        unknown = set(raw) - known
-        if unknown:
-            raise ValueError(f"configs/{name}: unknown key(s) {sorted(unknown)} (known: {sorted(known)})")
+        raw: dict[str, Any] = {}
+        if name:
+            path = Path(name) if Path(name).is_absolute() else config_dir() / name
+            shown = display_path(path)
+            raw = dict(load_yaml(path))
+            check_keys(raw, [*GEN_RULES, "demo"], shown)
+            demo_block = raw.pop("demo", None)
+            demo_block = {} if demo_block is None else check_mapping(demo_block, f"{shown}: demo")
+            raw = _checked(raw, shown, f"{shown}: ")
+            demo_block = _checked(demo_block, f"{shown}: demo", f"{shown}: demo.")
+            if demo:
+                for k, v in demo_block.items():
+                    raw[k] = {**(raw.get(k) or {}), **v} if isinstance(v, dict) else v
+        for var, key in ENV_OVERRIDES.items():
+            value = env.get(var)
+            if value in (None, ""):
+                continue
+            if key == "limit":
+                value = env_number(var, None, int, env=env)
+            raw[key] = GEN_RULES[key](value, f"environment variable {var}")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        given = _checked(given, "generation settings", "generation setting ")
         base = cls()
         for k in ("temperature", "model"):
-            raw[k] = {**getattr(base, k), **(raw.get(k) or {})}
-        for k, v in overrides.items():
-            if v is None:
-                continue
-            if k in ("temperature", "model"):
-                raw[k] = {**raw[k], **v}
-            else:
-                raw[k] = v
-        return cls(**raw)
+            raw[k] = {**getattr(base, k), **(raw.get(k) or {}), **given.pop(k, {})}
+        return cls(**{**raw, **given})
 
     def runs(self, table: str) -> bool:
         return self.mode == "both" or (self.mode == "ds") == (table == "ds_completions")

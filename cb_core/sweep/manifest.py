@@ -218,6 +218,13 @@ def from_dict(raw: dict, source: str = "<manifest>") -> Manifest:
     ev = raw.get("eval") or {}
     if not isinstance(ev, dict):
         raise SweepError(f"{source}: eval: expected a mapping (e.g. {{limit: 20}})")
+    from cb_core.config import ConfigError, section
+    from cb_core.evaluate.pipeline import EVAL_RULES
+
+    try:  # the keys and values of configs/evaluation.yaml's eval section (a typo would leave the file's value)
+        section(EVAL_RULES)(ev, f"{source}: eval")
+    except ConfigError as e:
+        raise SweepError(str(e)) from None
     return Manifest(name=name, preset=str(raw["preset"]), grids=out_grids,
                     overrides=_dotted(raw.get("overrides"), f"{source}: overrides"),
                     description=str(raw.get("description", "")), eval=dict(ev), selection=sel, final=final,

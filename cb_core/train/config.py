@@ -8,13 +8,14 @@ old environment variables (alpha_benign, beta_harmful, gamma_kl, margin_benign, 
 from __future__ import annotations
 
 import copy
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, get_args, get_origin, get_type_hints
 
 import yaml
 
-from cb_core.config import safe_load
+from cb_core.config import ConfigError, check_bool, check_int, check_number, check_str, safe_load
+from cb_core.schemas import POLICY_NAMES
 from cb_core.train.losses import CENTROIDS, DISTANCES, LOSS_MODES, SCHEDULES, check_centroid_config
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -134,52 +135,108 @@ class TrainConfig:
         return asdict(self)
 
     def validate(self, source: str = "<config>") -> "TrainConfig":
-        def err(f: str, msg: str) -> TrainConfigError:
-            return TrainConfigError(f"{source}: {f}: {msg}")
-
-        L = self.loss
-        if L.mode not in LOSS_MODES:
-            raise err("loss.mode", f"unknown loss mode {L.mode!r} (known: {LOSS_MODES})")
-        for k in ("benign_pos_distance", "benign_neg_distance", "harmful_pos_distance", "harmful_neg_distance"):
-            if getattr(L, k) not in DISTANCES:
-                raise err(f"loss.{k}", f"unknown distance {getattr(L, k)!r} (known: {DISTANCES})")
-        if L.schedule not in SCHEDULES:
-            raise err("loss.schedule", f"unknown schedule {L.schedule!r} (known: {SCHEDULES})")
-        if L.weighting not in ("dual", "single_alpha"):
-            raise err("loss.weighting", "must be dual or single_alpha")
-        if not L.target_layers or any((not isinstance(x, int)) or x < 1 for x in L.target_layers):
-            raise err("loss.target_layers", f"need a non-empty list of layer indices >= 1, got {L.target_layers}")
-        if not 0.0 <= L.centroid_decay < 1.0:
-            raise err("loss.centroid_decay", f"must be in [0, 1), got {L.centroid_decay}")
-        if L.kl_temperature <= 0:
-            raise err("loss.kl_temperature", "must be > 0")
-        if L.centroid not in CENTROIDS:
-            raise err("loss.centroid", f"unknown centroid {L.centroid!r} (known: {CENTROIDS})")
-        if L.mode == "triplet_full":
+        """Every field against its annotated type and ``FIELD_RULES`` (`check_field`), then the checks that
+        involve several fields; errors name ``source`` and ``section.field``."""
+        for sec in SECTIONS:
+            for f in fields(SECTIONS[sec]):
+                check_field(sec, f.name, getattr(getattr(self, sec), f.name), source)
+        if self.loss.mode == "triplet_full":
             try:
-                check_centroid_config(L.centroid, self.harmful_per_micro())
+                check_centroid_config(self.loss.centroid, self.harmful_per_micro())
             except ValueError as e:
-                raise err("loss.centroid", str(e)) from None
+                raise TrainConfigError(f"{source}: loss.centroid: {e}") from None
         T = self.train
-        for k in ("steps", "batch_size", "grad_accum", "nproc", "checkpoint_every", "fast_dev_steps"):
-            if int(getattr(T, k)) < 1:
-                raise err(f"train.{k}", f"must be >= 1, got {getattr(T, k)}")
-        if not 0.0 < T.harmful_fraction < 1.0:
-            raise err("train.harmful_fraction", f"must be in (0, 1), got {T.harmful_fraction}")
         if self.harmful_per_micro() < 1 or self.harmful_per_micro() >= T.batch_size:
-            raise err("train.batch_size", f"batch_size {T.batch_size} x harmful_fraction {T.harmful_fraction} must "
-                      "leave >= 1 harmful and >= 1 retain sample per micro-batch")
-        if self.model.dtype not in ("float32", "bfloat16", "float16"):
-            raise err("model.dtype", f"unknown dtype {self.model.dtype!r}")
-        if self.data.mask_policy is not None:
-            from cb_core.schemas import POLICY_NAMES as POLICIES
-
-            if self.data.mask_policy not in POLICIES:
-                raise err("data.mask_policy", f"unknown loss-mask policy {self.data.mask_policy!r} (known: {list(POLICIES)})")
-        unknown = set(self.lora.target_modules) - set(ALL_PROJECTIONS)
-        if unknown:
-            raise err("lora.target_modules", f"unknown projections {sorted(unknown)} (known: {ALL_PROJECTIONS})")
+            raise TrainConfigError(f"{source}: train.batch_size: batch_size {T.batch_size} x harmful_fraction "
+                                   f"{T.harmful_fraction} must leave >= 1 harmful and >= 1 retain sample per micro-batch")
         return self
+
+
+# ---------------------------------------------------------------------------------------- field checks
+# What a field's annotation cannot say: lo / hi bound a number (or each int of a list), lo_open / hi_open make
+# the bound strict, choices lists the texts a str (or each item of a list[str]) may be (what: the message says
+# "unknown <what>", as lossmask / mixture / sweep manifests do for the same mistake). Every number is also
+# finite and never a boolean, a list is never empty, and null passes only where the annotation has `| None`.
+_WEIGHT = {"lo": 0}  # a loss weight / margin: 0 switches the term off, a negative one reverses it
+_COUNT = {"lo": 1}  # a step, size or period (log.every: step % every; steps: the schedules divide by it)
+FIELD_RULES: dict[str, dict[str, Any]] = {
+    "model.max_length": _COUNT,
+    "model.dtype": {"choices": ("float32", "bfloat16", "float16")},
+    "lora.r": _COUNT,
+    "lora.alpha": {"lo": 0, "lo_open": True},  # the adapter is scaled by alpha / r
+    "lora.dropout": {"lo": 0, "hi": 1, "hi_open": True},
+    "lora.target_modules": {"choices": ALL_PROJECTIONS},
+    "lora.layers_to_transform": {"lo": 0},  # 0-based decoder layers (the model's depth is checked in add_lora)
+    "loss.mode": {"choices": LOSS_MODES},
+    "loss.target_layers": {"lo": 1},  # hidden_states[l]: the output of decoder layer l - 1
+    **dict.fromkeys(["loss.alpha_benign", "loss.beta_harmful", "loss.gamma_kl", "loss.margin_benign",
+                     "loss.margin_harmful", "loss.margin_scale", "loss.mix_l2_weight", "loss.mix_cos_weight",
+                     "loss.alpha"], _WEIGHT),
+    **dict.fromkeys(["loss.benign_pos_distance", "loss.benign_neg_distance", "loss.harmful_pos_distance",
+                     "loss.harmful_neg_distance"], {"choices": DISTANCES}),
+    "loss.centroid": {"choices": CENTROIDS},
+    "loss.centroid_decay": {"lo": 0, "hi": 1, "hi_open": True},  # EMA: decay 1 would never move mu
+    "loss.kl_temperature": {"lo": 0, "lo_open": True},  # logits / temperature
+    "loss.schedule": {"choices": SCHEDULES},
+    "loss.weighting": {"choices": ("dual", "single_alpha")},
+    **dict.fromkeys(["train.steps", "train.batch_size", "train.grad_accum", "train.nproc", "train.checkpoint_every",
+                     "train.fast_dev_steps", "train.keep_checkpoints", "log.every", "log.generation_tokens"], _COUNT),
+    "train.harmful_fraction": {"lo": 0, "lo_open": True, "hi": 1, "hi_open": True},
+    "train.lr": {"lo": 0, "lo_open": True},
+    "train.weight_decay": {"lo": 0},
+    "train.warmup_steps": {"lo": 0},  # 0: no warm-up
+    "train.max_grad_norm": {"lo": 0, "lo_open": True},  # clipping to 0 zeroes every gradient
+    "train.seed": {"lo": 0, "hi": 2**32 - 1},
+    "train.throttle_s": {"lo": 0},  # time.sleep
+    "data.mask_policy": {"choices": POLICY_NAMES, "what": "loss-mask policy"},
+}
+
+
+def _check_text(value: Any, where: str, choices=None, what=None, **_) -> str:
+    """``check_str``; with ``what`` an unknown choice reads "unknown <what> 'x' (known: ...)"."""
+    check_str(value, where, None if what else choices)
+    if what and value not in choices:
+        raise ConfigError(f"{where}: unknown {what} {value!r} (known: {list(choices)})")
+    return value
+
+
+_CHECKS = {  # annotated type -> its check (cb_core.config), given the field's rule
+    bool: lambda v, where, **_: check_bool(v, where),
+    int: lambda v, where, lo=None, hi=None, **_: check_int(v, where, lo, hi),
+    float: lambda v, where, lo=None, hi=None, lo_open=False, hi_open=False, **_: check_number(v, where, lo, hi,
+                                                                                            lo_open, hi_open),
+    str: _check_text,
+}
+_HINTS = {sec: get_type_hints(cls) for sec, cls in SECTIONS.items()}
+
+
+def _unnull(tp: Any) -> tuple[Any, bool]:
+    """(the annotation without ``| None``, whether it had it: only then may the value be null)."""
+    rest = [a for a in get_args(tp) if a is not type(None)]
+    return (rest[0], True) if len(rest) < len(get_args(tp)) else (tp, False)
+
+
+def _check_value(value: Any, tp: Any, where: str, rule: dict) -> None:
+    """``value`` against the annotation ``tp`` (bool | int | float | str, list[...] of one, ``| None``)."""
+    tp, nullable = _unnull(tp)
+    if value is None and nullable:
+        return
+    if get_origin(tp) is list:
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{where} must be a non-empty list, e.g. [a, b], got {value!r} ({type(value).__name__})")
+        for i, item in enumerate(value):
+            _check_value(item, get_args(tp)[0], f"{where}[{i}]", rule)
+        return
+    _CHECKS[tp](value, where, **rule)
+
+
+def check_field(sec: str, name: str, value: Any, source: str) -> None:
+    """One field's value by its annotation and ``FIELD_RULES``: TrainConfigError naming ``source`` (the preset
+    file and the overrides given) and ``sec.name``, and saying what was found."""
+    try:
+        _check_value(value, _HINTS[sec][name], f"{source}: {sec}.{name}", FIELD_RULES.get(f"{sec}.{name}", {}))
+    except ConfigError as e:
+        raise TrainConfigError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -235,29 +292,17 @@ def _number(val: Any) -> Any:
     return val
 
 
-def _coerce(cls, body: dict, where: str) -> dict:
-    """Check each field against its default's type (ints stay ints, floats accept ints and 1e-5 strings)."""
-    out = {}
-    defaults = {f.name: f for f in fields(cls)}
+def _coerce(cls, body: dict) -> dict:
+    """Numbers as their annotation wants them: a float field takes an int or a ``1e-5`` string (YAML 1.1 reads
+    that as text), an int field a whole float (``1e3``). Anything else stays as written for `check_field`
+    (a boolean is never a number)."""
+    hints, out = get_type_hints(cls), {}
     for k, v in body.items():
-        f = defaults[k]
-        if v is None and "None" in str(f.type):
-            out[k] = v
-            continue
-        kind = type(f.default) if f.default is not MISSING and f.default is not None else None
-        if kind is float and not isinstance(v, bool):
+        kind, _ = _unnull(hints[k])
+        if kind in (int, float) and not isinstance(v, bool):
             v = _number(v)
-            if isinstance(v, int):
-                v = float(v)
-            if not isinstance(v, float):
-                raise TrainConfigError(f"{where}.{k}: expected a number, got {v!r}")
-        elif kind is int and (isinstance(v, bool) or not isinstance(v, int)):
-            if isinstance(v, float) and v.is_integer():
-                v = int(v)
-            else:
-                raise TrainConfigError(f"{where}.{k}: expected an integer, got {v!r}")
-        elif kind is bool and not isinstance(v, bool):
-            raise TrainConfigError(f"{where}.{k}: expected true/false, got {v!r}")
+            v = float(v) if kind is float and isinstance(v, int) else v
+            v = int(v) if kind is int and isinstance(v, float) and v.is_integer() else v
         out[k] = v
     return out
 
@@ -296,7 +341,7 @@ def from_dict(raw: dict, source: str = "<dict>") -> TrainConfig:
         if bad:
             raise TrainConfigError(f"{source}: {sec}: unknown fields {sorted(bad)} (known: {sorted(names)})")
         try:
-            kwargs[sec] = cls(**_coerce(cls, body, f"{source}: {sec}"))
+            kwargs[sec] = cls(**_coerce(cls, body))
         except TypeError as e:
             raise TrainConfigError(f"{source}: {sec}: {e}") from e
     return TrainConfig(**kwargs).validate(source)

@@ -96,6 +96,8 @@ def test_bad_manifests_name_the_key(tmp_path):
     ({"selection": {"not_measured": "maybe"}}, r"selection.not_measured must be fail or pass"),
     ({"selection": {"higher_is_better": "no"}}, r"selection.higher_is_better must be true, false or null"),
     ({"continue_on_error": "false"}, r"continue_on_error must be true or false \(unquoted\), got 'false'"),
+    ({"eval": {"limt": 4}}, r"m.yaml: eval: unknown key 'limt' \(did you mean 'limit'\?\)"),
+    ({"eval": {"limit": "abc"}}, r"m.yaml: eval.limit must be a whole number"),
 ])
 def test_manifest_selection_and_flags_are_checked_at_load(extra, match):
     """A typo here surfaced only when the leaderboard ranked, after every point had trained; a quoted 'false'
