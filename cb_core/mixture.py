@@ -77,7 +77,7 @@ class MixtureSchedule:
 
         ``policies``: the known loss-mask policy names, to validate ``lmp_overrides`` (default: all of
         cb_core.schemas.POLICY_NAMES)."""
-        p = _resolve(path)
+        p = schedule_path(path)
         try:
             raw = safe_load(p.read_text(encoding="utf-8"))
         except OSError as e:
@@ -218,7 +218,9 @@ def _weights(raw: Any, fieldname: str, err) -> dict[str, float]:
     return out
 
 
-def _resolve(path: str | Path | None) -> Path:
+def schedule_path(path: str | Path | None) -> Path:
+    """Where a schedule named in a training config is read from (a name, a path in the config folder, or any
+    path; the first that exists, else the path as written)."""
     cfg_dir = config_dir()
     if path is None:
         return cfg_dir / "mwcs" / "default.yaml"

@@ -14,7 +14,8 @@ from typing import Any, Iterable, get_args, get_origin, get_type_hints
 
 import yaml
 
-from cb_core.config import ConfigError, check_bool, check_int, check_number, check_str, safe_load
+from cb_core.config import ConfigError, check_bool, check_int, check_number, check_str, named_config, safe_load
+from cb_core.mixture import schedule_path
 from cb_core.schemas import POLICY_NAMES
 from cb_core.train.losses import CENTROIDS, DISTANCES, LOSS_MODES, SCHEDULES, check_centroid_config
 
@@ -145,6 +146,13 @@ class TrainConfig:
                 check_centroid_config(self.loss.centroid, self.harmful_per_micro())
             except ValueError as e:
                 raise TrainConfigError(f"{source}: loss.centroid: {e}") from None
+        try:  # found now: a sweep would otherwise launch every point before the first one failed on it
+            named_config("models", self.model.profile, "model profile")
+        except ConfigError as e:
+            raise TrainConfigError(f"{source}: model.profile: {e}") from None
+        if self.data.mwcs_schedule and not schedule_path(self.data.mwcs_schedule).is_file():
+            raise TrainConfigError(f"{source}: data.mwcs_schedule: MWCS schedule {self.data.mwcs_schedule!r} not "
+                                   f"found (looked for {schedule_path(self.data.mwcs_schedule)})")
         T = self.train
         if self.harmful_per_micro() < 1 or self.harmful_per_micro() >= T.batch_size:
             raise TrainConfigError(f"{source}: train.batch_size: batch_size {T.batch_size} x harmful_fraction "

@@ -103,3 +103,17 @@ def test_every_number_field_has_a_range():
                if _unnull(_HINTS[sec][f.name])[0] in (int, float)}
     assert numeric - set(FIELD_RULES) == set()
     assert set(FIELD_RULES) <= {f"{sec}.{f.name}" for sec, cls in SECTIONS.items() for f in fields(cls)}
+
+
+@pytest.mark.parametrize("override, match", [
+    ("model.profile=nosuch", r"model.profile: model profile 'nosuch' not found .*known: \[.*'tiny'"),
+    ("data.mwcs_schedule=nosuch", r"data.mwcs_schedule: MWCS schedule 'nosuch' not found"),
+])
+def test_a_profile_or_schedule_that_does_not_exist_is_refused_at_load(override, match):
+    """Found when the config loads, not when the worker starts: a sweep expands (and checks) every point before
+    launching any."""
+    with pytest.raises(TrainConfigError, match=match):
+        load_train_config("tiny", [override])
+    for ok in ("data.mwcs_schedule=curriculum_example", "data.mwcs_schedule=configs/mwcs/default.yaml",
+               "model.profile=tiny_agent"):
+        load_train_config("tiny", [ok])
