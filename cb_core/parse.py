@@ -29,6 +29,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from cb_core.schemas import lone_surrogate
+
 PYTHON_TAG = "<|python_tag|>"
 END_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|start_header_id|>")
 KINDS = ("tool_calls", "final_answer", "unparseable")
@@ -248,7 +250,24 @@ def _json_calls_anywhere(body: str) -> tuple[list[dict], str]:
 
 
 def parse_completion(text: str) -> ParsedCompletion:
-    """One assistant turn (decoded with special tokens kept) -> ParsedCompletion."""
+    """One assistant turn (decoded with special tokens kept) -> ParsedCompletion. Model output no one has
+    seen never raises: what the JSON and literal parsers refuse past their limits (nesting deeper than the
+    recursion limit, an integer over Python's 4,300 digits) is unparseable with that reason, and so is a call
+    whose arguments hold a lone surrogate escape (no table can store it)."""
+    try:
+        parsed = _parse(text)
+    except (RecursionError, ValueError, OverflowError, MemoryError) as e:
+        body, end = _cut_end(text or "")
+        why = "nested deeper than the parser's recursion limit" if isinstance(e, RecursionError) else str(e)
+        return ParsedCompletion("unparseable", text=body.strip(), reason=f"call does not parse ({why})", end_token=end)
+    where = lone_surrogate(parsed.calls) if parsed.calls else None
+    if where is not None:
+        return ParsedCompletion("unparseable", text=_cut_end(text or "")[0].strip(), end_token=parsed.end_token,
+                                reason=f"call {where} holds a lone surrogate escape (half a UTF-16 pair)")
+    return parsed
+
+
+def _parse(text: str) -> ParsedCompletion:
     body, end = _cut_end(text or "")
     tag = body.find(PYTHON_TAG)
     if tag >= 0:
@@ -261,8 +280,13 @@ def parse_completion(text: str) -> ParsedCompletion:
             return ParsedCompletion(
                 "unparseable", text=body.strip(), reason=f"nothing after {PYTHON_TAG}", end_token=end
             )
+        try:  # a plain-JSON call before the tag was made first: it is the turn's first call, not its text
+            pre_calls, pre = _json_calls_anywhere(pre) if "{" in pre else ([], pre)
+        except _CallError as e:
+            return ParsedCompletion("unparseable", text=body.strip(), reason=str(e), end_token=end)
         content = "\n".join(p for p in (pre, rest.replace(PYTHON_TAG, "").strip()) if p)
-        return ParsedCompletion("tool_calls", calls, content, None, end, "python_tag" if form == "json" else form)
+        return ParsedCompletion("tool_calls", pre_calls + calls, content, None, end,
+                                "python_tag" if form == "json" else form)
 
     stripped = body.strip()
     if not stripped:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from typing import Any
 
 import orjson
@@ -740,3 +741,32 @@ class EvalAttacksModel(TraceModel):
             .then(ta.struct.field("expected_tool") == FINAL_ANSWER)
             .otherwise(ta.struct.field("expected_tool").is_null() & ta.struct.field("attacker_tool").is_not_null())
         )
+
+
+# A string holding half of a UTF-16 surrogate pair (JSON allows a lone \ud800 escape): no UTF-8 text, Parquet
+# column or hash input can hold it.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """Where (``messages[0].content``; ``""`` for the value itself) the first key or string of a decoded JSON
+    value holding a lone surrogate is, or None. JSON lets a ``\\ud800`` escape stand alone; no UTF-8 text
+    (Parquet, Arrow, a trace id's hash) can hold it, so such a record is rejected, never stored. Iterative:
+    the value may nest as deep as the parser allowed."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        v, at = stack.pop()
+        if isinstance(v, str):
+            if LONE_SURROGATE.search(v):
+                return at
+        elif isinstance(v, dict):
+            for k, x in reversed(list(v.items())):
+                key = str(k)
+                if LONE_SURROGATE.search(key):
+                    return f"{at}.{ascii(key)}" if at else ascii(key)
+                stack.append((x, f"{at}.{key}" if at else key))
+        elif isinstance(v, list):
+            stack.extend((x, f"{at}[{i}]") for i, x in reversed(list(enumerate(v))))
+    return None
+
+

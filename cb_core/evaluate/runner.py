@@ -18,7 +18,7 @@ import polars as pl
 from cb_core.evaluate import metrics as M
 from cb_core.evaluate.refusal import is_refusal
 from cb_core.evaluate.stats import Rate, rate
-from cb_core.schemas import digest
+from cb_core.schemas import LONE_SURROGATE, digest
 
 MODELS = ("base", "adapter")
 EVAL_SETS = ("attacks", "capability", "xstest")
@@ -285,10 +285,16 @@ def _schemas_by_name(tools: str | None) -> dict[str, dict]:
     return out
 
 
+def storable(text: str) -> str:
+    """The text as a Parquet string can hold it: a surrogate (a backend that decoded invalid UTF-8 with
+    ``surrogateescape``) becomes its ``\\udcff`` escape instead of failing the whole evaluation's table."""
+    return text if LONE_SURROGATE.search(text) is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _detail(s: EvalSample, model: str, prefill: str, text: str, parsed: Any, outcome: str) -> dict:
     calls = getattr(parsed, "calls", None) if parsed is not None else None
     return {
         "sample_id": s.id, "set": s.set if not prefill else "forced_call", "dataset": s.dataset, "model": model,
-        "prefill": prefill, "output": text, "parsed_kind": getattr(parsed, "kind", None) if parsed else None,
+        "prefill": prefill, "output": storable(text), "parsed_kind": getattr(parsed, "kind", None) if parsed else None,
         "parsed_calls": json.dumps(calls, ensure_ascii=False, default=str) if calls else None, "outcome": outcome,
     }

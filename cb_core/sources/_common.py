@@ -14,7 +14,7 @@ import msgspec
 import orjson
 import polars as pl
 
-from cb_core.schemas import make_trace
+from cb_core.schemas import LONE_SURROGATE as _LONE, lone_surrogate, make_trace
 from cb_core.sources import SourceError, SourceResult
 
 WIPE = "; an empty source would wipe its traces"  # the tail of every "no record" SourceError
@@ -137,29 +137,6 @@ def record_json(obj: Any, strict: bool = True) -> str:
 _DECODE = msgspec.json.Decoder().decode
 
 
-def lone_surrogate(value: Any) -> str | None:
-    """Where (``messages[0].content``; ``""`` for the value itself) the first key or string of a decoded JSON
-    value holding a lone surrogate is, or None. JSON lets a ``\\ud800`` escape stand alone; no UTF-8 text
-    (Parquet, Arrow, a trace id's hash) can hold it, so such a record is rejected, never stored. Iterative:
-    the value may nest as deep as the parser allowed."""
-    stack: list[tuple[Any, str]] = [(value, "")]
-    while stack:
-        v, at = stack.pop()
-        if isinstance(v, str):
-            if _LONE.search(v):
-                return at
-        elif isinstance(v, dict):
-            for k, x in reversed(list(v.items())):
-                key = str(k)
-                if _LONE.search(key):
-                    return f"{at}.{ascii(key)}" if at else ascii(key)
-                stack.append((x, f"{at}.{key}" if at else key))
-        elif isinstance(v, list):
-            stack.extend((x, f"{at}[{i}]") for i, x in reversed(list(enumerate(v))))
-    return None
-
-
-_LONE = re.compile("[\ud800-\udfff]")
 
 
 class UnstorableText(ValueError):
