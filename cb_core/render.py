@@ -217,8 +217,12 @@ def normalize_tools(tools: Any) -> list[dict] | None:
         return None
     if isinstance(tools, (str, bytes)):
         tools = json.loads(tools) if tools.strip() else []
+    if tools is None:  # JSON null: no tools, as a missing value
+        return None
     if isinstance(tools, dict):
         tools = [tools]
+    if not isinstance(tools, list):  # a scalar would fail the whole batch, not this trace
+        raise RenderError(f"tools must be a JSON list of tool schemas, got a {type(tools).__name__}: {tools!r:.80}")
     out = []
     for t in tools:
         if not isinstance(t, dict):
@@ -238,13 +242,15 @@ def _call_name_args(call: dict) -> tuple[str, Any]:
     if not name:
         raise RenderError("tool call without a name")
     args = fn.get("arguments", fn.get("parameters"))
-    if args is None or (isinstance(args, str) and not args.strip()):
-        args = {}
-    elif isinstance(args, (str, bytes)):
+    if isinstance(args, (str, bytes)):
         try:
-            args = json.loads(args)
+            args = json.loads(args) if args.strip() else None
         except json.JSONDecodeError as e:
             raise RenderError(f"tool call {name}: arguments are not valid JSON ({e.msg})") from None
+    if args is None:  # missing, empty or JSON null: a call without arguments
+        args = {}
+    if not isinstance(args, dict):  # the readers refuse these (schemas.arguments_json); so does the renderer
+        raise RenderError(f"tool call {name}: arguments are a JSON {type(args).__name__}, not an object")
     return str(name), args
 
 

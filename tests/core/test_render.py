@@ -817,3 +817,32 @@ def test_step_tables_carry_strings_as_views_polars_takes_as_they_are():
     assert frame["trace_id"].to_list() == cols["trace_id"] and frame["tokenizer_id"][1] == "llama3-0123456789abcdef"
     with pytest.raises(ValueError, match="longer than an inline string view"):
         R._inline_views(["a_kind_name_too_long"])
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_odd_tools_and_arguments_are_one_rejected_trace_not_a_lost_batch(llama_tokenizer, fast):
+    """A fuzz of schema-valid traces: a `tools` JSON scalar raised a TypeError out of render_traces (every
+    trace of the batch lost, the good ones too), and non-object call arguments were rendered as written."""
+    def trace(loc, calls=None, tools="[]"):
+        msgs = [message("user", "Weather in Paris?")]
+        msgs.append({"role": "assistant", "content": "", "tool_calls": calls, "tool_call_id": None, "name": None}
+                    if calls else message("assistant", "Sunny."))
+        row = make_trace(dataset="agentdojo", source_locator=loc, completeness="complete", messages=msgs, tools=[],
+                         category="retain", priority_class="tool_capability")
+        row["tools"] = tools
+        return row
+
+    rows = [trace("ok.jsonl:1"), trace("null.jsonl:1", tools="null"), trace("five.jsonl:1", tools="5"),
+            trace("true.jsonl:1", tools="true"),
+            trace("list.jsonl:1", calls=[{"id": "c", "name": "f", "arguments": "[1, 2]"}]),
+            trace("str.jsonl:1", calls=[{"id": "c", "name": "f", "arguments": '"s"'}]),
+            trace("nullargs.jsonl:1", calls=[{"id": "c", "name": "f", "arguments": "null"}])]
+    renders, rejected = render_traces(pl.DataFrame(rows, schema=TRACE_SCHEMA), llama_tokenizer, RenderConfig(),
+                                      num_workers=1, fast=fast)
+    assert renders.height + rejected.height == len(rows)  # nothing lost
+    why = {r["file"]: r["reason"] for r in rejected.to_dicts()}
+    assert set(why) == {"five.jsonl", "true.jsonl", "list.jsonl", "str.jsonl"}
+    assert "tools must be a JSON list of tool schemas, got a int" in why["five.jsonl"]
+    assert "arguments are a JSON list, not an object" in why["list.jsonl"]
+    ids = dict(zip(renders["trace_id"], renders["input_ids"].to_list()))
+    assert '{"name": "f", "parameters": {}}' in llama_tokenizer.decode(ids[rows[-1]["id"]])  # JSON null: no arguments
