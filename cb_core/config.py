@@ -69,13 +69,9 @@ def setting(env_var: str, file: str, section: str, key: str, default: Any, kind:
     default is returned as given."""
     val = os.environ.get(env_var)
     if val not in (None, ""):
-        where = f"environment variable {env_var}"
         if kind in (int, float):
-            try:
-                val = kind(val.strip())
-            except ValueError:
-                raise ConfigError(f"{where} must be a {'whole number' if kind is int else 'number'}, "
-                                  f"got {val!r}") from None
+            return env_number(env_var, default, kind, lo, hi)
+        where = f"environment variable {env_var}"
     else:
         try:
             raw = load_yaml(file)

@@ -128,26 +128,22 @@ def _date_text(v: Any, w: str) -> str:
     return check_str(v, w)
 
 
-def _rules() -> dict[str, Any]:
-    """configs/models/*.yaml: key -> check(value, where); one per ModelProfile field."""
-    return {
-        "name": check_str,
-        "tokenizer": check_str,
-        "model": one_of(("tiny", "local", "tiny_agent")),
-        "path": nullable(check_str),
-        "seed": whole(0),
-        "max_length": whole(1),
-        "tool_call_format": one_of(("python_tag", "json")),
-        "tools_in_user_message": check_bool,
-        "date_string": _date_text,
-        "torch_dtype": nullable(one_of(("bfloat16", "float16", "float32", "float64"))),
-        "overrides": check_mapping,
-        "build": check_mapping,
-        "truncation": nullable(check_mapping),  # its keys: cb_core.render.TruncationConfig (in __post_init__)
-    }
-
-
-PROFILE_RULES = _rules()  # tests check it has one rule per ModelProfile field
+# configs/models/*.yaml: key -> check(value, where); one per ModelProfile field (a test checks it)
+PROFILE_RULES: dict[str, Any] = {
+    "name": check_str,
+    "tokenizer": check_str,
+    "model": one_of(("tiny", "local", "tiny_agent")),
+    "path": nullable(check_str),
+    "seed": whole(0),
+    "max_length": whole(1),
+    "tool_call_format": one_of(("python_tag", "json")),
+    "tools_in_user_message": check_bool,
+    "date_string": _date_text,
+    "torch_dtype": nullable(one_of(("bfloat16", "float16", "float32", "float64"))),
+    "overrides": check_mapping,
+    "build": check_mapping,
+    "truncation": nullable(check_mapping),  # its keys: cb_core.render.TruncationConfig (in __post_init__)
+}
 
 
 def models_dir() -> Path:

@@ -768,5 +768,3 @@ def lone_surrogate(value: Any) -> str | None:
         elif isinstance(v, list):
             stack.extend((x, f"{at}[{i}]") for i, x in reversed(list(enumerate(v))))
     return None
-
-

@@ -26,11 +26,9 @@ class EvalScoresConfig(dg.Config):
 
 
 def _settings(config: EvalScoresConfig) -> EvaluationSettings:
-    from cb_core.config import load_yaml
-
     from cb_core.evaluate.pipeline import EVAL_RULES, LIVE_RULES
 
-    s = EvaluationSettings.from_dict(load_yaml("evaluation.yaml"))
+    s = EvaluationSettings.load()
     for k in ("limit", "max_tokens", "temperature", "seed", "batch_size", "backend"):  # checked as the file's are
         v = getattr(config, k)
         if v is not None:

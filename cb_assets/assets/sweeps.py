@@ -156,12 +156,11 @@ def evaluate_point(context: dg.AssetExecutionContext, adapter_path: Path, preset
     ``out/eval_scores.parquet`` (details and chart beside it). ``preset``/``overrides`` only name the point in
     the logs: the base and target layers come from the adapter's published config."""
     from cb_assets.assets.evaluation import eval_metadata, run_scoring
-    from cb_core.config import load_yaml
     from cb_core.evaluate.adapter_eval import EVAL_FRAMES
     from cb_core.evaluate.pipeline import EVAL_RULES, EvaluationSettings
     from cb_core.io import write_parquet
 
-    settings = EvaluationSettings.from_dict(load_yaml("evaluation.yaml"))
+    settings = EvaluationSettings.load()
     for k, v in (eval_overrides or {}).items():
         if k == "limit" and os.environ.get("CB_EVAL_LIMIT"):
             continue  # EVAL_LIMIT / CB_EVAL_LIMIT set for this run wins over the manifest's

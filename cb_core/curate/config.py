@@ -24,6 +24,7 @@ from cb_core.config import (
     load_yaml,
     nullable,
     number,
+    section,
     texts,
     whole,
 )
@@ -187,10 +188,8 @@ class CurationConfig:
             **SECTION_RULES, "training": {**SECTION_RULES["training"], "lossmask_policy": _policies(None)}}
         sections = {}
         for name, rules in section_rules.items():
-            sec = dict(check_mapping(raw.get(name) or {}, f"{where}: {name}"))
-            check_keys(sec, rules, f"{where}: {name}")
-            for key, val in sec.items():
-                rules[key](val, f"{where}: {name}.{key}")
+            section(rules)(raw.get(name) or {}, f"{where}: {name}")
+            sec = dict(raw.get(name) or {})
             if name == "training":
                 sec = _with_training_default(sec)
             sections[name] = SECTION_TYPES[name](**sec)

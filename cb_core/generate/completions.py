@@ -43,8 +43,8 @@ from typing import Any, Callable, Sequence
 
 import polars as pl
 
-from cb_core.config import (ConfigError, Rule, check_bool, check_keys, check_mapping, check_str,
-                            config_dir, display_path, env_number, load_yaml, nullable, number, one_of, section, whole)
+from cb_core.config import (Rule, check_bool, check_keys, check_mapping, check_str, config_dir, display_path,
+                            env_number, load_yaml, named_config, nullable, number, one_of, section, whole)
 from cb_core.generate.backends import BACKEND_KINDS, GenerationBackend, SamplingConfig, prompt_ids
 from cb_core.generate.judge import ARG_MODES, Expectation, Verdict, judge, llm_judge_messages
 from cb_core.parse import parse_completion, tool_call_problems
@@ -100,13 +100,7 @@ GENERATION_SCHEMA = pl.Schema(
 # ---------------------------------------------------------------------------------------------- config
 def _profile(v: Any, where: str) -> str:
     """A model profile: a name among ``config_dir()/models/*.yaml`` or the path of a profile YAML."""
-    check_str(v, where)
-    if Path(v).suffix in (".yaml", ".yml") and Path(v).is_file():
-        return v
-    folder = config_dir() / "models"
-    if not (folder / f"{v}.yaml").is_file():
-        known = sorted(x.stem for x in folder.glob("*.yaml"))
-        raise ConfigError(f"{where}: model profile {v!r} not found in {display_path(folder)} (known: {known})")
+    named_config("models", check_str(v, where), f"{where}: model profile")
     return v
 
 

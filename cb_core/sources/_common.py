@@ -137,8 +137,6 @@ def record_json(obj: Any, strict: bool = True) -> str:
 _DECODE = msgspec.json.Decoder().decode
 
 
-
-
 class UnstorableText(ValueError):
     """Valid JSON, but the string at ``field`` holds a lone surrogate escape: quarantined naming that field."""
 
