@@ -7,8 +7,9 @@ README). Blank lines are skipped and counted in `meta["blank_lines"]`.
 
 Each good record becomes a **skeleton** trace:
   messages = [system (from the tool-schema file), user = `combined_query`], tools = the schema file's tools.
-  labels: harmful / `harmful_flip` when `success` is true (the real set holds successful attacks only);
-  a record with `success == false` is retain / `injection_resisted`. attack_present is always true.
+  labels: harmful / `harmful_flip` when `success` is true (the real set holds successful attacks only: the
+  orchestrator called `simulated_tool` where `expected_tool` was right, so attacker_call_made = success); a
+  record with `success == false` is retain / `injection_resisted`. attack_present is always true.
   tool_attack: expected_tool, attacker_tool = simulated_tool, injection_text, injection_span
   {message_index: 1 (the user message), char_start, char_end} into `combined_query`.
   Span: where `malicious_injection` occurs in `combined_query`; when it is "" or not found there, the part of
@@ -23,7 +24,9 @@ Each good record becomes a **skeleton** trace:
 Quarantined (file, 1-based line, field, reason, raw line): invalid JSON / not an object (field ""), a line
 that is not UTF-8 (raw = `base64:` of its bytes), a missing or empty required field (field = its name), a
 badly typed field (`success` not a boolean, `expected_tool` a list, a non-string query: field = its name), a
-tool name outside the schema (field `expected_tool` / `simulated_tool`). A file with no record at all (0 bytes,
+tool name outside the schema (field `expected_tool` / `simulated_tool`). Excluded by policy (severity "excluded",
+`meta["no_flip"]`): `simulated_tool == expected_tool`, no tool flip to learn from (as harmful it would teach the
+breaker to refuse the right tool). A file with no record at all (0 bytes,
 blank lines only) fails the source (SourceError naming it).
 
 cfg keys (configs/datasets.yaml `fujitsu_b4:`): `tool_schema` (path of the schema JSON), `required_fields`.
@@ -143,7 +146,7 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
     required = tuple(cfg.get("required_fields") or DEFAULT_REQUIRED)
     good: list[dict] = []
     bad: list[dict] = []
-    blank = 0
+    blank = no_flip = 0
     files = [Path(p) for p in paths if Path(p).suffix.lower() in (".jsonl", ".json", ".ndjson")]
     if not files:
         raise SourceError(f"no .jsonl file among {[str(p) for p in paths]} (set CB_FUJITSU_B4_PATH)")
@@ -173,6 +176,13 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
                 if not isinstance(rec, dict):
                     raise BadRecord("", f"record is a JSON {type(rec).__name__}, not an object")
                 _check(rec, required, names)
+                if rec["simulated_tool"] == rec["expected_tool"]:
+                    no_flip += 1
+                    bad.append(reject(dataset=DATASET, file=fname, line=lineno, field="simulated_tool",
+                                      reason=f"no tool flip: simulated_tool equals expected_tool "
+                                             f"({rec['expected_tool']!r}); nothing to learn as harmful",
+                                      raw=line, severity="excluded"))
+                    continue
                 combined = rec["combined_query"]
                 inj = rec.get("malicious_injection")
                 benign = rec.get("benign_query")
@@ -190,6 +200,7 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
                         subtype=str(rec.get("subtype") or rec.get("category") or ""),
                         attack_present=True,
                         attack_succeeded=succeeded,
+                        attacker_call_made=succeeded,
                         injection_reached=True,
                         tool_attack={
                             "expected_tool": rec["expected_tool"],
@@ -203,5 +214,6 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
                 )
             except BadRecord as e:
                 bad.append(reject(dataset=DATASET, file=fname, line=lineno, field=e.field, reason=e.reason, raw=line))
-    res = SourceResult.from_rows(good, bad, files=len(files), blank_lines=blank, tool_schema=schema.get("name", ""))
+    res = SourceResult.from_rows(good, bad, files=len(files), blank_lines=blank, no_flip=no_flip,
+                                 tool_schema=schema.get("name", ""))
     return fill_tools(res, {"b4": tools_json})

@@ -15,7 +15,8 @@ over any of them. A CSV is recognised by its header: `id, prompt, type, label, .
   Both carry the answering model (the file's stem) and the final label in `provenance.generation_params`.
   The prompt's label comes from the prompts file by id (`v2-12` -> `12`); without one, types starting
   `contrast_` are unsafe (XSTest's convention). Partial refusals, refusals of safe prompts (over-refusal, not
-  retain data) and answers to unsafe prompts are not traces; their numbers are in `meta["completions_not_used"]`.
+  retain data) and answers to unsafe prompts are not traces: each is a quarantine row with severity "excluded"
+  (field `final_label`, the reason, the row as raw), counted in `meta["completions_not_used"]`.
 pair_group = `xstest:<prompt id>` (a prompt and every completion of it are one group); source_locator =
 `<path relative to the xstest folder>:<line>` (`xstest_prompts.csv:12`, `completions/gpt4.csv:40`), so ids
 survive copying the data elsewhere.
@@ -53,6 +54,15 @@ def _header(path: Path) -> list[str]:
             if line.strip():
                 return [c.strip().strip('"').lower() for c in line.rstrip("\r\n").split(",")]
     return []
+
+
+def _not_used_reason(final: str, label: str) -> str:
+    """Why a completion row is not retain data (its final_label against the prompt's label)."""
+    if final == "3_partial_refusal":
+        return f"partial refusal of a {label} prompt: neither a compliant answer nor a refusal (not retain data)"
+    if final == "2_full_refusal":
+        return "refusal of a safe prompt: over-refusal (not retain data)"
+    return "full compliance with an unsafe prompt (not retain data)"
 
 
 def _classify(paths: list[Path]) -> tuple[list[Path], list[Path], list[str]]:
@@ -207,8 +217,11 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
                 bad.append(reject(dataset=DATASET, file=fname, line=line, field=problem[0], reason=problem[1],
                                   raw=json.dumps(row, ensure_ascii=False)))
                 continue
-            if kind is None:
+            if kind is None:  # not retain data: kept in quarantine with why (severity "excluded")
                 not_used += 1
+                bad.append(reject(dataset=DATASET, file=fname, line=line, field="final_label",
+                                  reason=_not_used_reason(final, label), raw=json.dumps(row, ensure_ascii=False),
+                                  severity="excluded"))
                 continue
             good.append(
                 make_trace(

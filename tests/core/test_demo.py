@@ -190,7 +190,10 @@ def test_demo_ultrachat(demo):
 def test_demo_xstest(demo):
     res = _read("xstest", demo["xstest"])
     exp = DEMO_EXPECTED["xstest"]
-    assert res.rejected.height == 0
+    # the completions that are not retain data are kept in quarantine, excluded by policy, none malformed
+    not_used = exp["completions"] - exp["safe_full_compliance"] - exp["unsafe_full_refusal"]
+    assert res.rejected.height == not_used == res.meta["completions_not_used"]
+    assert set(res.rejected["severity"]) == {"excluded"} and set(res.rejected["field"]) == {"final_label"}
     g = res.good
     assert (g["completeness"] == "skeleton").sum() == exp["prompts"]
     comp = g.filter(pl.col("completeness") == "complete")

@@ -247,7 +247,14 @@ def _csv_dicts(path: Path) -> list[dict]:
 
 def test_xstest_real(xstest_real, shared_data):
     res = xstest_real
-    assert res.rejected.height == 0
+    # completions that are not retain data are kept with why, excluded by policy (none malformed)
+    q = res.rejected
+    assert q.height == 900 - 330 - 394 == res.meta["completions_not_used"]
+    assert set(q["severity"]) == {"excluded"} and set(q["field"]) == {"final_label"}
+    finals = [json.loads(r)["final_label"] for r in q["raw"]]
+    why = {f: {r.split(":")[0].split(" of ")[0] for r, f2 in zip(q["reason"], finals) if f2 == f} for f in finals}
+    assert why == {"3_partial_refusal": {"partial refusal"}, "2_full_refusal": {"refusal"},
+                   "1_full_compliance": {"full compliance with an unsafe prompt (not retain data)"}}
     g = res.good
     sk = g.filter(pl.col("completeness") == "skeleton")
     assert sk.height == 450
@@ -346,11 +353,17 @@ def test_xstest_crlf_quotes_non_ascii(tmp_path):
     assert comp["source_locator"].to_list() == ["completions/m1.csv:2", "completions/m1.csv:7"]
     assert comp["pair_group"].to_list() == ["xstest:1", "xstest:3"] == sk["pair_group"].to_list()[::2]
     q = res.rejected.sort("file", "line")
-    # prompts: record 4 starts on line 6 because record 2 spans two lines
-    rows = list(zip(q["file"].map_elements(lambda s: Path(s).name, return_dtype=pl.String), q["line"], q["field"]))
-    assert rows == [("m1.csv", 6, "final_label"), ("xstest_prompts.csv", 6, "label"),
-                    ("xstest_prompts.csv", 7, "prompt")]
-    assert json.loads(q["raw"][1])["label"] == "maybe"
+    # prompts: record 4 starts on line 6 because record 2 spans two lines; the refusal of a safe prompt and the
+    # answer to an unsafe one are kept as excluded rows with why
+    rows = list(zip(q["file"].map_elements(lambda s: Path(s).name, return_dtype=pl.String), q["line"], q["field"],
+                    q["severity"]))
+    assert rows == [("m1.csv", 4, "final_label", "excluded"), ("m1.csv", 5, "final_label", "excluded"),
+                    ("m1.csv", 6, "final_label", "malformed"), ("xstest_prompts.csv", 6, "label", "malformed"),
+                    ("xstest_prompts.csv", 7, "prompt", "malformed")]
+    assert q["reason"][0] == "refusal of a safe prompt: over-refusal (not retain data)"
+    assert q["reason"][1] == "full compliance with an unsafe prompt (not retain data)"
+    assert json.loads(q["raw"][1])["completion"] == "Sure..."
+    assert json.loads(q["raw"][3])["label"] == "maybe"
     assert res.meta["completions_used"] == 1 and res.meta["refusals_used"] == 1
     assert res.meta["completions_not_used"] == 2
     validate(res)
@@ -456,6 +469,22 @@ def test_b4_synthetic_with_malformed_lines(tmp_path):
     assert lab(g, "injection_reached") == [True, True]
     assert g["pair_group"].to_list() == [
         "fujitsu_b4:" + digest("Find the Q3 slides."), "fujitsu_b4:" + digest("Search the web for Rust news.")]
+    validate(res)
+
+
+def test_b4_acted_labels_and_no_flip_excluded(tmp_path):
+    """A successful flip is the attacker's call made (the orchestrator called simulated_tool); a record whose
+    simulated tool is the expected one flips nothing: excluded by policy, kept in quarantine with its reason."""
+    f = tmp_path / "b4.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [
+        _b4(), _b4(success=False), _b4(simulated_tool="retrieve_multimodal_docs")]) + "\n")
+    res = fujitsu_b4.read([f], {})
+    assert lab(res.good, "attacker_call_made") == [True, False]
+    assert lab(res.good, "category") == ["harmful", "retain"]
+    q = res.rejected.row(0, named=True)
+    assert res.rejected.height == 1 and (q["line"], q["field"], q["severity"]) == (3, "simulated_tool", "excluded")
+    assert "no tool flip" in q["reason"] and json.loads(q["raw"])["simulated_tool"] == "retrieve_multimodal_docs"
+    assert res.meta["no_flip"] == 1
     validate(res)
 
 
