@@ -12,15 +12,15 @@ restricts the domains read.
 One task -> one skeleton: system = `cfg["system_prompt"]` (with `{domain}`), user = the task's request in the
 user's own words, built from `user_scenario.instructions`: `known_info`, `reason_for_call`, `unknown_info` and
 the `task_instructions` sentences a caller could say (the simulator's meta rules -- "ground your responses on
-tool calls", "never make up ..." -- are left out), turned from the scenario's second person into the first
+tool calls", "never make up ...", "use ... tactics" -- and its plans for later turns, any sentence about "the
+agent" in the third person -- "If the agent asks ...", "Tell the agent ..." -- are left out), turned from the scenario's second person into the first
 ("You want to cancel ..." -> "I want to cancel ...": `you` is "me" only after a verb/preposition that takes an
 object, "I" otherwise). String instructions (mock) are used whole; without instructions, `ticket`, then
 `description.purpose`.
   tools = the domain's full `agent_tools` (assistant side; telecom's `user_tools` are not offered), never
   derived from the task's calls. A domain without schemas fails the source.
   Expected behaviour = the FIRST assistant action of `evaluation_criteria.actions` (`requestor` absent or
-  "assistant"; telecom's `requestor: "user"` actions are what the user does on their own phone), or
-  `final_answer` (answer without a tool call, `cb_core.schemas.FINAL_ANSWER`) when there is none. Its name is in
+  "assistant"; telecom's `requestor: "user"` actions are what the user does on their own phone). Its name is in
   `tool_attack.expected_tool` (attacker fields null, attack_present False); the rest of what the benchmark
   checks is in `provenance.generation_params["tau2"]`: task_id, expected_first_action {name, arguments},
   reference_actions (all assistant actions), user_actions, nl_assertions, communicate_info (e.g. "Agent should
@@ -30,6 +30,11 @@ object, "I" otherwise). String instructions (mock) are used whole; without instr
 
 Kept only where the user turn carries what the answer depends on; excluded (quarantine, severity "excluded",
 counted in `meta["excluded"]`), with the reason:
+  * `no_expected_action`: no assistant action at all. The benchmark then checks only that nothing changed
+    (and what is said), not the first move: that is often a lookup (airline "cancel reservation EHGLP3", which
+    policy refuses after checking it), and the mock "create a task" task without actions plainly wants a call,
+    so "answer without a tool call" (`final_answer`) would be a wrong label. Such a task still counts towards
+    `ambiguous_prompt` for the tasks that share its user message;
   * `unsupported_first_action`: the first action's argument values (every scalar, e.g. ids, amounts) do not
     all appear in the user's message (telecom's `refuel_data(customer_id="C1001", ...)` needs a lookup first);
   * `ambiguous_prompt`: several tasks of a domain share the same user message but expect different first
@@ -51,7 +56,7 @@ from typing import Any, Callable
 import msgspec
 
 from cb_core.config import config_path
-from cb_core.schemas import FINAL_ANSWER, BadRecord, arguments_json, canonical_json, message, reject
+from cb_core.schemas import BadRecord, arguments_json, canonical_json, message, reject
 from cb_core.sources import SourceError, SourceResult
 from cb_core.sources._common import (WIPE, SharedToolsTraces, UnstorableText, fill_tools, json_loads,
                                      lone_surrogate, record_json, strip_bom)
@@ -252,15 +257,21 @@ def first_person(text: str) -> str:
 
 # Sentences of task_instructions that steer the simulator rather than say anything a caller would say.
 _META = re.compile(
-    r"tool call|\bground (?:your|my|the)|make up|simulat|\bpersona\b|for example|transcript|###|\bSTOP\b",
+    r"tool call|\bground (?:your|my|the)|make up|simulat|\bpersona\b|for example|transcript|###|\bSTOP\b"
+    r"|\btactics?\b",
     re.IGNORECASE,
 )
+# In any field: a sentence about "the agent" in the third person ("If the agent asks ...", "Tell the agent ...")
+# tells the simulator how to play the call later; a caller's first message speaks to the agent, not about it
+# ("another agent", "a human agent", "a service agent" stay: those are requests or backstory).
+_PLAN = re.compile(r"\bthe\s+(?:[\w-]+\s+){0,2}agent\b|(?:^|\b(?:if|when|unless)\s+)agent\b", re.IGNORECASE)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
 # every literal _META needs, lower-cased: an ASCII sentence holding none of them cannot match (a cheap
 # prefilter; non-ASCII sentences always go through the regex, IGNORECASE folds beyond str.lower there)
-_META_WORDS = ("tool call", "ground ", "make up", "simulat", "persona", "for example", "transcript", "###", "stop")
+_META_WORDS = ("tool call", "ground ", "make up", "simulat", "persona", "for example", "transcript", "###", "stop",
+               "tactic")
 
 
 def _is_meta(s: str) -> bool:
@@ -269,6 +280,10 @@ def _is_meta(s: str) -> bool:
         if not any(w in low for w in _META_WORDS):
             return False
     return _META.search(s) is not None
+
+
+def _is_plan(s: str) -> bool:
+    return ("agent" in s.lower() or not s.isascii()) and _PLAN.search(s) is not None
 
 
 def _spoken(text: str, drop_meta: bool, cache: dict | None = None) -> list[str]:
@@ -280,7 +295,7 @@ def _spoken(text: str, drop_meta: bool, cache: dict | None = None) -> list[str]:
     out = []
     for s in _SENTENCE.split(text):
         s = " ".join(s.split())  # == re.sub(r"\s+", " ", s).strip(): str.split and re's \s agree on whitespace
-        if s and not (drop_meta and _is_meta(s)):
+        if s and not _is_plan(s) and not (drop_meta and _is_meta(s)):
             out.append(first_person(s) + ("" if s[-1] in ".!?:;\"')" else "."))
     if cache is not None:
         cache[key] = out
@@ -428,7 +443,7 @@ def _parse_tasks(tasks: list, raw: Callable[[int], str], tool_names: set, domain
         cands.append({
             "idx": idx, "tid": str(tid), "text": text, "first": first, "calls": calls,
             "user_actions": user_actions,
-            "key": canonical_json([first["name"], first["arguments"]]) if first else FINAL_ANSWER,
+            "key": canonical_json([first["name"], first["arguments"]]) if first else "",  # "": no action
             "missing": unsupported_values(first["arguments"], text) if first else [],
         })
     return cands, bad
@@ -450,7 +465,7 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
     good: list[dict] = []
     bad: list[dict] = []
     per_domain: dict[str, int] = {}
-    excluded: dict[str, int] = {"unsupported_first_action": 0, "ambiguous_prompt": 0}
+    excluded: dict[str, int] = {"no_expected_action": 0, "unsupported_first_action": 0, "ambiguous_prompt": 0}
     tools_by_file: dict[str, str] = {}
     for tf in task_files:
         domain = tf.parent.name
@@ -472,13 +487,19 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
         bad.extend(rejected)
         # pass 2: one prompt must mean one expected first action
         keys_by_text: dict[str, set[str]] = {}
-        for c in cands:
+        for c in cands:  # a task with no assistant action counts: its hidden state may make the prompt need none
             keys_by_text.setdefault(c["text"], set()).add(c["key"])
         n_ok = 0
         for c in cands:
             first = c["first"]
             reason = field = None
-            if c["missing"]:
+            if first is None:
+                excluded["no_expected_action"] += 1
+                field = "evaluation_criteria.actions"
+                reason = ("no_expected_action: evaluation_criteria.actions holds no assistant action, so the right "
+                          "first move (a lookup, a question, a refusal) is not given; answering without a tool "
+                          "call is not it")
+            elif c["missing"]:
                 excluded["unsupported_first_action"] += 1
                 field = "evaluation_criteria.actions"
                 reason = (f"unsupported_first_action: the first expected action {first['name']} needs values the "
@@ -502,14 +523,13 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
                 category="retain",
                 priority_class="tool_capability",
                 subtype=domain,
-                tool_attack={"expected_tool": first["name"] if first else FINAL_ANSWER, "attacker_tool": None,
+                tool_attack={"expected_tool": first["name"], "attacker_tool": None,
                              "attacker_args": None, "injection_text": None, "injection_span": None},
                 pair_group=f"{DATASET}:{domain}:{c['tid']}",
                 generation_params={"tau2": {
                     "task_id": c["tid"],
                     "domain": domain,
-                    "expected_first_action": ({"name": first["name"], "arguments": first["arguments"]}
-                                              if first else None),
+                    "expected_first_action": {"name": first["name"], "arguments": first["arguments"]},
                     "reference_actions": [{"name": a["name"], "arguments": a["arguments"]} for a in c["calls"]],
                     "user_actions": c["user_actions"],
                     "nl_assertions": _crit_field(task, "nl_assertions"),

@@ -29,7 +29,7 @@ def validate(res) -> None:
 # ------------------------------------------------------------------------------------------------ tau2
 ME_VERB = re.compile(r"\bme (?:want|are|have|need|do|did|will|would|can|could|should|may|might|must|prefer|also|"
                      r"wish|don't|just|had|think|received|live|like|decide|only|really|say)\b")
-KEPT = {"airline": 35, "retail": 68, "telecom": 0, "mock": 4}
+KEPT = {"airline": 28, "retail": 66, "telecom": 0, "mock": 3}
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +49,10 @@ def test_tau2_real_counts_per_domain(tau2_real):
     # every task is accounted for: kept, or excluded with a reason (none malformed in the real files)
     assert res.good.height + res.rejected.height == 50 + 114 + 2285 + 9
     assert set(res.rejected["severity"]) == {"excluded"}
-    assert res.meta["excluded"] == res.rejected.height == 1783 + 568
+    assert res.meta["excluded"] == res.rejected.height == 576 + 1783 + 2
+    assert res.meta["excluded_no_expected_action"] == 576  # 565 telecom (user-side actions only), 11 others
     assert res.meta["excluded_unsupported_first_action"] == 1783
-    assert res.meta["excluded_ambiguous_prompt"] == 568
+    assert res.meta["excluded_ambiguous_prompt"] == 2  # mock create_task_1 and its twin without actions
     assert set(res.good["completeness"]) == {"skeleton"}
     assert set(lab(res.good, "category")) == {"retain"}
     assert set(lab(res.good, "priority_class")) == {"tool_capability"}
@@ -75,19 +76,28 @@ def test_tau2_no_broken_first_person(shared_data, tau2_real):
 
 def test_tau2_real_content(tau2_real, shared_data):
     g = tau2_real.good
-    # airline task 0: no expected action -> answer without a tool call; the nl assertion is kept
-    a0 = g.filter(pl.col("source_locator") == "domains/airline/tasks.json:1").row(0, named=True)
-    assert [m["role"] for m in a0["messages"]] == ["system", "user"]
-    user = a0["messages"][1]["content"]
-    assert user.startswith("I am Emma Kim. My user id is emma_kim_9957. I want to cancel reservation EHGLP3.")
-    assert "I don't want to cancel if I don't get a refund." in user  # from task_instructions
-    assert "you" not in user.lower().split()
-    assert a0["tool_attack"]["expected_tool"] == tau2.FINAL_ANSWER
-    assert a0["tool_attack"]["attacker_tool"] is None and a0["tool_attack"]["injection_span"] is None
-    gp = _gp(a0)
-    assert gp["nl_assertions"] == ["Agent should refuse to proceed with the cancellation."]
-    assert gp["expected_first_action"] is None and gp["task_id"] == "0"
-    assert a0["pair_group"] == "tau2:airline:0"
+    # airline task 0 has no expected action ("cancel EHGLP3", which policy refuses after looking it up): its
+    # first move is not given, and answering without a tool call is not it: excluded with the reason
+    assert g.filter(pl.col("source_locator") == "domains/airline/tasks.json:1").is_empty()
+    q0 = tau2_real.rejected.filter(pl.col("file").str.ends_with("airline/tasks.json") & (pl.col("line") == 1))
+    assert q0["reason"][0].startswith("no_expected_action") and q0["severity"][0] == "excluded"
+    assert q0["field"][0] == "evaluation_criteria.actions" and json.loads(q0["raw"][0])["id"] == "0"
+    # airline task 1 (Raj Sanchez): the user turn speaks to the agent; the simulator's plans are left out
+    a1 = g.filter(pl.col("source_locator") == "domains/airline/tasks.json:2").row(0, named=True)
+    assert [m["role"] for m in a1["messages"]] == ["system", "user"]
+    user = a1["messages"][1]["content"]
+    assert user.startswith("I am Raj Sanchez. My user id is raj_sanchez_7340.")
+    assert "I don't want to go ahead with the cancellation if I don't get a refund." in user  # task_instructions
+    assert "a service agent will be able to help me" in user  # backstory about "a" agent stays
+    assert "If the service agent says" not in user and "you" not in user.lower().split()
+    assert a1["tool_attack"]["expected_tool"] == "get_user_details"
+    assert a1["tool_attack"]["attacker_tool"] is None and a1["tool_attack"]["injection_span"] is None
+    gp = _gp(a1)
+    assert gp["expected_first_action"]["name"] == "get_user_details" and gp["task_id"] == "1"
+    assert a1["pair_group"] == "tau2:airline:1"
+    # no kept user turn talks about "the agent" in the third person (61 did, from the simulator's instructions)
+    assert not [u for ms in g["messages"].to_list() for u in [ms[1]["content"]]
+                if re.search(r"\bthe\s+(?:[\w-]+\s+){0,2}agent\b|\bif agent\b", u, re.I)]
     # retail task 0: the expected behaviour is the first reference action, its arguments in the prompt
     tasks = json.loads((shared_data / "tau2/domains/retail/tasks.json").read_text())
     r0 = g.filter(pl.col("source_locator") == "domains/retail/tasks.json:1").row(0, named=True)
@@ -100,9 +110,8 @@ def test_tau2_real_content(tau2_real, shared_data):
     # every kept first action is supported by the prompt: each argument value appears in the user's message
     for row in g.iter_rows(named=True):
         first = _gp(row)["expected_first_action"]
-        if first:
-            assert tau2.unsupported_values(first["arguments"], row["messages"][1]["content"]) == []
-            assert row["tool_attack"]["expected_tool"] == first["name"]
+        assert tau2.unsupported_values(first["arguments"], row["messages"][1]["content"]) == []
+        assert row["tool_attack"]["expected_tool"] == first["name"]
 
 
 def test_tau2_tools_are_the_full_domain_set(tau2_real, shared_data):
@@ -131,7 +140,8 @@ def test_tau2_identical_prompts_mean_identical_first_actions(tau2_real, shared_d
     rej = tau2_real.rejected.filter(pl.col("file").str.ends_with("telecom/tasks.json"))
     assert rej.height == 2285 and tau2_real.meta["tasks_per_domain"]["telecom"] == 0
     reasons = rej["reason"].str.split(":").list.first().value_counts()
-    assert dict(reasons.iter_rows()) == {"unsupported_first_action": 1720, "ambiguous_prompt": 565}
+    # 565 tasks expect only user-side device actions: no assistant first move is given
+    assert dict(reasons.iter_rows()) == {"unsupported_first_action": 1720, "no_expected_action": 565}
 
 
 def test_tau2_ids_survive_a_move(shared_data, tau2_real, tmp_path):
@@ -169,8 +179,10 @@ def test_tau2_malformed(tmp_path):
                                                         "known_info": "You are Ann."}},
           "evaluation_criteria": {"actions": [{"action_id": "a", "name": "find_order", "arguments": {"id": "#1"}}],
                                   "communicate_info": ["Agent should refuse"]}}
-    misspelled = {"id": "2", "user_senario": {"instructions": "You need help with order #2."}}
+    misspelled = {"id": "2", "user_senario": {"instructions": "You need help with order #2."},
+                  "evaluation_critera": {"actions": [{"name": "find_order", "arguments": {"id": "#2"}}]}}
     no_request = {"id": "3", "evaluation_criteria": {"actions": []}}
+    no_action = {"id": "10", "user_senario": {"instructions": "You need help with order #3."}}
     bad_tool = {"id": "4", "user_scenario": {"instructions": "You want a refund."},
                 "evaluation_criteria": {"actions": [{"name": "refund_everything", "arguments": {}}]}}
     bad_args = {"id": "6", "user_scenario": {"instructions": "You want order 6."},
@@ -181,7 +193,7 @@ def test_tau2_malformed(tmp_path):
     unsupported = {"id": "9", "user_scenario": {"instructions": "You want a refund for your last order."},
                    "evaluation_criteria": {"actions": [{"name": "refund", "arguments": {"order_id": "#W77"}}]}}
     root = _tau2_root(tmp_path, [ok, misspelled, no_request, bad_tool, "not a task", bad_args, list_args,
-                                 bad_type, unsupported])
+                                 bad_type, unsupported, no_action])
     res = tau2.read(resolve_source_paths(root), {})
     assert res.good.height == 2
     msgs = res.good["messages"].to_list()
@@ -190,12 +202,14 @@ def test_tau2_malformed(tmp_path):
     assert _gp(res.good.row(0, named=True))["communicate_info"] == ["Agent should refuse"]
     assert msgs[1][1]["content"] == "I need help with order #2."  # misspelled key did not crash
     q = res.rejected.sort("line")
-    assert q["line"].to_list() == [3, 4, 5, 6, 7, 8, 9]
+    assert q["line"].to_list() == [3, 4, 5, 6, 7, 8, 9, 10]
     assert q["field"].to_list() == ["user_scenario.instructions", "evaluation_criteria.actions[0].name", "",
                                     "evaluation_criteria.actions[0].arguments",
                                     "evaluation_criteria.actions[0].arguments",
-                                    "user_scenario.instructions.reason_for_call", "evaluation_criteria.actions"]
-    assert q["severity"].to_list() == ["malformed"] * 6 + ["excluded"]
+                                    "user_scenario.instructions.reason_for_call", "evaluation_criteria.actions",
+                                    "evaluation_criteria.actions"]
+    assert q["severity"].to_list() == ["malformed"] * 6 + ["excluded"] * 2
+    assert q["reason"][7].startswith("no_expected_action")
     assert "refund_everything" in q["reason"][1] and "#W77" in q["reason"][6]
     assert json.loads(q["raw"][1])["id"] == "4"
     assert set(q["file"]) == {str(root / "domains" / "shop" / "tasks.json")}
@@ -208,12 +222,20 @@ def test_tau2_ambiguous_prompts_excluded(tmp_path):
     same = {"user_scenario": {"instructions": "You want help with order #1."}}
     tasks = [{**same, "id": "a", "evaluation_criteria": {"actions": [{"name": "find_order", "arguments": {"o": "#1"}}]}},
              {**same, "id": "b", "evaluation_criteria": {"actions": [{"name": "refund", "arguments": {"o": "#1"}}]}},
-             {"id": "c", "user_scenario": {"instructions": "You want order #2."}, "evaluation_criteria": {"actions": []}}]
+             {"id": "c", "user_scenario": {"instructions": "You want order #2."},
+              "evaluation_criteria": {"actions": [{"name": "find_order", "arguments": {"o": "#2"}}]}},
+             # the same message once with an action and once with none: its hidden state decides, so ambiguous
+             {"id": "d", "user_scenario": {"instructions": "You want order #3."}, "evaluation_criteria": {"actions": []}},
+             {"id": "e", "user_scenario": {"instructions": "You want order #3."},
+              "evaluation_criteria": {"actions": [{"name": "find_order", "arguments": {"o": "#3"}}]}}]
     res = tau2.read(resolve_source_paths(_tau2_root(tmp_path, tasks)), {})
-    assert res.good.height == 1 and res.good["tool_attack"][0]["expected_tool"] == tau2.FINAL_ANSWER
-    assert res.rejected["line"].to_list() == [1, 2]
-    assert all(r.startswith("ambiguous_prompt") for r in res.rejected["reason"])
-    assert res.meta["excluded_ambiguous_prompt"] == 2
+    assert res.good.height == 1 and res.good["tool_attack"][0]["expected_tool"] == "find_order"
+    assert res.good["pair_group"][0] == "tau2:shop:c"
+    q = res.rejected.sort("line")
+    assert q["line"].to_list() == [1, 2, 4, 5]
+    assert [r.split(":")[0] for r in q["reason"]] == ["ambiguous_prompt", "ambiguous_prompt", "no_expected_action",
+                                                      "ambiguous_prompt"]
+    assert res.meta["excluded_ambiguous_prompt"] == 3 and res.meta["excluded_no_expected_action"] == 1
 
 
 @pytest.mark.parametrize("content, match", [
@@ -226,12 +248,6 @@ def test_tau2_unreadable_tasks_file_fails_the_source(tmp_path, content, match):
     with pytest.raises(SourceError, match=match) as e:
         tau2.read(resolve_source_paths(root), {})
     assert "tasks.json" in str(e.value)
-
-
-def test_tau2_final_answer_matches_curation():
-    from cb_core import curate
-
-    assert tau2.FINAL_ANSWER == curate.FINAL_ANSWER
 
 
 # ---------------------------------------------------------------------------------------------- XSTest
