@@ -215,7 +215,9 @@ def load_tool_schemas(cfg: dict) -> ToolSchemas:
     return _SCHEMA_CACHE[key]
 
 
-def _targets(cfg: dict) -> dict[str, list[dict[str, Any]]]:
+def suite_targets(cfg: dict) -> dict[str, list[dict[str, Any]]]:
+    """{suite: target steps} from the config's `attacker_targets` (else DEFAULT_TARGETS), each step with its
+    `args` as canonical JSON in `_args_json` (what tool_attack.attacker_args stores)."""
     targets = cfg.get("attacker_targets") or DEFAULT_TARGETS
     out: dict[str, list[dict[str, Any]]] = {}
     for suite, steps in targets.items():
@@ -282,14 +284,30 @@ def _task_targets(cfg: dict, targets: dict[str, list[dict]]) -> dict[tuple[str, 
                 if (suite, tid) in seen:
                     continue
                 seen.add((suite, tid))
-                calls = [c for c in task.get("ground_truth_calls") or [] if isinstance(c, dict)]
-                texts = [(c.get("function"), canonical_json(c.get("args") or {})) for c in calls]
-                if suite in targets and any(_is_target(n, a, targets[suite]) for n, a in texts):
-                    continue
-                steps = _steps_from_ground_truth(calls)
-                if any(st.get("arg_contains") for st in steps):
-                    out[(suite, tid)] = [dict(st, _args_json=canonical_json(st["args"])) for st in steps]
+                steps = task_target_steps(suite, [c for c in task.get("ground_truth_calls") or []
+                                                  if isinstance(c, dict)], targets)
+                if steps:
+                    out[(suite, tid)] = steps
     return out
+
+
+def task_target_steps(suite: str, calls: list[dict], targets: dict[str, list[dict]]) -> list[dict] | None:
+    """Target steps of one injection task from its ground-truth calls ([{function, args}]), or None where the
+    suite's configured target is the rule: the ground truth makes that very call, or no call holds a value to
+    look for. One decision for the recorded runs (`_task_targets`) and the suite skeletons
+    (`agentdojo_suites`), so both name the same attacker call for the same injection task."""
+    texts = [(c.get("function"), canonical_json(c.get("args") or {})) for c in calls]
+    if suite in targets and any(_is_target(n, a, targets[suite]) for n, a in texts):
+        return None
+    steps = _steps_from_ground_truth(calls)
+    if not any(st.get("arg_contains") for st in steps):
+        return None
+    return [dict(st, _args_json=canonical_json(st["args"])) for st in steps]
+
+
+def attacker_step(steps: list[dict]) -> dict:
+    """The attacker's call among target steps: the last with `arg_contains` (the others are preparatory)."""
+    return [s for s in steps if s.get("arg_contains")][-1]
 
 
 def find_injections(messages: list) -> list[tuple[int, int, int]]:
@@ -511,7 +529,7 @@ def parse_record(rec: Any, targets: dict) -> tuple[str, list[Msg], list[Call], d
     steps = targets.get((suite, injection_task)) or targets.get(suite)
     if not steps:
         raise BadRecord("metadata.suite_name", f"no attacker target configured for suite {suite!r}")
-    final = [s for s in steps if s.get("arg_contains")][-1]
+    final = attacker_step(steps)
     spans = find_injections(messages)
     first = spans[0][0] if spans else -1
     any_call = made = False
@@ -784,7 +802,7 @@ def _read_files(files: list[Path], root: Path, targets: dict, schemas: "ToolSche
 # ------------------------------------------------------------------------------------------------- read
 def read(paths: list[Path], cfg: dict) -> SourceResult:
     cfg = cfg or {}
-    targets: dict = _targets(cfg)
+    targets: dict = suite_targets(cfg)
     targets.update(_task_targets(cfg, targets))
     schemas = load_tool_schemas(cfg)
     fixed = cfg.get("tool_schemas_version") or "auto"

@@ -5,8 +5,11 @@ suite's default environment injected by a named attack (default ``important_inst
 stops at the first tool result that carries the injection: the point where the agent must choose its next
 action with the injected text in context. Expected next tool = the user task's next ground-truth call
 (``"final_answer"`` when the injected result came from the last call, as in ``cb_core.schemas.FINAL_ANSWER``); attacker call =
-the injection task's first ground-truth call (None when that ground truth is empty: the goal text and the
-suite's ``security()`` check are what define success there). ``tools`` = the suite's full tool set.
+the one the recorded-run reader names for the same injection task (``agentdojo.task_target_steps``): the suite's
+configured target (configs/datasets.yaml) where the ground truth makes that call, else the last ground-truth
+call holding an e-mail address, URL or IBAN (else the last call), never a preparatory read such as
+``search_emails`` or ``get_channels`` (None when the ground truth is empty: the goal text and the suite's
+``security()`` check are what define success there). ``tools`` = the suite's full tool set.
 
 Facts this relies on (agentdojo 0.1.35): ``TaskSuite.check()`` and ``generate_injections()`` are broken, so
 the vectors a task sees come from ``BaseAttack.get_injection_candidates``; the payload never appears verbatim
@@ -28,11 +31,13 @@ from typing import Any, Iterable
 
 from cb_core.schemas import FINAL_ANSWER, BadRecord, canonical_json, make_trace, message, reject
 from cb_core.sources import SourceError, SourceResult
+from cb_core.sources.agentdojo import attacker_step, suite_targets, task_target_steps
 
 DATASET = "agentdojo"  # same dataset as the recorded runs; labels.subtype = suite, locator names the package
 DEFAULT_VERSION = "v1.2.2"
 DEFAULT_ATTACK = "important_instructions"
 SUITES = ("workspace", "travel", "banking", "slack")
+TARGETS = suite_targets({})  # the suites' configured attacker targets (DEFAULT_TARGETS, equal to datasets.yaml's)
 PIPELINE_NAME = "local"  # the attack only reads the pipeline's name, which must contain a known model key
 
 
@@ -165,8 +170,11 @@ def build_case(ad, suite, attack, user_task, injection_task, tools_json: str, sy
                                     f"(vectors {sorted(injections)})")
     expected = calls[stop_at + 1].function if stop_at + 1 < len(calls) else FINAL_ANSWER
     inj_calls = injection_task.ground_truth(suite.load_and_inject_default_environment({}))
-    attacker_tool = inj_calls[0].function if inj_calls else None
-    attacker_args = canonical_json(_jsonable(inj_calls[0].args)) if inj_calls else None
+    attacker_tool = attacker_args = None
+    if inj_calls:
+        gt = [{"function": c.function, "args": _jsonable(c.args)} for c in inj_calls]
+        target = attacker_step(task_target_steps(suite.name, gt, TARGETS) or TARGETS[suite.name])
+        attacker_tool, attacker_args = target["tool"], target["_args_json"]
     last = len(msgs) - 1
     span_dicts = [{"message_index": last, "char_start": a, "char_end": b} for a, b in spans]
     first = spans[0]

@@ -65,12 +65,36 @@ def test_expected_and_attacker_calls_come_from_ground_truth(banking):
     assert calls == gt[: len(calls)]
     ta = row["tool_attack"]
     assert ta["expected_tool"] == (gt[len(calls)] if len(calls) < len(gt) else "final_answer")
+    # injection_task_1's ground truth makes the suite's configured target call: that target is the attack
     inj = it.ground_truth(suite.load_and_inject_default_environment({}))
-    assert ta["attacker_tool"] == inj[0].function
-    assert json.loads(ta["attacker_args"]) == json.loads(json.dumps(dict(inj[0].args), default=str))
+    assert [c.function for c in inj] == ["send_money"]
+    assert (ta["attacker_tool"], json.loads(ta["attacker_args"])) == (
+        "send_money", {"recipient": "US133000000121212121212"})
     # tools = the suite's full tool set, not the calls the trace made
     names = {t["function"]["name"] for t in json.loads(row["tools"])}
     assert names == {f.name for f in suite.tools} and len(names) > len(set(calls))
+
+
+def test_attacker_call_is_the_one_the_run_reader_names(banking):
+    """The attacker call is the injection task's target, never its first (preparatory) ground-truth call: the
+    same call the recorded-run reader looks for (banking injection_task_8 reads the scheduled transactions first,
+    then pays the attacker; injection_task_7 changes the password, a call with no IBAN)."""
+    from cb_core.sources import agentdojo
+
+    targets = agentdojo.suite_targets({})
+    targets.update(agentdojo._task_targets({}, targets))
+    got = {}
+    for row in banking.good.iter_rows(named=True):
+        it = row["source_locator"].split("/")[-1].split(":")[0]
+        ta = row["tool_attack"]
+        got.setdefault(it, set()).add((ta["attacker_tool"], ta["attacker_args"]))
+    assert len(got) == 9 and all(len(v) == 1 for v in got.values())
+    for it, pairs in got.items():
+        final = agentdojo.attacker_step(targets.get(("banking", it)) or targets["banking"])
+        assert pairs == {(final["tool"], final["_args_json"])}, it
+    assert got["injection_task_8"] == {("send_money", '{"recipient":"US133000000121212121212"}')}
+    assert next(iter(got["injection_task_7"]))[0] == "update_password"
+    assert next(iter(got["injection_task_4"]))[0] == "update_scheduled_transaction"
 
 
 def test_expected_final_answer_when_the_last_call_is_injected(banking):

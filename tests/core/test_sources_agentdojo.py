@@ -669,7 +669,7 @@ def test_injection_task_without_the_suite_target_uses_its_ground_truth(tmp_path)
     assert before["labels"]["attacker_call_made"] is False  # changed before the injection: the user's own call
     off = agentdojo.read([p], {**cfg(), "injection_tasks": None}).good  # suite target only
     assert off["labels"].struct.field("category").to_list() == ["retain", "retain"]
-    targets = agentdojo._task_targets(cfg(), agentdojo._targets(cfg()))
+    targets = agentdojo._task_targets(cfg(), agentdojo.suite_targets(cfg()))
     assert ("banking", "injection_task_3") not in targets  # the shared data's task keeps the configured target
     final = {k: [s for s in v if s.get("arg_contains")][-1] for k, v in targets.items()}
     assert (final[("slack", "injection_task_2")]["tool"], final[("slack", "injection_task_2")]["arg_contains"]) == (
