@@ -132,11 +132,18 @@ def train_point(context: dg.AssetExecutionContext, key: str, preset: str, overri
     from cb_assets.assets.training import _publish, run_worker, worker_command
     from cb_core.train import RUNS_DIR
     from cb_core.train.config import load_train_config
-    from cb_core.train.worker import slurm_nproc
+    from cb_core.train.worker import run_fingerprint, slurm_nproc, stale_checkpoints
 
     cfg, _, _ = load_train_config(preset, overrides)
     nproc = slurm_nproc(cfg.train.nproc)
     run_dir = root / RUNS_DIR / key
+    changed = stale_checkpoints(run_dir, run_fingerprint(cfg, root))
+    if changed:  # a point trained on other inputs or settings (a new split, final.overrides): kept, retrained
+        old = root / RUNS_DIR / "history" / f"{key}-{time.strftime('%Y%m%d-%H%M%S')}"
+        old.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(run_dir, old)
+        context.log.warning(f"point {key}: its run folder holds another run's checkpoints ({'; '.join(changed[:4])});"
+                            f" moved to {old}, training afresh")
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = worker_command(preset, overrides, run_dir, root, nproc, False)
     context.log.info(f"point {key}: preset {preset}, overrides {overrides}, run folder {run_dir}")

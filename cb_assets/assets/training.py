@@ -42,10 +42,12 @@ def default_preset(datasets: DatasetsResource) -> str:
 
 
 def _run_name(cfg, preset: str, root: Path, fast: bool) -> str:
-    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
-    split = root / "train_split.parquet"
-    if split.exists():
-        h.update(split.read_bytes())
+    """<preset>-<hash of the config and the run's inputs>: changed settings, input tables (train_split,
+    renders, lossmasks) or MWCS schedule file make a new folder instead of resuming another run's checkpoints."""
+    from cb_core.train.worker import run_fingerprint
+
+    inputs = {k: v for k, v in run_fingerprint(cfg, root).items() if k.startswith(("table:", "file:"))}
+    h = hashlib.sha256(json.dumps([cfg.to_dict(), inputs], sort_keys=True, default=str).encode())
     return f"{Path(preset).stem}{'-fastdev' if fast else ''}-{h.hexdigest()[:10]}"
 
 

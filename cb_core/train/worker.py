@@ -7,8 +7,10 @@ through Dagster Pipes.
 Reads ``train_split``, ``renders`` and ``lossmasks`` from ``$CB_DATA_ROOT`` (or ``--data-root``), trains, and
 leaves in ``RUN``: preset.yaml (the preset as written), overrides.yaml, config.yaml (resolved),
 run_metadata.json, console.log, checkpoints/ (+ best / second_best / third_best links), adapter/ (safetensors),
-history.parquet, curves.png, final_metrics.json, wandb/ (offline unless WANDB_API_KEY is set). A second
-start on the same RUN resumes from its last checkpoint. Rank 0 alone writes files and talks to Dagster
+history.parquet, curves.png, final_metrics.json, wandb/ (offline unless WANDB_API_KEY is set),
+fingerprint.json. A second start on the same RUN resumes from its last checkpoint, if it is the same run:
+same settings (but logging and checkpoint cadence) and the same input tables (`run_fingerprint`); else it
+stops with what changed, never publishing the old run's weights under the new settings. Rank 0 alone writes files and talks to Dagster
 (when started by Pipes: logs, then the materialization's metadata).
 """
 from __future__ import annotations
@@ -156,6 +158,43 @@ def load_model_and_tokenizer(profile_name: str, dtype: str):
     return model, tok
 
 
+# --------------------------------------------------------------------------------------- run identity
+INPUT_TABLES = ("train_split", "renders", "lossmasks")
+# settings that change how a run is logged or checkpointed, never its weights: resuming across them is fine
+RESUME_NEUTRAL = ("name", "description", "log.", "train.checkpoint_every", "train.keep_checkpoints",
+                  "train.selection_metric", "train.throttle_s")
+
+
+def run_fingerprint(cfg, root: Path) -> dict[str, Any]:
+    """What a run's weights depend on: every resolved setting but the RESUME_NEUTRAL ones, the bytes of the
+    input tables and of the MWCS schedule file (its name alone would not see an edit)."""
+    import hashlib
+
+    from cb_core.mixture import schedule_path
+
+    def digest(path: Path) -> str | None:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+
+    flat = {f"{sec}.{k}" if isinstance(body, dict) else sec: v
+            for sec, body in cfg.to_dict().items() for k, v in (body.items() if isinstance(body, dict) else [(sec, body)])}
+    out = {k: v for k, v in flat.items() if not k.startswith(RESUME_NEUTRAL)}
+    out.update({f"table:{name}": digest(root / f"{name}.parquet") for name in INPUT_TABLES})
+    if cfg.data.mwcs_schedule:
+        out["file:mwcs_schedule"] = digest(schedule_path(cfg.data.mwcs_schedule))
+    return out
+
+
+def stale_checkpoints(run_dir: Path, fingerprint: dict[str, Any]) -> list[str]:
+    """What changed since the run folder's checkpoints were written (``[]``: none, or nothing to resume). A
+    folder from before fingerprints (checkpoints, no fingerprint.json) resumes as it always did."""
+    path = run_dir / "fingerprint.json"
+    if not path.is_file() or not any((run_dir / "checkpoints").glob("step_*/trainer_state.pt")):
+        return []
+    old = json.loads(path.read_text(encoding="utf-8"))
+    return [f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}"
+            for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
+
+
 # ----------------------------------------------------------------------------------------------- main
 def train(args: argparse.Namespace, argv: list[str], pipes=None) -> dict[str, Any]:
     import polars as pl
@@ -177,8 +216,16 @@ def train(args: argparse.Namespace, argv: list[str], pipes=None) -> dict[str, An
     root = Path(args.data_root).resolve() if args.data_root else Path(os.environ.get("CB_DATA_ROOT", ".cb_data")).resolve()
     pipes = pipes if d.rank == 0 else None
     log_file = None
+    fingerprint = run_fingerprint(cfg, root)
+    changed = stale_checkpoints(run_dir, fingerprint)
+    if changed:  # every rank raises: resuming would publish the old run's weights under the new settings
+        raise RuntimeError(
+            f"{run_dir} holds checkpoints of another run (changed since: {'; '.join(changed[:6])}"
+            f"{'; ...' if len(changed) > 6 else ''}): resuming them would publish that run's weights. Start over "
+            "(the adapter asset's `fresh: true`, or delete the folder) or use another run folder")
     if d.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        _write(run_dir / "fingerprint.json", json.dumps(fingerprint, indent=1, default=str))
         _write(run_dir / "preset.yaml", _yaml_dump(raw))
         _write(run_dir / "overrides.yaml", _yaml_dump(ov))
         _write(run_dir / "config.yaml", _yaml_dump(cfg.to_dict()))

@@ -56,6 +56,21 @@ def test_tiny_sweep_end_to_end(data_root, tmp_path, monkeypatch):
     assert best["tool_flip_asr"] == pytest.approx(top["tool_flip_asr"])
     assert pl.read_parquet(data_root / "best_config.parquet")["best_key"][0] == top["key"]
 
+    # a point whose inputs changed since it trained is trained afresh (its old run folder kept in history),
+    # never resumed from the other run's checkpoints (that published the old weights)
+    k = points["key"][0]
+    before = json.loads((data_root / "train_runs" / k / "final_metrics.json").read_text())["data"]
+    split = pl.read_parquet(data_root / "train_split.parquet")
+    split.slice(1).write_parquet(data_root / "train_split.parquet")
+    res = dg.materialize(list(defs.assets), resources=defs.resources, selection=["sweep_adapter"], partition_key=k,
+                         instance=inst, raise_on_error=False)
+    assert res.success, [str(e.event_specific_data)[:400] for e in res.all_events if e.is_failure][:2]
+    after = json.loads((data_root / "train_runs" / k / "final_metrics.json").read_text())["data"]
+    assert after["samples"] == before["samples"] - 1
+    stale = [p for p in (data_root / "train_runs" / "history").iterdir() if p.name.startswith(f"{k}-")]
+    assert len(stale) == 1 and json.loads((stale[0] / "final_metrics.json").read_text())["data"] == before
+    split.write_parquet(data_root / "train_split.parquet")
+
     # `cb run` on the same tiers: one training run through Dagster (a subprocess `dagster asset materialize`),
     # `latest` points at it, the finished sweep-point runs roll into train_runs/history/
     home = tmp_path / "dagster_home"
@@ -69,7 +84,7 @@ def test_tiny_sweep_end_to_end(data_root, tmp_path, monkeypatch):
     runs = data_root / "train_runs"
     latest = (runs / "latest").resolve()
     assert "fastdev" in latest.name and (latest / "final_metrics.json").exists()
-    assert sorted(p.name for p in (runs / "history").iterdir()) == sorted(points["key"].to_list())
+    assert sorted(p.name for p in (runs / "history").iterdir()) == sorted(points["key"].to_list() + [stale[0].name])
     summary = json.loads(subprocess.run([sys.executable, "-m", "cb_core.cli", "--data-root", str(data_root),
                                          "summarise", "latest"], capture_output=True, text=True, timeout=120).stdout)
     assert summary["config"]["train"]["fast_dev_run"] is True and summary["checkpoints"]

@@ -302,6 +302,32 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_folder_resumes_only_its_own_run(tmp_path):
+    """Checkpoints written under other settings or other input tables are never resumed (that published the
+    old weights under the new settings); logging and checkpoint cadence may change."""
+    root = write_root(tmp_path / "root")
+    env, run = worker_env(), tmp_path / "run"
+    base = ["train.steps=2", "train.checkpoint_every=1"]
+    subprocess.run(worker_cmd(run, root, base), env=env, check=True, capture_output=True, timeout=600)
+    weights = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    r = subprocess.run(worker_cmd(run, root, base + ["train.lr=0.5"]), env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode != 0 and "holds checkpoints of another run" in r.stderr
+    assert "train.lr: 0.003 -> 0.5" in r.stderr
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == weights  # nothing overwritten
+    assert "0.003" in (run / "config.yaml").read_text()
+    # another train_split: named, refused
+    ts = pl.read_parquet(root / "train_split.parquet")
+    ts.head(ts.height - 1).write_parquet(root / "train_split.parquet")
+    r = subprocess.run(worker_cmd(run, root, base), env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "table:train_split" in r.stderr
+    ts.write_parquet(root / "train_split.parquet")  # the same bytes again: the same run, which resumes
+    out = subprocess.run(worker_cmd(run, root, base + ["log.every=2", "train.keep_checkpoints=1"]), env=env,
+                         check=True, capture_output=True, text=True, timeout=600)
+    assert "resumed from step_000002" in out.stdout
+
+
+@pytest.mark.slow
 def test_two_process_ddp_equals_one_process_with_doubled_batch(tmp_path):
     root = write_root(tmp_path / "root")
     env = worker_env()
