@@ -160,6 +160,16 @@ def build_train_data(
     }
     if not data.harmful or not data.retain:
         raise ValueError(f"train_split: need harmful and retain samples, got {data.stats}")
+    for kind, idx in (("harmful", data.harmful), ("retain", data.retain)):
+        if not any(samples[i].sample_weight > 0 and any(w > 0 for sp in (samples[i].spans,
+                                                                          *samples[i].override_spans.values())
+                                                        for _, _, w in sp) for i in idx):
+            classes = sorted({samples[i].priority_class for i in idx})
+            raise ValueError(
+                f"train_split: all {len(idx)} {kind} sample(s) have zero loss weight (sample_weight 0 or mask "
+                f"weights 0; priority classes {classes}), so the {kind} term would be 0 at every step. Give these "
+                "classes a weight > 0 in the MWCS schedule's class_weights (configs/mwcs/<schedule>.yaml) and "
+                "materialize `lossmasks` again")
     return data
 
 

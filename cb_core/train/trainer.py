@@ -379,8 +379,9 @@ class Trainer:
             tokens_seen += float(n["tokens"])
             m = {"step": self.step, "train/loss": float(flat["loss"]), "train/loss_rr": float(flat.get("loss_rr", 0.0)),
                  "train/loss_ret": float(flat.get("loss_ret", 0.0)), "train/loss_kl": float(flat.get("loss_kl", 0.0)),
-                 "rr/cos_sim_mean": float(flat["rr_cos_sum"] / n["harmful"].clamp_min(1)),
-                 "ret/cos_sim_mean": float(flat["ret_cos_sum"] / n["benign"].clamp_min(1)),
+                 # NaN (not measured) on a step without a masked token of the kind, never a cos-sim of 0
+                 "rr/cos_sim_mean": float(flat["rr_cos_sum"] / n["harmful"]) if n["harmful"] > 0 else float("nan"),
+                 "ret/cos_sim_mean": float(flat["ret_cos_sum"] / n["benign"]) if n["benign"] > 0 else float("nan"),
                  "train/grad_norm": float(grad_norm), "lr": lr, "cs": cs, "cr": cr,
                  "mask/harmful_tokens": float(n["harmful"]), "mask/benign_tokens": float(n["benign"]),
                  "mask/overridden_samples": float(n["overridden"]), "tokens_per_s": float(n["tokens"]) / max(dt, 1e-9),
@@ -525,9 +526,12 @@ class Trainer:
         kl = L.kl_base_adapter(self.lm_head(fin0[pos[0], pos[1]]), self.lm_head(fin[pos[0], pos[1]]),
                                (pos[2] > 0).float(), 1.0)
         self.model.train()
-        return {"harmful_cos_sim": float(L.cos_sim_mean(h_new, h_orig, hb["w"])),
-                "retain_cos_sim": float(L.cos_sim_mean(b_new, b_orig, bb["w"])),
-                "kl_benign": float(kl), "n_harmful": hb["w"].shape[0], "n_retain": bb["w"].shape[0]}
+        n_h, n_b, n_kl = int(L.token_count(hb["w"])), int(L.token_count(bb["w"])), int(pos[0].numel())
+        # over zero masked tokens a probe is not measured (None), never a cos-sim or KL of 0
+        return {"harmful_cos_sim": float(L.cos_sim_mean(h_new, h_orig, hb["w"])) if n_h else None,
+                "retain_cos_sim": float(L.cos_sim_mean(b_new, b_orig, bb["w"])) if n_b else None,
+                "kl_benign": float(kl) if n_kl else None, "n_harmful": hb["w"].shape[0], "n_retain": bb["w"].shape[0],
+                "harmful_tokens": n_h, "retain_tokens": n_b, "kl_positions": n_kl}
 
     @torch.no_grad()
     def generations(self, tokenizer, n: int = 3, max_new_tokens: int = 24) -> list[dict[str, Any]]:

@@ -88,6 +88,39 @@ def test_dense_masks_overrides_and_multipliers(data):
     assert torch.all(b["w"][1] == 1.0) and int(b["n_overridden"]) == 1  # benign_twin: full_sequence mask
 
 
+@pytest.mark.parametrize("how", ["sample_weight", "mask_weight"])
+def test_a_class_with_zero_loss_weight_everywhere_is_an_error(frames, how):
+    """All harmful samples at weight 0 (e.g. `harmful_flip: 0.0` in the MWCS class weights) trained silently
+    with loss_rr 0 at every step; it is an error naming the classes and where to give them a weight."""
+    ts, rd, _ = frames
+    harmful = pl.col("category") == "harmful"
+    if how == "sample_weight":
+        ts = ts.with_columns(pl.when(harmful).then(0.0).otherwise(pl.col("sample_weight")).alias("sample_weight"))
+    else:
+        zero = pl.lit([{"token_start": 8, "token_end": 16, "weight": 0.0}])
+        ts = ts.with_columns(pl.when(harmful).then(zero).otherwise(pl.col("mask_spans")).alias("mask_spans"))
+    with pytest.raises(ValueError, match=r"all 8 harmful sample\(s\) have zero loss weight.*\['harmful_flip'\]"
+                                         r".*class_weights"):
+        build_train_data(ts, rd, max_length=64)
+    # one live harmful sample is enough
+    live = ts.with_columns(pl.when(pl.col("id") == "t000").then(1.0).otherwise(pl.col("sample_weight"))
+                           .alias("sample_weight"))
+    if how == "sample_weight":
+        assert len(build_train_data(live, rd, max_length=64).harmful) == 8
+
+
+def test_probe_over_no_masked_token_is_not_measured(llama_tokenizer, data):
+    import copy
+
+    d = copy.deepcopy(data)
+    for i in d.retain:  # no retain token left to probe (the trainer itself would refuse such data)
+        d.samples[i].spans = [(0, 1, 0.0)]
+    tr = Trainer(tiny_cfg(), fresh_model(llama_tokenizer), d, "/nonexistent", pad_id=0)
+    p = tr.probe()
+    assert p["retain_cos_sim"] is None and p["kl_benign"] is None and p["retain_tokens"] == 0
+    assert isinstance(p["harmful_cos_sim"], float) and p["harmful_tokens"] > 0
+
+
 def test_window_keeps_the_mask_and_sampler_drops_nothing(frames):
     ts, rd, _ = frames
     d = build_train_data(ts, rd, max_length=6)
