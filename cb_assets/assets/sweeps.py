@@ -102,7 +102,9 @@ def sweep_points(context: dg.AssetExecutionContext, config: SweepConfig, dataset
     old_path = datasets.data_root() / f"{POINTS_TABLE}.parquet"
     table = new
     if old_path.exists():
-        old = pl.read_parquet(old_path).filter(~pl.col("key").is_in(new["key"].to_list()))
+        # a sweep registered again is its manifest as it is now: a grid value taken out of it is no longer
+        # run, ranked or picked (its finished folders stay, and are used again if the value comes back)
+        old = pl.read_parquet(old_path).filter(~pl.col("key").is_in(new["key"].to_list()) & (pl.col("sweep") != m.name))
         table = pl.concat([old, new], how="diagonal_relaxed")
     keys = new["key"].to_list()
     have = set(context.instance.get_dynamic_partitions(SWEEP_PARTITIONS.name))

@@ -31,6 +31,7 @@ class AdapterRecord:
     model_profile: str
     target_layers: list[int]
     base_dir: Path | None  # the exact base weights, when they are a local directory
+    note: str | None = None  # why scoring does not use the exact trained-on base (said in the eval log)
 
     @property
     def base_name(self) -> str:
@@ -45,14 +46,29 @@ def adapter_record(path: str | Path) -> AdapterRecord:
     cfg_path = path / "config.yaml"
     if not (path / "adapter_config.json").exists() or not cfg_path.exists():
         raise AdapterNotFound(f"no published adapter at {path} (adapter_config.json and config.yaml expected)")
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file() or weights.stat().st_size == 0:
+        raise AdapterNotFound(f"no adapter weights at {weights} ({'empty' if weights.is_file() else 'missing'}): "
+                              "publish the adapter again (materialize `adapter`)")
     cfg = yaml.safe_load(cfg_path.read_text()) or {}
-    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
     try:
-        return AdapterRecord(adapter_dir=path, model_profile=str(cfg["model"]["profile"]),
-                             target_layers=[int(x) for x in cfg["loss"]["target_layers"]],
-                             base_dir=Path(base) if base and Path(base).is_dir() else None)
+        peft_cfg = json.loads((path / "adapter_config.json").read_text())
+    except ValueError as e:
+        raise ValueError(f"{path / 'adapter_config.json'}: not valid JSON ({e})") from e
+    if not isinstance(peft_cfg, dict) or "peft_type" not in peft_cfg:
+        raise ValueError(f"{path / 'adapter_config.json'}: not a peft adapter config (no peft_type)")
+    base = peft_cfg.get("base_model_name_or_path")
+    try:
+        profile = str(cfg["model"]["profile"])
+        layers = [int(x) for x in cfg["loss"]["target_layers"]]
     except (KeyError, TypeError) as e:
         raise ValueError(f"{cfg_path}: lacks model.profile or loss.target_layers ({e})") from e
+    is_dir = bool(base) and Path(base).is_dir()
+    note = (f"{path / 'adapter_config.json'}: base_model_name_or_path {base} is no directory any more; scoring "
+            f"against the model profile {profile!r} instead (not necessarily the exact trained-on weights)"
+            if base and Path(base).is_absolute() and not is_dir else None)
+    return AdapterRecord(adapter_dir=path, model_profile=profile, target_layers=layers,
+                         base_dir=Path(base) if is_dir else None, note=note)
 
 
 def load_base_and_adapter(rec: AdapterRecord):
@@ -90,6 +106,8 @@ def score_adapter(rec: AdapterRecord, frames: dict[str, pl.DataFrame | None], se
     from cb_core.parse import parse_completion
 
     out_dir = Path(out_dir)
+    if rec.note:
+        log(f"warning: {rec.note}")
     model, tokenizer, profile = load_base_and_adapter(rec)
     render_cfg = profile.render_config()
     samples, counts = held_out_samples(frames["eval_attacks"], frames["eval_split"], frames["train_split"],

@@ -255,11 +255,31 @@ def _fmt(v: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_.]", "_", str(v))
 
 
+def resolved_overrides(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Each override as the training config reads it (`beta_harmful: 1` and `1.0` are one value, `lr: 1e-3`, a
+    string to YAML 1.1, is 0.001), so equal hyper-parameters hash alike; as written where they do not resolve
+    (the validation in `expand` then names the error)."""
+    from cb_core.train.config import TrainConfigError, load_train_config
+
+    try:
+        cfg, _, _ = load_train_config(preset, dict(overrides))
+    except (TrainConfigError, ValueError, TypeError):
+        return overrides
+    out = {}
+    for k, v in overrides.items():
+        sec, _, name = k.partition(".")
+        out[k] = getattr(getattr(cfg, sec, None), name, v) if name else v
+    return out
+
+
 def point_key(sweep: str, preset: str, axes: dict[str, Any], overrides: dict[str, Any]) -> str:
-    """``<sweep>-<axis values>-<8 hex of sha256(preset, every override)>``, at most 120 chars of [A-Za-z0-9_.-]."""
-    digest = hashlib.sha256(json.dumps({"preset": preset, "overrides": overrides}, sort_keys=True,
+    """``<sweep>-<axis values>-<8 hex of sha256(preset, every override as resolved)>``, at most 120 chars of
+    [A-Za-z0-9_.-]."""
+    res = resolved_overrides(preset, overrides)
+    digest = hashlib.sha256(json.dumps({"preset": preset, "overrides": res}, sort_keys=True,
                                        default=str).encode()).hexdigest()[:8]
-    parts = [_KEY_ABBREV.get(axis_key(a), a.split(".")[-1][:3]) + _fmt(v) for a, v in axes.items()]
+    parts = [_KEY_ABBREV.get(axis_key(a), a.split(".")[-1][:3]) + _fmt(res.get(axis_key(a), v))
+             for a, v in axes.items()]
     readable = "-".join(p for p in parts if p)[: 120 - len(sweep) - 10]
     return f"{sweep}-{readable}-{digest}" if readable else f"{sweep}-{digest}"
 

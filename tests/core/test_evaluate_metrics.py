@@ -155,6 +155,46 @@ def test_gates_say_not_measured_on_empty_sets():
     assert all(g.passed is None and g.status == "not measured" for g in gates(sc, GateConfig()))
 
 
+def test_capability_gate_on_a_base_that_scores_zero_is_not_measured():
+    """capability 0.000 vs base 0.000 passed (an adapter emitting garbage passed every gate)."""
+    from cb_core.evaluate.scores import SCORES_SCHEMA
+
+    rows = [{"model": m, "metric": "capability_retention", "n": 12, "value": 0.0, "ci_low": 0.0, "ci_high": 0.2}
+            for m in ("base", "adapter")]
+    g = {x.name: x for x in gates(pl.DataFrame(rows, schema=SCORES_SCHEMA), GateConfig())}["capability"]
+    assert g.passed is None and g.status == "not measured" and "base capability is 0 on n=12" in g.description
+
+
+def test_rep_cos_harmful_ranks_lower_first():
+    """A circuit breaker pushes the adapter's harmful representations away from the base's."""
+    from cb_core.evaluate.scores import LOWER_IS_BETTER
+
+    assert "rep_cos_harmful" in LOWER_IS_BETTER and "rep_cos_benign" not in LOWER_IS_BETTER
+
+
+def test_adapter_record_names_what_is_wrong(tmp_path):
+    from cb_core.evaluate.adapter_eval import AdapterNotFound, adapter_record
+
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / "config.yaml").write_text("model: {profile: tiny}\nloss: {target_layers: [2, 4]}\n")
+    (d / "adapter_config.json").write_text('{"peft_type": "LORA", "base_model_name_or_path": "/gone/tiny_agent"}')
+    with pytest.raises(AdapterNotFound, match="adapter_model.safetensors \\(missing\\)"):
+        adapter_record(d)
+    (d / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(AdapterNotFound, match="\\(empty\\)"):
+        adapter_record(d)
+    (d / "adapter_model.safetensors").write_bytes(b"x" * 16)
+    rec = adapter_record(d)  # the trained-on base is gone: the profile is used, and the eval log says so
+    assert rec.base_dir is None and rec.model_profile == "tiny" and "/gone/tiny_agent" in rec.note
+    (d / "adapter_config.json").write_text('{"peft_type": "LORA",\n')
+    with pytest.raises(ValueError, match="adapter_config.json: not valid JSON"):
+        adapter_record(d)
+    (d / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a peft adapter config"):
+        adapter_record(d)
+
+
 def test_refusal_detector_on_crafted():
     assert is_refusal("I'm sorry, but I can't help with that.")
     assert is_refusal("<|python_tag|>I cannot assist with this request.")

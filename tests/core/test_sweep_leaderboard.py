@@ -74,6 +74,26 @@ def test_points_registered_as_partitions(sweep_env):
     assert stored.height == 6 and all("train.steps=7" in o for o in stored["overrides"].to_list())
 
 
+def test_a_sweep_registered_again_is_its_manifest_as_it_is_now(sweep_env, tmp_path):
+    """A grid value taken out of the manifest is no longer a point (it was kept, then run and ranked); points of
+    other sweeps stay."""
+    defs, inst, root, points = sweep_env
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"name": "othersweep", "preset": "stage1", "grid": {"alpha": [3]}}))
+    smaller = tmp_path / "lb_small.yaml"
+    smaller.write_text(yaml.safe_dump({"name": "lbtest", "preset": "stage1", "overrides": {"train.steps": 7},
+                                       "grid": {"alpha": [5], "layers": [[10, 20], [8, 16, 24]]}}))
+    for m in (other, smaller):
+        res = defs.resolve_job_def("sweep").execute_in_process(
+            instance=inst, run_config={"ops": {"sweep_points": {"config": {"manifest": str(m)}}}})
+        assert res.success
+    stored = pl.read_parquet(root / "sweep_points.parquet")
+    kept = stored.filter(pl.col("sweep") == "lbtest")
+    assert kept.height == 2 and all("loss.alpha=5" in o for o in kept["overrides"].to_list())
+    assert set(kept["key"]) < set(points["key"])  # the same values keep their keys
+    assert stored.filter(pl.col("sweep") == "othersweep").height == 1
+
+
 def test_leaderboard_best_point_read_back_from_csv(sweep_env):
     defs, inst, root, points = sweep_env
     keys = _write_point_scores(root, points)

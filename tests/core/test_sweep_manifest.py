@@ -44,6 +44,14 @@ def test_keys_readable_stable_and_hash_every_override():
     assert all(len(p.key) <= 120 and all(ch.isalnum() or ch in "_.-" for ch in p.key) for p in a + c)
 
 
+def test_equal_hyper_parameters_are_one_point():
+    """`1` and `1.0`, `1e-3` (a string to YAML 1.1) and `0.001` train the same adapter: one key, one point."""
+    m = from_dict({"name": "eq", "preset": "tiny", "grid": {"beta_harmful": [1, 1.0, 2], "train.lr": ["1e-3", 0.001]}})
+    pts = m.expand()
+    assert len(pts) == 2
+    assert {p.key.rsplit("-", 1)[0] for p in pts} == {"eq-bh1-lr0.001", "eq-bh2-lr0.001"}
+
+
 def test_row_round_trip():
     p = load_manifest("full").expand()[7]
     back = point_from_row(p.row())
