@@ -13,7 +13,7 @@ from cb_core.config import (Rule, check_bool, check_keys, check_mapping, check_s
                             env_number, load_yaml, nullable, number, one_of, section, whole)
 from cb_core.evaluate.runner import EvalConfig, EvalResult, EvalSample, attack_samples, capability_samples, score, xstest_samples
 from cb_core.evaluate.scores import Gate, GateConfig, deltas, gates, scores_frame
-from cb_core.evaluate.stats import rate
+from cb_core.evaluate.stats import mean_of, rate
 
 LIMIT_ENV = "CB_EVAL_LIMIT"  # the old EVAL_LIMIT: cap every prompt set for a quick run
 CONFIG_FILE = "evaluation.yaml"
@@ -131,9 +131,11 @@ def evaluate(samples: list[EvalSample], generate, parse, settings: EvaluationSet
         from cb_core.evaluate.models import representation_similarity
 
         rep = representation_similarity(model, rep_rows, layers, limit=settings.representation_limit)
-        for k, v in rep.items():
-            rates["adapter"][k] = v
-            rates["base"][k] = type(v)(v.n, 1.0 if v.n else None, 1.0 if v.n else None, 1.0 if v.n else None)
+    else:  # nothing to compare on (no eval_split renders): rows that say so, not missing rows
+        rep = {"rep_cos_harmful": mean_of([]), "rep_cos_benign": mean_of([])}
+    for k, v in rep.items():
+        rates["adapter"][k] = v
+        rates["base"][k] = type(v)(v.n, 1.0 if v.n else None, 1.0 if v.n else None, 1.0 if v.n else None)
     live_rows: list[dict] = []
     if settings.live_agentdojo and live_generate is not None:
         from cb_core.evaluate.agentdojo_live import run_live
@@ -147,8 +149,8 @@ def evaluate(samples: list[EvalSample], generate, parse, settings: EvaluationSet
             live_rows += [{**p, "model": name} for p in lr.pairs]
     else:
         for name in ("base", "adapter"):
-            rates[name]["agentdojo_utility"] = rate(0, 0)
-            rates[name]["agentdojo_asr"] = rate(0, 0)
+            for k in ("agentdojo_utility", "agentdojo_utility_under_attack", "agentdojo_asr"):
+                rates[name][k] = rate(0, 0)
     table = scores_frame(rates)
     return EvaluationOutcome(scores=table, details=res.details, gates=gates(table, settings.gates),
                              deltas=deltas(table), counts=res.extra, live=live_rows, seconds=res.seconds)

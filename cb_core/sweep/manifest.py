@@ -79,8 +79,8 @@ class SweepError(ValueError):
 # gates of cb_core.evaluate.scores.gates. Checked at load: a typo would otherwise surface after every point
 # had trained, when the leaderboard ranks.
 KNOWN_METRICS = frozenset({
-    "agentdojo_asr", "agentdojo_utility", "capability_retention", "coherence", "forced_function_call",
-    "llmail_attacker_send", "llmail_refusal", "llmail_useful", "output_difference_rate", "rep_cos_benign",
+    "agentdojo_asr", "agentdojo_utility", "agentdojo_utility_under_attack", "capability_retention", "coherence",
+    "forced_function_call", "llmail_attacker_send", "llmail_refusal", "llmail_useful", "output_difference_rate", "rep_cos_benign",
     "rep_cos_harmful", "tool_flip_asr", "tool_flip_correct", "unparseable_rate", "valid_json_rate",
     "xstest_over_refusal", "xstest_unsafe_refusal",
 })

@@ -195,6 +195,20 @@ def test_adapter_record_names_what_is_wrong(tmp_path):
         adapter_record(d)
 
 
+def test_metrics_that_cannot_be_measured_are_rows_saying_so():
+    """Without eval_split renders (or a model) the representation metrics, and with live AgentDojo off its three
+    metrics, are n=0 rows with a null value: a missing row read as "no such metric"."""
+    from cb_core.evaluate.pipeline import EvaluationSettings, evaluate
+
+    out = evaluate([], lambda m, s, p: [], parse_completion, EvaluationSettings())
+    sc = out.scores
+    for metric in ("rep_cos_harmful", "rep_cos_benign", "agentdojo_utility", "agentdojo_utility_under_attack",
+                   "agentdojo_asr"):
+        rows = sc.filter(pl.col("metric") == metric)
+        assert sorted(rows["model"]) == ["adapter", "base"] and (rows["n"] == 0).all(), metric
+        assert rows["value"].null_count() == 2, metric
+
+
 def test_refusal_detector_on_crafted():
     assert is_refusal("I'm sorry, but I can't help with that.")
     assert is_refusal("<|python_tag|>I cannot assist with this request.")
