@@ -274,6 +274,23 @@ def train_split_preflight(
     )
 
 
+@dg.asset_check(asset=train_split, blocking=True,
+                description="trainable: harmful and retain rows each with some loss weight (sample_weight > 0 and "
+                "a mask span of weight > 0); the trainer refuses anything else, one stage later")
+def train_split_trainable(train_split: pl.DataFrame) -> dg.AssetCheckResult:
+    live = (pl.col("sample_weight") > 0) & pl.col("mask_spans").list.eval(
+        pl.element().struct.field("weight") > 0).list.any()
+    counts = {c: train_split.filter((pl.col("category") == c) & live).height for c in ("harmful", "retain")}
+    rows = {c: train_split.filter(pl.col("category") == c).height for c in ("harmful", "retain")}
+    missing = [c for c in counts if not counts[c]]
+    return dg.AssetCheckResult(
+        passed=not missing,
+        description=(f"no {' and no '.join(missing)} row with loss weight ({rows}): the adapter cannot train on "
+                     "this split (check eval_fraction, the targets and the MWCS class weights)") if missing else
+        f"trainable: {counts['harmful']} harmful and {counts['retain']} retain rows with loss weight",
+        metadata={"rows_with_weight": counts, "rows": rows})
+
+
 @dg.asset_check(asset=train_split, blocking=True, description="train_split schema (TrainSplitModel)")
 def train_split_schema(train_split: pl.DataFrame) -> dg.AssetCheckResult:
     return pandera_check(TrainSplitModel, train_split)

@@ -19,6 +19,7 @@ CHECKS = [
     curation.training_mix_gates,
     curation.training_mix_schema,
     curation.train_split_preflight,
+    curation.train_split_trainable,
     curation.train_split_schema,
     curation.eval_split_schema,
     curation.splits_disjoint,
@@ -179,6 +180,19 @@ def test_preflight_failure_is_blocking(upstream, upstream_frames):
     ev = next(e for e in res.get_asset_check_evaluations() if e.check_name == "train_split_preflight")
     assert ev.metadata["failing_rows"].value > 0
     assert "other-tokenizer" in json.dumps(ev.metadata["by_reason"].value)
+
+
+def test_train_split_without_a_weighted_class_is_not_trainable():
+    """An eval_fraction of 0.95 left 4 retain rows and no harmful one, and every check passed; the trainer then
+    failed one stage later."""
+    span = [{"token_start": 0, "token_end": 4, "weight": 1.0}]
+    df = pl.DataFrame({"id": ["a", "b", "c"], "category": ["retain", "retain", "harmful"],
+                       "sample_weight": [1.0, 1.0, 0.0], "mask_spans": [span, span, span]})
+    res = curation.train_split_trainable(train_split=df)
+    assert res.passed is False and "no harmful row with loss weight" in res.description
+    assert res.metadata["rows"].value == {"harmful": 1, "retain": 2}
+    ok = df.with_columns(pl.lit(1.0).alias("sample_weight"))
+    assert curation.train_split_trainable(train_split=ok).passed is True
 
 
 @pytest.mark.slow
