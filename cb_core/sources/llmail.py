@@ -61,7 +61,7 @@ from typing import Any, Callable
 import polars as pl
 
 from cb_core.config import config_path
-from cb_core.schemas import QUARANTINE_SCHEMA, TRACE_SCHEMA, BadRecord, canonical_json, digest, make_trace, reject
+from cb_core.schemas import QUARANTINE_SCHEMA, BadRecord, canonical_json, digest, make_trace, reject
 from cb_core.sources import SourceError, SourceResult, trace_frame
 from cb_core.sources._common import SURROGATE, WIPE, read_csv_records
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import shutil
@@ -244,7 +243,7 @@ class Trainer:
     def micro_loss(self, hb: dict, bb: dict, n: dict[str, torch.Tensor], cs: float, cr: float):
         """Loss of one micro-batch, normalised by the step's global token counts ``n``; returns
         (loss, {term: value}, {stat: sum}) — term values add up over micro-batches and ranks."""
-        cfg, lc = self.cfg, self.cfg.loss
+        lc = self.cfg.loss
         w_h, w_b = hb["w"], bb["w"]
         pos = L.shifted_positions(w_b) if self.needs_logits else None
         h_new, b_new, fin = self.ddp(hb["input_ids"], hb["attention_mask"], bb["input_ids"], bb["attention_mask"],

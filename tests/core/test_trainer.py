@@ -15,7 +15,6 @@ import polars as pl
 import pytest
 import torch
 
-from cb_core.train import losses as L
 from cb_core.train.config import from_dict
 from cb_core.train.data import BalancedSampler, build_train_data, collate
 from cb_core.train.trainer import NonFiniteLoss, Trainer, forward_hidden, llama_parts
