@@ -161,9 +161,10 @@ def build_train_data(
     if not data.harmful or not data.retain:
         raise ValueError(f"train_split: need harmful and retain samples, got {data.stats}")
     for kind, idx in (("harmful", data.harmful), ("retain", data.retain)):
-        if not any(samples[i].sample_weight > 0 and any(w > 0 for sp in (samples[i].spans,
-                                                                          *samples[i].override_spans.values())
-                                                        for _, _, w in sp) for i in idx):
+        # `!= 0`, not `> 0`: a NaN weight is no zero weight; the first step stops on it, naming the term
+        if not any(samples[i].sample_weight != 0 and any(w != 0 for sp in (samples[i].spans,
+                                                                           *samples[i].override_spans.values())
+                                                         for _, _, w in sp) for i in idx):
             classes = sorted({samples[i].priority_class for i in idx})
             raise ValueError(
                 f"train_split: all {len(idx)} {kind} sample(s) have zero loss weight (sample_weight 0 or mask "
