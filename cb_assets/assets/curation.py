@@ -278,8 +278,8 @@ def train_split_preflight(
                 description="trainable: harmful and retain rows each with some loss weight (sample_weight > 0 and "
                 "a mask span of weight > 0); the trainer refuses anything else, one stage later")
 def train_split_trainable(train_split: pl.DataFrame) -> dg.AssetCheckResult:
-    live = (pl.col("sample_weight") > 0) & pl.col("mask_spans").list.eval(
-        pl.element().struct.field("weight") > 0).list.any()
+    live = (pl.col("sample_weight") != 0) & pl.col("mask_spans").list.eval(  # the trainer's rule (NaN stops it there)
+        pl.element().struct.field("weight") != 0).list.any()
     counts = {c: train_split.filter((pl.col("category") == c) & live).height for c in ("harmful", "retain")}
     rows = {c: train_split.filter(pl.col("category") == c).height for c in ("harmful", "retain")}
     missing = [c for c in counts if not counts[c]]
