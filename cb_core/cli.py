@@ -147,15 +147,21 @@ def follow(run_dir: Path, interval: float, max_polls: int | None = None, out=pri
 
 
 # ------------------------------------------------------------------------------------------------ run
+SWEEP_MARK = "sweep_point.json"  # in a sweep point's / final seed's run folder (written by its asset)
+
+
 def roll_history(runs: Path, keep: set[str]) -> list[str]:
-    """Move finished run folders (final_metrics.json present) other than ``keep`` into runs/history/.
-    Unfinished ones stay where the next run of the same configuration resumes them."""
+    """Move finished `adapter` run folders (final_metrics.json present) other than ``keep`` into runs/history/.
+    Unfinished ones stay where the next run of the same configuration resumes them; sweep points and final
+    seeds (SWEEP_MARK) stay where a re-registered sweep finds them finished."""
     moved = []
     if not runs.is_dir():
         return moved
     hist = runs / HISTORY
     for d in sorted(runs.iterdir()):
         if d.name in keep or d.name in (HISTORY, "latest") or d.is_symlink() or not d.is_dir():
+            continue
+        if (d / SWEEP_MARK).exists():
             continue
         if (d / "final_metrics.json").exists():
             hist.mkdir(exist_ok=True)
@@ -188,12 +194,13 @@ def do_run(args) -> int:
     if args.print_command:
         print(json.dumps(cmd))
         return 0
-    env = dict(os.environ)
+    root = data_root(args.data_root)
+    env = dict(os.environ, CB_DATA_ROOT=str(root))  # the child runs in the project root: the same data root
     env.setdefault("DAGSTER_HOME", str(PROJECT_ROOT / "dagster_home"))
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("WANDB_MODE", "offline")
     rc = subprocess.call(cmd, cwd=str(PROJECT_ROOT), env=env)
-    runs = runs_root(data_root(args.data_root))
+    runs = runs_root(root)
     latest = runs / "latest"
     if rc == 0 and latest.is_symlink():
         moved = roll_history(runs, keep={os.readlink(latest)})

@@ -132,6 +132,7 @@ def train_point(context: dg.AssetExecutionContext, key: str, preset: str, overri
                 root: Path) -> dict:
     """Train one configuration exactly as `adapter` does (same worker, Pipes, torchrun, publish)."""
     from cb_assets.assets.training import _publish, run_worker, worker_command
+    from cb_core.cli import SWEEP_MARK
     from cb_core.train import RUNS_DIR
     from cb_core.train.config import load_train_config
     from cb_core.train.worker import run_fingerprint, slurm_nproc, stale_checkpoints
@@ -147,6 +148,7 @@ def train_point(context: dg.AssetExecutionContext, key: str, preset: str, overri
         context.log.warning(f"point {key}: its run folder holds another run's checkpoints ({'; '.join(changed[:4])});"
                             f" moved to {old}, training afresh")
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / SWEEP_MARK).write_text(json.dumps({"key": key, "preset": preset, "overrides": overrides}))
     cmd = worker_command(preset, overrides, run_dir, root, nproc, False)
     context.log.info(f"point {key}: preset {preset}, overrides {overrides}, run folder {run_dir}")
     invocation = run_worker(context, cmd, root)

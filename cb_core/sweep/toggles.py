@@ -144,13 +144,14 @@ def _list(env: Mapping[str, str], name: str, kind) -> list:
         raise ToggleError(f"{name}={env[name]!r}: expected a list of {kind.__name__}") from None
 
 
-def sweep_manifest(env: Mapping[str, str]) -> tuple[str | dict, list[str], list[str]]:
+def sweep_manifest(env: Mapping[str, str], default: str = "full") -> tuple[str | dict, list[str], list[str]]:
     """sweep_hparams.sbatch: (a manifest name or a manifest dict built from ALPHAS / LAYER_CONFIGS / POLICIES,
-    shared overrides, notes). QUICK_TEST=1 starts from `quick`, else SWEEP (default `full`).
+    shared overrides, notes). QUICK_TEST=1 starts from `quick`, else SWEEP (else ``default``: the caller's
+    `$CB_SWEEP`, `tiny` on the demo sample, else `full`).
 
     LAYER_CONFIGS: layer sets separated by ';' or spaces, layers inside a set by ','
     (``"10,20;8,16,24"`` or ``"10,20 8,16,24"``)."""
-    base = "quick" if _on(env, "QUICK_TEST") else (env.get("SWEEP") or "full")
+    base = "quick" if _on(env, "QUICK_TEST") else (env.get("SWEEP") or default)
     notes = [f"manifest {base}" + (" (QUICK_TEST=1)" if _on(env, "QUICK_TEST") else "")]
     ov, n2 = training_overrides(env)
     notes += n2

@@ -133,8 +133,11 @@ def test_roll_history_moves_finished_runs_only(tmp_path):
     _run_folder(tmp_path, "old-finished", finished=True)
     _run_folder(tmp_path, "old-unfinished", finished=False)
     _run_folder(tmp_path, "current", finished=True)
+    _run_folder(tmp_path, "tiny-bh2-fb8d0871", finished=True)  # a sweep point: stays for its sweep
+    (runs / "tiny-bh2-fb8d0871" / cli.SWEEP_MARK).write_text("{}")
     (runs / "latest").symlink_to("current")
     assert cli.roll_history(runs, keep={"current"}) == ["old-finished"]
+    assert (runs / "tiny-bh2-fb8d0871" / "final_metrics.json").exists()
     assert (runs / "history" / "old-finished" / "final_metrics.json").exists()
     assert (runs / "old-unfinished").is_dir() and (runs / "current").is_dir()
     assert cli.resolve_run("old-finished", tmp_path) == (runs / "history" / "old-finished").resolve()

@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 import yaml
 
+from cb_core.config import PROJECT_ROOT
 from cb_core.sweep.leaderboard import best_from_csv
 
 pytestmark = pytest.mark.slow
@@ -75,16 +76,24 @@ def test_tiny_sweep_end_to_end(data_root, tmp_path, monkeypatch):
     # `latest` points at it, the finished sweep-point runs roll into train_runs/history/
     home = tmp_path / "dagster_home"
     home.mkdir()
-    cmd = [sys.executable, "-m", "cb_core.cli", "run", "--preset", "tiny", "--fast-dev-run"]
+    # started from another folder with --data-root (not CB_DATA_ROOT): the Dagster child writes that root too
+    cmd = [sys.executable, "-m", "cb_core.cli", "--data-root", str(data_root), "run", "--preset", "tiny",
+           "--fast-dev-run"]
     for k, v in TINY.items():
         cmd += ["--override", f"{k}={'null' if v is None else json.dumps(v) if not isinstance(v, str) else v}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "DAGSTER_HOME": str(home), "CB_DATA_ROOT": str(data_root)})
+    env = {k: v for k, v in os.environ.items() if k != "CB_DATA_ROOT"}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=elsewhere,
+                         env={**env, "DAGSTER_HOME": str(home), "PYTHONPATH": str(PROJECT_ROOT)})
     assert out.returncode == 0, out.stderr[-2000:]
     runs = data_root / "train_runs"
     latest = (runs / "latest").resolve()
     assert "fastdev" in latest.name and (latest / "final_metrics.json").exists()
-    assert sorted(p.name for p in (runs / "history").iterdir()) == sorted(points["key"].to_list() + [stale[0].name])
+    assert not (elsewhere / ".cb_data").exists()
+    # the finished sweep points stay where a re-registered sweep finds them (only adapter runs roll)
+    assert all((runs / k / "final_metrics.json").exists() for k in points["key"])
+    assert [p.name for p in (runs / "history").iterdir()] == [stale[0].name]
     summary = json.loads(subprocess.run([sys.executable, "-m", "cb_core.cli", "--data-root", str(data_root),
                                          "summarise", "latest"], capture_output=True, text=True, timeout=120).stdout)
     assert summary["config"]["train"]["fast_dev_run"] is True and summary["checkpoints"]
