@@ -117,7 +117,8 @@ def _unique_mapping(loader: StrictSafeLoader, node: yaml.MappingNode, deep: bool
         try:
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first given on line {seen[key]}): only one may stay",
+                    None, None, f"duplicate key {key!r} on line {key_node.start_mark.line + 1} (first given on line "
+                    f"{seen[key]}): only one may stay",
                     key_node.start_mark)
             seen[key] = key_node.start_mark.line + 1
         except TypeError:  # an unhashable key: the constructor reports it
@@ -230,17 +231,21 @@ def check_mapping(value: Any, where: str) -> dict:
     return value
 
 
+def did_you_mean(name: Any, known: Any) -> str:
+    """`` (did you mean 'lr'?)`` for the known name nearest a misspelt one, else ``""``."""
+    import difflib
+
+    near = difflib.get_close_matches(str(name), [str(x) for x in known], n=1)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
 def check_keys(mapping: dict, known: Any, where: str) -> None:
     """Every key of ``mapping`` is one of ``known``; a misspelt one is named with its nearest known key (a
     key nobody reads would silently leave its default in force)."""
-    import difflib
-
     unknown = [k for k in mapping if k not in known]
     if unknown:
         k = unknown[0]
-        near = difflib.get_close_matches(str(k), [str(x) for x in known], n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise ConfigError(f"{where}: unknown key {k!r}{hint}; known: {sorted(map(str, known))}")
+        raise ConfigError(f"{where}: unknown key {k!r}{did_you_mean(k, known)}; known: {sorted(map(str, known))}")
 
 
 def _range(lo: float | None, hi: float | None, lo_open: bool = False, hi_open: bool = False) -> str:

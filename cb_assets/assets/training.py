@@ -37,8 +37,18 @@ class AdapterConfig(dg.Config):
 
 
 def default_preset(datasets: DatasetsResource) -> str:
-    return (setting("CB_TRAIN_PRESET", "operations.yaml", "training", "preset", None, str)
-            or ("tiny" if datasets.selection().demo else "stage1"))
+    """$CB_TRAIN_PRESET, else operations.yaml `training.preset`, else `tiny` on the demo sample, else `stage1`;
+    a preset that does not exist is named with where it came from."""
+    from cb_core.train.config import TrainConfigError, preset_path
+
+    name = setting("CB_TRAIN_PRESET", "operations.yaml", "training", "preset", None, str)
+    if name:
+        try:
+            preset_path(name)
+        except TrainConfigError as e:
+            where = "CB_TRAIN_PRESET" if os.environ.get("CB_TRAIN_PRESET") else "operations.yaml: training.preset"
+            raise dg.Failure(f"{where}: {e}") from None
+    return name or ("tiny" if datasets.selection().demo else "stage1")
 
 
 def _run_name(cfg, preset: str, root: Path, fast: bool) -> str:

@@ -14,7 +14,8 @@ from typing import Any, Iterable, get_args, get_origin, get_type_hints
 
 import yaml
 
-from cb_core.config import ConfigError, check_bool, check_int, check_number, check_str, named_config, safe_load
+from cb_core.config import (ConfigError, check_bool, check_int, check_number, check_str, did_you_mean, named_config,
+                            safe_load)
 from cb_core.mixture import schedule_path
 from cb_core.schemas import POLICY_NAMES
 from cb_core.train.losses import CENTROIDS, DISTANCES, LOSS_MODES, SCHEDULES, check_centroid_config
@@ -327,7 +328,8 @@ def apply_overrides(raw: dict, overrides: dict[str, Any], source: str = "overrid
         sec, f = parts
         names = {x.name for x in fields(SECTIONS[sec])}
         if f not in names:
-            raise TrainConfigError(f"{source} {key!r}: unknown field {f!r} of section {sec!r} (known: {sorted(names)})")
+            raise TrainConfigError(f"{source} {key!r}: unknown field {f!r} of section {sec!r}{did_you_mean(f, names)} "
+                                   f"(known: {sorted(names)})")
         out.setdefault(sec, {})
         if out[sec] is None:
             out[sec] = {}
@@ -338,7 +340,9 @@ def apply_overrides(raw: dict, overrides: dict[str, Any], source: str = "overrid
 def from_dict(raw: dict, source: str = "<dict>") -> TrainConfig:
     unknown = set(raw) - {"name", "description", *SECTIONS}
     if unknown:
-        raise TrainConfigError(f"{source}: unknown top-level keys {sorted(unknown)} (known: {['name', *SECTIONS]})")
+        raise TrainConfigError(f"{source}: unknown top-level keys {sorted(unknown)}"
+                               f"{did_you_mean(sorted(unknown)[0], ['name', 'description', *SECTIONS])} "
+                               f"(known: {['name', *SECTIONS]})")
     kwargs: dict[str, Any] = {"name": str(raw.get("name", Path(source).stem)), "description": str(raw.get("description", ""))}
     for sec, cls in SECTIONS.items():
         body = raw.get(sec) or {}
@@ -347,7 +351,8 @@ def from_dict(raw: dict, source: str = "<dict>") -> TrainConfig:
         names = {x.name for x in fields(cls)}
         bad = set(body) - names
         if bad:
-            raise TrainConfigError(f"{source}: {sec}: unknown fields {sorted(bad)} (known: {sorted(names)})")
+            raise TrainConfigError(f"{source}: {sec}: unknown fields {sorted(bad)}{did_you_mean(sorted(bad)[0], names)} "
+                                   f"(known: {sorted(names)})")
         try:
             kwargs[sec] = cls(**_coerce(cls, body))
         except TypeError as e:

@@ -86,8 +86,21 @@ def test_bad_override_fails_before_training(data_root):
     res = _materialize(["train.lrr=1"])
     assert not res.success
     err = next(e for e in res.all_events if e.is_failure)
-    assert "unknown field 'lrr'" in str(err.event_specific_data)
+    assert "unknown field 'lrr' of section 'train' (did you mean 'lr'?)" in str(err.event_specific_data)
     assert not (data_root / "adapter").exists()
+
+
+def test_a_preset_variable_naming_no_preset_is_named(monkeypatch):
+    import dagster as dg
+
+    from cb_assets.assets.training import default_preset
+    from cb_assets.resources import DatasetsResource
+
+    monkeypatch.setenv("CB_TRAIN_PRESET", "stage_one")
+    with pytest.raises(dg.Failure, match=r"CB_TRAIN_PRESET: training preset 'stage_one' not found.*stage1"):
+        default_preset(DatasetsResource())
+    monkeypatch.setenv("CB_TRAIN_PRESET", "stage1")
+    assert default_preset(DatasetsResource()) == "stage1"
 
 
 @pytest.mark.slow

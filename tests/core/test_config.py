@@ -136,7 +136,7 @@ def test_project_config_errors_show_the_relative_file(monkeypatch, tmp_path):
     ("agentdojo: {tool_schemas_version: 5}\n", r"agentdojo.tool_schemas_version must be a non-empty text"),
     ("llmail_inject: {email_separator: 5}\n", r"llmail_inject.email_separator must be a text, got 5"),
     ("xstest: {path: x}\n", r"datasets.yaml: xstest: unknown key 'path'"),
-    ("ultrachat: {max_rows: 5}\nultrachat: {max_rows: 6}\n", r"datasets.yaml: not valid YAML: duplicate key 'ultrachat' \(first given on line 1\)"),
+    ("ultrachat: {max_rows: 5}\nultrachat: {max_rows: 6}\n", r"datasets.yaml: not valid YAML: duplicate key 'ultrachat' on line 2 \(first given on line 1\)"),
 ])
 def test_malformed_datasets_yaml_names_file_and_key(configs_copy, text, match):
     (configs_copy / "datasets.yaml").write_text(text)
@@ -165,7 +165,7 @@ def test_a_key_given_twice_is_refused_in_every_config_kind(tmp_path):
     from cb_core.sweep.manifest import SweepError, load_manifest
     from cb_core.train.config import TrainConfigError, load_train_config
 
-    with pytest.raises(yaml.YAMLError, match=r"duplicate key 'a' \(first given on line 1\)"):
+    with pytest.raises(yaml.YAMLError, match=r"duplicate key 'a' on line 3 \(first given on line 1\)"):
         safe_load("a: 1\nb: {c: 2}\na: 3\n")
     with pytest.raises(yaml.YAMLError, match="duplicate key 'c'"):
         safe_load("b: {c: 2, c: 3}\n")
