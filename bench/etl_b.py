@@ -137,7 +137,8 @@ def child(args) -> dict:
         texts = [render_conversation(r["messages"], r["tools"], cfg).text for r in rows]
         tok(texts[:8], add_special_tokens=False)  # warm up
     n = traces.height
-    res: dict = {"threads": os.environ.get("RAYON_NUM_THREADS", "default"), "workers": args.workers, "traces": n}
+    res: dict = {"threads": os.environ.get("RAYON_NUM_THREADS", "default"), "workers": args.workers, "traces": n,
+                 "policies": len(POLICIES)}
 
     def ours(policies, tr=traces, fast=True):
         st: dict = {}
@@ -361,7 +362,7 @@ def main() -> None:
             continue
         results[name] = r
         print(f"\n== {name} (tools={args.tools}): {r['traces']} traces, {r['tokens']:,} tokens, {r['n_masks']} masks")
-        print(f"  ours (render+tokenize+mask, {8} policies): {r['ours_sps']:8.1f} samples/s  ({r['ours_s']:.2f}s) stages {r['stage_s']}")
+        print(f"  ours (render+tokenize+mask, {r['policies']} policies): {r['ours_sps']:8.1f} samples/s  ({r['ours_s']:.2f}s) stages {r['stage_s']}")
         print(f"  ours (assistant_only only)           : {r['ours1_sps']:8.1f} samples/s  ({r['ours1_s']:.2f}s)")
         print(f"  ours through HF (fast=False)         : {r['ours_hf_sps']:8.1f} samples/s  ({r['ours_hf_s']:.2f}s)")
         print(f"  (a) plain batch tokenization         : {r['a_sps']:8.1f} samples/s  ({r['a_s']:.2f}s)")

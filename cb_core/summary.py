@@ -1,5 +1,5 @@
 """Print what a pipeline run left under $CB_DATA_ROOT (`python -m cb_core.summary [ROOT]`): one line per tier,
-then the generation yields, the adapter's headline numbers and base vs adapter per eval metric."""
+then the generation yields, the adapter's headline numbers, base vs adapter per eval metric and the gates."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,8 @@ import polars as pl
 from cb_core.io import data_root
 
 GENERATED = ("ds_completions", "dr_completions", "adversarial_safe")
+# measured against the base itself: its own value (0 difference, cos-sim 1) says nothing
+AGAINST_BASE = ("output_difference_rate", "rep_cos_harmful", "rep_cos_benign")
 
 
 def _rows(path: Path) -> int:
@@ -57,6 +59,8 @@ def eval_lines(root: Path) -> list[str]:
     sc = pl.read_parquet(path)
 
     def cell(model: str, metric: str) -> str:
+        if model == "base" and metric in AGAINST_BASE:
+            return "(the reference)"
         r = sc.filter((pl.col("model") == model) & (pl.col("metric") == metric))
         if not r.height or r["value"][0] is None:
             return "not measured"
@@ -65,7 +69,17 @@ def eval_lines(root: Path) -> list[str]:
     out = ["eval_scores (base -> adapter):"]
     for m in sc["metric"].unique().sort().to_list():
         out.append(f"  {m:<30} {cell('base', m):>20} -> {cell('adapter', m)}")
-    return out
+    return out + gate_lines(sc)
+
+
+def gate_lines(sc: pl.DataFrame) -> list[str]:
+    """The release gates (the `gate_*` checks of `eval_scores`) with configs/evaluation.yaml's thresholds: a
+    failed gate is said here, not only on the asset's check in the UI."""
+    from cb_core.evaluate.pipeline import EvaluationSettings
+    from cb_core.evaluate.scores import gates
+
+    return ["gates:"] + [f"  {g.name:<30} {g.status.upper():>12}  {g.description}"
+                         for g in gates(sc, EvaluationSettings.load().gates)]
 
 
 def main(argv: list[str]) -> int:
