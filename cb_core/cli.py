@@ -214,21 +214,28 @@ def do_run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="cb", description="circuit-breaker platform: sweeps, runs and training")
     ap.add_argument("--data-root", default=None, help="default $CB_DATA_ROOT, else ./.cb_data")
+    # also after the subcommand (`cb leaderboard --data-root X`); SUPPRESS keeps a value given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-root", default=argparse.SUPPRESS, help="default $CB_DATA_ROOT, else ./.cb_data")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("leaderboard", help="ranked sweep points", description="Ranked sweep points from "
+
+    def command(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kw)
+
+    p = command("leaderboard", help="ranked sweep points", description="Ranked sweep points from "
                        "$CB_DATA_ROOT/leaderboard.parquet (gated-out points after the ranked ones).")
     p.add_argument("--limit", type=int, default=20, help="rows to print (default 20)")
     p.add_argument("--reverse", action="store_true", help="worst first")
-    p = sub.add_parser("summarise", aliases=["summarize"], help="JSON summary of one training run",
+    p = command("summarise", aliases=["summarize"], help="JSON summary of one training run",
                        description="JSON: resolved config, final metrics, checkpoints ranked by the selection "
                        "metric, runtime estimate.")
     p.add_argument("run", help="run folder, run name under the runs root (or its history/), or `latest`")
-    p = sub.add_parser("follow", help="follow a running training's best checkpoint",
+    p = command("follow", help="follow a running training's best checkpoint",
                        description="Prints the best checkpoint whenever it changes until the run finishes.")
     p.add_argument("run")
     p.add_argument("--interval", type=float, default=30.0, help="seconds between polls (default 30)")
     p.add_argument("--max-polls", type=int, default=None, help="give up after this many polls (exit 1)")
-    p = sub.add_parser("run", help="one training run through Dagster (the `adapter` asset)",
+    p = command("run", help="one training run through Dagster (the `adapter` asset)",
                        description="Materializes `adapter` with the given preset and overrides "
                        "(dagster asset materialize), then rolls finished older runs into history/.")
     p.add_argument("--preset", default="tiny", help="configs/train/<preset>.yaml (default tiny)")

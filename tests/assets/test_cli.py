@@ -57,6 +57,8 @@ def test_leaderboard_limit_and_reverse(tmp_path):
     assert [ln.split()[1] for ln in rev[1:]] == ["p3", "p1", "p2"]  # gated-out p3, then worst ranked first
     missing = _cb("--data-root", str(tmp_path / "none"), "leaderboard")
     assert missing.returncode != 0 and "materialize `leaderboard`" in missing.stderr
+    after = _cb("leaderboard", "--limit", "2", "--data-root", str(tmp_path))  # also after the subcommand
+    assert after.returncode == 0 and after.stdout == out.stdout
 
 
 def _run_folder(root: Path, name: str, finished: bool) -> Path:
