@@ -337,6 +337,9 @@ def best_config(context: dg.AssetExecutionContext) -> pl.DataFrame:
         raise dg.Failure("no sweep point meets the selection gates (see the leaderboard's gate_* columns); "
                          "nothing to fine-tune")
     key = top["key"][0]
+    if top.height > 1:  # equal on the selection metric: the first key is taken, and the log says which tied
+        context.log.warning(f"best_config: {top.height} points tie at rank 1 ({top['key'].to_list()}); taking "
+                            f"{key} (the first key). Break ties with another selection.metric or more eval prompts")
     rec = point_record(key, root)
     best: Point = point_from_row(rec)
     m = manifest_of(_read(POINTS_TABLE, root), best.sweep)
@@ -347,7 +350,8 @@ def best_config(context: dg.AssetExecutionContext) -> pl.DataFrame:
     have = set(context.instance.get_dynamic_partitions(FINAL_PARTITIONS.name))
     context.instance.add_dynamic_partitions(FINAL_PARTITIONS.name, [p.key for p in finals if p.key not in have])
     rows = [{**p.row(), "best_key": key, "seed": int(p.overrides["train.seed"])} for p in finals]
-    context.add_output_metadata({"best": key, "axes": dg.MetadataValue.json(best.axes),
+    context.add_output_metadata({"best": key, "tied_at_rank_1": dg.MetadataValue.json(top["key"].to_list()),
+                                 "axes": dg.MetadataValue.json(best.axes),
                                  "seeds": dg.MetadataValue.json(seeds),
                                  "final_partitions": dg.MetadataValue.json([p.key for p in finals])})
     return pl.DataFrame(rows)
