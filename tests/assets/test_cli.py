@@ -144,3 +144,17 @@ def test_roll_history_moves_finished_runs_only(tmp_path):
     assert (runs / "old-unfinished").is_dir() and (runs / "current").is_dir()
     assert cli.resolve_run("old-finished", tmp_path) == (runs / "history" / "old-finished").resolve()
     assert cli.resolve_run("latest", tmp_path) == (runs / "current").resolve()
+
+
+@pytest.mark.parametrize("env, manifest", [
+    ({}, "tiny"),  # the demo sample (no source configured): not the 60-point `full` sweep of an 8B model
+    ({"CB_SWEEP": "simple"}, "simple"),
+    ({"CB_SWEEP": "simple", "SWEEP": "quick"}, "quick"),  # the old script's toggle first
+])
+def test_sweep_cli_default_manifest(tmp_path, env, manifest):
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CB_") and k not in ("SWEEP", "QUICK_TEST")}
+    out = subprocess.run([sys.executable, "-m", "cb_assets.cli", "sweep", "--dry-run"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300,
+                         env={**base, "CB_DATA_ROOT": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1", **env})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["manifest"] == manifest

@@ -138,6 +138,17 @@ def test_leaderboard_best_point_read_back_from_csv(sweep_env):
     assert lb2.filter(pl.col("rank") == 2)["key"].to_list() == [keys[(10, (8, 16, 24))]]
 
 
+def test_best_config_says_when_points_tie(sweep_env):
+    defs, inst, root, points = sweep_env
+    keys = _write_point_scores(root, points)
+    tied = keys[(10, (8, 16, 24))]  # scored like the best point: the two tie at rank 1
+    scores_table(dict(zip(BASE, VALUES[(5, (8, 16, 24))]))).write_parquet(root / "sweeps" / tied / "eval_scores.parquet")
+    assert defs.resolve_job_def("sweep_rank").execute_in_process(instance=inst).success
+    mat = inst.get_latest_materialization_event(dg.AssetKey("best_config")).asset_materialization
+    assert sorted(mat.metadata["tied_at_rank_1"].value) == sorted([tied, keys[(5, (8, 16, 24))]])
+    assert mat.metadata["best"].value == min(tied, keys[(5, (8, 16, 24))])
+
+
 def test_release_report_mean_std_over_seeds(sweep_env):
     defs, inst, root, points = sweep_env
     _write_point_scores(root, points)
