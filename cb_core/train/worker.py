@@ -10,8 +10,8 @@ run_metadata.json, console.log, checkpoints/ (+ best / second_best / third_best 
 history.parquet, curves.png, final_metrics.json, wandb/ (offline unless WANDB_API_KEY is set),
 fingerprint.json. A second start on the same RUN resumes from its last checkpoint, if it is the same run:
 same settings (but logging and checkpoint cadence) and the same input tables (`run_fingerprint`); else it
-stops with what changed, never publishing the old run's weights under the new settings. Rank 0 alone writes files and talks to Dagster
-(when started by Pipes: logs, then the materialization's metadata).
+stops with what changed, never publishing the old run's weights under the new settings. Rank 0 alone writes
+files and talks to Dagster (when started by Pipes: logs, then the materialization's metadata).
 """
 from __future__ import annotations
 
