@@ -252,6 +252,13 @@ def train(args: argparse.Namespace, argv: list[str], pipes=None) -> dict[str, An
                             override_policies=over, mask_prompt_tokens=cfg.data.mask_prompt_tokens,
                             mask_policy=cfg.data.mask_policy)
     log(f"data: {data.stats}")
+    if data.stats.get("mask_policy_missing_kept_default"):
+        log(f"warning: data.mask_policy={cfg.data.mask_policy!r} has no mask for "
+            f"{data.stats['mask_policy_missing_kept_default']} of {data.stats['samples']} sample(s): they train on "
+            "curation's mask instead (materialize `lossmasks` with that policy to train every sample on it)")
+    if cfg.train.warmup_steps > cfg.total_steps:
+        log(f"warning: train.warmup_steps={cfg.train.warmup_steps} > {cfg.total_steps} steps: the learning rate "
+            f"never reaches train.lr={cfg.train.lr:g}")
     model, tok = load_model_and_tokenizer(cfg.model.profile, cfg.model.dtype)
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -283,7 +290,9 @@ def train(args: argparse.Namespace, argv: list[str], pipes=None) -> dict[str, An
         pl.DataFrame(history).write_parquet(run_dir / "history.parquet")
         curves = plot_curves(history, run_dir / "curves.png")
         final = {"final_loss": history[-1]["train/loss"] if history else None, "steps": trainer.step,
-                 "tokens_per_s": sum(h["tokens_per_s"] for h in history) / max(len(history), 1),
+                 # all tokens over all step time (a mean of per-step rates overweights the short steps)
+                 "tokens_per_s": (sum(h["tokens_per_s"] * h["step_time_s"] for h in history)
+                                  / max(sum(h["step_time_s"] for h in history), 1e-9)),
                  "train_seconds": seconds, "world_size": d.world, "distance_scale": trainer.scale,
                  "data": data.stats}
         if cfg.log.post_checks:

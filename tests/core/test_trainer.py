@@ -357,6 +357,19 @@ def test_a_run_folder_resumes_only_its_own_run(tmp_path):
     out = subprocess.run(worker_cmd(run, root, base + ["log.every=2", "train.keep_checkpoints=1"]), env=env,
                          check=True, capture_output=True, text=True, timeout=600)
     assert "resumed from step_000002" in out.stdout
+    # the headline rate is all tokens over all step time, and a warm-up longer than the run is said
+    hist = pl.read_parquet(run / "history.parquet")
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["tokens_per_s"] == pytest.approx(
+        (hist["tokens_per_s"] * hist["step_time_s"]).sum() / hist["step_time_s"].sum())
+    assert "warning: train.warmup_steps" not in out.stdout
+    out = subprocess.run(worker_cmd(tmp_path / "warm", root, base + ["train.warmup_steps=5"]), env=env, check=True,
+                         capture_output=True, text=True, timeout=600)
+    assert "warning: train.warmup_steps=5 > 2 steps: the learning rate never reaches train.lr=0.003" in out.stdout
+    # a swept mask policy the lossmasks table lacks for some samples: said in the log, not only in the stats
+    out = subprocess.run(worker_cmd(tmp_path / "pol", root, base + ["data.mask_policy=assistant_only"]), env=env,
+                         check=True, capture_output=True, text=True, timeout=600)
+    assert "warning: data.mask_policy='assistant_only' has no mask for 16 of 16 sample(s)" in out.stdout
 
 
 @pytest.mark.slow
