@@ -446,26 +446,32 @@ def plan(points: list[dict], point_runs: dict[str, str], rank_runs: set[str], fi
     """Pure decision of the sweep sensor over the current sweep.
 
     ``points``: its rows (key, sweep, continue_on_error); ``point_runs``: key -> status of its latest run;
-    ``rank_runs`` / ``release_runs``: run keys already used; ``finals``: registered final partitions of its best
-    point; ``final_runs``: final key -> status. Returns ([(job, partition or "")], reason)."""
+    ``rank_runs``: run key -> status of the ranking runs (a set: keys only); ``release_runs``: run keys already
+    used; ``finals``: registered final partitions of its best point; ``final_runs``: final key -> status. Returns
+    ([(job, partition or "")], reason). With `continue_on_error: false` a failed point stops the launching, and
+    what did finish is still ranked, as the in-process runner (`cb_assets.cli.run_sweep_in_process`) does."""
     out: list[tuple[str, str]] = []
     failed = sorted(k for k, s in point_runs.items() if s in ("FAILURE", "CANCELED"))
     stop = failed and not all(p.get("continue_on_error", True) for p in points)
     todo = [p["key"] for p in points if p["key"] not in point_runs]
     if todo and not stop:
         return [("sweep_point", k) for k in todo], f"launching {len(todo)} point(s)"
-    if todo and stop:
-        return [], f"continue_on_error is false and point(s) {failed} failed: {len(todo)} point(s) not launched"
+    held = (f"; continue_on_error is false and point(s) {failed} failed: {len(todo)} point(s) not launched"
+            if todo else "")
     running = [k for k, s in point_runs.items() if s not in FINISHED]
     if running:
-        return [], f"{len(running)} point(s) still running"
+        return [], f"{len(running)} point(s) still running{held}"
     ok = sorted(k for k, s in point_runs.items() if s == "SUCCESS")
     if not ok:
-        return [], f"every point failed ({failed}); nothing to rank"
+        return [], f"every point run failed ({failed}); nothing to rank{held}"
     sweep = points[0]["sweep"]
     rank_key = f"rank:{sweep}:{','.join(ok)}"
     if rank_key not in rank_runs:
-        return [("sweep_rank", rank_key)], f"all points ended ({len(ok)} ok, {len(failed)} failed): ranking"
+        return [("sweep_rank", rank_key)], f"points ended ({len(ok)} ok, {len(failed)} failed): ranking{held}"
+    rank_status = rank_runs.get(rank_key) if isinstance(rank_runs, dict) else None
+    if rank_status in ("FAILURE", "CANCELED") and not finals:
+        return [], (f"ranking {rank_status.lower()} (run key {rank_key}): see its run; register the sweep again "
+                    "(or materialize leaderboard + best_config) once fixed")
     todo_f = [k for k in finals if k not in final_runs]
     if todo_f:
         return [("final_seed", k) for k in todo_f], f"launching {len(todo_f)} final seed(s)"
@@ -507,7 +513,9 @@ def sweep_sensor(context: dg.SensorEvaluationContext):
     rows = [r for r in rows if r["key"] in registered]
     inst = context.instance
     point_runs = _latest_status(inst, {"cb/sweep": sweep, "cb/sweep_stage": "point"})
-    rank_runs = {r.tags.get("cb/run_key") for r in inst.get_runs(filters=dg.RunsFilter(tags={"cb/sweep": sweep, "cb/sweep_stage": "rank"}))}
+    rank_runs: dict[str, str] = {}
+    for r in inst.get_runs(filters=dg.RunsFilter(tags={"cb/sweep": sweep, "cb/sweep_stage": "rank"})):  # newest 1st
+        rank_runs.setdefault(r.tags.get("cb/run_key"), r.status.value)
     release_runs = {r.tags.get("cb/run_key") for r in inst.get_runs(filters=dg.RunsFilter(tags={"cb/sweep": sweep, "cb/sweep_stage": "release"}))}
     finals: list[str] = []
     bc = root / "best_config.parquet"

@@ -208,7 +208,14 @@ def test_sweep_sensor_plan():
     assert todo == [("sweep_release", "release:f1,f2")]
     strict = [{**p, "continue_on_error": False} for p in pts]
     todo, why = plan(strict, {"p1": "FAILURE"}, set(), [], {}, set())
-    assert todo == [] and "continue_on_error is false" in why
+    assert todo == [] and "continue_on_error is false" in why and "nothing to rank" in why
+    # what did finish before the failure is ranked, as the in-process runner does (it waited forever)
+    todo, why = plan(strict, {"p1": "SUCCESS", "p2": "FAILURE"}, set(), [], {}, set())
+    assert todo == [("sweep_rank", "rank:s:p1")] and "1 point(s) not launched" in why
+    todo, why = plan(strict, {"p1": "SUCCESS", "p2": "FAILURE"}, {"rank:s:p1": "FAILURE"}, [], {}, set())
+    assert todo == [] and why.startswith("ranking failure")  # not "waiting for best_config" forever
+    done = {k: "SUCCESS" for k in ("p1", "p2", "p3")}
+    assert plan(pts, done, {"rank:s:p1,p2,p3": "STARTED"}, [], {}, set())[1].startswith("waiting")
     assert plan(pts, {k: "FAILURE" for k in ("p1", "p2", "p3")}, set(), [], {}, set())[0] == []
 
 
