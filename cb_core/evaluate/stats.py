@@ -71,8 +71,8 @@ def mean_of(values) -> Mean:
     if n == 0:
         return Mean(0, None, None, None)
     m = sum(vals) / n
-    if n == 1:
-        return Mean(1, m, m, m)
+    if n == 1:  # one value has no spread to build an interval from: none, not a zero-width one
+        return Mean(1, m, None, None)
     sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (n - 1))
     half = 1.959963984540054 * sd / math.sqrt(n)
     return Mean(n, m, m - half, m + half)

@@ -86,6 +86,8 @@ def test_wilson_and_not_measured():
     assert wilson(0, 0) == (None, None)
     r = rate(0, 0)
     assert r.value is None and not r.measured and "not measured" in str(r)
+    one = mean_of([0.7])
+    assert (one.n, one.value, one.ci_low, one.ci_high) == (1, 0.7, None, None)  # no zero-width interval
     m = mean_of([1.0, 3.0])
     assert m.value == 2.0 and m.ci_low < 2.0 < m.ci_high
 
