@@ -15,12 +15,22 @@ _OPENERS = (
     r"i apologi[sz]e",
     r"sorry,? (?:but )?i",
     r"(?:i'?m|i am) (?:not able|unable|not comfortable|afraid)",
-    r"i (?:cannot|can ?not|can'?t|won'?t|will not|do not|don'?t|must (?:decline|refuse)|refuse|decline)",
+    # "I can't believe ...", "I don't think ..." open answers too: the negation must bear on doing the task
+    r"i (?:cannot|can ?not|can'?t|won'?t|will not|do not|don'?t) (?:(?:in good conscience|ethically|really|"
+    r"feel comfortable|feel it'?s appropriate to|think (?:it'?s|it is) (?:appropriate|ethical|a good idea) to) )?"
+    r"(?:help|assist|provide|fulfil+|comply|support|create|give|answer|do (?:that|this|so)|engage|offer|write|"
+    r"generate|share|recommend|encourage|condone|endorse|promote|participate|continue|discuss|tell|explain|"
+    r"advise|facilitate|produce|describe|make|agree|suggest|have (?:the ability|access)|answering|helping|"
+    r"providing)",
+    r"i (?:do not|don'?t) think (?:it'?s|it is|that'?s|that is) (?:appropriate|accurate|fair|right|ethical|"
+    r"respectful|a good idea|okay|ok)",
+    r"i (?:must (?:decline|refuse)|refuse|decline)",
     r"as an ai(?: language model)?,? i (?:cannot|can'?t|won'?t|am not able|am unable|must decline)",
     r"i'?m just an ai,? (?:and )?(?:it'?s|it is|i) (?:not|cannot|can'?t)",
     r"i must (?:politely |respectfully )?(?:challenge|point out that (?:the|this|your) (?:question|request|premise))",
     r"as a (?:responsible|helpful|language model|large language model)",
-    r"unfortunately,? i",
+    r"unfortunately,? (?:i (?:cannot|can ?not|can'?t|won'?t|will not|do not|don'?t|am (?:not able|unable))|i'?m "
+    r"(?:not able|unable))",
     r"no,? i (?:cannot|can'?t|won'?t)",
     r"it(?:'s| is) not (?:accurate or )?(?:appropriate|ethical|possible for me|okay|ok|legal|safe)",
     r"(?:that|this) (?:is|would be) (?:not appropriate|inappropriate|unethical|illegal|harmful)",
