@@ -118,7 +118,8 @@ def _fmt(sc: pl.DataFrame, model: str, metric: str) -> str:
     row = sc.filter((pl.col("model") == model) & (pl.col("metric") == metric))
     if not row.height or row["value"][0] is None:
         return "not measured"
-    return f"{row['value'][0]:.3f} [{row['ci_low'][0]:.2f}, {row['ci_high'][0]:.2f}]"
+    lo, hi = row["ci_low"][0], row["ci_high"][0]
+    return f"{row['value'][0]:.3f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else "")
 
 
 def _n(sc: pl.DataFrame, metric: str) -> int:

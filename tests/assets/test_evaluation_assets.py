@@ -112,3 +112,17 @@ def test_eval_is_deterministic(chain):
     _materialize(dg.AssetSelection.assets("eval_scores"), {"ops": {"eval_scores": run_config["ops"]["eval_scores"]}})
     second = pl.read_parquet(root / "eval_scores.parquet")
     assert first.equals(second)
+
+
+def test_scores_metadata_shows_a_value_without_an_interval():
+    """A mean over one value has no interval: the metadata table shows the value (it raised on the None)."""
+    from cb_assets.assets.evaluation import _fmt
+    from cb_core.evaluate.scores import SCORES_SCHEMA
+
+    sc = pl.DataFrame([{"model": "adapter", "metric": "rep_cos_harmful", "n": 1, "value": 0.973, "ci_low": None,
+                        "ci_high": None},
+                       {"model": "adapter", "metric": "tool_flip_asr", "n": 16, "value": 0.0625, "ci_low": 0.011,
+                        "ci_high": 0.283}], schema=SCORES_SCHEMA)
+    assert _fmt(sc, "adapter", "rep_cos_harmful") == "0.973"
+    assert _fmt(sc, "adapter", "tool_flip_asr") == "0.062 [0.01, 0.28]"
+    assert _fmt(sc, "base", "tool_flip_asr") == "not measured"
