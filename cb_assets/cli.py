@@ -19,6 +19,20 @@ def _job_tag() -> str:
     return os.environ.get("SLURM_JOB_ID") or str(os.getpid())
 
 
+def check_training(preset: str | None, overrides: list[str]) -> None:
+    """The training settings the toggles map to, resolved now as `adapter` will resolve them (its preset: MODE /
+    CB_TRAIN_PRESET, else the demo / real-data default), so a bad one fails before hours of generation."""
+    from cb_assets.assets.training import default_preset
+    from cb_assets.resources import DatasetsResource
+    from cb_core.sweep.toggles import ToggleError
+    from cb_core.train.config import TrainConfigError, load_train_config
+
+    try:
+        load_train_config(preset or default_preset(DatasetsResource()), overrides)
+    except (TrainConfigError, ValueError) as e:
+        raise ToggleError(f"the training settings {overrides}: {e}") from None
+
+
 def pipeline_command(env=None) -> tuple[list[str], dict[str, str], list[str]]:
     """(dagster command, extra env, notes) for the unified pipeline under the current toggles."""
     import yaml
@@ -30,6 +44,8 @@ def pipeline_command(env=None) -> tuple[list[str], dict[str, str], list[str]]:
 
     env = os.environ if env is None else env
     plan = pipeline_plan(env)
+    if plan.train_overrides:
+        check_training(plan.env.get("CB_TRAIN_PRESET"), plan.train_overrides)
     graph = defs.resolve_asset_graph()
     skip = set(plan.skip_groups) | {"sweeps"}
     keys = sorted(k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).group_name not in skip)

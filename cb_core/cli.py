@@ -183,14 +183,15 @@ def run_command(preset: str, overrides: list[str], fast: bool, run_name: str | N
 
 def do_run(args) -> int:
     from cb_core.config import PROJECT_ROOT  # lazy: `cb` starts without pandera
-    from cb_core.train.config import TrainConfigError, load_train_config
+    from cb_core.train.config import TrainConfigError, default_preset, load_train_config
 
     try:  # a bad preset or override fails here, before Dagster starts
-        load_train_config(args.preset, list(args.override or []) + (["train.fast_dev_run=true"] if args.fast_dev_run else []))
+        preset = args.preset or default_preset()  # the `adapter` asset's own default, named in its run config
+        load_train_config(preset, list(args.override or []) + (["train.fast_dev_run=true"] if args.fast_dev_run else []))
     except TrainConfigError as e:
         print(f"cb run: {e}", file=sys.stderr)
         return 2
-    cmd = run_command(args.preset, list(args.override or []), args.fast_dev_run, args.run_name)
+    cmd = run_command(preset, list(args.override or []), args.fast_dev_run, args.run_name)
     if args.print_command:
         print(json.dumps(cmd))
         return 0
@@ -238,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     p = command("run", help="one training run through Dagster (the `adapter` asset)",
                        description="Materializes `adapter` with the given preset and overrides "
                        "(dagster asset materialize), then rolls finished older runs into history/.")
-    p.add_argument("--preset", default="tiny", help="configs/train/<preset>.yaml (default tiny)")
+    p.add_argument("--preset", default=None, help="configs/train/<preset>.yaml (default: as the adapter asset: "
+                   "$CB_TRAIN_PRESET, else tiny on the demo sample, else stage1)")
     p.add_argument("--override", action="append", default=[], help="section.field=value, repeatable")
     p.add_argument("--fast-dev-run", action="store_true", help="a handful of steps")
     p.add_argument("--run-name", default=None, help="run folder name (default: preset + config hash)")

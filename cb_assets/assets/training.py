@@ -36,19 +36,15 @@ class AdapterConfig(dg.Config):
     fresh: bool = False  # start over instead of resuming the run folder's last checkpoint
 
 
-def default_preset(datasets: DatasetsResource) -> str:
-    """$CB_TRAIN_PRESET, else operations.yaml `training.preset`, else `tiny` on the demo sample, else `stage1`;
-    a preset that does not exist is named with where it came from."""
-    from cb_core.train.config import TrainConfigError, preset_path
+def default_preset(datasets: DatasetsResource | None = None) -> str:
+    """`cb_core.train.config.default_preset` (one rule with `cb run`), its error a Dagster failure."""
+    from cb_core.train.config import TrainConfigError
+    from cb_core.train.config import default_preset as rule
 
-    name = setting("CB_TRAIN_PRESET", "operations.yaml", "training", "preset", None, str)
-    if name:
-        try:
-            preset_path(name)
-        except TrainConfigError as e:
-            where = "CB_TRAIN_PRESET" if os.environ.get("CB_TRAIN_PRESET") else "operations.yaml: training.preset"
-            raise dg.Failure(f"{where}: {e}") from None
-    return name or ("tiny" if datasets.selection().demo else "stage1")
+    try:
+        return rule((datasets or DatasetsResource()).selection().demo)
+    except TrainConfigError as e:
+        raise dg.Failure(str(e)) from None
 
 
 def _run_name(cfg, preset: str, root: Path, fast: bool) -> str:

@@ -60,24 +60,27 @@ class Plan:
 def training_overrides(env: Mapping[str, str]) -> tuple[list[str], list[str]]:
     """TOTAL_STEPS, LOSS_MODE, TRIPLET_*, MAX_LENGTH, POLICY, MWCS_SCHEDULE -> dotted training overrides."""
     ov, notes = [], []
+
+    def add(name: str, override: str) -> None:
+        ov.append(override)
+        notes.append(f"{name} -> {override}")  # every toggle says what it became
+
     if env.get("TOTAL_STEPS"):
-        ov.append(f"train.steps={_num(env, 'TOTAL_STEPS', int)}")
+        add("TOTAL_STEPS", f"train.steps={_num(env, 'TOTAL_STEPS', int)}")
     if env.get("LOSS_MODE"):
-        ov.append(f"loss.mode={env['LOSS_MODE'].strip()}")
+        add("LOSS_MODE", f"loss.mode={env['LOSS_MODE'].strip()}")
     for name in sorted(k for k in env if k.startswith("TRIPLET_") and env[k] != ""):
         suffix = name[len("TRIPLET_"):]
         field_ = TRIPLET.get(suffix, suffix.lower())
         if not re.fullmatch(r"[a-z_]+", field_):
             raise ToggleError(f"{name}: not a triplet setting")
-        val = env[name].strip()
-        ov.append(f"loss.{field_}={val}")
-        notes.append(f"{name} -> loss.{field_}")
+        add(name, f"loss.{field_}={env[name].strip()}")
     if env.get("MAX_LENGTH"):
-        ov.append(f"model.max_length={_num(env, 'MAX_LENGTH', int)}")
+        add("MAX_LENGTH", f"model.max_length={_num(env, 'MAX_LENGTH', int)}")
     if env.get("POLICY"):
-        ov.append(f"data.mask_policy={env['POLICY'].strip()}")
+        add("POLICY", f"data.mask_policy={env['POLICY'].strip()}")
     if env.get("MWCS_SCHEDULE"):
-        ov.append(f"data.mwcs_schedule={env['MWCS_SCHEDULE'].strip()}")
+        add("MWCS_SCHEDULE", f"data.mwcs_schedule={env['MWCS_SCHEDULE'].strip()}")
     return ov, notes
 
 
@@ -120,9 +123,14 @@ def pipeline_plan(env: Mapping[str, str]) -> Plan:
         p.notes.append("TENSOR_PARALLEL -> tensor_parallel_size in a copy of configs/generation.yaml for this job")
     if env.get("MAX_LENGTH"):
         p.op("renders")["max_length"] = _num(env, "MAX_LENGTH", int)
+        p.notes.append("MAX_LENGTH -> renders max_length")
     if env.get("MWCS_SCHEDULE"):
         name = env["MWCS_SCHEDULE"].strip()
         p.op("lossmasks")["mwcs"] = name if name.endswith((".yaml", ".yml")) else f"configs/mwcs/{name}.yaml"
+        p.notes.append(f"MWCS_SCHEDULE -> lossmasks mwcs {p.op('lossmasks')['mwcs']}")
+    if env.get("TEMPERATURE_DS") or env.get("TEMPERATURE_DR"):
+        p.notes.append("TEMPERATURE_DS/DR -> generation temperature (ds_completions, adversarial_safe / "
+                       "dr_completions)")
     ov, notes = training_overrides(env)
     p.notes += notes
     if ov:
@@ -130,6 +138,7 @@ def pipeline_plan(env: Mapping[str, str]) -> Plan:
         p.op("adapter")["overrides"] = ov
     if env.get("EVAL_LIMIT"):
         p.op("eval_scores")["limit"] = _num(env, "EVAL_LIMIT", int)
+        p.notes.append("EVAL_LIMIT -> eval_scores limit")
     for name, why in OBSOLETE.items():
         if env.get(name):
             p.notes.append(f"{name} ignored: {why}")

@@ -261,6 +261,28 @@ def preset_path(name_or_path: str) -> Path:
     return named_config("train", name_or_path, "training preset", TrainConfigError)
 
 
+def default_preset(demo: bool | None = None) -> str:
+    """The preset a run gets when none is named: $CB_TRAIN_PRESET, else operations.yaml `training.preset`, else
+    `tiny` on the demo sample (``demo``; default: configs/datasets.yaml's selection), else `stage1`. One rule for
+    the `adapter` asset, `cb run` and the sbatch plan; a preset that does not exist is named with where it came
+    from."""
+    import os
+
+    from cb_core.config import DatasetsConfig, setting
+
+    name = setting("CB_TRAIN_PRESET", "operations.yaml", "training", "preset", None, str)
+    if name:
+        try:
+            preset_path(name)
+        except TrainConfigError as e:
+            where = "CB_TRAIN_PRESET" if os.environ.get("CB_TRAIN_PRESET") else "operations.yaml: training.preset"
+            raise TrainConfigError(f"{where}: {e}") from None
+        return name
+    if demo is None:
+        demo = DatasetsConfig.load().selection().demo
+    return "tiny" if demo else "stage1"
+
+
 def load_preset_raw(name_or_path: str) -> tuple[dict, Path]:
     path = preset_path(name_or_path)
     try:

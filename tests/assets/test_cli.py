@@ -158,3 +158,39 @@ def test_sweep_cli_default_manifest(tmp_path, env, manifest):
                          env={**base, "CB_DATA_ROOT": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1", **env})
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1])["manifest"] == manifest
+
+
+def test_pipeline_toggles_each_said_and_checked_before_anything_runs(tmp_path):
+    """The old script's training toggles were mapped without a word, and a bad one failed only at `adapter`,
+    after the ETL, curation (and hours of generation on a cluster)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CB_")}
+    env = {**base, "CB_DATA_ROOT": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1", "TOTAL_STEPS": "300",
+           "LOSS_MODE": "legacy_cb", "POLICY": "assistant_only", "MAX_LENGTH": "128", "MWCS_SCHEDULE": "default"}
+    cmd = [sys.executable, "-m", "cb_assets.cli", "pipeline", "--dry-run"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for note in ("TOTAL_STEPS -> train.steps=300", "LOSS_MODE -> loss.mode=legacy_cb",
+                 "POLICY -> data.mask_policy=assistant_only", "MAX_LENGTH -> model.max_length=128",
+                 "MAX_LENGTH -> renders max_length", "MWCS_SCHEDULE -> data.mwcs_schedule=default"):
+        assert f"[cb toggles] {note}" in out.stdout, note
+    bad = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env={**env, "LOSS_MODE": "bogus"})
+    assert bad.returncode == 2 and "loss.mode must be one of" in bad.stderr and "bogus" in bad.stderr
+    bad = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env={**env, "TRIPLET_FOO": "3"})
+    assert bad.returncode == 2 and "unknown field 'foo' of section 'loss'" in bad.stderr
+
+
+@pytest.mark.parametrize("env, preset", [
+    ({}, "tiny"),  # the demo sample
+    ({"CB_TRAIN_PRESET": "stage2"}, "stage2"),
+    ({"CB_XSTEST_PATH": str(ROOT / "tests")}, "stage1"),  # a source configured: real data, not the tiny model
+])
+def test_cb_run_takes_the_adapter_assets_default_preset(env, preset):
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CB_")}
+    out = subprocess.run([*CB, "run", "--print-command"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={**base, **env})
+    assert out.returncode == 0, out.stderr[-2000:]
+    cmd = json.loads(out.stdout)
+    assert json.loads(cmd[cmd.index("--config-json") + 1])["ops"]["adapter"]["config"]["preset"] == preset
+    bad = subprocess.run([*CB, "run", "--print-command"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={**base, "CB_TRAIN_PRESET": "stage_one"})
+    assert bad.returncode == 2 and "CB_TRAIN_PRESET: training preset 'stage_one' not found" in bad.stderr
