@@ -184,6 +184,10 @@ def run_fingerprint(cfg, root: Path) -> dict[str, Any]:
     return out
 
 
+class StaleRun(RuntimeError):
+    """The run folder holds checkpoints of another run (other settings or inputs)."""
+
+
 def stale_checkpoints(run_dir: Path, fingerprint: dict[str, Any]) -> list[str]:
     """What changed since the run folder's checkpoints were written (``[]``: none, or nothing to resume). A
     folder from before fingerprints (checkpoints, no fingerprint.json) resumes as it always did."""
@@ -219,10 +223,11 @@ def train(args: argparse.Namespace, argv: list[str], pipes=None) -> dict[str, An
     fingerprint = run_fingerprint(cfg, root)
     changed = stale_checkpoints(run_dir, fingerprint)
     if changed:  # every rank raises: resuming would publish the old run's weights under the new settings
-        raise RuntimeError(
+        raise StaleRun(
             f"{run_dir} holds checkpoints of another run (changed since: {'; '.join(changed[:6])}"
             f"{'; ...' if len(changed) > 6 else ''}): resuming them would publish that run's weights. Start over "
-            "(the adapter asset's `fresh: true`, or delete the folder) or use another run folder")
+            "(the adapter asset's `fresh: true`, the worker's --fresh, or delete the folder) or use another run "
+            "folder")
     if d.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write(run_dir / "fingerprint.json", json.dumps(fingerprint, indent=1, default=str))
@@ -339,14 +344,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", required=True, help="run folder (resumed when it holds a checkpoint)")
     ap.add_argument("--data-root", default=None, help="folder with train_split/renders/lossmasks parquet")
     ap.add_argument("--fast-dev-run", action="store_true", help="a handful of steps (train.fast_dev_steps)")
+    ap.add_argument("--fresh", action="store_true", help="delete the run folder first: start over")
     args = ap.parse_args(argv)
+    if args.fresh and int(os.environ.get("RANK", "0")) == 0:
+        import shutil
+
+        shutil.rmtree(args.run_dir, ignore_errors=True)
     if os.environ.get("DAGSTER_PIPES_CONTEXT") and int(os.environ.get("RANK", "0")) == 0:
         from dagster_pipes import open_dagster_pipes  # rank 0 reports to Dagster; errors end up in the run
 
         with open_dagster_pipes() as pipes:
             train(args, argv, pipes)
-    else:
+        return 0
+    try:
         train(args, argv)
+    except StaleRun as e:  # a decision for the user, not a crash: no traceback
+        print(f"cb_core.train.worker: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

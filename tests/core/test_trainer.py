@@ -344,8 +344,8 @@ def test_a_run_folder_resumes_only_its_own_run(tmp_path):
     weights = (run / "adapter" / "adapter_model.safetensors").read_bytes()
     r = subprocess.run(worker_cmd(run, root, base + ["train.lr=0.5"]), env=env, capture_output=True, text=True,
                        timeout=600)
-    assert r.returncode != 0 and "holds checkpoints of another run" in r.stderr
-    assert "train.lr: 0.003 -> 0.5" in r.stderr
+    assert r.returncode == 2 and "holds checkpoints of another run" in r.stderr
+    assert "train.lr: 0.003 -> 0.5" in r.stderr and "Traceback" not in r.stderr
     assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == weights  # nothing overwritten
     assert "0.003" in (run / "config.yaml").read_text()
     # another train_split: named, refused
@@ -370,6 +370,10 @@ def test_a_run_folder_resumes_only_its_own_run(tmp_path):
     out = subprocess.run(worker_cmd(tmp_path / "pol", root, base + ["data.mask_policy=assistant_only"]), env=env,
                          check=True, capture_output=True, text=True, timeout=600)
     assert "warning: data.mask_policy='assistant_only' has no mask for 16 of 16 sample(s)" in out.stdout
+    # --fresh starts over where the settings changed
+    out = subprocess.run(worker_cmd(run, root, base + ["train.lr=0.5"]) + ["--fresh"], env=env, check=True,
+                         capture_output=True, text=True, timeout=600)
+    assert "resumed" not in out.stdout and "0.5" in (run / "config.yaml").read_text()
 
 
 @pytest.mark.slow
