@@ -147,7 +147,10 @@ def run_sweep_in_process(manifest: str, *, overrides: list[str] | None = None, i
     from cb_assets.definitions import defs
     from cb_core.io import data_root
 
-    instance = instance or dg.DagsterInstance.get()
+    if instance is None:  # as `cb run`: the project's dagster_home when DAGSTER_HOME is not set
+        os.environ.setdefault("DAGSTER_HOME", str(PROJECT_ROOT / "dagster_home"))
+        Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
+        instance = dg.DagsterInstance.get()
     res = defs.resolve_job_def("sweep").execute_in_process(
         instance=instance, run_config={"ops": {"sweep_points": {"config": {"manifest": manifest,
                                                                             "overrides": list(overrides or [])}}}},
