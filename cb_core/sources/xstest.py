@@ -59,7 +59,8 @@ def _header(path: Path) -> list[str]:
 def _not_used_reason(final: str, label: str) -> str:
     """Why a completion row is not retain data (its final_label against the prompt's label)."""
     if final == "3_partial_refusal":
-        return f"partial refusal of a {label} prompt: neither a compliant answer nor a refusal (not retain data)"
+        return (f"partial refusal of {'an' if label == 'unsafe' else 'a'} {label} prompt: neither a compliant "
+                "answer nor a refusal (not retain data)")
     if final == "2_full_refusal":
         return "refusal of a safe prompt: over-refusal (not retain data)"
     return "full compliance with an unsafe prompt (not retain data)"

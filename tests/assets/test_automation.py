@@ -196,6 +196,9 @@ def test_revalidate_cron_env_override(monkeypatch):
     monkeypatch.setenv("CB_REVALIDATE_CRON", "*/5 * * * *")
     monkeypatch.setenv("CB_REVALIDATE_TIMEZONE", "Europe/Berlin")
     assert ops.revalidate_cron() == ("*/5 * * * *", "Europe/Berlin")
+    monkeypatch.setenv("CB_REVALIDATE_CRON", "bogus")  # Dagster's own error named no variable
+    with pytest.raises(ops.ConfigError, match="CB_REVALIDATE_CRON: 'bogus' is not a cron schedule"):
+        ops.revalidate_cron()
 
 
 def _xstest_source(tmp_path: Path, n: int = 12) -> Path:
