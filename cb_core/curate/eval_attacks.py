@@ -42,15 +42,18 @@ def agentdojo_task_key(pair_group: str | None) -> tuple[str, str] | None:
 
 def agentdojo_ground_truth(user_tasks: dict | None, suite: str, task_id: str, prompt: str | None) -> list[str] | None:
     """Ground-truth function names of one user task. The benchmark version is the one whose prompt is the
-    trace's user prompt; without a match, the versions must agree (else None: ambiguous)."""
+    trace's user prompt. A trace whose prompt is no version's prompt of that task is not that task (a wrong or
+    made-up task id): None, so its expected behaviour is `no_attacker_call` and the WARN check counts it, never
+    another task's next call (every real trace of ../shared/data matches exactly). Without a prompt, the
+    versions must agree (else None: ambiguous)."""
     found = []
     for version in sorted(user_tasks or {}):
         t = ((user_tasks[version] or {}).get(suite) or {}).get(task_id)
         if isinstance(t, dict) and isinstance(t.get("ground_truth_functions"), list):
             found.append((version, t))
-    for _v, t in found:
-        if prompt is not None and (t.get("prompt") or "").strip() == prompt.strip():
-            return list(t["ground_truth_functions"])
+    if prompt is not None:
+        return next((list(t["ground_truth_functions"]) for _v, t in found
+                     if (t.get("prompt") or "").strip() == prompt.strip()), None)
     gts = {tuple(t["ground_truth_functions"]) for _v, t in found}
     return list(gts.pop()) if len(gts) == 1 else None
 

@@ -213,13 +213,18 @@ def test_whole_chain_on_demo_sample(data_root, monkeypatch):
     failures = [str(e.event_specific_data)[:500] for e in res.all_events if e.is_failure]
     assert res.success, failures[:3]
     checks = _checks(res)
-    # WARN-only checks: the demo's few attacks per stratum, and its AgentDojo runs drawn from task ids a suite
-    # does not have (user_task_0..39 for every suite) -- those, and only those, fall back to no_attacker_call
+    # WARN-only checks: the demo's few attacks per stratum, and its AgentDojo runs, whose prompts are synthetic
+    # and whose task ids are drawn at random: a trace is taken for a benchmark task only when it holds that
+    # task's prompt, so those (and only those) have no expected call (no_attacker_call), never another task's
     warn_only = {"eval_attacks_strata", "eval_attacks_expected_behavior"}
     assert all(v for k, v in checks.items() if k not in warn_only), checks
     _, _, _, attacks, _ = _assert_invariants(data_root)
     user_tasks, _ = curate.load_user_tasks(curate.load_curation_config("demo"))
-    known = {(s, t) for v in user_tasks.values() for s, ts in v.items() for t in ts}
     ad = attacks.filter(pl.col("dataset") == "agentdojo")
-    for g, b in zip(ad["pair_group"].to_list(), ad["expected_behavior"].to_list()):
-        assert (b == "no_attacker_call") == (curate.agentdojo_task_key(g) not in known), g
+    assert ad.height
+    for g, b, msgs in zip(ad["pair_group"].to_list(), ad["expected_behavior"].to_list(), ad["messages"].to_list()):
+        suite, task = g.split(":")[1:]
+        prompt = next(m["content"] for m in msgs if m["role"] == "user").strip()
+        is_task = any(((v.get(suite) or {}).get(task) or {}).get("prompt", "").strip() == prompt
+                      for v in user_tasks.values())
+        assert (b == "no_attacker_call") == (not is_task), g

@@ -5,6 +5,7 @@ built here so these tests never depend on the renderer or lossmask code.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 
@@ -24,6 +25,7 @@ from cb_core.curate import (
     preflight,
     split,
 )
+from cb_core.config import config_path
 from cb_core.schemas import TRACE_SCHEMA, digest, make_trace, message
 
 SPAN = pl.Struct(
@@ -99,6 +101,18 @@ def _task_success(k: int) -> bool:
     return k % 4 != 3  # every fourth user task fails the user's task
 
 
+@functools.lru_cache(maxsize=None)
+def _shipped_prompt(suite: str, k: int) -> str:
+    """The shipped benchmark prompt of `suite` user_task_k (newest version that has it), as a real recorded run
+    carries it: curation takes a task's ground truth only for the task whose prompt the trace holds."""
+    tasks = json.loads(config_path("configs/agentdojo/user_tasks.json").read_text())
+    for version in sorted(tasks, reverse=True):
+        t = ((tasks[version] or {}).get(suite) or {}).get(f"user_task_{k}")
+        if isinstance(t, dict) and t.get("prompt"):
+            return t["prompt"]
+    return f"Summarise my inbox {suite} {k}"
+
+
 def _agent(dataset: str, suite: str, k: int, kind: str, model: str = "m0") -> dict:
     """kind: benign | success | resisted | unreached (AgentDojo-style complete traces of user task k).
     `unreached`: attacked, but the agent never called the tool that returns the injection (no attack)."""
@@ -106,7 +120,7 @@ def _agent(dataset: str, suite: str, k: int, kind: str, model: str = "m0") -> di
     tool_out = f"mail {k}: " + (INJ if attacked else "lunch at noon")
     msgs = [
         message("system", "You are a helpful banking agent."),
-        message("user", f"Summarise my inbox {suite} {k}"),
+        message("user", _shipped_prompt(suite, k)),
         message("assistant", "", tool_calls=[{"id": f"c{k}", "name": "read_inbox", "arguments": {"folder": "in"}}]),
         message("tool", tool_out, tool_call_id=f"c{k}", name="read_inbox"),
     ]
@@ -692,9 +706,9 @@ def test_same_config_byte_identical_split_parquet(world, tmp_path):
 # made before the cut: the expected behaviour is the final answer).
 USER_TASKS = {
     "v1": {
-        "banking": {f"user_task_{k}": {"prompt": f"Summarise my inbox banking {k}",
+        "banking": {f"user_task_{k}": {"prompt": _shipped_prompt("banking", k),
                                        "ground_truth_functions": ["read_inbox", "read_inbox"]} for k in range(40)},
-        "slack": {f"user_task_{k}": {"prompt": f"Summarise my inbox slack {k}",
+        "slack": {f"user_task_{k}": {"prompt": _shipped_prompt("slack", k),
                                      "ground_truth_functions": ["read_inbox"]} for k in range(40)},
     }
 }
@@ -807,7 +821,9 @@ def test_next_expected_call_and_ground_truth_version():
     assert g(ut, "s", "t", "new") == ["b"] and g(ut, "s", "t", " old ") == ["a"]
     assert g(ut, "s", "t", "other") is None  # versions disagree and no prompt matches: ambiguous
     ut["v2"]["s"]["t"]["ground_truth_functions"] = ["a"]
-    assert g(ut, "s", "t", "other") == ["a"]
+    # a prompt that is no version's prompt is not that task (a wrong task id): no other task's next call
+    assert g(ut, "s", "t", "other") is None
+    assert g(ut, "s", "t", None) == ["a"]  # no prompt to tell: the versions agree
     assert g(ut, "s", "nope", "new") is None and g(None, "s", "t", "new") is None
     assert curate.agentdojo_task_key("agentdojo:banking:user_task_3") == ("banking", "user_task_3")
     assert curate.agentdojo_task_key("0123abcd") is None
