@@ -183,7 +183,8 @@ def eval_attacks(
     if stats["agentdojo_without_ground_truth"]:
         context.log.warning(
             f"eval_attacks: {stats['agentdojo_without_ground_truth']} AgentDojo attack(s) without ground truth "
-            f"({stats['agentdojo_user_tasks']}): expected behaviour `no_attacker_call`"
+            f"(no task of {stats['agentdojo_user_tasks']} with their id holds their prompt): expected behaviour "
+            "`no_attacker_call`"
         )
     context.add_output_metadata(
         {
