@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from typing import Any
 
@@ -86,16 +85,19 @@ def _setting(env: str, section: str, key: str, default: Any, kind: type | None =
     return setting(env, "operations.yaml", section, key, default, kind, **rules)
 
 
-def revalidate_cron() -> tuple[str, str]:
-    """(cron, timezone) of the re-validation schedule: env, else configs/operations.yaml, else daily 04:00 UTC.
-    A cron string Dagster would refuse is named with where it came from."""
+def _cron(value: str, where: str) -> str:
+    """A cron schedule Dagster accepts (its own error names no variable or file)."""
     from dagster._utils.schedules import is_valid_cron_string
 
-    cron = _setting("CB_REVALIDATE_CRON", "revalidate", "cron", "0 4 * * *", str)
-    if not is_valid_cron_string(cron):
-        where = "CB_REVALIDATE_CRON" if os.environ.get("CB_REVALIDATE_CRON") else "operations.yaml: revalidate.cron"
-        raise ConfigError(f"{where}: {cron!r} is not a cron schedule (five fields, e.g. '0 4 * * *')")
-    return cron, _setting("CB_REVALIDATE_TIMEZONE", "revalidate", "timezone", "UTC", str)
+    if not is_valid_cron_string(value):
+        raise ConfigError(f"{where}: {value!r} is not a cron schedule (five fields, e.g. '0 4 * * *')")
+    return value
+
+
+def revalidate_cron() -> tuple[str, str]:
+    """(cron, timezone) of the re-validation schedule: env, else configs/operations.yaml, else daily 04:00 UTC."""
+    return (_setting("CB_REVALIDATE_CRON", "revalidate", "cron", "0 4 * * *", str, check=_cron),
+            _setting("CB_REVALIDATE_TIMEZONE", "revalidate", "timezone", "UTC", str))
 
 
 check_operations_file()

@@ -60,17 +60,20 @@ def named_config(folder: str, name_or_path: str, what: str, error: type[Exceptio
 
 
 def setting(env_var: str, file: str, section: str, key: str, default: Any, kind: type | None = None,
-            lo: float | None = None, hi: float | None = None, choices: tuple[str, ...] | None = None) -> Any:
+            lo: float | None = None, hi: float | None = None, choices: tuple[str, ...] | None = None,
+            check: "Rule | None" = None) -> Any:
     """One setting with its environment overlay: ``$env_var`` when set and non-empty, else ``section.key`` of
     ``configs/<file>`` (an absent file is empty), else ``default`` (also for a null in the file).
 
     ``kind`` (int, float or str) checks the value found, naming where it came from: the variable (whose
-    text is parsed first) or ``file: section.key``; ``lo``/``hi`` bound numbers, ``choices`` texts. The
-    default is returned as given."""
+    text is parsed first) or ``file: section.key``; ``lo``/``hi`` bound numbers, ``choices`` texts; ``check``
+    (a Rule: value, where -> value) is what else the value must be (a cron schedule, an existing preset), its
+    error naming the same place. The default is returned as given."""
     val = os.environ.get(env_var)
     if val not in (None, ""):
         if kind in (int, float):
-            return env_number(env_var, default, kind, lo, hi)
+            val = env_number(env_var, default, kind, lo, hi)
+            return check(val, f"environment variable {env_var}") if check else val
         where = f"environment variable {env_var}"
     else:
         try:
@@ -86,12 +89,12 @@ def setting(env_var: str, file: str, section: str, key: str, default: Any, kind:
             return default
         where = f"{shown}: {section}.{key} (or ${env_var})"
     if kind is int:
-        return check_int(val, where, lo, hi)
-    if kind is float:
-        return check_number(val, where, lo, hi)
-    if kind is str:
-        return check_str(val, where, choices)
-    return val
+        val = check_int(val, where, lo, hi)
+    elif kind is float:
+        val = check_number(val, where, lo, hi)
+    elif kind is str:
+        val = check_str(val, where, choices)
+    return check(val, where) if check else val
 
 
 def display_path(path: str | Path) -> str:

@@ -266,17 +266,17 @@ def default_preset(demo: bool | None = None) -> str:
     `tiny` on the demo sample (``demo``; default: configs/datasets.yaml's selection), else `stage1`. One rule for
     the `adapter` asset, `cb run` and the sbatch plan; a preset that does not exist is named with where it came
     from."""
-    import os
-
     from cb_core.config import DatasetsConfig, setting
 
-    name = setting("CB_TRAIN_PRESET", "operations.yaml", "training", "preset", None, str)
-    if name:
+    def existing(value: str, where: str) -> str:
         try:
-            preset_path(name)
+            preset_path(value)
         except TrainConfigError as e:
-            where = "CB_TRAIN_PRESET" if os.environ.get("CB_TRAIN_PRESET") else "operations.yaml: training.preset"
             raise TrainConfigError(f"{where}: {e}") from None
+        return value
+
+    name = setting("CB_TRAIN_PRESET", "operations.yaml", "training", "preset", None, str, check=existing)
+    if name:
         return name
     if demo is None:
         demo = DatasetsConfig.load().selection().demo
