@@ -94,23 +94,18 @@ def main(argv=None) -> int:
         return 2
 
 
-def _default_sweep() -> str:
-    """Without SWEEP / QUICK_TEST: `$CB_SWEEP` (or operations.yaml), `tiny` on the demo sample (a laptop
-    following the README must not get 60 points of an 8B model), else the old script's `full`."""
-    from cb_assets.resources import DatasetsResource
-    from cb_core.config import setting
-
-    return (setting("CB_SWEEP", "operations.yaml", "sweeps", "manifest", None, str)
-            or ("tiny" if DatasetsResource().selection().demo else "full"))
-
-
 def sweep(args) -> int:
     import yaml
 
     from cb_core.io import data_root
     from cb_core.sweep.toggles import ENV_RENAMES, sweep_manifest
 
-    manifest, overrides, notes = sweep_manifest(os.environ, default=_default_sweep())
+    from cb_assets.assets.sweeps import default_manifest
+    from cb_assets.resources import DatasetsResource
+
+    # without SWEEP / QUICK_TEST: as sweep_points ($CB_SWEEP, `tiny` on the demo sample: a laptop following the
+    # README must not get 60 points of an 8B model), else the old script's `full`
+    manifest, overrides, notes = sweep_manifest(os.environ, default=default_manifest(DatasetsResource(), "full"))
     for old, new in ENV_RENAMES.items():
         if os.environ.get(old) and old != "MODE":
             os.environ[new] = os.environ[old]

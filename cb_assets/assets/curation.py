@@ -276,8 +276,9 @@ def train_split_preflight(
 
 
 @dg.asset_check(asset=train_split, blocking=True,
-                description="trainable: harmful and retain rows each with some loss weight (sample_weight > 0 and "
-                "a mask span of weight > 0); the trainer refuses anything else, one stage later")
+                description="trainable: harmful and retain rows each with some loss weight (a non-zero "
+                "sample_weight and a mask span of non-zero weight); the trainer refuses anything else, one stage "
+                "later")
 def train_split_trainable(train_split: pl.DataFrame) -> dg.AssetCheckResult:
     live = (pl.col("sample_weight") != 0) & pl.col("mask_spans").list.eval(  # the trainer's rule (NaN stops it there)
         pl.element().struct.field("weight") != 0).list.any()

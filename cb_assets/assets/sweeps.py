@@ -68,9 +68,11 @@ class SweepConfig(dg.Config):
     overrides: list[str] = []
 
 
-def default_manifest(datasets: DatasetsResource) -> str:
+def default_manifest(datasets: DatasetsResource, real_data: str = "quick") -> str:
+    """$CB_SWEEP (or operations.yaml), else `tiny` on the demo sample, else ``real_data`` (the sbatch CLI keeps
+    the old script's `full`)."""
     return (setting("CB_SWEEP", "operations.yaml", "sweeps", "manifest", None, str)
-            or ("tiny" if datasets.selection().demo else "quick"))
+            or ("tiny" if datasets.selection().demo else real_data))
 
 
 def load_manifest_for(config: SweepConfig, datasets: DatasetsResource):
@@ -132,7 +134,7 @@ def train_point(context: dg.AssetExecutionContext, key: str, preset: str, overri
                 root: Path) -> dict:
     """Train one configuration exactly as `adapter` does (same worker, Pipes, torchrun, publish)."""
     from cb_assets.assets.training import _publish, run_worker, worker_command
-    from cb_core.cli import SWEEP_MARK
+    from cb_core.cli import HISTORY, SWEEP_MARK
     from cb_core.train import RUNS_DIR
     from cb_core.train.config import load_train_config
     from cb_core.train.worker import run_fingerprint, slurm_nproc, stale_checkpoints
@@ -142,7 +144,7 @@ def train_point(context: dg.AssetExecutionContext, key: str, preset: str, overri
     run_dir = root / RUNS_DIR / key
     changed = stale_checkpoints(run_dir, run_fingerprint(cfg, root))
     if changed:  # a point trained on other inputs or settings (a new split, final.overrides): kept, retrained
-        old = root / RUNS_DIR / "history" / f"{key}-{time.strftime('%Y%m%d-%H%M%S')}"
+        old = root / RUNS_DIR / HISTORY / f"{key}-{time.strftime('%Y%m%d-%H%M%S')}"
         old.parent.mkdir(parents=True, exist_ok=True)
         os.replace(run_dir, old)
         context.log.warning(f"point {key}: its run folder holds another run's checkpoints ({'; '.join(changed[:4])});"
@@ -441,13 +443,12 @@ sweep_register_job = dg.define_asset_job("sweep", selection=[sweep_points],
 FINISHED = ("SUCCESS", "FAILURE", "CANCELED")
 
 
-def plan(points: list[dict], point_runs: dict[str, str], rank_runs: set[str], finals: list[str],
+def plan(points: list[dict], point_runs: dict[str, str], rank_runs: dict[str, str], finals: list[str],
          final_runs: dict[str, str], release_runs: set[str]) -> tuple[list[tuple[str, str]], str]:
     """Pure decision of the sweep sensor over the current sweep.
 
     ``points``: its rows (key, sweep, continue_on_error); ``point_runs``: key -> status of its latest run;
-    ``rank_runs``: run key -> status of the ranking runs (a set: keys only); ``release_runs``: run keys already
-    used; ``finals``: registered final partitions of its best point; ``final_runs``: final key -> status. Returns
+    ``rank_runs``: run key -> status of the ranking runs; ``release_runs``: run keys already used; ``finals``: registered final partitions of its best point; ``final_runs``: final key -> status. Returns
     ([(job, partition or "")], reason). With `continue_on_error: false` a failed point stops the launching, and
     what did finish is still ranked, as the in-process runner (`cb_assets.cli.run_sweep_in_process`) does."""
     out: list[tuple[str, str]] = []
@@ -468,7 +469,7 @@ def plan(points: list[dict], point_runs: dict[str, str], rank_runs: set[str], fi
     rank_key = f"rank:{sweep}:{','.join(ok)}"
     if rank_key not in rank_runs:
         return [("sweep_rank", rank_key)], f"points ended ({len(ok)} ok, {len(failed)} failed): ranking{held}"
-    rank_status = rank_runs.get(rank_key) if isinstance(rank_runs, dict) else None
+    rank_status = rank_runs[rank_key]
     if rank_status in ("FAILURE", "CANCELED") and not finals:
         return [], (f"ranking {rank_status.lower()} (run key {rank_key}): see its run; register the sweep again "
                     "(or materialize leaderboard + best_config) once fixed")

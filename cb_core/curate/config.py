@@ -188,8 +188,9 @@ class CurationConfig:
             **SECTION_RULES, "training": {**SECTION_RULES["training"], "lossmask_policy": _policies(None)}}
         sections = {}
         for name, rules in section_rules.items():
-            section(rules)(raw.get(name) or {}, f"{where}: {name}")
-            sec = dict(raw.get(name) or {})
+            given = raw.get(name) or {}
+            section(rules)(given, f"{where}: {name}")  # checked (a mapping, known keys); values kept as written
+            sec = dict(given)
             if name == "training":
                 sec = _with_training_default(sec)
             sections[name] = SECTION_TYPES[name](**sec)

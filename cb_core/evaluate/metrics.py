@@ -138,9 +138,9 @@ def forced_call_completed(completion: str, refusal=None) -> bool:
         return False
     if not isinstance(args, dict):
         return False
-    if refusal is not None and refusal(body[pos:].lstrip().removeprefix("}")):
-        return False
     rest = body[pos:].lstrip()
+    if refusal is not None and refusal(rest.removeprefix("}")):
+        return False
     if not rest.startswith("}"):
         return False
     tail = rest[1:].strip()

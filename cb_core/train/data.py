@@ -80,6 +80,12 @@ def _spans(lst) -> list[tuple[int, int, float]]:
     return [(int(d["token_start"]), int(d["token_end"]), float(d["weight"])) for d in (lst or [])]
 
 
+def _has_weight(s: Sample) -> bool:
+    """Some loss weight on this sample: a non-zero sample weight and a non-zero span in its mask or an override
+    mask. `!= 0`, not `> 0`: a NaN weight is no zero weight (the first step stops on it, naming the term)."""
+    return s.sample_weight != 0 and any(w != 0 for spans in (s.spans, *s.override_spans.values()) for _, _, w in spans)
+
+
 def build_train_data(
     train_split: pl.DataFrame,
     renders: pl.DataFrame,
@@ -161,10 +167,7 @@ def build_train_data(
     if not data.harmful or not data.retain:
         raise ValueError(f"train_split: need harmful and retain samples, got {data.stats}")
     for kind, idx in (("harmful", data.harmful), ("retain", data.retain)):
-        # `!= 0`, not `> 0`: a NaN weight is no zero weight; the first step stops on it, naming the term
-        if not any(samples[i].sample_weight != 0 and any(w != 0 for sp in (samples[i].spans,
-                                                                           *samples[i].override_spans.values())
-                                                         for _, _, w in sp) for i in idx):
+        if not any(_has_weight(samples[i]) for i in idx):
             classes = sorted({samples[i].priority_class for i in idx})
             raise ValueError(
                 f"train_split: all {len(idx)} {kind} sample(s) have zero loss weight (sample_weight 0 or mask "

@@ -195,28 +195,29 @@ def test_sweep_sensor_plan():
     from cb_assets.assets.sweeps import plan
 
     pts = [{"key": k, "sweep": "s", "continue_on_error": True} for k in ("p1", "p2", "p3")]
-    todo, why = plan(pts, {}, set(), [], {}, set())
+    todo, why = plan(pts, {}, {}, [], {}, set())
     assert todo == [("sweep_point", "p1"), ("sweep_point", "p2"), ("sweep_point", "p3")]
-    todo, why = plan(pts, {"p1": "FAILURE", "p2": "STARTED", "p3": "SUCCESS"}, set(), [], {}, set())
+    todo, why = plan(pts, {"p1": "FAILURE", "p2": "STARTED", "p3": "SUCCESS"}, {}, [], {}, set())
     assert todo == [] and "still running" in why
-    todo, why = plan(pts, {"p1": "FAILURE", "p2": "SUCCESS", "p3": "SUCCESS"}, set(), [], {}, set())
+    todo, why = plan(pts, {"p1": "FAILURE", "p2": "SUCCESS", "p3": "SUCCESS"}, {}, [], {}, set())
     assert todo == [("sweep_rank", "rank:s:p2,p3")]  # one failed point never loses the others
-    todo, _ = plan(pts, {"p1": "FAILURE", "p2": "SUCCESS", "p3": "SUCCESS"}, {"rank:s:p2,p3"}, ["f1", "f2"], {}, set())
+    todo, _ = plan(pts, {"p1": "FAILURE", "p2": "SUCCESS", "p3": "SUCCESS"}, {"rank:s:p2,p3": "SUCCESS"},
+                   ["f1", "f2"], {}, set())
     assert todo == [("final_seed", "f1"), ("final_seed", "f2")]
-    todo, _ = plan(pts, {"p1": "FAILURE", "p2": "SUCCESS", "p3": "SUCCESS"}, {"rank:s:p2,p3"}, ["f1", "f2"],
+    todo, _ = plan(pts, {"p1": "FAILURE", "p2": "SUCCESS", "p3": "SUCCESS"}, {"rank:s:p2,p3": "SUCCESS"}, ["f1", "f2"],
                    {"f1": "SUCCESS", "f2": "FAILURE"}, set())
     assert todo == [("sweep_release", "release:f1,f2")]
     strict = [{**p, "continue_on_error": False} for p in pts]
-    todo, why = plan(strict, {"p1": "FAILURE"}, set(), [], {}, set())
+    todo, why = plan(strict, {"p1": "FAILURE"}, {}, [], {}, set())
     assert todo == [] and "continue_on_error is false" in why and "nothing to rank" in why
     # what did finish before the failure is ranked, as the in-process runner does (it waited forever)
-    todo, why = plan(strict, {"p1": "SUCCESS", "p2": "FAILURE"}, set(), [], {}, set())
+    todo, why = plan(strict, {"p1": "SUCCESS", "p2": "FAILURE"}, {}, [], {}, set())
     assert todo == [("sweep_rank", "rank:s:p1")] and "1 point(s) not launched" in why
     todo, why = plan(strict, {"p1": "SUCCESS", "p2": "FAILURE"}, {"rank:s:p1": "FAILURE"}, [], {}, set())
     assert todo == [] and why.startswith("ranking failure")  # not "waiting for best_config" forever
     done = {k: "SUCCESS" for k in ("p1", "p2", "p3")}
     assert plan(pts, done, {"rank:s:p1,p2,p3": "STARTED"}, [], {}, set())[1].startswith("waiting")
-    assert plan(pts, {k: "FAILURE" for k in ("p1", "p2", "p3")}, set(), [], {}, set())[0] == []
+    assert plan(pts, {k: "FAILURE" for k in ("p1", "p2", "p3")}, {}, [], {}, set())[0] == []
 
 
 def test_sweep_sensor_launches_each_registered_point(sweep_env):
