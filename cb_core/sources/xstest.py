@@ -17,7 +17,9 @@ over any of them. A CSV is recognised by its header: `id, prompt, type, label, .
   `contrast_` are unsafe (XSTest's convention). Partial refusals, refusals of safe prompts (over-refusal, not
   retain data) and answers to unsafe prompts are not traces: each is a quarantine row with severity "excluded"
   (field `final_label`, the reason, the row as raw), counted in `meta["completions_not_used"]`.
-pair_group = `xstest:<prompt id>` (a prompt and every completion of it are one group); source_locator =
+pair_group = `xstest:<prompt id>` (a prompt and every completion of it are one group; a prompt text listed again
+under another id joins the first id's group, case and whitespace aside, so a split never holds one prompt on
+both sides); source_locator =
 `<path relative to the xstest folder>:<line>` (`xstest_prompts.csv:12`, `completions/gpt4.csv:40`), so ids
 survive copying the data elsewhere.
 
@@ -54,6 +56,10 @@ def _header(path: Path) -> list[str]:
             if line.strip():
                 return [c.strip().strip('"').lower() for c in line.rstrip("\r\n").split(",")]
     return []
+
+
+def _prompt_key(prompt: str) -> str:
+    return " ".join(prompt.split()).casefold()
 
 
 def _not_used_reason(final: str, label: str) -> str:
@@ -157,6 +163,8 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
     good: list[dict] = []
     bad: list[dict] = []
     labels: dict[str, str] = {}
+    group_of_text: dict[str, str] = {}  # normalised prompt -> the first id that holds it
+    group_of_id: dict[str, str] = {}
     n_prompts = 0
     for pf in prompt_files:
         fname, loc = str(pf), rel(pf)
@@ -175,6 +183,7 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
                                   raw=json.dumps(row, ensure_ascii=False)))
                 continue
             labels[pid.strip()] = label
+            group = group_of_id[pid.strip()] = group_of_text.setdefault(_prompt_key(prompt), pid.strip())
             good.append(
                 make_trace(
                     dataset=DATASET,
@@ -185,7 +194,7 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
                     category="retain",
                     priority_class="borderline",
                     subtype=f"{label}:{typ.strip()}",
-                    pair_group=f"{DATASET}:{pid.strip()}",
+                    pair_group=f"{DATASET}:{group}",
                 )
             )
             n_prompts += 1
@@ -234,7 +243,8 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
                     category="retain",
                     priority_class=kind,
                     subtype=f"{label}:{typ}",
-                    pair_group=f"{DATASET}:{base_id}",
+                    pair_group=f"{DATASET}:" + (group_of_id.get(base_id)
+                                                or group_of_text.setdefault(_prompt_key(prompt), base_id)),
                     generation_params={"completion_model": model, "final_label": final},
                 )
             )

@@ -5,6 +5,7 @@ import ast
 import csv
 import importlib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -161,6 +162,18 @@ def test_demo_agentdojo(demo):
     assert lab(g, "priority_class").count("tool_capability") == exp["benign"] + exp["not_reached"]
     assert res.meta["records_attacked"] == exp["attacked"]
     assert res.meta["records_benign_success"] == exp["benign_success"]
+
+
+def test_demo_agentdojo_one_task_per_prompt(demo):
+    """As in real AgentDojo, a task is one prompt: prompts that differ only in their numbers share a task id (and so
+    a pair group), and no two prompts share one, in both files and across seeds."""
+    for seed in (0, 1):
+        root = demo["agentdojo"] if seed == 0 else write_demo_sources(demo["agentdojo"].parent / "s1", seed=1)["agentdojo"]
+        g = _read("agentdojo", root).good
+        prompts = [re.sub(r"\d+", "#", next(m["content"] for m in ms if m["role"] == "user"))
+                   for ms in g["messages"].to_list()]
+        pairs = set(zip(prompts, g["pair_group"].to_list()))
+        assert len(pairs) == len({p for p, _ in pairs}) == len({grp for _, grp in pairs}) >= 15
 
 
 def test_demo_llmail(demo):
