@@ -114,6 +114,11 @@ def representation_similarity(
 
     out: dict[str, list[float]] = {"harmful": [], "retain": []}
     layers = sorted(set(int(x) for x in layers))
+    depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if depth is not None and any(not 0 <= layer <= depth for layer in layers):
+        # the adapter's layers were checked against its base at training: another depth means another base model
+        raise ValueError(f"target layers {layers}: hidden_states of this {depth}-layer model run 0..{depth} "
+                         "(is the adapter evaluated on the base it was trained on?)")
     deepest = max(layers) if layers else 0
     for cat in ("harmful", "retain"):
         sub = rows.filter(pl.col("category") == cat)

@@ -280,3 +280,18 @@ def test_refusal_detector_agrees_with_xstest_humans(shared_data, name, floor):
     agree = sum(h == p for h, p in pairs) / len(pairs)
     print(f"{name}: refusal detector agrees with the human labels on {agree:.1%} of {len(pairs)} completions")
     assert agree >= floor
+
+
+def test_representation_similarity_layers_checked_against_the_model(tiny_model):
+    """hidden_states[0..L] exist; a layer past the model's depth names the mismatch (another base) instead of
+    leaving the metric silently unmeasured. Without an adapter the model is its own base: similarity 1."""
+    from cb_core.evaluate.models import representation_similarity
+
+    depth = tiny_model.config.num_hidden_layers
+    rows = pl.DataFrame({"input_ids": [[128000, 9906, 1917, 0]], "category": ["retain"],
+                         "mask_spans": [[{"token_start": 1, "token_end": 3}]]})
+    rep = representation_similarity(tiny_model, rows, [1, depth])
+    assert rep["rep_cos_benign"].n == 1 and abs(rep["rep_cos_benign"].value - 1.0) < 1e-5
+    assert rep["rep_cos_harmful"].n == 0
+    with pytest.raises(ValueError, match=rf"{depth}-layer model run 0..{depth}"):
+        representation_similarity(tiny_model, rows, [1, depth + 1])
