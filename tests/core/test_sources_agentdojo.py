@@ -813,3 +813,21 @@ def test_files_are_shared_out_as_the_processes_free_up(shared_data, monkeypatch)
     assert one.good.equals(two.good) and one.rejected.equals(two.rejected) and one.meta == two.meta
     mine = [r for r in claims if r is not None]  # only this process's claims are seen here
     assert 1 <= len(mine) < len(paths) // 2  # the child read its half and most of this one's
+
+
+def test_concatenated_exports_and_empty_injection_task(tmp_path):
+    """Two exports joined into one file: the second header is a header, not a malformed record; a benign run whose
+    exporter wrote `injection_task_id: ""` is benign (not an attack, not a provider error)."""
+    benign_empty = _rec(_attack_msgs(False, reached=False), inj="")
+    p = _write(tmp_path, "joined.jsonl", [HEADER, json.dumps(_rec(_attack_msgs(True), security=True)), HEADER,
+                                          json.dumps(benign_empty)])
+    res = agentdojo.read([p], cfg())
+    assert res.meta["header_lines"] == 2 and res.rejected.height == 0 and res.good.height == 2
+    benign = row_at(res, "joined.jsonl", 4)
+    assert benign["tool_attack"] is None and benign["labels"]["priority_class"] == "tool_capability"
+    assert res.meta["records_attacked"] == 1
+    # a record without messages whose metadata is no benchmark header is still malformed
+    p2 = _write(tmp_path, "odd.jsonl", [HEADER, json.dumps(_rec(_attack_msgs(False), inj=None)),
+                                        json.dumps({"metadata": {"model": "m"}})])
+    q = agentdojo.read([p2], cfg()).rejected
+    assert q["line"].to_list() == [3] and q["field"].to_list() == ["messages"]
