@@ -37,8 +37,9 @@ of t (``offsets[t][0]``). So ``token_start = searchsorted(starts, char_start, "l
 ``token_end = searchsorted(starts, char_end, "left")`` (exclusive): character spans that tile the text give
 token spans that tile the sequence, and a token that straddles a boundary (BPE can merge a content's final
 punctuation with the following separator newline) belongs to the span it begins in. ``injection`` spans
-instead cover every token overlapping them (``token_start`` = the token holding the first character), so a
-mask that starts at the injection never misses its first character.
+instead cover every token overlapping them (``token_start`` = the first token holding the first character:
+BPE splits an emoji into several byte tokens that start at one character), so a mask that starts at the
+injection never misses its first byte.
 
 Traces longer than ``max_length``: see ``TruncationConfig`` (drop turns after the last trained message,
 shorten tool outputs outside the injection, then quarantine).
@@ -535,7 +536,9 @@ def _token_spans(r: Rendered, starts: np.ndarray) -> np.ndarray:
     out[:, 3] = np.searchsorted(starts, ce, "left")
     inj = out[:, 0] == _INJ_CODE
     if inj.any():
-        out[inj, 2] = np.maximum(np.searchsorted(starts, cs[inj], "right") - 1, 0)
+        k = np.maximum(np.searchsorted(starts, cs[inj], "right") - 1, 0)
+        # the first of the tokens sharing that start character (BPE splits one emoji into several byte tokens)
+        out[inj, 2] = np.searchsorted(starts, starts[k], "left")
     return out
 
 

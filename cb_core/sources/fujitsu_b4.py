@@ -10,11 +10,12 @@ Each good record becomes a **skeleton** trace:
   labels: harmful / `harmful_flip` when `success` is true (the real set holds successful attacks only: the
   orchestrator called `simulated_tool` where `expected_tool` was right, so attacker_call_made = success); a
   record with `success == false` is retain / `injection_resisted`. attack_present is always true.
-  tool_attack: expected_tool, attacker_tool = simulated_tool, injection_text, injection_span
-  {message_index: 1 (the user message), char_start, char_end} into `combined_query`.
-  Span: where `malicious_injection` occurs in `combined_query`; when it is "" or not found there, the part of
-  `combined_query` that differs from `benign_query` (common prefix and suffix trimmed), and injection_text is
-  then that differing text. No difference at all -> span null, injection_text "".
+  tool_attack: expected_tool, attacker_tool = simulated_tool, injection_text, injection_spans (each
+  {message_index: 1 (the user message), char_start, char_end} into `combined_query`), injection_span = the first.
+  Spans: every occurrence of `malicious_injection` in `combined_query` (sandwich attacks repeat it), those inside
+  what `combined_query` adds to `benign_query` preferred (the injection's words may also be the user's); when it
+  is "" or not found there, that added text (around `benign_query` when it occurs whole, else the differing
+  window), whitespace trimmed, and injection_text is then that text. Nothing but whitespace added -> excluded.
   subtype = `subtype` (else `category`); pair_group = `fujitsu_b4:` + digest of `benign_query` (the task
   identity: every attack built on one benign query is one group; DS/DR twins generated later inherit it);
   tools = the schema file's FULL tool set for every record (never derived from the record's tools);
@@ -26,7 +27,8 @@ that is not UTF-8 (raw = `base64:` of its bytes), a missing or empty required fi
 badly typed field (`success` not a boolean, `expected_tool` a list, a non-string query: field = its name), a
 tool name outside the schema (field `expected_tool` / `simulated_tool`). Excluded by policy (severity "excluded",
 `meta["no_flip"]`): `simulated_tool == expected_tool`, no tool flip to learn from (as harmful it would teach the
-breaker to refuse the right tool). A file with no record at all (0 bytes,
+breaker to refuse the right tool); (`meta["no_injection"]`, field `combined_query`) a record whose combined query
+adds nothing but whitespace to the benign one: no injection, and its DS prompt would equal its DR twin's. A file with no record at all (0 bytes,
 blank lines only) fails the source (SourceError naming it).
 
 cfg keys (configs/datasets.yaml `fujitsu_b4:`): `tool_schema` (path of the schema JSON), `required_fields`.
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -80,22 +83,43 @@ def diff_span(benign: str, combined: str) -> tuple[int, int]:
     return p, len(combined) - s
 
 
-def injection_span(combined: str, injection: str, benign: str | None) -> tuple[str, dict | None]:
-    """(injection_text, span dict relative to the user message) for one record."""
-    if injection:
-        i = combined.find(injection)
-        if i < 0:
-            stripped = injection.strip()
-            i = combined.find(stripped) if stripped else -1
-            if i >= 0:
-                injection = stripped
-        if i >= 0:
-            return injection, {"message_index": 1, "char_start": i, "char_end": i + len(injection)}
-    if isinstance(benign, str) and benign != combined:
+def _benign_window(benign: str | None, combined: str) -> tuple[int, int] | None:
+    """[start, end) of what `combined` adds to `benign`: the text around `benign` when it occurs whole in
+    `combined` (a prefix, a suffix or in the middle), else the minimal differing window; whitespace trimmed.
+    None when nothing but whitespace differs."""
+    if not isinstance(benign, str) or benign == combined:
+        return None
+    if benign.strip() and combined.startswith(benign):
+        a, b = len(benign), len(combined)
+    elif benign.strip() and combined.endswith(benign):
+        a, b = 0, len(combined) - len(benign)
+    else:
         a, b = diff_span(benign, combined)
-        if b > a:
-            return combined[a:b], {"message_index": 1, "char_start": a, "char_end": b}
-    return injection or "", None
+    seg = combined[a:b]
+    if not seg.strip():
+        return None
+    return a + len(seg) - len(seg.lstrip()), b - (len(seg) - len(seg.rstrip()))
+
+
+def injection_span(combined: str, injection: str, benign: str | None) -> tuple[str, list[dict]]:
+    """(injection_text, spans relative to the user message) for one record: every occurrence of the
+    injection (a sandwich attack repeats it), preferring occurrences inside what `combined` adds to `benign`
+    (the injection's words may also occur in the user's own request); else what `combined` adds to `benign`.
+    [] when nothing but whitespace was added."""
+    window = _benign_window(benign, combined)
+    for text in (injection, injection.strip()) if injection else ():
+        if not text:
+            continue
+        hits = [m.start() for m in re.finditer(re.escape(text), combined)]
+        if window is not None:
+            inside = [i for i in hits if i < window[1] and i + len(text) > window[0]]
+            hits = inside or hits
+        if hits:
+            return text, [{"message_index": 1, "char_start": i, "char_end": i + len(text)} for i in hits]
+    if window is not None:
+        a, b = window
+        return combined[a:b], [{"message_index": 1, "char_start": a, "char_end": b}]
+    return injection or "", []
 
 
 def _lines(path: Path) -> list[str | bytes]:
@@ -146,7 +170,7 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
     required = tuple(cfg.get("required_fields") or DEFAULT_REQUIRED)
     good: list[dict] = []
     bad: list[dict] = []
-    blank = no_flip = 0
+    blank = no_flip = no_injection = 0
     files = [Path(p) for p in paths if Path(p).suffix.lower() in (".jsonl", ".json", ".ndjson")]
     if not files:
         raise SourceError(f"no .jsonl file among {[str(p) for p in paths]} (set CB_FUJITSU_B4_PATH)")
@@ -186,7 +210,15 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
                 combined = rec["combined_query"]
                 inj = rec.get("malicious_injection")
                 benign = rec.get("benign_query")
-                inj_text, span = injection_span(combined, inj or "", benign)
+                inj_text, spans = injection_span(combined, inj or "", benign)
+                if not spans:
+                    no_injection += 1
+                    bad.append(reject(dataset=DATASET, file=fname, line=lineno, field="combined_query",
+                                      reason="no injection: combined_query adds nothing but whitespace to "
+                                             "benign_query and malicious_injection is empty or absent from it; "
+                                             "a flip without an injection is no attack to learn from",
+                                      raw=line, severity="excluded"))
+                    continue
                 succeeded = bool(rec.get("success", True))
                 # the task identity: every attack built on one benign query is one group
                 group = f"{DATASET}:" + digest(benign if isinstance(benign, str) and benign.strip() else combined)
@@ -207,13 +239,14 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
                             "attacker_tool": rec["simulated_tool"],
                             "attacker_args": None,
                             "injection_text": inj_text,
-                            "injection_span": span,
+                            "injection_span": spans[0],
+                            "injection_spans": spans,
                         },
                         pair_group=group,
                     )
                 )
             except BadRecord as e:
                 bad.append(reject(dataset=DATASET, file=fname, line=lineno, field=e.field, reason=e.reason, raw=line))
-    res = SourceResult.from_rows(good, bad, files=len(files), blank_lines=blank, no_flip=no_flip,
+    res = SourceResult.from_rows(good, bad, files=len(files), blank_lines=blank, no_flip=no_flip, no_injection=no_injection,
                                  tool_schema=schema.get("name", ""))
     return fill_tools(res, {"b4": tools_json})
