@@ -66,6 +66,7 @@ def load_tool_schema(cfg: dict[str, Any] | None = None) -> dict[str, Any]:
     if not tools:
         raise SourceError(f"fujitsu_b4: tool schema {path} lists no tools")
     schema["_names"] = frozenset(t["function"]["name"] for t in tools)
+    schema["_path"] = path
     if cfg.get("system_prompt"):
         schema["system_prompt"] = cfg["system_prompt"]
     return schema
@@ -140,7 +141,7 @@ def _lines(path: Path) -> list[str | bytes]:
         return out
 
 
-def _check(rec: dict, required: tuple[str, ...], names: frozenset) -> None:
+def _check(rec: dict, required: tuple[str, ...], names: frozenset, schema_path: Path | str = DEFAULT_SCHEMA) -> None:
     """BadRecord naming the first missing, empty or badly typed field."""
     for fld in required:
         v = rec.get(fld)
@@ -157,7 +158,10 @@ def _check(rec: dict, required: tuple[str, ...], names: frozenset) -> None:
         if not isinstance(v, str):
             raise BadRecord(fld, f"'{fld}' is a {type(v).__name__} ({json.dumps(v)[:60]}), expected one tool name")
         if v not in names:
-            raise BadRecord(fld, f"tool '{v}' is not in the B4 tool schema")
+            near = next((n for n in sorted(names) if n == v.strip().removesuffix("()").strip().lower()), None)
+            hint = f" (did you mean '{near}'?)" if near else (
+                f" ({schema_path}: add the tool there, or set fujitsu_b4.tool_schema to a schema that has it)")
+            raise BadRecord(fld, f"tool '{v}' is not in the B4 tool schema{hint}")
 
 
 def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
@@ -199,7 +203,7 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
             try:
                 if not isinstance(rec, dict):
                     raise BadRecord("", f"record is a JSON {type(rec).__name__}, not an object")
-                _check(rec, required, names)
+                _check(rec, required, names, schema["_path"])
                 if rec["simulated_tool"] == rec["expected_tool"]:
                     no_flip += 1
                     bad.append(reject(dataset=DATASET, file=fname, line=lineno, field="simulated_tool",

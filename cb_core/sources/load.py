@@ -79,7 +79,12 @@ def read_source(dataset: str, spec: str, paths: list[Path], cfg: Any, max_reject
     if stop:
         examples = (rej.filter(pl.col("severity") == "malformed")
                     .select("dataset", "file", "line", "field", "reason").head(5).to_dicts())
+        by_field = (rej.filter(pl.col("severity") == "malformed").group_by("field").len()
+                    .sort(["len", "field"], descending=[True, False]).head(3).rows())
+        first = examples[0] if examples else None
+        why = "; by field: " + ", ".join(f"{f or '(whole line)'} {n}" for f, n in by_field) + (
+            f"; e.g. {first['file']}:{first['line']} {first['field'] or '(line)'}: {first['reason']}" if first else "")
         raise SourceLoadError(f"{what}: {n_malformed}/{result.n_records} rows malformed ({frac:.1%} > "
-                              f"{max_reject_fraction:.0%} stop-the-line); nothing written", rej,
+                              f"{max_reject_fraction:.0%} stop-the-line){why}; nothing written", rej,
                               {**stats, "stop_the_line": True, "examples": examples})
     return result, stats

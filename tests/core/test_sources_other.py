@@ -670,3 +670,22 @@ def test_xstest_repeated_prompt_is_one_group(tmp_path):
     assert dict(zip(g["source_locator"], g["pair_group"])) == {
         "completions/m.csv:2": "xstest:1", "completions/m.csv:3": "xstest:2",
         "xstest_prompts.csv:2": "xstest:1", "xstest_prompts.csv:3": "xstest:2", "xstest_prompts.csv:4": "xstest:1"}
+
+
+def test_b4_unknown_tools_stop_the_line_says_why(tmp_path):
+    """Most rejects being tool names the schema lacks, the stop-the-line message counts them by field and names the
+    schema file to extend; a near-miss spelling names the schema's tool."""
+    from cb_core.config import DatasetsConfig
+    from cb_core.sources.load import SourceLoadError, read_source
+
+    recs = [_b4() for _ in range(6)] + [_b4(expected_tool="lookup_weather") for _ in range(3)] + [
+        _b4(simulated_tool="Search_Web()")]
+    p = tmp_path / "b4.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(SourceLoadError) as e:
+        read_source("fujitsu_b4", str(p), [p], DatasetsConfig.load().fujitsu_b4, 0.1)
+    msg = str(e.value)
+    assert "4/10 rows malformed" in msg and "by field: expected_tool 3, simulated_tool 1" in msg
+    assert "b4_standard_v1.json: add the tool there" in msg and "b4.jsonl:7 expected_tool" in msg
+    q = e.value.rejected.filter(pl.col("field") == "simulated_tool")
+    assert "did you mean 'search_web'?" in q["reason"][0]
