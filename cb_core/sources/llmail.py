@@ -1,7 +1,8 @@
 """LLMail-Inject Phase-1 submissions -> trace_v1 traces.
 
-Input (CB_LLMAIL_PATH): a folder holding `jobs_data.csv`, `scenarios.json` and `system_prompt.json` (or the CSV
-itself; its siblings are then looked up beside it). `levels_descriptions.json` (the defence per level letter)
+Input (CB_LLMAIL_PATH): a folder holding `jobs_data.csv` (or the public release's submission files: every
+.csv/.jsonl/.parquet with the submission columns, Phase 1 and 2 together), `scenarios.json` and
+`system_prompt.json` (or a submissions file itself; its siblings are then looked up beside it). `levels_descriptions.json` (the defence per level letter)
 is read when present.
 
 Each submission (one CSV record) becomes one trace:
@@ -52,6 +53,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import csv
 import json
 import re
 import textwrap
@@ -63,7 +65,7 @@ import polars as pl
 from cb_core.config import config_path
 from cb_core.schemas import QUARANTINE_SCHEMA, BadRecord, canonical_json, digest, make_trace, reject
 from cb_core.sources import SourceError, SourceResult, trace_frame
-from cb_core.sources._common import SURROGATE, WIPE, read_csv_records
+from cb_core.sources._common import SURROGATE, WIPE, json_loads, json_reason, read_csv_records, strip_bom
 
 DATASET = "llmail_inject"
 OBJECTIVE_FLAGS = ("email.retrieved", "defense.undetected", "exfil.sent", "exfil.destination", "exfil.content")
@@ -88,20 +90,49 @@ _TASK_BODY = re.compile(r'\bbody message\s+"([^"]*)"')
 _TASK_DATA = re.compile(r'\bbody message\s+<DATA>.*\bas\s+"([^"]+)"', re.IGNORECASE | re.DOTALL)
 
 
-def _locate(paths: list[Path], cfg: dict) -> tuple[Path, Path, Path, Path | None]:
-    """(jobs CSV, scenarios.json, system_prompt.json, levels_descriptions.json or None) from the resolved
-    paths; siblings of the CSV otherwise."""
+JOB_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet")  # the shared CSV; the public release's JSONL/Parquet
+
+
+def _job_columns(path: Path) -> set[str]:
+    """The column names of a candidate submissions file (first record of a JSONL file), to tell the
+    submissions apart from other files of the release (`emails_for_fp_tests.jsonl`)."""
+    try:
+        if path.suffix.lower() == ".parquet":
+            return set(pl.read_parquet_schema(path))
+        with open(path, "rb") as f:
+            for raw in f:
+                if raw.strip():
+                    if path.suffix.lower() == ".csv":
+                        return {c.strip() for c in next(csv.reader([strip_bom(raw).decode("utf-8", "replace")]))}
+                    obj = json_loads(strip_bom(raw))
+                    return set(obj) if isinstance(obj, dict) else set()
+    except (OSError, ValueError, pl.exceptions.PolarsError, csv.Error):
+        return set()
+    return set()
+
+
+def _locate(paths: list[Path], cfg: dict) -> tuple[list[Path], Path, Path, Path | None]:
+    """(submission files, scenarios.json, system_prompt.json, levels_descriptions.json or None) from the
+    resolved paths; siblings of the first submissions file otherwise. Submission files: `jobs_file` when
+    given, else every .csv/.jsonl/.parquet holding the submission columns (Phase 1 and Phase 2 together);
+    a lone candidate is read whatever it holds (its missing column is then named)."""
     paths = [Path(p) for p in paths]
     by_name = {p.name: p for p in paths}
-    csv_path = by_name.get(cfg["jobs_file"])
-    if csv_path is None:
-        csvs = [p for p in paths if p.suffix.lower() == ".csv"]
-        if len(csvs) != 1:
+    jobs = by_name.get(cfg["jobs_file"])
+    if jobs is not None:
+        job_files = [jobs]
+    else:
+        cands = [p for p in paths if p.suffix.lower() in JOB_SUFFIXES]
+        if len(cands) == 1:
+            job_files = cands
+        else:
+            job_files = [p for p in cands if set(REQUIRED_COLUMNS) <= _job_columns(p)]
+        if not job_files:
             raise SourceError(
-                f"expected {cfg['jobs_file']} (or exactly one .csv) in CB_LLMAIL_PATH, got "
-                f"{[p.name for p in paths] or 'no files'}"
+                f"expected {cfg['jobs_file']} (or submission files: .csv/.jsonl/.parquet with columns "
+                f"{list(REQUIRED_COLUMNS)}) in CB_LLMAIL_PATH, got {[p.name for p in paths] or 'no files'}"
             )
-        csv_path = csvs[0]
+    csv_path = job_files[0]
 
     def sibling(name: str) -> Path:
         p = by_name.get(name) or csv_path.parent / name
@@ -113,7 +144,7 @@ def _locate(paths: list[Path], cfg: dict) -> tuple[Path, Path, Path, Path | None
         return p
 
     levels = by_name.get(cfg["levels_file"]) or csv_path.parent / cfg["levels_file"]
-    return (csv_path, sibling(cfg["scenarios_file"]), sibling(cfg["system_prompt_file"]),
+    return (job_files, sibling(cfg["scenarios_file"]), sibling(cfg["system_prompt_file"]),
             levels if levels.is_file() else None)
 
 
@@ -162,14 +193,29 @@ def load_tools(cfg: dict) -> list[dict]:
     return tools
 
 
-def parse_objectives(text: Any) -> dict[str, bool]:
-    """`objectives` is a Python-repr dict: literal_eval only; all five flags must be booleans."""
-    if not isinstance(text, str) or not text.strip():
-        raise BadRecord("objectives", "missing objectives")
+def _parse_objectives_text(text: str) -> Any:
+    """The Python-repr dict of the shared CSV ({'email.retrieved': True, ...}) or the JSON object of the public
+    release ({"email.retrieved": true, ...}, the HF dataset's Phase1/Phase2 files)."""
     try:
-        obj = ast.literal_eval(text.strip())
+        return ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
-        raise BadRecord("objectives", f"objectives is not a Python literal: {type(e).__name__}: {e}") from None
+        try:
+            return json.loads(text)
+        except (ValueError, RecursionError):
+            pass
+        why = re.sub(r" at 0x[0-9a-fA-F]+", "", str(e))  # no memory address: the same reason on every run
+        raise BadRecord("objectives", f"objectives is not a Python literal (nor JSON): {type(e).__name__}: "
+                                      f"{why}") from None
+
+
+def parse_objectives(text: Any) -> dict[str, bool]:
+    """`objectives`: a Python-repr dict (literal_eval, never eval) or a JSON object; all five flags must be booleans."""
+    if isinstance(text, dict):  # already parsed (a JSON object / Parquet struct column)
+        obj = text
+    elif not isinstance(text, str) or not text.strip():
+        raise BadRecord("objectives", "missing objectives")
+    else:
+        obj = _parse_objectives_text(text.strip())
     if not isinstance(obj, dict):
         raise BadRecord("objectives", f"objectives is a {type(obj).__name__}, not a dict")
     missing = [k for k in OBJECTIVE_FLAGS if k not in obj]
@@ -269,9 +315,78 @@ def _msg(role: str, content: str, calls: list | None = None, tool_call_id: str |
 
 
 # ---------------------------------------------------------------------------------------------- reader
+Record = tuple[int, "dict | None", "BadRecord | None", "bytes | None"]  # line, row, problem, invalid-UTF-8 bytes
+
+
+def _job_records(path: Path) -> list[Record]:
+    """(line, row, problem, bytes) per submission of one file: CSV (physical start line), JSON lines
+    (line), Parquet (row, 1-based). Whole-file problems (missing column, broken CSV, unreadable Parquet,
+    no record) raise SourceError naming the file."""
+    suffix = path.suffix.lower()
+    out: list[Record] = []
+    if suffix == ".csv":
+        header, records = read_csv_records(path, "LLMail-Inject submissions")
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise SourceError(f"{path} (line 1, the header) lacks column(s) {missing}; has {header}",
+                              file=path, field=missing[0])
+        for line, fields, raw in records:
+            row = dict(zip(header, fields))
+            bad = (BadRecord("", f"record has {len(fields)} fields, the header has {len(header)}")
+                   if raw is None and len(fields) != len(header) else None)
+            out.append((line, row, bad, raw))
+    elif suffix == ".parquet":
+        try:
+            cols = pl.read_parquet_schema(path)
+            missing = [c for c in REQUIRED_COLUMNS if c not in cols]
+            if missing:
+                raise SourceError(f"{path} lacks column(s) {missing}; has {list(cols)}", file=path,
+                                  field=missing[0])
+            df = pl.read_parquet(path)
+        except (OSError, pl.exceptions.PolarsError) as e:
+            raise SourceError(f"cannot read {path} as Parquet: {e}", file=path) from None
+        out = [(i, row, None, None) for i, row in enumerate(df.iter_rows(named=True), 1)]
+    else:  # JSON lines
+        with open(path, "rb") as f:
+            for i, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                raw = raw.rstrip(b"\r\n")
+                if i == 1:
+                    raw = strip_bom(raw)
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    out.append((i, None, None, raw))
+                    continue
+                try:
+                    obj = json_loads(raw)
+                except ValueError as e:
+                    out.append((i, {"line": raw.decode("utf-8")}, BadRecord(*json_reason(e)), None))
+                    continue
+                if not isinstance(obj, dict):
+                    out.append((i, {"line": raw.decode("utf-8")},
+                                BadRecord("", f"line is a JSON {type(obj).__name__}, not an object"), None))
+                    continue
+                missing = [c for c in REQUIRED_COLUMNS if c not in obj]
+                out.append((i, obj, BadRecord(missing[0], f"record lacks {missing}") if missing else None, None))
+    if not out:
+        raise SourceError(f"{path} has no records{WIPE}", file=path)
+    return out
+
+
+def _text(row: dict, key: str) -> str:
+    v = row.get(key)
+    if v is None:
+        return ""
+    if not isinstance(v, str):
+        raise BadRecord(key, f"{key} is a {type(v).__name__}, not text")
+    return v
+
+
 def read(paths: list[Path], cfg: dict) -> SourceResult:
     cfg = {**DEFAULTS, **{k: v for k, v in (cfg or {}).items() if v is not None}}
-    csv_path, scen_path, sp_path, levels_path = _locate(paths, cfg)
+    job_files, scen_path, sp_path, levels_path = _locate(paths, cfg)
     scenarios = _load_json(scen_path, "scenarios")
     check_scenarios(scenarios, scen_path)
     prompts = _load_json(sp_path, "system prompt")
@@ -289,35 +404,32 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
     targets: dict[str, dict] = {}  # scenario key -> attacker args (derived on first use)
     target_json: dict[str, str] = {}  # the same as canonical JSON text
 
-    header, records = read_csv_records(csv_path, "LLMail-Inject submissions")
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
-    if missing:
-        raise SourceError(f"{csv_path} (line 1, the header) lacks column(s) {missing}; has {header}",
-                          file=csv_path, field=missing[0])
-    if not records:
-        raise SourceError(f"{csv_path} has a header but no records{WIPE}", file=csv_path)
-    col = {c: header.index(c) for c in header}
-
-    name = csv_path.name
     good: list[dict] = []
     rejected: list[dict] = []
     objectives_cache: dict[str, dict | BadRecord] = {}
     skeletons: dict[str, Skeleton] = {}  # scenario key -> its skeleton_parts
     counts = {"succeeded": 0, "attacker_call_made": 0, "sent_elsewhere": 0, "detected_attacker_call": 0,
               "not_retrieved": 0}
-    for line, fields, raw_bytes in records:
+    n_records = 0
+    files = [p.name for p in job_files]
+    if len(set(files)) < len(files):  # the same name in two folders: keep the locators apart
+        files = [p.as_posix() for p in job_files]
+    records = ((name, *rec) for job_file, name in zip(job_files, files) for rec in _job_records(job_file))
+    for name, line, row, problem, raw_bytes in records:
+        n_records += 1
         if raw_bytes is not None:  # not valid UTF-8
-            bad_col = next((h for h, v in zip(header, fields) if SURROGATE.search(v)), "")
+            bad_col = next((h for h, v in (row or {}).items() if isinstance(v, str) and SURROGATE.search(v)), "")
             rejected.append(reject(
                 dataset=DATASET, file=name, line=line, field=bad_col,
                 reason=f"not valid UTF-8 (in column {bad_col!r}); the record's bytes are kept as base64 in raw",
                 raw="base64:" + base64.b64encode(raw_bytes).decode("ascii")))
             continue
-        row = dict(zip(header, fields))
         try:
-            if len(fields) != len(header):
-                raise BadRecord("", f"record has {len(fields)} fields, the header has {len(header)}")
-            text = fields[col["objectives"]]
+            if problem is not None:
+                raise problem
+            text = row["objectives"]
+            if isinstance(text, dict):
+                text = json.dumps(text, sort_keys=True)
             flags = objectives_cache.get(text)
             if flags is None:
                 try:
@@ -327,10 +439,10 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
                 objectives_cache[text] = flags
             if isinstance(flags, BadRecord):
                 raise flags
-            level = row["scenario"].strip()
+            level = _text(row, "scenario").strip()
             skey = scenario_key(level, scenarios, cfg)
             scen = scenarios[skey]
-            subject, body = row["subject"], row["body"]
+            subject, body = _text(row, "subject"), _text(row, "body")
             if not subject.strip() and not body.strip():
                 raise BadRecord("body", "empty submission (no subject and no body)")
             email = cfg["email_template"].format(subject=subject, body=body)
@@ -340,7 +452,7 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
             messages, span = build(email)
         except BadRecord as bad:
             rejected.append(reject(dataset=DATASET, file=name, line=line, field=bad.field, reason=bad.reason,
-                                   raw=json.dumps(row, ensure_ascii=False)))
+                                   raw=json.dumps(row, ensure_ascii=False, default=str)))
             continue
         if skey not in targets:
             targets[skey] = scenario_target(skey, scen, cfg, scen_path)
@@ -386,7 +498,7 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
             },
             pair_group=f"{DATASET}:" + digest([subject, body]),
             generation_params={"llmail": {
-                "job_id": row["job_id"], "scenario": skey, "objectives": flags,
+                "job_id": row.get("job_id") or row.get("RowKey"), "scenario": skey, "objectives": flags,
                 "attacker_goal": scen.get("task"), "defence": defences.get(letter),
             }},
         ))
@@ -394,8 +506,8 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
         good=trace_frame(good),
         rejected=pl.DataFrame(rejected, schema=QUARANTINE_SCHEMA),
         meta={
-            "files": [name],
-            "records": len(records),
+            "files": files,
+            "records": n_records,
             **counts,
             "attacker_targets": canonical_json(targets),
             "tool_schema": str(config_path(cfg["tool_schema"])),

@@ -235,6 +235,10 @@ _OBJECT_BEFORE = re.compile(
     re.IGNORECASE,
 )
 _YOU = re.compile(r"\b[Yy]ou\b")
+# "caused you to miss", "made you wait", "refunded you": an object after a past-tense verb, or before "to"
+_OBJECT_AFTER_VERB = re.compile(r"\b(?:caus|forc|refund|bill|upsett?|disappoint|annoy|frustrat|confus|surpris|"
+                                r"lett)ed\s+$|\b(?:made|had|got|left)\s+$", re.IGNORECASE)
+_TO_AFTER = re.compile(r"\s+to\s")
 
 
 def _pronoun(m: re.Match) -> str:
@@ -249,7 +253,10 @@ def first_person(text: str) -> str:
     out, last = [], 0
     for m in _YOU.finditer(text):
         out.append(text[last:m.start()])
-        out.append("me" if _OBJECT_BEFORE.search(text[max(0, m.start() - 24): m.start()]) else "I")
+        before = text[max(0, m.start() - 24): m.start()]
+        obj = (_OBJECT_BEFORE.search(before) or _OBJECT_AFTER_VERB.search(before)
+               or _TO_AFTER.match(text, m.end()))
+        out.append("me" if obj else "I")
         last = m.end()
     out.append(text[last:])
     return "".join(out).strip()
@@ -321,7 +328,7 @@ def user_request(task: dict, cache: dict | None = None) -> str | None:
             instr = _find_key(scen, lambda k: k.startswith("instr"))
     parts: list[str] = []
     if isinstance(instr, str):
-        parts = _spoken(instr, False, cache)
+        parts = _spoken(instr, True, cache)  # the simulator's rules are no more speakable in one string
     elif isinstance(instr, dict):
         for key in ("known_info", "reason_for_call", "unknown_info", "task_instructions"):
             v = instr.get(key)

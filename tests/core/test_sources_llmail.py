@@ -376,3 +376,23 @@ def test_skeleton_places_the_submission_where_the_scenario_says(position, emails
     assert messages[3]["content"] == expected and span2["char_start"] == span["char_start"]
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool"] and messages[0]["content"] == "sys"
     assert json.loads(messages[2]["tool_calls"][0]["arguments"]) == {"query": "Summarise"}
+
+
+def test_public_release_formats(shared_data, tmp_path):
+    """The HF release: JSON objectives (`true`), JSON lines and Parquet, Phase 1 + Phase 2 files side by side
+    (plus its fp-tests JSONL, which is not submissions): the same labels as the shared CSV."""
+    src = shared_data / "llmail_inject"
+    base = llmail.read(resolve_source_paths(src), cfg())
+    for f in ("scenarios.json", "system_prompt.json", "levels_descriptions.json"):
+        (tmp_path / f).write_bytes((src / f).read_bytes())
+    with open(src / "jobs_data.csv", encoding="utf-8", newline="") as fh:
+        rows = [{**r, "objectives": json.dumps(ast.literal_eval(r["objectives"]))} for r in csv.DictReader(fh)]
+    with open(tmp_path / "raw_submissions_phase1.jsonl", "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    pl.DataFrame(rows).write_parquet(tmp_path / "Phase2.parquet")
+    (tmp_path / "emails_for_fp_tests.jsonl").write_text('{"subject": "s", "body": "b"}\n')
+    res = llmail.read(resolve_source_paths(tmp_path), cfg())
+    assert res.rejected.height == 0 and res.good.height == 2 * base.good.height
+    for name in ("raw_submissions_phase1.jsonl", "Phase2.parquet"):
+        part = res.good.filter(pl.col("source_locator").str.starts_with(name + ":"))
+        assert part["labels"].to_list() == base.good["labels"].to_list()

@@ -72,6 +72,12 @@ def test_tau2_no_broken_first_person(shared_data, tau2_real):
         "The trip I want to cancel is the one I booked for me."
     assert tau2.first_person("If the agent asks you for your email, tell them you forgot it.") == \
         "If the agent asks me for my email, tell them I forgot it."
+    # an object after a verb of that kind or before "to" (airline task 5 said "this caused I to miss")
+    assert tau2.first_person("The delay caused you to miss a meeting and made you anxious; they refunded you. "
+                             "You realized you paid twice and you had time.") == (
+        "The delay caused me to miss a meeting and made me anxious; they refunded me. "
+        "I realized I paid twice and I had time.")
+    assert not any(re.search(r"\b(?:caused|made) I\b", ms[1]["content"]) for ms in tau2_real.good["messages"].to_list())
 
 
 def test_tau2_real_content(tau2_real, shared_data):
