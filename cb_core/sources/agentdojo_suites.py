@@ -8,8 +8,12 @@ action with the injected text in context. Expected next tool = the user task's n
 the one the recorded-run reader names for the same injection task (``agentdojo.task_target_steps``): the suite's
 configured target (configs/datasets.yaml) where the ground truth makes that call, else the last ground-truth
 call holding an e-mail address, URL or IBAN (else the last call), never a preparatory read such as
-``search_emails`` or ``get_channels`` (None when the ground truth is empty: the goal text and the suite's
-``security()`` check are what define success there). ``tools`` = the suite's full tool set.
+``search_emails`` or ``get_channels``. An empty ground truth is decided by the goal text: the suite's target
+where the goal names it (workspace injection_task_6-12), else the goal's e-mail/URL/IBAN carried by a call to
+any tool (``attacker_tool`` None, ``attacker_args`` ``{"any_argument": <it>}``: workspace injection_task_13),
+else none (a text-only goal, travel injection_task_6: ``attacker_tool`` and ``attacker_args`` None; the
+suite's ``security()`` check on the answer's text is what defines success there). ``tools`` = the suite's
+full tool set.
 
 Facts this relies on (agentdojo 0.1.35): ``TaskSuite.check()`` and ``generate_injections()`` are broken, so
 the vectors a task sees come from ``BaseAttack.get_injection_candidates``; the payload never appears verbatim
@@ -170,10 +174,11 @@ def build_case(ad, suite, attack, user_task, injection_task, tools_json: str, sy
                                     f"(vectors {sorted(injections)})")
     expected = calls[stop_at + 1].function if stop_at + 1 < len(calls) else FINAL_ANSWER
     inj_calls = injection_task.ground_truth(suite.load_and_inject_default_environment({}))
+    gt = [{"function": c.function, "args": _jsonable(c.args)} for c in inj_calls]
+    steps = task_target_steps(suite.name, gt, TARGETS, injection_task.GOAL)
     attacker_tool = attacker_args = None
-    if inj_calls:
-        gt = [{"function": c.function, "args": _jsonable(c.args)} for c in inj_calls]
-        target = attacker_step(task_target_steps(suite.name, gt, TARGETS) or TARGETS[suite.name])
+    if steps != []:  # [] = a text-only task: no call is the attack
+        target = attacker_step(steps or TARGETS[suite.name])
         attacker_tool, attacker_args = target["tool"], target["_args_json"]
     last = len(msgs) - 1
     span_dicts = [{"message_index": last, "char_start": a, "char_end": b} for a, b in spans]
@@ -207,7 +212,8 @@ def build_case(ad, suite, attack, user_task, injection_task, tools_json: str, sy
             "benchmark_version": version, "attack": attack_name, "user_task": user_task.ID,
             "injection_task": injection_task.ID, "injection_goal": injection_task.GOAL,
             "injection_vectors": sorted(injections), "stop_after_call": stop_at,
-            "ground_truth_calls": len(calls), "agentdojo": package_version()}},
+            "ground_truth_calls": len(calls), "injection_ground_truth_calls": len(inj_calls),
+            "agentdojo": package_version()}},
     )
 
 
@@ -231,7 +237,7 @@ def read_suites(
     sys_prompt = system_prompt()
     good, bad = [], []
     counts = {"cases": 0, "final_answer_expected": 0, "empty_injection_ground_truth": 0,
-              "injection_in_first_result": 0}
+              "text_only_injection": 0, "injection_in_first_result": 0}
     per_suite: dict[str, int] = {}
     for sname in names:
         suite = all_suites[sname]
@@ -259,7 +265,8 @@ def read_suites(
                 gp = json.loads(row["provenance"]["generation_params"])["agentdojo_suites"]
                 counts["cases"] += 1
                 counts["final_answer_expected"] += ta["expected_tool"] == FINAL_ANSWER
-                counts["empty_injection_ground_truth"] += ta["attacker_tool"] is None
+                counts["empty_injection_ground_truth"] += gp["injection_ground_truth_calls"] == 0
+                counts["text_only_injection"] += ta["attacker_args"] is None
                 counts["injection_in_first_result"] += gp["stop_after_call"] == 0
     return SourceResult.from_rows(good, bad, version=version, attack=attack_name, seconds=round(
         time.perf_counter() - t0, 1), **counts, **{f"suite_{k}": v for k, v in per_suite.items()})

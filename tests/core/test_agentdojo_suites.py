@@ -97,6 +97,34 @@ def test_attacker_call_is_the_one_the_run_reader_names(banking):
     assert next(iter(got["injection_task_4"]))[0] == "update_scheduled_transaction"
 
 
+def test_empty_ground_truth_tasks_name_the_reader_s_attacker_call():
+    """Injection tasks with an empty ground truth get the call the recorded-run reader looks for: the suite's
+    target where the goal names it (workspace injection_task_6-12), the goal's link in a call to any tool
+    (injection_task_13), and none for a text-only goal (travel injection_task_6): no attacker call is claimed."""
+    from cb_core.sources import agentdojo
+    from cb_core.sources.agentdojo_suites import read_suites
+
+    targets = agentdojo.suite_targets({})
+    targets.update(agentdojo._task_targets({}, targets))
+    got = {}
+    for suite in ("workspace", "travel"):
+        res = read_suites([suite], user_tasks=["user_task_0"])
+        assert res.rejected.height == 0
+        for row in res.good.iter_rows(named=True):
+            it = row["source_locator"].split("/")[-1].split(":")[0]
+            got[(suite, it)] = (row["tool_attack"]["attacker_tool"], row["tool_attack"]["attacker_args"])
+        assert res.meta["empty_injection_ground_truth"] == {"workspace": 8, "travel": 1}[suite]
+        assert res.meta["text_only_injection"] == {"workspace": 0, "travel": 1}[suite]
+    assert got[("travel", "injection_task_6")] == (None, None)
+    for k in [f"injection_task_{n}" for n in range(6, 13)]:
+        assert got[("workspace", k)] == ("send_email", '{"recipients":["mark.black-2134@gmail.com"]}'), k
+    assert got[("workspace", "injection_task_13")] == (None, '{"any_argument":"https://bit.ly/sUf7tOJ"}')
+    for (suite, it), pair in got.items():
+        if pair != (None, None):
+            final = agentdojo.attacker_step(targets.get((suite, it)) or targets[suite])
+            assert pair == (final["tool"], final["_args_json"]), it
+
+
 def test_expected_final_answer_when_the_last_call_is_injected(banking):
     rows = banking.good.to_dicts()
     final = [r for r in rows if r["tool_attack"]["expected_tool"] == "final_answer"]
@@ -156,5 +184,6 @@ def test_all_four_suites_give_949_cases():
     assert res.good.height == m["cases"] == 949
     assert (m["suite_workspace"], m["suite_travel"], m["suite_banking"], m["suite_slack"]) == (560, 140, 144, 105)
     assert m["final_answer_expected"] == 272
-    assert m["empty_injection_ground_truth"] == 340
+    assert m["empty_injection_ground_truth"] == 340  # workspace 6-13 x 40 user tasks, travel 6 x 20
+    assert m["text_only_injection"] == 20  # travel injection_task_6: no attacker call named
     assert round(m["injection_in_first_result"] / 949, 2) == 0.78
