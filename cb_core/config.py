@@ -368,7 +368,7 @@ SOURCE_SETTINGS: dict[str, dict[str, Callable[[Any, str], Any]]] = {
                       "attacker_tool": check_str, "levels_file": check_str, "attacker_args_by_scenario": check_mapping,
                       "scenario_map": check_mapping, "email_template": _text, "email_separator": _text},
     "tau2": {"domains": check_str_list, "system_prompt": _text, "tool_schemas": _config_file},
-    "ultrachat": {"max_rows": _max_rows},
+    "ultrachat": {"max_rows": _max_rows, "splits": check_str_list},
     "xstest": {},
 }
 

@@ -2,8 +2,12 @@
 
 Accepted shapes: Parquet files (`*.parquet`, e.g. the `train_sft` shards), or JSONL files (`*.jsonl`,
 `*.ndjson`) with the same rows `{prompt, prompt_id, messages: [{role, content}]}`; a folder gives its
-top-level files, other file types in it are skipped (counted in `meta["skipped_files"]`). `cfg["max_rows"]`
-caps the number of rows read over all files (in file order; the rest is not read and not quarantined).
+top-level files, other file types in it are skipped (counted in `meta["skipped_files"]`). A file named after an
+UltraChat split (`train_sft`, `test_sft`, `train_gen`, `test_gen`: the HF dataset's `data/` shards) is read only
+when `cfg["splits"]` (default `[train_sft]`) lists it: the test splits are UltraChat's held-out data, and a
+sorted folder would otherwise give them first (skipped ones in `meta["skipped_splits"]`). A folder with no
+readable file but a `data/` folder (the HF repository's root) reads that folder. `cfg["max_rows"]` caps the
+number of rows read over all files (in file order; the rest is not read and not quarantined).
 
 Each row -> one complete trace with no tools: its `messages` as they are (roles system/user/assistant).
 subtype = the file's stem (e.g. `train_sft-00000-of-00003`), so a split's provenance stays visible.
@@ -92,8 +96,24 @@ def _check(msgs: Any) -> tuple[str, str] | None:
     return None
 
 
+SPLITS = ("train_sft", "test_sft", "train_gen", "test_gen")
+DEFAULT_SPLITS = ("train_sft",)
+
+
+def _split_of(path: Path) -> str | None:
+    return next((s for s in SPLITS if path.name.lower().startswith(s)), None)
+
+
 def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
     cfg = cfg or {}
+    paths = [Path(p) for p in paths]
+    if paths and not any(p.suffix.lower() in PARQUET + JSONL for p in paths):
+        data = {p.parent / "data" for p in paths if (p.parent / "data").is_dir()}
+        if len(data) == 1:  # the HF repository's root: its shards are in data/
+            paths = sorted(p for p in next(iter(data)).iterdir() if p.is_file())
+    wanted = set(cfg.get("splits") or DEFAULT_SPLITS)
+    skipped_splits = sorted({p.name for p in paths if _split_of(p) not in (None, *wanted)})
+    paths = [p for p in paths if p.name not in skipped_splits]
     max_rows = cfg.get("max_rows")
     remaining = int(max_rows) if max_rows else None
     good: list[dict] = []
@@ -152,11 +172,13 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
         if remaining is not None and remaining <= 0:
             break
     if files == 0:
+        only = f" (skipped as splits not in ultrachat.splits {sorted(wanted)}: {skipped_splits})" if skipped_splits else ""
         raise SourceError(
-            f"no .parquet or .jsonl file among {[str(p) for p in paths]} (set CB_ULTRACHAT_PATH)"
+            f"no .parquet or .jsonl file among {[str(p) for p in paths]}{only} (set CB_ULTRACHAT_PATH)"
         )
     if n_records == 0:
         read_files = [str(p) for p in paths if Path(p).suffix.lower() in PARQUET + JSONL]
         raise SourceError(f"{', '.join(read_files)}: no rows (empty file, no record){WIPE}",
                           file=read_files[0])
-    return SourceResult.from_rows(good, bad, files=files, skipped_files=skipped, max_rows=max_rows)
+    return SourceResult.from_rows(good, bad, files=files, skipped_files=skipped, skipped_splits=skipped_splits,
+                                  max_rows=max_rows)

@@ -610,7 +610,7 @@ def test_ultrachat_jsonl_and_folder(tmp_path):
     d.mkdir()
     (d / "README.md").write_text("not data")
     lines = [json.dumps(r) for r in _uc_rows()[:2]] + ["{broken"]
-    (d / "test_sft.jsonl").write_text("\n".join(lines) + "\n")
+    (d / "chats.jsonl").write_text("\n".join(lines) + "\n")
     res = ultrachat.read(resolve_source_paths(d), {})
     assert res.good.height == 1
     assert res.rejected["line"].to_list() == [2, 3]
@@ -618,6 +618,27 @@ def test_ultrachat_jsonl_and_folder(tmp_path):
     assert res.meta["skipped_files"] == ["README.md"]
     with pytest.raises(SourceError, match="CB_ULTRACHAT_PATH"):
         ultrachat.read([d / "README.md"], {})
+
+
+def test_ultrachat_reads_the_configured_splits_of_the_hf_layout(tmp_path):
+    """The HF repository keeps its four splits in data/: only `splits` (default train_sft) become retain traces;
+    a sorted folder gave test_gen first, so `max_rows` took UltraChat's held-out data before train_sft."""
+    data = tmp_path / "ultrachat_200k" / "data"
+    data.mkdir(parents=True)
+    (tmp_path / "ultrachat_200k" / "README.md").write_text("# card")
+    for split in ("test_gen", "test_sft", "train_gen", "train_sft"):
+        rows = [dict(r, prompt_id=f"{split}-{r['prompt_id']}") for r in _uc_rows()]
+        pl.DataFrame(rows).write_parquet(data / f"{split}-00000-of-00001-abc.parquet")
+    for given in (data, tmp_path / "ultrachat_200k"):  # data/ itself, or the repository root
+        res = ultrachat.read(resolve_source_paths(given), {"max_rows": 5})
+        assert res.good["pair_group"].to_list() == ["ultrachat:train_sft-a", "ultrachat:train_sft-e"]
+        assert res.meta["skipped_splits"] == [f"{s}-00000-of-00001-abc.parquet" for s in ("test_gen", "test_sft",
+                                                                                          "train_gen")]
+    both = ultrachat.read(resolve_source_paths(data), {"splits": ["train_sft", "train_gen"]})
+    assert set(lab(both.good, "subtype")) == {
+        "train_gen-00000-of-00001-abc", "train_sft-00000-of-00001-abc"}
+    with pytest.raises(SourceError, match=r"skipped as splits not in ultrachat.splits \['test'\]"):
+        ultrachat.read(resolve_source_paths(data), {"splits": ["test"]})
 
 
 def test_ultrachat_empty_source_fails(tmp_path):
