@@ -16,7 +16,9 @@ No row at all over the files read (empty file) fails the source (SourceError); a
 is quarantined with `raw = "base64:<bytes>"`.
 Quarantined (file, 1-based row/line, field, reason, raw row as JSON): invalid JSON line, `messages` missing or
 empty or not a list, a message that is not {role, content} with a known role and string content, a
-conversation without any assistant turn or whose first turn is the assistant's.
+conversation without any assistant turn or whose first turn is the assistant's. Excluded by policy (severity
+"excluded"): a row with an empty user or assistant turn (an empty answer must not be trained as retain data).
+Trailing user turns after the last answer are dropped (the trace ends on the assistant).
 """
 from __future__ import annotations
 
@@ -96,6 +98,15 @@ def _check(msgs: Any) -> tuple[str, str] | None:
     return None
 
 
+def _empty_turn(msgs: list[dict]) -> tuple[str, str] | None:
+    """A turn with no text: an empty answer would be trained as retain behaviour (and an empty question is
+    none). Excluded by policy, not malformed: the row is well formed."""
+    for j, m in enumerate(msgs):
+        if m["role"] != "system" and not m["content"].strip():
+            return (f"messages[{j}].content", f"empty {m['role']} turn: not trained as retain data")
+    return None
+
+
 SPLITS = ("train_sft", "test_sft", "train_gen", "test_gen")
 DEFAULT_SPLITS = ("train_sft",)
 
@@ -150,10 +161,16 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
             pid = rec.get("prompt_id") if isinstance(rec, dict) else None
             if problem is None and pid is not None and not isinstance(pid, str):
                 problem = ("prompt_id", f"prompt_id is a {type(pid).__name__}, not a string")
+            severity = "malformed"
+            if problem is None:
+                problem, severity = _empty_turn(msgs), "excluded"
             if problem:
                 bad.append(reject(dataset=DATASET, file=fname, line=line, field=problem[0], reason=problem[1],
-                                  raw=raw if raw is not None else json.dumps(rec, ensure_ascii=False, default=str)))
+                                  raw=raw if raw is not None else json.dumps(rec, ensure_ascii=False, default=str),
+                                  severity=severity))
                 continue
+            while msgs[-1]["role"] == "user":  # a question left unanswered ends no conversation we can train
+                msgs = msgs[:-1]
             good.append(
                 make_trace(
                     dataset=DATASET,

@@ -26,8 +26,9 @@ survive copying the data elsewhere.
 CSV facts handled: CRLF line ends, quoted fields with embedded quotes and newlines, non-ASCII text.
 Line numbers are physical 1-based lines where the record starts (header = line 1), also for records that
 span several lines. Quarantined (file, line, field, reason, raw row as JSON; invalid UTF-8: `base64:` of the
-record's bytes): empty id/prompt/completion, a label other than safe/unsafe, an unknown final_label, a record
-whose field count differs from the header. A file that cannot be read as a whole (broken quoting, a missing
+record's bytes): empty id/prompt, a label other than safe/unsafe, an unknown final_label, a record
+whose field count differs from the header. An empty completion that would be retain data is excluded by policy
+(severity "excluded": a model that answered nothing is no malformed file). A file that cannot be read as a whole (broken quoting, a missing
 required column, empty or header only) fails the source with a SourceError naming the file and column.
 """
 from __future__ import annotations
@@ -221,11 +222,11 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
             elif kind is not None:
                 if not prompt.strip():
                     problem = ("prompt", "empty prompt")
-                elif not completion.strip():
-                    problem = ("completion", "empty completion")
+                elif not completion.strip():  # a model that answered nothing: well formed, but no retain data
+                    problem = ("completion", "empty completion: not retain data", "excluded")
             if problem:
                 bad.append(reject(dataset=DATASET, file=fname, line=line, field=problem[0], reason=problem[1],
-                                  raw=json.dumps(row, ensure_ascii=False)))
+                                  raw=json.dumps(row, ensure_ascii=False), severity=(*problem, "malformed")[2]))
                 continue
             if kind is None:  # not retain data: kept in quarantine with why (severity "excluded")
                 not_used += 1
