@@ -1,9 +1,9 @@
-"""LLMail-Inject Phase-1 submissions -> trace_v1 traces.
+"""LLMail-Inject submissions (Phase 1 and 2) -> trace_v1 traces.
 
 Input (CB_LLMAIL_PATH): a folder holding `jobs_data.csv` (or the public release's submission files: every
 .csv/.jsonl/.parquet with the submission columns, Phase 1 and 2 together), `scenarios.json` and
-`system_prompt.json` (or a submissions file itself; its siblings are then looked up beside it). `levels_descriptions.json` (the defence per level letter)
-is read when present.
+`system_prompt.json` (or a submissions file itself; its siblings are then looked up beside it).
+`levels_descriptions.json` (the defence per level letter) is read when present.
 
 Each submission (one CSV record) becomes one trace:
   system    = system_prompt.json[`system_prompt_key`] (the e-mail client's instructions)
@@ -483,7 +483,7 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
             category="harmful" if acted else "retain",
             priority_class=("harmful_flip" if acted else "injection_resisted" if reached
                             else "tool_capability"),
-            subtype=level,
+            subtype=level.lower(),  # one stratum per level whatever its spelling (Level1J)
             attack_present=True,
             attack_succeeded=succeeded,
             is_adversarial_safe=False,
