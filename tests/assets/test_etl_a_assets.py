@@ -116,8 +116,11 @@ def test_cli_materialize_traces_on_one_agentdojo_file(shared_data, tmp_path, nam
     lab = traces["labels"].struct.unnest()
     n_err = int(exp["security_true_attacked"]) - int(exp["with_attacker_call"])
     assert traces.height + quarantine.height == int(exp["traces"])
-    assert quarantine.height == int(exp["empty_messages"]) + n_err
-    assert lab["injection_reached"].is_not_null().sum() + n_err == int(exp["attacked"])  # every attacked run
+    # attacked runs that acted on the injection through another tool (pi_detector line 176) are excluded too
+    elsewhere = quarantine.filter(pl.col("reason").str.starts_with("acted on the injection through another tool"))
+    assert elsewhere.height == (1 if "pi_detector" in name else 0)
+    assert quarantine.height == int(exp["empty_messages"]) + n_err + elsewhere.height
+    assert lab["injection_reached"].is_not_null().sum() + n_err + elsewhere.height == int(exp["attacked"])
     # harmful = an attacker call after the injection was read (whatever AgentDojo's security says)
     assert lab["attacker_call_made"].sum() == int(exp["attacker_call_after_injection"])
     assert (lab["category"] == "harmful").sum() == int(exp["attacker_call_after_injection"])
