@@ -28,6 +28,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def watched_files(spec: str) -> list[Path]:
+    """The files a source spec stands for, as its reader may read them: a folder with everything below it
+    (readers look into subfolders: XSTest's `completions/`, TAU2's `domains/<d>/tasks.json`, LLMail's
+    `emails/`), hidden files aside; a file or glob as `resolve_source_paths` gives it."""
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        return sorted(x for x in p.rglob("*") if x.is_file()
+                      and not any(part.startswith(".") for part in x.relative_to(p).parts))
+    return resolve_source_paths(spec)
+
+
 def scan_sources(
     specs: dict[str, str], known: dict[str, list]
 ) -> tuple[dict[str, dict[str, list]], dict[str, str], list[str]]:
@@ -42,7 +53,7 @@ def scan_sources(
     for ds, spec in sorted(specs.items()):
         entries: dict[str, list] = {}
         try:
-            paths = resolve_source_paths(spec)
+            paths = watched_files(spec)
         except OSError as err:
             notes.append(f"{ds}: cannot list {spec}: {err}")
             paths = []

@@ -119,6 +119,21 @@ def test_sensor_fires_once_for_a_changed_file(sources, instance):
         assert not t.tick().run_requests
 
 
+def test_sensor_sees_a_change_in_a_subfolder(sources, instance):
+    """XSTest's completions/ (TAU2's domains/<d>/tasks.json, LLMail's emails/) are read from subfolders of the
+    configured folder: an edit there is a change of the source."""
+    comp = sources["xstest_dir"] / "completions"
+    comp.mkdir()
+    (comp / "m.csv").write_text("id,type,prompt,completion,final_label\n")
+    t = Ticker(instance)
+    t.tick()  # baseline
+    assert str(comp / "m.csv") in json.loads(t.cursor)["files"]["xstest"]
+    _bump(comp / "m.csv", "id,type,prompt,completion,final_label\nv2-1,homonyms,Q?,A.,1_full_compliance\n")
+    t.tick()  # seen, settling
+    fired = t.tick()
+    assert len(fired.run_requests) == 1 and fired.run_requests[0].tags["cb/changed_sources"] == "xstest"
+
+
 def test_sensor_burst_yields_one_run(sources, instance):
     t = Ticker(instance)
     t.tick()
