@@ -164,15 +164,27 @@ def run_sweep_in_process(manifest: str, *, overrides: list[str] | None = None, i
         status[r["key"]] = "SUCCESS" if ok else "FAILURE"
         log(f"point {r['key']}: {status[r['key']]}")
     if any(s == "SUCCESS" for s in status.values()):
-        rank = defs.resolve_job_def("sweep_rank").execute_in_process(instance=instance, raise_on_error=False)
+        # tagged as the sweep sensor tags its own runs, so a daemon started later sees this sweep ranked (and,
+        # without `final`, leaves the opt-in seeds alone) instead of ranking it again and launching them
+        from cb_assets.assets.sweeps import FINALS_TAG, run_key_tag
+
+        rank_key = run_key_tag(f"rank:{sweep}:{','.join(sorted(k for k, s in status.items() if s == 'SUCCESS'))}")
+        rank = defs.resolve_job_def("sweep_rank").execute_in_process(
+            instance=instance, raise_on_error=False,
+            tags={"cb/sweep": sweep, "cb/sweep_stage": "rank", "cb/run_key": rank_key,
+                  FINALS_TAG: "yes" if final else "no"})
         status["rank"] = "SUCCESS" if rank.success else "FAILURE"
         if final and rank.success:
             for k in pl.read_parquet(data_root() / "best_config.parquet")["key"].to_list():
-                ok = defs.resolve_job_def("final_seed").execute_in_process(instance=instance, partition_key=k,
-                                                                        raise_on_error=False).success
+                ok = defs.resolve_job_def("final_seed").execute_in_process(
+                    instance=instance, partition_key=k, raise_on_error=False,
+                    tags={"cb/sweep": sweep, "cb/sweep_stage": "final"}).success
                 status[k] = "SUCCESS" if ok else "FAILURE"
+            finals = sorted(k for k in status if k not in ("rank", *(r["key"] for r in rows)))
             status["release"] = "SUCCESS" if defs.resolve_job_def("sweep_release").execute_in_process(
-                instance=instance, raise_on_error=False).success else "FAILURE"
+                instance=instance, raise_on_error=False,
+                tags={"cb/sweep": sweep, "cb/sweep_stage": "release",
+                      "cb/run_key": run_key_tag(f"release:{','.join(finals)}")}).success else "FAILURE"
     return status
 
 

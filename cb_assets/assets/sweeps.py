@@ -17,6 +17,7 @@ manifest stops launching new points after the first failure).
 """
 
 import base64
+import hashlib
 import json
 import os
 import time
@@ -34,6 +35,14 @@ SWEEP_GROUP = "sweeps"
 GPU_TAGS = gpu_tags("08.00.00")
 SWEEP_PARTITIONS = dg.DynamicPartitionsDefinition(name="sweep_points")
 FINAL_PARTITIONS = dg.DynamicPartitionsDefinition(name="final_seeds")
+def run_key_tag(key: str) -> str:
+    """A ranking / release run key as a run tag: short keys as they are, long ones (a 60-point sweep's ranking
+    key is ~800 characters) cut with a digest of the whole, so the sensor still recognises its own runs (a cut
+    without the digest never matched the full key: the sensor asked to rank again on every tick)."""
+    return key if len(key) <= 200 else f"{key[:180]}#{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+FINALS_TAG = "cb/final_seeds"  # "no" on a ranking run that asked for no final seeds (the in-process runner)
 SHARED_LOCK = {"cb/data_root_lock": "shared"}
 FINAL_DIR = "final"
 
@@ -444,11 +453,15 @@ FINISHED = ("SUCCESS", "FAILURE", "CANCELED")
 
 
 def plan(points: list[dict], point_runs: dict[str, str], rank_runs: dict[str, str], finals: list[str],
-         final_runs: dict[str, str], release_runs: set[str]) -> tuple[list[tuple[str, str]], str]:
+         final_runs: dict[str, str], release_runs: set[str],
+         no_finals: set[str] = frozenset()) -> tuple[list[tuple[str, str]], str]:
     """Pure decision of the sweep sensor over the current sweep.
 
     ``points``: its rows (key, sweep, continue_on_error); ``point_runs``: key -> status of its latest run;
-    ``rank_runs``: run key -> status of the ranking runs; ``release_runs``: run keys already used; ``finals``: registered final partitions of its best point; ``final_runs``: final key -> status. Returns
+    ``rank_runs``: run key -> status of the ranking runs; ``release_runs``: run keys already used; ``finals``:
+    registered final partitions of its best point; ``final_runs``: final key -> status; ``no_finals``: ranking run
+    keys whose run asked for no final seeds (the in-process runner without ``--final``: the seeds are opt-in
+    there, and a daemon started later must not launch them). Returns
     ([(job, partition or "")], reason). With `continue_on_error: false` a failed point stops the launching, and
     what did finish is still ranked, as the in-process runner (`cb_assets.cli.run_sweep_in_process`) does."""
     out: list[tuple[str, str]] = []
@@ -466,20 +479,25 @@ def plan(points: list[dict], point_runs: dict[str, str], rank_runs: dict[str, st
     if not ok:
         return [], f"every point run failed ({failed}); nothing to rank{held}"
     sweep = points[0]["sweep"]
-    rank_key = f"rank:{sweep}:{','.join(ok)}"
+    rank_key = run_key_tag(f"rank:{sweep}:{','.join(ok)}")
     if rank_key not in rank_runs:
         return [("sweep_rank", rank_key)], f"points ended ({len(ok)} ok, {len(failed)} failed): ranking{held}"
     rank_status = rank_runs[rank_key]
     if rank_status in ("FAILURE", "CANCELED") and not finals:
         return [], (f"ranking {rank_status.lower()} (run key {rank_key}): see its run; register the sweep again "
                     "(or materialize leaderboard + best_config) once fixed")
+    if rank_key in no_finals and not final_runs:
+        return [], (f"ranked in-process without final seeds (run key {rank_key}); `python -m cb_assets.cli sweep "
+                    "--final` (or FINAL=1) runs them")
     todo_f = [k for k in finals if k not in final_runs]
     if todo_f:
         return [("final_seed", k) for k in todo_f], f"launching {len(todo_f)} final seed(s)"
     if not finals or any(s not in FINISHED for s in final_runs.values()):
         return [], "waiting for best_config / final seeds"
-    release_key = f"release:{','.join(sorted(final_runs))}"
-    if release_key not in release_runs and any(s == "SUCCESS" for s in final_runs.values()):
+    release_key = run_key_tag(f"release:{','.join(sorted(final_runs))}")
+    if not any(s == "SUCCESS" for s in final_runs.values()):
+        return [], f"every final seed failed ({sorted(final_runs)}): no release report; see their runs"
+    if release_key not in release_runs:
         return [("sweep_release", release_key)], "final seeds ended: release report"
     return out, "sweep complete"
 
@@ -515,8 +533,12 @@ def sweep_sensor(context: dg.SensorEvaluationContext):
     inst = context.instance
     point_runs = _latest_status(inst, {"cb/sweep": sweep, "cb/sweep_stage": "point"})
     rank_runs: dict[str, str] = {}
+    no_finals: set[str] = set()
     for r in inst.get_runs(filters=dg.RunsFilter(tags={"cb/sweep": sweep, "cb/sweep_stage": "rank"})):  # newest 1st
-        rank_runs.setdefault(r.tags.get("cb/run_key"), r.status.value)
+        key = r.tags.get("cb/run_key")
+        if key not in rank_runs and r.tags.get(FINALS_TAG) == "no":
+            no_finals.add(key)
+        rank_runs.setdefault(key, r.status.value)
     release_runs = {r.tags.get("cb/run_key") for r in inst.get_runs(filters=dg.RunsFilter(tags={"cb/sweep": sweep, "cb/sweep_stage": "release"}))}
     finals: list[str] = []
     bc = root / "best_config.parquet"
@@ -527,7 +549,7 @@ def sweep_sensor(context: dg.SensorEvaluationContext):
             finals = [k for k in b["key"].to_list() if k in fin_reg]
     final_runs = _latest_status(inst, {"cb/sweep": sweep, "cb/sweep_stage": "final"})
     final_runs = {k: v for k, v in final_runs.items() if k in finals}
-    todo, reason = plan(rows, point_runs, rank_runs, finals, final_runs, release_runs)
+    todo, reason = plan(rows, point_runs, rank_runs, finals, final_runs, release_runs, no_finals)
     if not todo:
         return dg.SkipReason(f"sweep {sweep}: {reason}")
     stage = {"sweep_point": "point", "sweep_rank": "rank", "final_seed": "final", "sweep_release": "release"}
@@ -538,6 +560,6 @@ def sweep_sensor(context: dg.SensorEvaluationContext):
             reqs.append(dg.RunRequest(run_key=f"{job}:{arg}", job_name=job, partition_key=arg,
                                       tags={**tags, **SHARED_LOCK}))
         else:
-            reqs.append(dg.RunRequest(run_key=arg, job_name=job, tags={**tags, "cb/run_key": arg[:200]}))
+            reqs.append(dg.RunRequest(run_key=arg, job_name=job, tags={**tags, "cb/run_key": arg}))
     context.log.info(f"sweep {sweep}: {reason}")
     return reqs

@@ -56,6 +56,12 @@ def test_tiny_sweep_end_to_end(data_root, tmp_path, monkeypatch):
     assert best["key"] == top["key"] and best["beta_harmful"] == top["beta_harmful"]
     assert best["tool_flip_asr"] == pytest.approx(top["tool_flip_asr"])
     assert pl.read_parquet(data_root / "best_config.parquet")["best_key"][0] == top["key"]
+    # a daemon started later sees this sweep ranked in-process without --final: it neither ranks it again nor
+    # launches the opt-in final seeds (on a laptop those went to sbatch and failed)
+    from cb_assets.assets.sweeps import sweep_sensor
+
+    skip = sweep_sensor(dg.build_sensor_context(instance=inst, repository_def=defs.get_repository_def()))
+    assert isinstance(skip, dg.SkipReason) and "without final seeds" in skip.skip_message
 
     # a point whose inputs changed since it trained is trained afresh (its old run folder kept in history),
     # never resumed from the other run's checkpoints (that published the old weights)

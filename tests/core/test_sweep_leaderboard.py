@@ -217,6 +217,18 @@ def test_sweep_sensor_plan():
     assert todo == [] and why.startswith("ranking failure")  # not "waiting for best_config" forever
     done = {k: "SUCCESS" for k in ("p1", "p2", "p3")}
     assert plan(pts, done, {"rank:s:p1,p2,p3": "STARTED"}, [], {}, set())[1].startswith("waiting")
+    # every final seed failed: said, not "sweep complete"
+    todo, why = plan(pts, done, {"rank:s:p1,p2,p3": "SUCCESS"}, ["f1"], {"f1": "FAILURE"}, set())
+    assert todo == [] and why.startswith("every final seed failed")
+    # ranked in-process without --final: a daemon started later leaves the opt-in seeds alone
+    todo, why = plan(pts, done, {"rank:s:p1,p2,p3": "SUCCESS"}, ["f1"], {}, set(), {"rank:s:p1,p2,p3"})
+    assert todo == [] and "without final seeds" in why
+    # a 60-point sweep's ranking key is ~800 characters: its tag still matches the plan's key
+    many = [{"key": f"point{i:02d}-abcdef", "sweep": "s", "continue_on_error": True} for i in range(60)]
+    ok = {p["key"]: "SUCCESS" for p in many}
+    (job, key), = plan(many, ok, {}, [], {}, set())[0]
+    assert job == "sweep_rank" and len(key) <= 200
+    assert plan(many, ok, {key: "SUCCESS"}, ["f1"], {}, set())[0] == [("final_seed", "f1")]
     assert plan(pts, {k: "FAILURE" for k in ("p1", "p2", "p3")}, {}, [], {}, set())[0] == []
 
 
