@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -73,6 +74,7 @@ class SlurmRunLauncher(RunLauncher, ConfigurableClass):
         slurm_conf: str | None = None,
         job_name_prefix: str = "dagster",
         cancel_wait_seconds: float = 20.0,
+        local_without_sbatch: bool = False,
     ):
         self._inst_data = inst_data
         # Validated now, so a bad dagster.yaml fails at instance load, not at the first GPU run.
@@ -96,6 +98,7 @@ class SlurmRunLauncher(RunLauncher, ConfigurableClass):
             raise slurm.SlurmOptionError(f"invalid job_name_prefix {job_name_prefix!r}")
         self.job_name_prefix = job_name_prefix
         self.cancel_wait_seconds = float(cancel_wait_seconds)
+        self.local_without_sbatch = bool(local_without_sbatch)
         self._default = DefaultRunLauncher()
         super().__init__()
 
@@ -130,6 +133,9 @@ class SlurmRunLauncher(RunLauncher, ConfigurableClass):
             "job_name_prefix": Field(str, is_required=False, default_value="dagster"),
             "cancel_wait_seconds": Field(float, is_required=False, default_value=20.0,
                                          description="How long terminate waits for the job to leave the queue."),
+            "local_without_sbatch": Field(bool, is_required=False, default_value=False,
+                                          description="Where no `sbatch` is on PATH (a laptop), run GPU runs on "
+                                                      "this machine instead of failing them. Off on clusters."),
         }
 
     @classmethod
@@ -256,6 +262,13 @@ class SlurmRunLauncher(RunLauncher, ConfigurableClass):
         except slurm.SlurmError as e:
             raise DagsterLaunchFailedError(f"SLURM request for run {run.run_id} is invalid: {e}") from e
         if options is None:
+            self._default.launch_run(context)
+            return
+        if self.local_without_sbatch and shutil.which("sbatch") is None:
+            # a laptop's `dagster dev`: no cluster to send the GPU run to, so this machine runs it
+            self._instance.report_engine_event(
+                "no `sbatch` on PATH: running this GPU-tagged run on this machine (local_without_sbatch in "
+                "dagster.yaml; set it to false to fail such runs instead)", run, cls=self.__class__)
             self._default.launch_run(context)
             return
 

@@ -174,6 +174,32 @@ def test_cpu_run_stays_local(env):
     assert env.proof("cpu_asset", run.run_id)["SLURM_JOB_ID"] is None
 
 
+def test_gpu_run_without_sbatch_runs_here_when_allowed(tmp_path, monkeypatch):
+    """A laptop's `dagster dev` (no SLURM at all): with local_without_sbatch (the shipped local dagster.yaml) a
+    GPU-tagged run runs on this machine and says why; without it, it fails naming sbatch."""
+    import dagster as dg
+
+    from cb_assets.testing.slurm import launcher_env
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("python", "python3"):  # a PATH with Python but no SLURM command
+        (bindir / tool).symlink_to(sys.executable)
+    monkeypatch.setenv("PATH", str(bindir))
+    with launcher_env(tmp_path / "home", launcher_extra={"local_without_sbatch": True}) as env:
+        run = env.submit(assets=["gpu_asset"])
+        assert "slurm/job_id" not in run.tags
+        done = env.wait(run.run_id, timeout=180)
+        assert done.status == dg.DagsterRunStatus.SUCCESS, env.engine_messages(run.run_id)[-5:]
+        assert env.proof("gpu_asset", run.run_id)["SLURM_JOB_ID"] is None
+        assert any("no `sbatch` on PATH" in m for m in env.engine_messages(run.run_id))
+    with launcher_env(tmp_path / "home2") as env:  # a cluster's setting: the run fails, naming sbatch
+        with pytest.raises(Exception, match="sbatch not found"):
+            env.submit(assets=["gpu_asset"])
+        [run] = env.instance.get_runs(limit=1)
+        assert run.status == dg.DagsterRunStatus.FAILURE
+
+
 def _start_slow(env):
     import dagster as dg
 
