@@ -55,7 +55,7 @@ from typing import Any, Callable
 
 import msgspec
 
-from cb_core.config import config_path
+from cb_core.config import config_path, did_you_mean
 from cb_core.schemas import BadRecord, arguments_json, canonical_json, message, reject
 from cb_core.sources import SourceError, SourceResult
 from cb_core.sources._common import (WIPE, SharedToolsTraces, UnstorableText, fill_tools, json_loads,
@@ -461,6 +461,13 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
     schema_files, task_files = _roots_and_task_files([Path(p) for p in paths])
     if cfg.get("domains"):
         wanted = set(cfg["domains"])
+        found = sorted({f.parent.name for f in task_files})
+        unknown = sorted(wanted - set(found))
+        if unknown and found:  # a misspelt domain would silently read the others only
+            raise SourceError(
+                f"tau2.domains: no domain {unknown[0]!r} among the tasks found ({found})"
+                f"{did_you_mean(unknown[0], found)}; fix tau2.domains in configs/datasets.yaml",
+                field="tau2.domains")
         task_files = [f for f in task_files if f.parent.name in wanted]
     if not task_files:
         raise SourceError(

@@ -160,6 +160,13 @@ def test_tau2_ids_survive_a_move(shared_data, tau2_real, tmp_path):
     assert tau2_real.good["source_locator"][0].startswith("domains/")
 
 
+def test_tau2_misspelt_domain_is_named(shared_data):
+    """`domains: [airlin, retail]` read retail only, without a word."""
+    with pytest.raises(SourceError, match=r"tau2.domains: no domain 'airlin' .* \(did you mean 'airline'\?\)"):
+        tau2.read(resolve_source_paths(shared_data / "tau2"), {"domains": ["airlin", "retail"]})
+    assert tau2.read(resolve_source_paths(shared_data / "tau2"), {"domains": ["mock"]}).good.height == 3
+
+
 def test_tau2_path_shapes(shared_data):
     root = shared_data / "tau2"
     dom = tau2.read(resolve_source_paths(root / "domains" / "airline"), {})
