@@ -5,13 +5,14 @@ into a failure that keeps the rejected rows; tests and scripts can call it direc
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from cb_core.config import SOURCE_ENV, ConfigError
+from cb_core.config import SOURCE_ENV, ConfigError, config_dir, display_path
 from cb_core.schemas import stop_the_line
 from cb_core.sources import SourceError, SourceResult, get_reader
 
@@ -31,8 +32,12 @@ def read_source(dataset: str, spec: str, paths: list[Path], cfg: Any, max_reject
     (`records`, `traces`, `rejected`, ...). Raises `SourceLoadError` when the source must not be written."""
     what = f"raw_{dataset}"
     if not paths:
-        raise SourceLoadError(f"{dataset}: path '{spec}' matches no file; set {SOURCE_ENV[dataset]} to a file, "
-                              "folder or glob")
+        env = SOURCE_ENV[dataset]
+        origin = (f"from the environment variable {env}" if os.environ.get(env) else
+                  f"from sources.{dataset}.path in {display_path(config_dir() / 'datasets.yaml')}; fix it there or "
+                  f"set {env}")
+        raise SourceLoadError(f"{dataset}: path '{spec}' ({origin}) matches no file; give a file, folder or glob "
+                              "(a relative path is taken from the project root)")
     empty_files = [str(p) for p in paths if p.stat().st_size == 0]
     if empty_files:
         raise SourceLoadError(

@@ -754,3 +754,18 @@ def test_b4_unknown_tools_stop_the_line_says_why(tmp_path):
     assert "b4_standard_v1.json: add the tool there" in msg and "b4.jsonl:7 expected_tool" in msg
     q = e.value.rejected.filter(pl.col("field") == "simulated_tool")
     assert "did you mean 'search_web'?" in q["reason"][0]
+
+
+def test_a_path_matching_nothing_names_where_it_came_from(tmp_path, monkeypatch):
+    """From the environment: the variable; from datasets.yaml: the file and key (it blamed the variable)."""
+    from cb_core.config import DatasetsConfig
+    from cb_core.sources.load import SourceLoadError, read_source
+
+    cfg = DatasetsConfig.load()
+    monkeypatch.setenv("CB_XSTEST_PATH", str(tmp_path / "nope"))
+    with pytest.raises(SourceLoadError, match=r"from the environment variable CB_XSTEST_PATH\) matches no file"):
+        read_source("xstest", str(tmp_path / "nope"), [], cfg.xstest, 0.1)
+    monkeypatch.delenv("CB_XSTEST_PATH")
+    with pytest.raises(SourceLoadError, match=r"from sources\.xstest\.path in .*datasets\.yaml; fix it there or set "
+                                              r"CB_XSTEST_PATH\) matches no file"):
+        read_source("xstest", "data/xs", [], cfg.xstest, 0.1)
