@@ -76,6 +76,8 @@ def main(argv=None) -> int:
         if name == "sweep":
             p.add_argument("--final", action="store_true", help="also the seed fan-out and release_report")
     args = ap.parse_args(argv)
+    from cb_core.config import ConfigError
+    from cb_core.sweep.manifest import SweepError
     from cb_core.sweep.toggles import ToggleError
 
     try:
@@ -91,6 +93,11 @@ def main(argv=None) -> int:
         return sweep(args)
     except ToggleError as e:
         print(f"[cb toggles] error: {e}", file=sys.stderr)
+        return 2
+    except (SweepError, ConfigError) as e:  # a wrong manifest name or setting: one line naming where it came from
+        origin = next((f"{v}={os.environ[v]!r}" for v in ("SWEEP", "CB_SWEEP") if os.environ.get(v)), None)
+        where = f" (the manifest from {origin})" if origin and args.cmd == "sweep" else ""
+        print(f"[cb] error: {e}{where}", file=sys.stderr)
         return 2
 
 

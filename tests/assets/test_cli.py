@@ -160,6 +160,16 @@ def test_sweep_cli_default_manifest(tmp_path, env, manifest):
     assert json.loads(out.stdout.strip().splitlines()[-1])["manifest"] == manifest
 
 
+@pytest.mark.parametrize("env, origin", [({"CB_SWEEP": "nope"}, "CB_SWEEP='nope'"), ({"SWEEP": "tiy"}, "SWEEP='tiy'")])
+def test_sweep_cli_unknown_manifest_is_one_line_naming_the_variable(tmp_path, env, origin):
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CB_") and k not in ("SWEEP", "QUICK_TEST")}
+    out = subprocess.run([sys.executable, "-m", "cb_assets.cli", "sweep", "--dry-run"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300,
+                         env={**base, "CB_DATA_ROOT": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1", **env})
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "not found" in out.stderr and f"(the manifest from {origin})" in out.stderr and "'tiny'" in out.stderr
+
+
 def test_pipeline_toggles_each_said_and_checked_before_anything_runs(tmp_path):
     """The old script's training toggles were mapped without a word, and a bad one failed only at `adapter`,
     after the ETL, curation (and hours of generation on a cluster)."""
