@@ -68,6 +68,8 @@ def renders(
                        empty=f"no trace rendered ({traces.height} in, {rejected.height} rejected)")
     context.log.info(f"rendered {df.height}/{traces.height} traces in {dt:.1f}s ({df.height / max(dt, 1e-9):.0f}/s, "
                      f"{stats.get('workers', 1)} process(es))")
+    for warning in over_length_warnings(traces, stats.get("truncation", {}), profile.name, rcfg.max_length):
+        context.log.warning(warning)
     context.add_output_metadata(
         {
             "profile": profile.name,
@@ -91,6 +93,23 @@ def renders(
         }
     )
     return SourceResult(good=df, rejected=rejected)
+
+
+def over_length_warnings(traces: pl.DataFrame, truncation: dict, profile: str, max_length: int,
+                         share: float = 0.10) -> list[str]:
+    """A dataset losing more than ``share`` of its traces to max_length says so: a real AgentDojo run on the
+    `tiny` profile (4,096) quarantines ~62 % (the suites' tool definitions alone are 4.4-5.2k tokens), which a
+    green run and one "rendered N/M" line hid."""
+    counts = dict(traces.group_by("dataset").len().iter_rows()) if traces.height else {}
+    out = []
+    for ds, t in sorted(truncation.items()):
+        lost, n = int(t.get("quarantined", 0)), counts.get(ds, 0)
+        if n and lost / n > share:
+            out.append(f"{ds}: {lost} of {n} traces ({lost / n:.0%}) are longer than max_length={max_length} of "
+                       f"model profile '{profile}' and were quarantined (renders_quarantine, excluded); real "
+                       f"agent contexts want a long-context profile (CB_MODEL=llama31_8b: 16,384) or "
+                       f"renders.max_length")
+    return out
 
 
 @dg.asset(

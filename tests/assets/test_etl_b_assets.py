@@ -228,3 +228,14 @@ def test_renders_on_two_processes_inside_a_dagster_run(data_root, monkeypatch):
         assert len(md["timing"].value["worker_idle_s"]) == int(n)
         out[n] = pl.read_parquet(data_root / "renders.parquet")
     assert out["1"].height == many.height and out["1"].equals(out["2"])
+
+
+def test_datasets_losing_many_traces_to_max_length_are_warned_about():
+    """A real AgentDojo run on the `tiny` profile quarantined 62 % of it with one green "rendered N/M" line."""
+    from cb_assets.assets.renders import over_length_warnings
+
+    traces = pl.DataFrame({"dataset": ["agentdojo"] * 10 + ["xstest"] * 10})
+    warns = over_length_warnings(traces, {"agentdojo": {"quarantined": 6}, "xstest": {"quarantined": 1}}, "tiny", 4096)
+    assert len(warns) == 1 and warns[0].startswith("agentdojo: 6 of 10 traces (60%) are longer than max_length=4096")
+    assert "CB_MODEL=llama31_8b" in warns[0]
+    assert over_length_warnings(traces, {}, "tiny", 4096) == []
