@@ -12,6 +12,7 @@ mkdir -p "$DAGSTER_HOME"  # a DAGSTER_HOME of the user's choosing may not exist 
 export CB_MODEL="${CB_MODEL:-tiny_agent}"          # generation, training and evaluation on the tiny agent
 export CB_EVAL_LIMIT="${CB_EVAL_LIMIT:-16}"        # prompts per eval set: a quick, honest demo figure
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE="${WANDB_MODE:-offline}"
+export WANDB_SILENT="${WANDB_SILENT:-true}"              # no offline-run summary charts in the demo log
 select="${CB_SELECT:-*eval_scores,tiny_agent_model,renders_quarantine,lossmasks_quarantine}"
 echo "[cb] materializing '$select' into $CB_DATA_ROOT (model $CB_MODEL, DAGSTER_HOME=$DAGSTER_HOME)"
 # INFO, not DEBUG: one line per step and the stages' own progress lines, not hundreds of engine events.

@@ -356,9 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         with open_dagster_pipes() as pipes:
             train(args, argv, pipes)
         return 0
+    from cb_core.train.config import TrainConfigError
+
     try:
         train(args, argv)
-    except StaleRun as e:  # a decision for the user, not a crash: no traceback
+    except (StaleRun, TrainConfigError) as e:  # a decision or a setting for the user, not a crash: no traceback
         print(f"cb_core.train.worker: {e}", file=sys.stderr)
         return 2
     return 0

@@ -288,6 +288,18 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def test_worker_setting_error_is_one_line(tmp_path):
+    """A wrong preset or override by hand: one line and exit 2, as `cb run` says it (it was a traceback)."""
+    for args in (["--preset", "tny"], ["--preset", "tiny", "--override", "train.lrr=1"]):
+        out = subprocess.run([sys.executable, "-m", "cb_core.train.worker", *args, "--run-dir", str(tmp_path / "r")],
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-1500:]
+        assert out.stderr.startswith("cb_core.train.worker: ")
+    assert "known: [" in subprocess.run(
+        [sys.executable, "-m", "cb_core.train.worker", "--preset", "tny", "--run-dir", str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=300).stderr
+
+
 def worker_cmd(run_dir: Path, root: Path, extra: list[str], nproc: int = 1) -> list[str]:
     args = ["--preset", "tiny", "--run-dir", str(run_dir), "--data-root", str(root)]
     for o in WORKER_OVERRIDES + extra:
