@@ -211,7 +211,9 @@ def train(args: argparse.Namespace, argv: list[str], pipes=None) -> dict[str, An
 
     d = init_distributed()
     if os.environ.get("CB_TORCH_THREADS"):
-        torch.set_num_threads(int(os.environ["CB_TORCH_THREADS"]))
+        from cb_core.config import env_number
+
+        torch.set_num_threads(env_number("CB_TORCH_THREADS", None, int, 1, None))
     overrides = list(args.override or [])
     if args.fast_dev_run:
         overrides.append("train.fast_dev_run=true")
