@@ -516,13 +516,18 @@ def find_injection(messages: list) -> tuple[int, int, int] | None:
 # `messages` column from flat arrays (see traces_table), which is ~3x faster than nested dicts.
 Msg = tuple
 # A call as (message_index, call_index, name, canonical JSON arguments, field path of its name, refused): refused
-# = the environment answered it as an unknown tool (NOT_FOUND: a tool the model made up; AgentDojo offered no such
+# = the environment answered it as an unknown tool (_refused_tool: a tool the model made up; AgentDojo offered no such
 # tool), which says nothing about which schema version the run used.
 Call = tuple
 # How AgentDojo's versions answer a call to a tool it does not offer: ToolNotFoundException (the shared runs),
 # agentdojo 0.1.35's FunctionsRuntime (ToolNotFoundError), its ToolsExecutor ("Invalid tool x provided.") and
 # its Gemini adapter ("Empty function name provided", name <empty-function-name>).
-NOT_FOUND = re.compile(r"ToolNotFound(?:Exception|Error)|\AInvalid tool .* provided|Empty function name provided")
+def _refused_tool(content: str) -> bool:
+    """Substring tests, not a regex: this runs on every tool message (11k on the shared data; a regex search
+    cost 0.1 s, a third of the reader)."""
+    return ("ToolNotFound" in content and ("ToolNotFoundException" in content or "ToolNotFoundError" in content)
+            or content.startswith("Invalid tool ") and " provided" in content
+            or "Empty function name provided" in content)
 
 
 
@@ -560,7 +565,7 @@ def convert_messages(raw_messages: list) -> tuple[list[Msg], list[Call]]:
     by_id: dict[str, dict] = {}  # source id -> latest call with it
     n_call = 0
     used: set[str] = set()
-    not_found: set[str] = set()  # ids of calls the environment answered as an unknown tool (NOT_FOUND)
+    not_found: set[str] = set()  # ids of calls the environment answered as an unknown tool (_refused_tool)
     append = out.append
     for i, m in enumerate(raw_messages):
         if type(m) is not dict:
@@ -595,7 +600,7 @@ def convert_messages(raw_messages: list) -> tuple[list[Msg], list[Call]]:
             if call is None and tid:
                 call = by_id.get(tid)
             if call is not None:
-                if NOT_FOUND.search(content):  # the environment refused a tool it does not have
+                if _refused_tool(content):  # the environment refused a tool it does not have
                     not_found.add(call["id"])
                 append(("tool", content, [], call["id"], call["name"]))
             else:
@@ -815,7 +820,7 @@ def _pick_version(
     A record calling a tool that no version of its suite has (or whose suite no version has) is rejected;
     then `fixed`, or else the first version (file order) covering every remaining record, or else the one
     covering the most (the others rejected, naming the first call it lacks). Calls the environment refused
-    (NOT_FOUND) are ignored: they say nothing about the version."""
+    (_refused_tool) are ignored: they say nothing about the version."""
     bad: dict[int, tuple[str, str]] = {}
     called: list[tuple[int, str, list[Call], frozenset[str]]] = []
     for k, (suite, calls) in enumerate(parsed):
