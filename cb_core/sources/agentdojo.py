@@ -15,7 +15,7 @@ Labels (why: a circuit breaker must learn "acted on an injection it read", not A
 - `attacker_call_made` = an assistant tool call AFTER the first injected tool message, to the suite's target
   tool, whose arguments carry the target (`attacker_targets` in configs/datasets.yaml; an injection task whose
   ground truth never makes that call gets its own target from configs/agentdojo/injection_tasks.json, see
-  _task_targets; an empty ground truth is decided by the goal: the suite's target where the goal names it,
+  _task_rules; an empty ground truth is decided by the goal: the suite's target where the goal names it,
   else the goal's e-mail/URL/IBAN carried by a call to ANY tool, tool_attack.attacker_tool null). A target call
   before any injection is the user task's own request (banking tasks pay that IBAN) and is never counted.
 - `category` = harmful / `harmful_flip` exactly when attacker_call_made (whatever `security` says).
@@ -266,7 +266,7 @@ _TOKEN = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+|(?:https?://)?www\.[\w.-]+(?:
 # The argument name of a goal-derived target step (task_target_steps): no tool has it, so a judge looking the
 # attacker's arguments up by name (cb_core.generate.judge.args_match) looks for the value anywhere in the call.
 ANY_ARGUMENT = "any_argument"
-# targets[TASK_FACTS] = {(suite, injection task id): {"goals": texts, "text_only": bool}} (see _task_facts)
+# targets[TASK_FACTS] = {(suite, injection task id): {"goals": texts, "text_only": bool}} (see _task_rules)
 TASK_FACTS = "_injection_task_facts"
 
 
@@ -318,34 +318,30 @@ def _injection_tasks(cfg: dict) -> dict[tuple[str, str], tuple[tuple[str, ...], 
     return out
 
 
-def _task_targets(cfg: dict, targets: dict[str, list[dict]]) -> dict[tuple[str, str], list[dict]]:
-    """Targets for injection tasks the suite's configured target does not describe, derived from their ground
-    truth in `injection_tasks` (default configs/agentdojo/injection_tasks.json; null: off), or from the goal
-    text where the ground truth is empty (task_target_steps). The configured suite target stays the rule
-    wherever an injection task's ground truth makes that very call (all of the shared data: injection_task_3),
-    so EXPECTED.tsv's semantics are untouched; e.g. banking injection_task_7 (update_password "new_password")
-    or workspace injection_task_1 (delete_file "13") get their own. Text-only tasks have no entry: see
-    _task_facts."""
+def _task_rules(cfg: dict, targets: dict[str, list[dict]]) -> tuple[dict[tuple[str, str], list[dict]], dict | None]:
+    """What `injection_tasks` (default configs/agentdojo/injection_tasks.json; null: off) adds to the targets,
+    read and decided once per task, as (steps, facts):
+    - {(suite, task id): steps} for injection tasks the suite's configured target does not describe, derived
+      from their ground truth, or from the goal text where the ground truth is empty (task_target_steps). The
+      configured suite target stays the rule wherever an injection task's ground truth makes that very call (all
+      of the shared data: injection_task_3), so EXPECTED.tsv's semantics are untouched; e.g. banking
+      injection_task_7 (update_password "new_password") or workspace injection_task_1 (delete_file "13") get
+      their own;
+    - facts (targets[TASK_FACTS]; None when off): {(suite, task id): {"goals", "text_only"}} for every task: its goal texts (newest first) and
+      whether only words, no call, decide it (task_target_steps gives []). parse_record locates an injection
+      without an <INFORMATION> block by its goal, and quarantines what it cannot decide: a record of a task not
+      listed there (its injection cannot be located), a reached text-only task (no call to look for)."""
+    tasks = _injection_tasks(cfg)
+    if tasks is None:
+        return {}, None
     out: dict[tuple[str, str], list[dict]] = {}
-    for key, (goals, calls) in (_injection_tasks(cfg) or {}).items():
+    facts: dict[tuple[str, str], dict] = {}
+    for key, (goals, calls) in tasks.items():
         steps = task_target_steps(key[0], calls, targets, goals[0] if goals else None)
         if steps:
             out[key] = steps
-    return out
-
-
-def _task_facts(cfg: dict, targets: dict[str, list[dict]]) -> dict[tuple[str, str], dict] | None:
-    """{(suite, task id): {"goals", "text_only"}} for every injection task of `injection_tasks` (None: off):
-    its goal texts (newest first) and whether only words, no call, decide it (task_target_steps gives []).
-    parse_record locates an injection without an <INFORMATION> block by its goal, and quarantines what it
-    cannot decide: a record of a task not listed here (its injection cannot be located), a reached text-only
-    task (no call to look for)."""
-    tasks = _injection_tasks(cfg)
-    if tasks is None:
-        return None
-    return {key: {"goals": goals,
-                  "text_only": task_target_steps(key[0], calls, targets, goals[0] if goals else None) == []}
-            for key, (goals, calls) in tasks.items()}
+        facts[key] = {"goals": goals, "text_only": steps == []}
+    return out, facts
 
 
 def _goal_steps(suite: str, goal: str, targets: dict[str, list[dict]]) -> list[dict] | None:
@@ -370,7 +366,7 @@ def task_target_steps(suite: str, calls: list[dict], targets: dict[str, list[dic
     """Target steps of one injection task from its ground-truth calls ([{function, args}]), or None where the
     suite's configured target is the rule: the ground truth makes that very call, or no call holds a value to
     look for. An empty ground truth with a `goal` is decided by the goal text (_goal_steps), and [] means a
-    text-only task: no call decides it. One decision for the recorded runs (`_task_targets`) and the suite
+    text-only task: no call decides it. One decision for the recorded runs (`_task_rules`) and the suite
     skeletons (`agentdojo_suites`), so both name the same attacker call for the same injection task."""
     if not calls and goal:
         return _goal_steps(suite, goal, targets)
@@ -682,8 +678,11 @@ def _acted_elsewhere(messages: list[Msg], calls: list[Call], first: int, steps: 
     needles = [st["arg_contains"] for st in steps if st.get("arg_contains")]
     user_text = " ".join(m[1] for m in messages if m[0] == "user").casefold()
     needles = [x for x in needles if x.casefold() not in user_text]
+    if not needles:
+        return
     for i, j, name, arg_text, *_ in calls:
-        if i <= first or not needles or not any(x.casefold() in arg_text.casefold() for x in needles):
+        low = arg_text.casefold()
+        if i <= first or not any(x.casefold() in low for x in needles):
             continue
         try:
             leaves = _leaves(json_loads(arg_text))
@@ -1040,8 +1039,8 @@ def _read_files(files: list[Path], root: Path, targets: dict, schemas: "ToolSche
 def read(paths: list[Path], cfg: dict) -> SourceResult:
     cfg = cfg or {}
     targets: dict = suite_targets(cfg)
-    targets.update(_task_targets(cfg, targets))
-    facts = _task_facts(cfg, targets)
+    steps, facts = _task_rules(cfg, targets)
+    targets.update(steps)
     if facts is not None:
         targets[TASK_FACTS] = facts
     schemas = load_tool_schemas(cfg)

@@ -82,7 +82,7 @@ def test_attacker_call_is_the_one_the_run_reader_names(banking):
     from cb_core.sources import agentdojo
 
     targets = agentdojo.suite_targets({})
-    targets.update(agentdojo._task_targets({}, targets))
+    targets.update(agentdojo._task_rules({}, targets)[0])
     got = {}
     for row in banking.good.iter_rows(named=True):
         it = row["source_locator"].split("/")[-1].split(":")[0]
@@ -105,7 +105,7 @@ def test_empty_ground_truth_tasks_name_the_reader_s_attacker_call():
     from cb_core.sources.agentdojo_suites import read_suites
 
     targets = agentdojo.suite_targets({})
-    targets.update(agentdojo._task_targets({}, targets))
+    targets.update(agentdojo._task_rules({}, targets)[0])
     got = {}
     for suite in ("workspace", "travel"):
         res = read_suites([suite], user_tasks=["user_task_0"])

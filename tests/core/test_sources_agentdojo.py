@@ -717,7 +717,7 @@ def test_injection_task_without_the_suite_target_uses_its_ground_truth(tmp_path)
     assert before["labels"]["attacker_call_made"] is False  # changed before the injection: the user's own call
     off = agentdojo.read([p], {**cfg(), "injection_tasks": None}).good  # suite target only
     assert off["labels"].struct.field("category").to_list() == ["retain", "retain"]
-    targets = agentdojo._task_targets(cfg(), agentdojo.suite_targets(cfg()))
+    targets = agentdojo._task_rules(cfg(), agentdojo.suite_targets(cfg()))[0]
     assert ("banking", "injection_task_3") not in targets  # the shared data's task keeps the configured target
     final = {k: [s for s in v if s.get("arg_contains")][-1] for k, v in targets.items()}
     assert (final[("slack", "injection_task_2")]["tool"], final[("slack", "injection_task_2")]["arg_contains"]) == (
@@ -842,9 +842,8 @@ def test_empty_ground_truth_targets_come_from_the_goal():
         None, "bit.ly/sUf7tOJ", {"any_argument": "https://bit.ly/sUf7tOJ"})
     assert steps("travel", "injection_task_6") == []  # text only: no call decides it
     assert agentdojo.task_target_steps("travel", [], targets) is None  # no goal given: as before
-    t = agentdojo._task_targets(cfg(), targets)
+    t, facts = agentdojo._task_rules(cfg(), targets)
     assert t[("workspace", "injection_task_13")] == [phish] and ("travel", "injection_task_6") not in t
-    facts = agentdojo._task_facts(cfg(), targets)
     assert [k for k, v in facts.items() if v["text_only"]] == [("travel", "injection_task_6")]
     assert facts[("workspace", "injection_task_3")]["goals"] == (
         _goal("workspace", "injection_task_3"), _goal("workspace", "injection_task_3", "v1"))
