@@ -82,10 +82,9 @@ def read_source(dataset: str, spec: str, paths: list[Path], cfg: Any, max_reject
             rej, stats)
     n_malformed, frac, stop = stop_the_line(result.n_records, rej, max_reject_fraction)
     if stop:
-        examples = (rej.filter(pl.col("severity") == "malformed")
-                    .select("dataset", "file", "line", "field", "reason").head(5).to_dicts())
-        by_field = (rej.filter(pl.col("severity") == "malformed").group_by("field").len()
-                    .sort(["len", "field"], descending=[True, False]).head(3).rows())
+        malformed = rej.filter(pl.col("severity") == "malformed")
+        examples = malformed.select("dataset", "file", "line", "field", "reason").head(5).to_dicts()
+        by_field = malformed.group_by("field").len().sort(["len", "field"], descending=[True, False]).head(3).rows()
         first = examples[0] if examples else None
         why = "; by field: " + ", ".join(f"{f or '(whole line)'} {n}" for f, n in by_field) + (
             f"; e.g. {first['file']}:{first['line']} {first['field'] or '(line)'}: {first['reason']}" if first else "")
