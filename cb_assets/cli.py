@@ -182,16 +182,16 @@ def run_sweep_in_process(manifest: str, *, overrides: list[str] | None = None, i
                   FINALS_TAG: "yes" if final else "no"})
         status["rank"] = "SUCCESS" if rank.success else "FAILURE"
         if final and rank.success:
-            for k in pl.read_parquet(data_root() / "best_config.parquet")["key"].to_list():
+            finals = pl.read_parquet(data_root() / "best_config.parquet")["key"].to_list()
+            for k in finals:
                 ok = defs.resolve_job_def("final_seed").execute_in_process(
                     instance=instance, partition_key=k, raise_on_error=False,
                     tags={"cb/sweep": sweep, "cb/sweep_stage": "final"}).success
                 status[k] = "SUCCESS" if ok else "FAILURE"
-            finals = sorted(k for k in status if k not in ("rank", *(r["key"] for r in rows)))
             status["release"] = "SUCCESS" if defs.resolve_job_def("sweep_release").execute_in_process(
                 instance=instance, raise_on_error=False,
                 tags={"cb/sweep": sweep, "cb/sweep_stage": "release",
-                      "cb/run_key": run_key_tag(f"release:{','.join(finals)}")}).success else "FAILURE"
+                      "cb/run_key": run_key_tag(f"release:{','.join(sorted(finals))}")}).success else "FAILURE"
     return status
 
 
