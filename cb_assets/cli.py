@@ -173,9 +173,9 @@ def run_sweep_in_process(manifest: str, *, overrides: list[str] | None = None, i
     if any(s == "SUCCESS" for s in status.values()):
         # tagged as the sweep sensor tags its own runs, so a daemon started later sees this sweep ranked (and,
         # without `final`, leaves the opt-in seeds alone) instead of ranking it again and launching them
-        from cb_assets.assets.sweeps import FINALS_TAG, run_key_tag
+        from cb_assets.assets.sweeps import FINALS_TAG, rank_run_key, release_run_key
 
-        rank_key = run_key_tag(f"rank:{sweep}:{','.join(sorted(k for k, s in status.items() if s == 'SUCCESS'))}")
+        rank_key = rank_run_key(sweep, [k for k, s in status.items() if s == "SUCCESS"])
         rank = defs.resolve_job_def("sweep_rank").execute_in_process(
             instance=instance, raise_on_error=False,
             tags={"cb/sweep": sweep, "cb/sweep_stage": "rank", "cb/run_key": rank_key,
@@ -191,7 +191,7 @@ def run_sweep_in_process(manifest: str, *, overrides: list[str] | None = None, i
             status["release"] = "SUCCESS" if defs.resolve_job_def("sweep_release").execute_in_process(
                 instance=instance, raise_on_error=False,
                 tags={"cb/sweep": sweep, "cb/sweep_stage": "release",
-                      "cb/run_key": run_key_tag(f"release:{','.join(sorted(finals))}")}).success else "FAILURE"
+                      "cb/run_key": release_run_key(finals)}).success else "FAILURE"
     return status
 
 

@@ -42,6 +42,15 @@ def run_key_tag(key: str) -> str:
     return key if len(key) <= 200 else f"{key[:180]}#{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
+def rank_run_key(sweep: str, ok_points) -> str:
+    """The ranking run's key over the points that finished: the sensor's and the in-process runner's one rule."""
+    return run_key_tag(f"rank:{sweep}:{','.join(sorted(ok_points))}")
+
+
+def release_run_key(final_keys) -> str:
+    return run_key_tag(f"release:{','.join(sorted(final_keys))}")
+
+
 FINALS_TAG = "cb/final_seeds"  # "no" on a ranking run that asked for no final seeds (the in-process runner)
 SHARED_LOCK = {"cb/data_root_lock": "shared"}
 FINAL_DIR = "final"
@@ -479,7 +488,7 @@ def plan(points: list[dict], point_runs: dict[str, str], rank_runs: dict[str, st
     if not ok:
         return [], f"every point run failed ({failed}); nothing to rank{held}"
     sweep = points[0]["sweep"]
-    rank_key = run_key_tag(f"rank:{sweep}:{','.join(ok)}")
+    rank_key = rank_run_key(sweep, ok)
     if rank_key not in rank_runs:
         return [("sweep_rank", rank_key)], f"points ended ({len(ok)} ok, {len(failed)} failed): ranking{held}"
     rank_status = rank_runs[rank_key]
@@ -494,7 +503,7 @@ def plan(points: list[dict], point_runs: dict[str, str], rank_runs: dict[str, st
         return [("final_seed", k) for k in todo_f], f"launching {len(todo_f)} final seed(s)"
     if not finals or any(s not in FINISHED for s in final_runs.values()):
         return [], "waiting for best_config / final seeds"
-    release_key = run_key_tag(f"release:{','.join(sorted(final_runs))}")
+    release_key = release_run_key(final_runs)
     if not any(s == "SUCCESS" for s in final_runs.values()):
         return [], f"every final seed failed ({sorted(final_runs)}): no release report; see their runs"
     if release_key not in release_runs:
