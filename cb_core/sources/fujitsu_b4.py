@@ -158,8 +158,8 @@ def _check(rec: dict, required: tuple[str, ...], names: frozenset, schema_path: 
         if not isinstance(v, str):
             raise BadRecord(fld, f"'{fld}' is a {type(v).__name__} ({json.dumps(v)[:60]}), expected one tool name")
         if v not in names:
-            near = next((n for n in sorted(names) if n == v.strip().removesuffix("()").strip().lower()), None)
-            hint = f" (did you mean '{near}'?)" if near else (
+            near = v.strip().removesuffix("()").strip().lower()  # `Search_Web()` for search_web
+            hint = f" (did you mean '{near}'?)" if near in names else (
                 f" ({schema_path}: add the tool there, or set fujitsu_b4.tool_schema to a schema that has it)")
             raise BadRecord(fld, f"tool '{v}' is not in the B4 tool schema{hint}")
 
