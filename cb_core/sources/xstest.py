@@ -214,7 +214,7 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
                 label = "unsafe" if typ.startswith("contrast_") else "safe"
             kind = ("borderline" if final == "1_full_compliance" and label == "safe"
                     else "refusal" if final == "2_full_refusal" and label == "unsafe" else None)
-            problem = None
+            problem, severity = None, "malformed"
             if not cid:
                 problem = ("id", "empty id")
             elif final not in FINAL_LABELS:
@@ -223,10 +223,10 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
                 if not prompt.strip():
                     problem = ("prompt", "empty prompt")
                 elif not completion.strip():  # a model that answered nothing: well formed, but no retain data
-                    problem = ("completion", "empty completion: not retain data", "excluded")
+                    problem, severity = ("completion", "empty completion: not retain data"), "excluded"
             if problem:
                 bad.append(reject(dataset=DATASET, file=fname, line=line, field=problem[0], reason=problem[1],
-                                  raw=json.dumps(row, ensure_ascii=False), severity=(*problem, "malformed")[2]))
+                                  raw=json.dumps(row, ensure_ascii=False), severity=severity))
                 continue
             if kind is None:  # not retain data: kept in quarantine with why (severity "excluded")
                 not_used += 1
