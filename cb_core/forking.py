@@ -470,6 +470,7 @@ def fork_map(fn: Callable[[Any], Any], parts: Sequence[Any], what: str = "worker
             done = os.read(r, 1)  # b"" (end of file): the child exited without writing its result
             waited += time.perf_counter() - tw
             os.close(r)
+            children[pid] = (k, path, -1)  # closed: the cleanup below must not close that number again
             if not done:
                 _, status = os.waitpid(pid, 0)
                 del children[pid]
@@ -498,10 +499,11 @@ def fork_map(fn: Callable[[Any], Any], parts: Sequence[Any], what: str = "worker
         for rd in readers.values():
             rd.close()
         for pid, (_, _, r) in children.items():  # on an error here: no child is left behind
-            try:
-                os.close(r)
-            except OSError:
-                pass
+            if r >= 0:  # a read end already closed above is not closed again: by now its number may be
+                try:    # another thread's file or socket
+                    os.close(r)
+                except OSError:
+                    pass
             try:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)

@@ -254,6 +254,26 @@ def test_stream_error_midway_is_raised_as_itself():
     assert "worker 2" in "".join(err.value.__notes__)
 
 
+def test_a_child_error_closes_no_file_descriptor_twice(monkeypatch):
+    """A child's read end is closed once. On an error the cleanup closed it again, and by then its number
+    may belong to another thread's file or socket (Dagster's event loop lost its socket that way)."""
+    real_close, grabbed, parent = os.close, [], os.getpid()
+
+    def close_then_reuse(fd):  # another thread opens a file the moment a number is free
+        real_close(fd)
+        if os.getpid() == parent:
+            grabbed.append(os.open(os.devnull, os.O_RDONLY))
+
+    monkeypatch.setattr(forking.os, "close", close_then_reuse)
+    with pytest.raises(KeyError, match="part 2 broke at item 1"):
+        forking.fork_map(_stream, [0, 1, 2], stream=True)
+    monkeypatch.undo()
+    assert len(grabbed) >= 4  # two write ends, two read ends at least
+    for fd in grabbed:
+        os.fstat(fd)  # still open: EBADF here if fork_map closed another's number as its own
+        os.close(fd)
+
+
 # --------------------------------------------------------------------------- work off the main arena
 def _heap_range() -> tuple[int, int] | None:
     """The main malloc arena's span ([heap] in /proc/self/maps), or None where there is none."""
