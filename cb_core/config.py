@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +26,19 @@ CONFIG_PREFIX = "configs"
 SOURCE_ENV = {name: env for name, (_module, env) in SOURCES.items()}  # dataset -> CB_<SOURCE>_PATH
 
 
-class ConfigError(ValueError):
+class LocatedError(ValueError):
+    """A config problem whose message starts ``<file>: <key path> ...``: the line of that key in the file, as
+    `read_config` found it, goes after the file name (``<file>:<line>: ...``, as editors and compilers
+    write it). The checks below are handed a key path, not a YAML node, so the line is found here once
+    instead of threaded through every check."""
+
+    def __init__(self, *args: Any) -> None:
+        if args and isinstance(args[0], str):
+            args = (located(args[0]), *args[1:])
+        super().__init__(*args)
+
+
+class ConfigError(LocatedError):
     """A configuration problem the user must fix; the message says what to set."""
 
 
@@ -137,14 +150,88 @@ def safe_load(stream: Any) -> Any:
     return yaml.load(stream, Loader=StrictSafeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+_KEY_LINES: dict[str, dict[str, int]] = {}  # a config file, as messages name it -> {key path: line}
+_KEY_LINES_MAX = 256
+
+
+def read_config(path: str | Path) -> Any:
+    """A config file's YAML (`safe_load`, parsed once), remembering the line of every key path
+    (``train.lr``, ``grid.train.lr[1]``) so that a `LocatedError` about it names the line. Raises what
+    opening and parsing raise (OSError, yaml.YAMLError)."""
+    path = Path(path)
+    loader = StrictSafeLoader(path.read_text(encoding="utf-8"))
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    lines: dict[str, int] = {}
+    if node is not None:
+        _key_lines(node, "", lines)
+    names = {str(path), display_path(path)}
+    try:
+        names.add(str(path.resolve()))
+    except OSError:
+        pass
+    for name in names:
+        _KEY_LINES.pop(name, None)
+        _KEY_LINES[name] = lines
+    while len(_KEY_LINES) > _KEY_LINES_MAX:
+        del _KEY_LINES[next(iter(_KEY_LINES))]
+    return data
+
+
+def _key_lines(node: yaml.Node, prefix: str, out: dict[str, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            path = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+            out.setdefault(path, key_node.start_mark.line + 1)
+            _key_lines(value, path, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out.setdefault(f"{prefix}[{i}]", item.start_mark.line + 1)
+            _key_lines(item, f"{prefix}[{i}]", out)
+
+
+_LEAD_KEY = re.compile(r"[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+|\[\d+\])*")
+_PROFILE = re.compile(r"profile '([^'\n]{1,200})': ")
+_NAMED_KEY = re.compile(r"(?:unknown keys?|axis) \[?'([^'\n]{1,200})'")
+_LAST_PART = re.compile(r"(?:\.[^.\[]+|\[\d+\])$|^[^.\[]+$")
+
+
+def located(message: str) -> str:
+    """``"<file>: <key path> ..."`` with the key's line put after the file name when `read_config` read that
+    file: the key path the message starts with, or the deepest part of it that is in the file (a missing
+    ``train.foo`` points at ``train``; a curation value a profile inherits, at that profile); for an
+    unknown key or axis the message quotes (``unknown key 'paht'``), that key's own line. Anything else is
+    returned as it is."""
+    best = max((name for name in _KEY_LINES if message.startswith(name + ": ")), key=len, default="")
+    if not best:
+        return message
+    lines, rest = _KEY_LINES[best], message[len(best) + 2:]
+    scope = _PROFILE.match(rest)  # curation.yaml: "profile 'demo': gates.x" is profiles.demo.gates.x
+    body = rest[scope.end():] if scope else rest
+    m = _LEAD_KEY.match(body)
+    key = ".".join(k for k in (f"profiles.{scope.group(1)}" if scope else "", m.group(0) if m else "") if k)
+    line = None
+    named = _NAMED_KEY.search(body)
+    if named:
+        line = lines.get(f"{key}.{named.group(1)}" if key in lines else named.group(1))
+    while line is None and key:
+        line = lines.get(key)
+        key = _LAST_PART.sub("", key)
+    return f"{best}:{line}: {rest}" if line else message
+
+
 def load_yaml(name: str | Path) -> dict[str, Any]:
     """A YAML mapping from the config folder (or an absolute path); problems name the file."""
     path = Path(name)
     if not path.is_absolute():
         path = config_dir() / path
     try:
-        with open(path, encoding="utf-8") as f:
-            data = safe_load(f)
+        data = read_config(path)
     except FileNotFoundError:
         raise ConfigFileNotFound(
             f"config file {display_path(path)} not found (CB_CONFIG_DIR={os.environ.get('CB_CONFIG_DIR') or 'unset'})"

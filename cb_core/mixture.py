@@ -34,13 +34,13 @@ from typing import Any
 
 import yaml
 
-from cb_core.config import config_dir, config_path, safe_load
+from cb_core.config import LocatedError, config_dir, config_path, read_config
 from cb_core.schemas import DEFAULT_CLASS_WEIGHTS, POLICY_NAMES, PRIORITY_CLASSES  # noqa: F401  (re-exported)
 
 CURRICULUM_TYPES = ("step", "linear", "cosine", "none")
 
 
-class MixtureError(ValueError):
+class MixtureError(LocatedError):
     """A bad MWCS schedule: the message names the file and the field."""
 
 
@@ -79,7 +79,7 @@ class MixtureSchedule:
         cb_core.schemas.POLICY_NAMES)."""
         p = schedule_path(path)
         try:
-            raw = safe_load(p.read_text(encoding="utf-8"))
+            raw = read_config(p)
         except OSError as e:
             raise MixtureError(f"{p}: cannot read MWCS schedule: {e}") from e
         except yaml.YAMLError as e:

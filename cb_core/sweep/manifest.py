@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from cb_core.config import LocatedError
 
 # short axis name -> dotted training key
 AXES: dict[str, str] = {
@@ -71,7 +72,7 @@ MANIFEST_KEYS = {"name", "description", "preset", "overrides", "grid", "eval", "
                  "continue_on_error"}
 
 
-class SweepError(ValueError):
+class SweepError(LocatedError):
     """A bad manifest: the message names the file and the key."""
 
 
@@ -233,11 +234,11 @@ def from_dict(raw: dict, source: str = "<manifest>") -> Manifest:
 
 def load_manifest(name_or_path: str, overrides: dict[str, Any] | None = None) -> Manifest:
     """Load a manifest; ``overrides`` (dotted keys) are added to its shared overrides (sbatch toggles)."""
-    from cb_core.config import safe_load
+    from cb_core.config import read_config
 
     path = manifest_path(name_or_path)
     try:
-        raw = safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = read_config(path) or {}
     except yaml.YAMLError as e:
         raise SweepError(f"{path}: invalid YAML: {e}") from e
     m = from_dict(raw, source=str(path))

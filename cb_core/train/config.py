@@ -14,7 +14,7 @@ from typing import Any, Iterable, get_args, get_origin, get_type_hints
 
 import yaml
 
-from cb_core.config import (ConfigError, check_bool, check_int, check_number, check_str, did_you_mean, named_config,
+from cb_core.config import (ConfigError, LocatedError, read_config, check_bool, check_int, check_number, check_str, did_you_mean, named_config,
                             safe_load)
 from cb_core.mixture import schedule_path
 from cb_core.schemas import POLICY_NAMES
@@ -23,7 +23,7 @@ from cb_core.train.losses import CENTROIDS, DISTANCES, LOSS_MODES, SCHEDULES, ch
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(LocatedError):
     """A bad preset or override: the message names the file/override and the field."""
 
 
@@ -286,7 +286,7 @@ def default_preset(demo: bool | None = None) -> str:
 def load_preset_raw(name_or_path: str) -> tuple[dict, Path]:
     path = preset_path(name_or_path)
     try:
-        raw = safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = read_config(path) or {}
     except yaml.YAMLError as e:
         raise TrainConfigError(f"{path}: invalid YAML: {e}") from e
     if not isinstance(raw, dict):

@@ -239,5 +239,6 @@ def test_copied_config_dir_moves_the_schema_files_it_names(data_root, tmp_path, 
     ds.write_text(ds.read_text().replace("max_reject_fraction: 0.10", "max_reject_fraction: 5"))
     res = materialize_keys(["raw_fujitsu_b4"], raise_on_error=False)
     assert not res.success
-    assert (f"{cfg / 'datasets.yaml'}: stop_the_line.max_reject_fraction must be a number in [0, 1], got 5"
+    line = next(i for i, text in enumerate(ds.read_text().splitlines(), 1) if "max_reject_fraction: 5" in text)
+    assert (f"{cfg / 'datasets.yaml'}:{line}: stop_the_line.max_reject_fraction must be a number in [0, 1], got 5"
             in failures(res))

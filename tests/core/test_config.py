@@ -103,39 +103,42 @@ def test_edited_schema_in_copied_configs_is_used(configs_copy):
                                           ("true", "True"), ("[0.1]", r"\[0.1\]")])
 def test_bad_stop_the_line_fraction_names_file_and_key(configs_copy, value, shown):
     (configs_copy / "datasets.yaml").write_text(f"stop_the_line:\n  max_reject_fraction: {value}\n")
-    with pytest.raises(ConfigError, match=rf"my configs/datasets.yaml: stop_the_line.max_reject_fraction must be "
+    with pytest.raises(ConfigError, match=rf"my configs/datasets.yaml:2: stop_the_line.max_reject_fraction must be "
                                           rf"a number in \[0, 1\], got {shown}$"):
         DatasetsConfig.load()
 
 
 def test_project_config_errors_show_the_relative_file(monkeypatch, tmp_path):
-    cfg = DatasetsConfig(stop_the_line={"max_reject_fraction": 5})
-    with pytest.raises(ConfigError, match=r"^configs/datasets.yaml: stop_the_line.max_reject_fraction must be a "
-                                          r"number in \[0, 1\], got 5$"):
-        cfg.max_reject_fraction
     assert DatasetsConfig.load().max_reject_fraction == 0.10
+    # the project's own file, read just now: its key's line is named with the relative path
+    line = next(i for i, text in enumerate((config_dir() / "datasets.yaml").read_text().splitlines(), 1)
+                if text.strip().startswith("max_reject_fraction:"))
+    cfg = DatasetsConfig(stop_the_line={"max_reject_fraction": 5})
+    with pytest.raises(ConfigError, match=rf"^configs/datasets.yaml:{line}: stop_the_line.max_reject_fraction must "
+                                          r"be a number in \[0, 1\], got 5$"):
+        cfg.max_reject_fraction
 
 
 @pytest.mark.parametrize("text, match", [
-    ("sources: [a, b]\n", r"datasets.yaml: sources must be a mapping, got list"),
-    ("sources: {nope: {path: x}}\n", r"datasets.yaml: sources.nope is not a known source"),
-    ("sources: {xstest: {path: 5}}\n", r"datasets.yaml: sources.xstest.path must be a string or null, got 5"),
-    ("ultrachat: {max_rows: many}\n", r"datasets.yaml: ultrachat.max_rows must be a positive integer"),
+    ("sources: [a, b]\n", r"datasets.yaml:1: sources must be a mapping, got list"),
+    ("sources: {nope: {path: x}}\n", r"datasets.yaml:1: sources.nope is not a known source"),
+    ("sources: {xstest: {path: 5}}\n", r"datasets.yaml:1: sources.xstest.path must be a string or null, got 5"),
+    ("ultrachat: {max_rows: many}\n", r"datasets.yaml:1: ultrachat.max_rows must be a positive integer"),
     ("- just a list\n", r"datasets.yaml: must be a mapping of keys, got list"),
     ("a: [unclosed\n", r"datasets.yaml: not valid YAML"),
     # a misspelt key would leave its default in force (here: the demo sample instead of the data)
-    ("sources: {xstest: {pth: /data/xstest}}\n", r"datasets.yaml: sources.xstest: unknown key 'pth' \(did you mean 'path'\?\)"),
+    ("sources: {xstest: {pth: /data/xstest}}\n", r"datasets.yaml:1: sources.xstest: unknown key 'pth' \(did you mean 'path'\?\)"),
     ("stop_the_line: {max_reject_fractoin: 0.5}\n", r"stop_the_line: unknown key 'max_reject_fractoin' \(did you mean"),
-    ("ultrachat: {max_row: 5}\n", r"datasets.yaml: ultrachat: unknown key 'max_row' \(did you mean 'max_rows'\?\)"),
+    ("ultrachat: {max_row: 5}\n", r"datasets.yaml:1: ultrachat: unknown key 'max_row' \(did you mean 'max_rows'\?\)"),
     ("fujitsu_b4: {tool_shema: x.json}\n", r"fujitsu_b4: unknown key 'tool_shema' \(did you mean 'tool_schema'\?\)"),
-    ("tau2s: {}\n", r"datasets.yaml: unknown key 'tau2s' \(did you mean 'tau2'\?\)"),
+    ("tau2s: {}\n", r"datasets.yaml:1: unknown key 'tau2s' \(did you mean 'tau2'\?\)"),
     # one text is not a list: `airline` would be read as its letters
-    ("tau2: {domains: airline}\n", r"datasets.yaml: tau2.domains must be a list of texts"),
+    ("tau2: {domains: airline}\n", r"datasets.yaml:1: tau2.domains must be a list of texts"),
     ("fujitsu_b4: {required_fields: combined_query}\n", r"fujitsu_b4.required_fields must be a list of texts"),
     ("fujitsu_b4: {tool_schema: configs/tool_schemas/nosuch.json}\n", r"fujitsu_b4.tool_schema: file .*nosuch.json not found"),
     ("agentdojo: {tool_schemas_version: 5}\n", r"agentdojo.tool_schemas_version must be a non-empty text"),
     ("llmail_inject: {email_separator: 5}\n", r"llmail_inject.email_separator must be a text, got 5"),
-    ("xstest: {path: x}\n", r"datasets.yaml: xstest: unknown key 'path'"),
+    ("xstest: {path: x}\n", r"datasets.yaml:1: xstest: unknown key 'path'"),
     ("ultrachat: {max_rows: 5}\nultrachat: {max_rows: 6}\n", r"datasets.yaml: not valid YAML: duplicate key 'ultrachat' on line 2 \(first given on line 1\)"),
 ])
 def test_malformed_datasets_yaml_names_file_and_key(configs_copy, text, match):
@@ -199,10 +202,10 @@ def test_setting_checks_an_environment_value_naming_the_variable(monkeypatch, en
 
 
 @pytest.mark.parametrize("text, kind, rules, match", [
-    ("renders: {num_workers: -3}\n", int, {"lo": 0}, r"operations.yaml: renders.num_workers \(or \$CB_X\) must be >= 0"),
+    ("renders: {num_workers: -3}\n", int, {"lo": 0}, r"operations.yaml:1: renders.num_workers \(or \$CB_X\) must be >= 0"),
     ("renders: {num_workers: '2'}\n", int, {"lo": 0}, r"renders.num_workers \(or \$CB_X\) must be a whole number, got '2'"),
     ("renders: {num_workers: .nan}\n", float, {}, r"renders.num_workers \(or \$CB_X\) must be a finite number"),
-    ("renders: [1]\n", int, {}, r"operations.yaml: renders must be a mapping"),
+    ("renders: [1]\n", int, {}, r"operations.yaml:1: renders must be a mapping"),
 ])
 def test_setting_checks_a_file_value_naming_file_key_and_variable(configs_copy, monkeypatch, text, kind, rules, match):
     from cb_core.config import setting
@@ -225,8 +228,8 @@ def test_setting_values_that_pass(configs_copy, monkeypatch):
 
 
 @pytest.mark.parametrize("text, match", [
-    ("renders: {num_wrokers: 2}\n", r"operations.yaml: renders: unknown key 'num_wrokers' \(did you mean 'num_workers'\?\)"),
-    ("source_sensor: {default_status: RUNNING}\nrender: {}\n", r"operations.yaml: unknown key 'render' \(did you mean 'renders'\?\)"),
+    ("renders: {num_wrokers: 2}\n", r"operations.yaml:1: renders: unknown key 'num_wrokers' \(did you mean 'num_workers'\?\)"),
+    ("source_sensor: {default_status: RUNNING}\nrender: {}\n", r"operations.yaml:2: unknown key 'render' \(did you mean 'renders'\?\)"),
 ])
 def test_operations_yaml_refuses_unknown_keys(configs_copy, text, match):
     from cb_assets.automation import check_operations_file

@@ -45,7 +45,8 @@ def test_a_boolean_number_in_a_preset_file_names_the_file(tmp_path, monkeypatch)
     p = cfg_dir / "train" / "tiny.yaml"
     p.write_text(p.read_text().replace("lr: 1.0e-3", "lr: true"))
     monkeypatch.setenv("CB_CONFIG_DIR", str(cfg_dir))
-    with pytest.raises(TrainConfigError, match=r"train/tiny\.yaml: train\.lr must be a finite number, got True \(bool\)"):
+    line = next(i for i, text in enumerate(p.read_text().splitlines(), 1) if "lr: true" in text)
+    with pytest.raises(TrainConfigError, match=rf"train/tiny\.yaml:{line}: train\.lr must be a finite number, got True \(bool\)"):
         load_train_config("tiny")
 
 

@@ -1,0 +1,102 @@
+"""Config errors name the line of the key they are about (``file:line: key ...``), for every kind of config
+file: datasets/operations (load_yaml), training presets, sweep manifests, MWCS schedules."""
+import pytest
+
+from cb_core.config import ConfigError, load_yaml, located, read_config
+from cb_core.mixture import MixtureError, MixtureSchedule
+from cb_core.sweep.manifest import SweepError, load_manifest
+from cb_core.train.config import TrainConfigError, load_train_config, presets_dir
+
+PRESET = (presets_dir() / "tiny.yaml").read_text()
+
+
+def _line(path, needle: str) -> int:
+    return next(i for i, text in enumerate(path.read_text().splitlines(), 1) if needle in text)
+
+
+def test_a_bad_value_deep_in_a_block_preset_names_its_line(tmp_path):
+    p = tmp_path / "p.yaml"
+    flow = next(t for t in PRESET.splitlines() if t.startswith("train: {"))
+    block = "train:\n  steps: 40\n  batch_size: 4\n\n  grad_accum: 1\n  lr: fast\n  max_grad_norm: 1.0"
+    p.write_text("# a preset in block style\n" + PRESET.replace(flow, block))
+    with pytest.raises(TrainConfigError, match=rf"^{p}:{_line(p, 'lr: fast')}: train\.lr must be a finite number"):
+        load_train_config(str(p))
+
+
+def test_an_unknown_key_names_its_own_line_not_its_sections(tmp_path):
+    d = tmp_path / "datasets.yaml"
+    d.write_text("# sources\nsources:\n  xstest:\n    path: null\n\n  agentdojo:\n    path: null\n    paht: x\n")
+    with pytest.raises(ConfigError, match=rf"^{d}:8: sources\.agentdojo: unknown key 'paht' \(did you mean 'path'\?\)"):
+        from cb_core.config import DatasetsConfig
+        DatasetsConfig.load(d)
+
+
+def test_a_sweep_axis_and_an_unknown_top_key_name_their_lines(tmp_path):
+    m = tmp_path / "m.yaml"
+    m.write_text("name: t\npreset: tiny\ngrid:\n  lr: [1e-4]\n  bogus_axis: [1, 2]\n")
+    with pytest.raises(SweepError, match=rf"^{m}:5: grid: grid axis 'bogus_axis'"):
+        load_manifest(str(m))
+    m.write_text("name: t\n\npreset: tiny\nbase: x\ngrid: {lr: [1e-4]}\n")
+    with pytest.raises(SweepError, match=rf"^{m}:4: unknown keys \['base'\]"):
+        load_manifest(str(m))
+
+
+def test_a_key_the_file_lacks_gets_no_invented_line(tmp_path):
+    m = tmp_path / "m.yaml"
+    m.write_text("name: t\ngrid: {lr: [1e-4]}\n")
+    with pytest.raises(SweepError, match=rf"^{m}: preset: required"):
+        load_manifest(str(m))
+
+
+def test_an_mwcs_schedule_error_names_its_line(tmp_path):
+    s = tmp_path / "s.yaml"
+    s.write_text("name: x\nclass_weights:\n  adversarial_safe: 2.0\n  harmful_flip: -1\n")
+    with pytest.raises(MixtureError, match=rf"^{s}:4: class_weights\.harmful_flip: weight must be"):
+        MixtureSchedule.load(s)
+    s.write_text("name: x\ncurriculum:\n  type: step\n  phases:\n    - {name: a, start_step: 0, end_step: 5}\n"
+                 "    - {name: b, start_step: 0, end_step: 5, colour: red}\n")
+    with pytest.raises(MixtureError, match=rf"^{s}:6: curriculum\.phases\[1\]: unknown keys \['colour'\]"):
+        MixtureSchedule.load(s)
+
+
+def test_the_line_follows_the_file_as_it_is_read_again(tmp_path):
+    f = tmp_path / "o.yaml"
+    f.write_text("renders:\n  num_workers: -1\n")
+    load_yaml(f)
+    assert located(f"{f}: renders.num_workers must be >= 0") == f"{f}:2: renders.num_workers must be >= 0"
+    f.write_text("\n\nrenders:\n\n  num_workers: -1\n")
+    read_config(f)
+    assert located(f"{f}: renders.num_workers must be >= 0") == f"{f}:5: renders.num_workers must be >= 0"
+
+
+def test_messages_about_no_file_read_here_are_unchanged(tmp_path):
+    assert located("<dict>: train.lr must be a finite number") == "<dict>: train.lr must be a finite number"
+    assert located(f"{tmp_path / 'never.yaml'}: train.lr bad") == f"{tmp_path / 'never.yaml'}: train.lr bad"
+    f = tmp_path / "o.yaml"
+    f.write_text("renders: {num_workers: 2}\n")
+    read_config(f)
+    # a message that starts with no key of the file, and a key path that is not there at all
+    assert located(f"{f}: must be a mapping of keys") == f"{f}: must be a mapping of keys"
+    assert located(f"{f}: training.preset: unknown") == f"{f}: training.preset: unknown"
+    assert located(f"{f}: renders.nope must be") == f"{f}:1: renders.nope must be"  # its section's line
+
+
+def test_a_curation_profile_value_names_its_line_or_its_profiles(tmp_path, monkeypatch):
+    from cb_core.curate.config import load_curation_config
+
+    cfg = tmp_path / "configs"
+    cfg.mkdir()
+    monkeypatch.setenv("CB_CONFIG_DIR", str(cfg))
+    (cfg / "curation.yaml").write_text(
+        "profiles:\n"
+        "  base:\n"
+        "    gates:\n"
+        "      min_adversarial_safe: many\n"
+        "  child:\n"
+        "    extends: base\n"
+        "    eval_fraction: 0.2\n")
+    with pytest.raises(ConfigError, match=r"curation\.yaml:4: profile 'base': gates\.min_adversarial_safe must be"):
+        load_curation_config("base")
+    # inherited from `base`: the message names the child profile, and the line is the child's own
+    with pytest.raises(ConfigError, match=r"curation\.yaml:5: profile 'child': gates\.min_adversarial_safe must be"):
+        load_curation_config("child")
