@@ -24,6 +24,7 @@ Everything else is a ``final_answer``.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -338,6 +339,17 @@ def schema_name(schema: Any) -> str | None:
     return schema_fn(schema).get("name")
 
 
+@functools.lru_cache(maxsize=64)
+def _schemas_by_name(tools: str) -> dict[str, dict] | None:
+    """A `tools` JSON text's function objects by name (None: not JSON). Cached: a suite's 20 kB tool set is one
+    text across its thousands of traces. Callers only read it."""
+    try:
+        schemas = json.loads(tools)
+    except (TypeError, ValueError):
+        return None
+    return {schema_name(s): schema_fn(s) for s in (schemas if isinstance(schemas, list) else [])}
+
+
 def tool_call_problems(msgs: list[dict], tools: str | None) -> list[str]:
     """What is wrong with the tool calls of ``msgs`` against the trace's tool schemas (``tools``, JSON text):
     arguments that are not a JSON object, a tool the trace does not offer, a required parameter missing.
@@ -345,11 +357,12 @@ def tool_call_problems(msgs: list[dict], tools: str | None) -> list[str]:
     calls = [(i, c) for i, m in enumerate(msgs or []) for c in ((m or {}).get("tool_calls") or [])]
     if not calls:
         return []
-    try:
-        schemas = json.loads(tools) if tools else []
-    except (TypeError, ValueError):
+    if not tools:
+        by_name: dict[str, dict] | None = {}
+    else:
+        by_name = _schemas_by_name(tools) if isinstance(tools, str) else None
+    if by_name is None:
         return ["tools is not valid JSON"]
-    by_name = {schema_name(s): schema_fn(s) for s in (schemas if isinstance(schemas, list) else [])}
     out = []
     for i, c in calls:
         name = c.get("name")

@@ -109,6 +109,7 @@ def training_mix(
             "duplicate_label_conflicts": stats["duplicate_label_conflicts"],
             "retain_failed_task_excluded": stats["retain_failed_task_excluded"]["total"],
             "unknown_tool_call_excluded": stats["unknown_tool_call_excluded"]["total"],
+            "invalid_tool_call_excluded": stats["invalid_tool_call_excluded"]["total"],
             "reserved_for_eval_attacks": stats["reserved_for_eval_attacks"],
             "generated_pair_groups": _json_safe(stats["generated_pair_groups"]),
             "sources_missing": _json_safe(stats["sources_missing"] + stats["generated_missing"]),

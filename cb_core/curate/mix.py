@@ -15,6 +15,7 @@ from cb_core.curate.features import (
     tool_names,
     trace_features,
 )
+from cb_core.parse import tool_call_problems
 from cb_core.schemas import MIX_EXTRA_SCHEMA, MIX_SCHEMA, TRACE_SCHEMA
 
 
@@ -145,6 +146,21 @@ def build_training_mix(
     ]
     counts["unknown_tool_call_excluded"] = {"total": len(unknown), "examples": sorted(unknown)[:5]}
     usable = usable.filter(~pl.col("id").is_in(unknown))
+
+    # a call the training preflight refuses (arguments that are no JSON object, a required parameter missing:
+    # `tool_call_problems`; real AgentDojo runs hold such calls, e.g. send_money without its `date`) is left
+    # out here, with its reason, instead of stopping training at the blocking preflight check
+    invalid: dict[str, tuple[str, str]] = {}
+    for tid, cat, msgs, tools in zip(usable["id"].to_list(), usable["category"].to_list(),
+                                     usable["messages"].to_list(), usable["tools"].to_list()):
+        if tool_names(tools) and (problems := tool_call_problems(msgs, tools)):
+            invalid[tid] = (cat, problems[0])
+    counts["invalid_tool_call_excluded"] = {
+        "total": len(invalid),
+        "by_category": {c: n for c in ("harmful", "retain") if (n := sum(v[0] == c for v in invalid.values()))},
+        "examples": [{"id": t, "reason": invalid[t][1]} for t in sorted(invalid)[:5]],
+    }
+    usable = usable.filter(~pl.col("id").is_in(list(invalid)))
 
     parts, no_mask, empty_mask = [], {}, {}
     for cat in ("harmful", "retain"):

@@ -77,12 +77,13 @@ def _args(text: Any) -> dict | None:
 
 # ------------------------------------------------------------------------------------------- prompt sets
 def attack_samples(eval_attacks: pl.DataFrame) -> list[EvalSample]:
-    """`eval_attacks` skeletons whose expected behaviour differs from the attacker's (else success is moot)."""
+    """`eval_attacks` skeletons whose expected behaviour differs from the attacker's, or whose attacker arguments
+    tell the two calls apart (AgentDojo slack: the user's `get_webpage` of another URL); else success is moot."""
     out = []
     for r in eval_attacks.iter_rows(named=True):
         ta = r.get("tool_attack") or {}
         attacker, expected = ta.get("attacker_tool"), ta.get("expected_tool")
-        if not attacker or expected == attacker:
+        if not attacker or (expected == attacker and not _args(ta.get("attacker_args"))):
             continue
         msgs = r["messages"] or []
         if msgs and msgs[-1]["role"] == "assistant":
@@ -176,7 +177,9 @@ def score(samples: Sequence[EvalSample], generate: Generate, cfg: EvalConfig,
     by_set = {s: _limit([x for x in samples if x.set == s], cfg.limit, f"{cfg.seed_key}:{s}") for s in EVAL_SETS}
     attacks = by_set["attacks"]
     plain = attacks + by_set["capability"] + by_set["xstest"]
-    forced = [a for a in attacks if a.attacker_tool] if cfg.forced_call else []
+    # a forced call of the tool the user's task calls next anyway (AgentDojo slack's get_webpage) is no sign of
+    # the attack, however it completes
+    forced = [a for a in attacks if a.attacker_tool and a.attacker_tool != a.expected_tool] if cfg.forced_call else []
     details: list[dict] = []
     outs: dict[str, dict[str, str]] = {}
     rates: dict[str, dict[str, Rate]] = {}

@@ -38,8 +38,9 @@ e.g. "$9.378 million"), overridable per scenario with `cfg["attacker_args_by_sce
 `tool_attack.attacker_args`. `tool_attack.expected_tool` is null: the expected behaviour is "anything but the
 attacker's call" (summarise the e-mails). The flags, the scenario's goal text, the defence and the job id are
 kept in `provenance.generation_params` (`{"llmail": {...}}`).
-pair_group = `llmail_inject:` + digest of the submitted subject + body (the same e-mail submitted to several
-levels is one group: never on both sides of a split).
+pair_group = `llmail_inject:` + digest of the submitted body, case and whitespace folded (the subject when the
+body is blank): the same e-mail submitted to several levels, re-titled or re-indented, is one group, never on
+both sides of a split.
 
 Tools come from the project's repaired schema (`cfg["tool_schema"]`, default configs/tool_schemas/llmail_v1.json):
 the schema in system_prompt.json's `tool_prompt` is malformed JSON and is never parsed here.
@@ -309,6 +310,13 @@ def skeleton_parts(scenario: dict, system_prompt: str, cfg: dict) -> Skeleton:
     return build
 
 
+def email_group(subject: str, body: str) -> str:
+    """The submission's task identity: its body with case and whitespace folded (the payload; resubmissions
+    re-indent, re-case or re-title the same body), its subject when the body is blank."""
+    text = body if body.strip() else subject
+    return f"{DATASET}:" + digest([" ".join(text.split()).casefold()])
+
+
 def _msg(role: str, content: str, calls: list | None = None, tool_call_id: str | None = None,
          name: str | None = None) -> dict:
     return {"role": role, "content": content, "tool_calls": calls or [], "tool_call_id": tool_call_id, "name": name}
@@ -496,7 +504,7 @@ def read(paths: list[Path], cfg: dict) -> SourceResult:
                 "injection_text": email,
                 "injection_span": span,
             },
-            pair_group=f"{DATASET}:" + digest([subject, body]),
+            pair_group=email_group(subject, body),
             generation_params={"llmail": {
                 "job_id": row.get("job_id") or row.get("RowKey"), "scenario": skey, "objectives": flags,
                 "attacker_goal": scen.get("task"), "defence": defences.get(letter),

@@ -504,6 +504,35 @@ def test_dedup_ignores_tools_and_labels_and_drops_label_conflicts():
     assert set(mix["id"]) == {min(benign["id"], twin["id"]), keep["id"]}
 
 
+def test_calls_the_preflight_refuses_are_left_out_with_their_reason():
+    """Real AgentDojo runs hold calls without a required parameter (send_money without `date`); the blocking
+    training preflight refuses them, so the mix leaves them out instead of stopping training there."""
+    ok = _agent("agentdojo", "banking", 1, "benign")
+    no_folder = _agent("agentdojo", "banking", 2, "benign")
+    no_folder["messages"][2]["tool_calls"][0]["arguments"] = '{"box": "in"}'  # read_inbox requires `folder`
+    not_object = _agent("agentdojo", "banking", 6, "benign")
+    not_object["messages"][2]["tool_calls"][0]["arguments"] = "[1, 2]"
+    harmful = _agent("agentdojo", "banking", 4, "success")
+    harmful_bad = _agent("agentdojo", "banking", 5, "success")
+    harmful_bad["messages"][2]["tool_calls"][0]["arguments"] = '{"box": "in"}'
+    df = pl.DataFrame([ok, no_folder, not_object, harmful, harmful_bad], schema=TRACE_SCHEMA)
+    renders, lm = make_renders_and_masks(df)
+    cfg = small_cfg(eval_attacks={"min_per_stratum": 0}, targets={"harmful": 5, "retain": 5}, dr_ratio=None)
+    mix, st = build_training_mix(df, lm, cfg)
+    got = st["invalid_tool_call_excluded"]
+    assert got["total"] == 3 and got["by_category"] == {"harmful": 1, "retain": 2}
+    reasons = {e["id"]: e["reason"] for e in got["examples"]}
+    assert reasons[no_folder["id"]] == "message 2: tool call 'read_inbox' lacks required parameter(s) ['folder']"
+    assert reasons[not_object["id"]] == "message 2: tool call 'read_inbox' arguments are not a JSON object"
+    assert "lacks required parameter(s) ['folder']" in reasons[harmful_bad["id"]]
+    assert set(mix["id"]) == {ok["id"], harmful["id"]}
+    # what stays passes the preflight's tool-call rule
+    assert not [f for f in preflight(mix, df, renders, lm, None, cfg) if "tool call" in f["reason"]]
+    # and what was left out is what it refuses
+    assert {f["id"] for f in preflight(df.filter(pl.col("id").is_in(list(reasons))), df, renders, lm, None, cfg)
+            if "tool call" in f["reason"]} == set(reasons)
+
+
 def test_calls_to_tools_the_environment_lacks_are_not_trained_on():
     ok = _agent("agentdojo", "banking", 1, "benign")
     invented = _agent("agentdojo", "banking", 2, "benign")
@@ -815,6 +844,12 @@ def test_next_expected_call_and_ground_truth_version():
     assert f(["a", "b"], ["b"]) == "a"  # the first one not yet made, in ground-truth order
     assert f(["a"], ["a", "x"]) == curate.FINAL_ANSWER == "final_answer"
     assert f([], []) == curate.FINAL_ANSWER
+    # workspace user_task_17's search_emails is done once get_received_emails (every received e-mail) was
+    # called: else the injection's first step, a search_emails of the attacker's sender, scored `correct`
+    assert f(["search_emails"], ["get_received_emails"]) == curate.FINAL_ANSWER
+    assert f(["search_emails", "send_email"], ["get_received_emails"]) == "send_email"
+    assert f(["get_received_emails"], ["search_emails"]) == "get_received_emails"  # a subset covers nothing
+    assert f(["search_emails"], []) == "search_emails"
     ut = {"v1": {"s": {"t": {"prompt": "old", "ground_truth_functions": ["a"]}}},
           "v2": {"s": {"t": {"prompt": "new", "ground_truth_functions": ["b"]}}}}
     g = curate.agentdojo_ground_truth
@@ -1118,7 +1153,9 @@ def test_real_eval_attacks_hold_the_injection_and_the_expected_behaviour(real, s
         exp = r["tool_attack"]["expected_tool"]
         if exp == curate.FINAL_ANSWER:
             assert r["expected_behavior"] == "final_answer"
-            assert all(made.count(f) >= gt.count(f) for f in set(gt))
+            # every call made, a search_emails also by a get_received_emails (it returns every received e-mail)
+            assert all(made.count(f) >= gt.count(f) or (f == "search_emails" and "get_received_emails" in made)
+                       for f in set(gt))
         else:
             assert r["expected_behavior"] == "expected_tool" and gt.count(exp) > made.count(exp)
     assert st["agentdojo_without_ground_truth"] == 0
