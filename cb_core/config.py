@@ -160,14 +160,14 @@ def read_config(path: str | Path) -> Any:
     opening and parsing raise (OSError, yaml.YAMLError)."""
     path = Path(path)
     loader = StrictSafeLoader(path.read_text(encoding="utf-8"))
+    lines: dict[str, int] = {}
     try:
         node = loader.get_single_node()
+        if node is not None:  # before constructing: a `<<:` merge is flattened into the node by the constructor
+            _key_lines(node, "", lines, set())
         data = loader.construct_document(node) if node is not None else None
     finally:
         loader.dispose()
-    lines: dict[str, int] = {}
-    if node is not None:
-        _key_lines(node, "", lines)
     names = {str(path), display_path(path)}
     try:
         names.add(str(path.resolve()))
@@ -181,23 +181,31 @@ def read_config(path: str | Path) -> Any:
     return data
 
 
-def _key_lines(node: yaml.Node, prefix: str, out: dict[str, int]) -> None:
+def _key_lines(node: yaml.Node, prefix: str, out: dict[str, int], seen: set[int]) -> None:
+    """Each node is walked once: an alias (``*base``) or a ``<<: *base`` merge is not walked again under the key
+    that uses it (whose own line then stands for the values it brings), so a recursive alias ends and a
+    nest of aliases cannot multiply the table."""
+    if id(node) in seen:
+        return
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
         for key_node, value in node.value:
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
                 continue
             path = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
             out.setdefault(path, key_node.start_mark.line + 1)
-            _key_lines(value, path, out)
+            _key_lines(value, path, out, seen)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             out.setdefault(f"{prefix}[{i}]", item.start_mark.line + 1)
-            _key_lines(item, f"{prefix}[{i}]", out)
+            _key_lines(item, f"{prefix}[{i}]", out, seen)
 
 
-_LEAD_KEY = re.compile(r"[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+|\[\d+\])*")
+# a key path; a part may carry a note in brackets (``curriculum.phases[1] (rampup).start_step``), not part of it
+_LEAD_KEY = re.compile(r"[A-Za-z0-9_\-]+(?:(?: \([^()\n]{0,200}\))?(?:\.[A-Za-z0-9_\-]+|\[\d+\]))*")
+_NOTE = re.compile(r" \([^()\n]{0,200}\)")
 _PROFILE = re.compile(r"profile '([^'\n]{1,200})': ")
-_NAMED_KEY = re.compile(r"(?:unknown keys?|axis) \[?'([^'\n]{1,200})'")
+_NAMED_KEY = re.compile(r"(?:unknown (?:top-level )?(?:keys?|fields?|class)|axis) \[?'([^'\n]{1,200})'")
 _LAST_PART = re.compile(r"(?:\.[^.\[]+|\[\d+\])$|^[^.\[]+$")
 
 
@@ -214,11 +222,13 @@ def located(message: str) -> str:
     scope = _PROFILE.match(rest)  # curation.yaml: "profile 'demo': gates.x" is profiles.demo.gates.x
     body = rest[scope.end():] if scope else rest
     m = _LEAD_KEY.match(body)
-    key = ".".join(k for k in (f"profiles.{scope.group(1)}" if scope else "", m.group(0) if m else "") if k)
+    base = f"profiles.{scope.group(1)}" if scope else ""
+    key = ".".join(k for k in (base, _NOTE.sub("", m.group(0)) if m else "") if k)
     line = None
     named = _NAMED_KEY.search(body)
-    if named:
-        line = lines.get(f"{key}.{named.group(1)}" if key in lines else named.group(1))
+    if named:  # under the key the message starts with; a message that starts "unknown key ..." is about its scope
+        under = base if named.start() == 0 or not m else key
+        line = lines.get(f"{under}.{named.group(1)}" if under else named.group(1))
     while line is None and key:
         line = lines.get(key)
         key = _LAST_PART.sub("", key)

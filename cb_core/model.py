@@ -80,10 +80,17 @@ class ModelProfile:
         check_keys(raw, PROFILE_RULES, source)
         for key, val in raw.items():
             PROFILE_RULES[key](val, f"{source}: {key}")
+        from cb_core.render import TruncationConfig
+
+        try:  # its messages name truncation.<key> after the file (the line of that key)
+            TruncationConfig.from_dict(raw.get("truncation"), source=source)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         try:
             return cls(**raw)
-        except ValueError as e:  # the checks of __post_init__ (model needs path, truncation)
-            raise ConfigError(f"{source}: {e}") from None
+        except ValueError as e:  # the checks of __post_init__ (model needs path): "model ..." names the key
+            msg = str(e).removeprefix(f"model profile {raw.get('name')}: ")
+            raise ConfigError(f"{source}: {msg}") from None
 
     def __post_init__(self) -> None:
         if self.model not in ("tiny", "local", "tiny_agent"):
@@ -165,8 +172,8 @@ def load_profile(name_or_path: str | Path | None = None) -> ModelProfile:
     spec = str(name_or_path or profile_name())
     from_env = spec == os.environ.get("CB_MODEL")  # also when a caller passes profile_name() on (ModelResource)
     what = "environment variable CB_MODEL: model profile" if from_env else "model profile"
-    path = named_config("models", spec, what, error=ConfigFileNotFound)
-    raw = load_yaml(path.resolve())
+    path = named_config("models", spec, what, error=ConfigFileNotFound).resolve()  # as read_config names it
+    raw = load_yaml(path)
     raw.setdefault("name", path.stem)
     if os.environ.get("CB_MODEL_PATH"):
         raw["path"] = check_str(os.environ["CB_MODEL_PATH"], "environment variable CB_MODEL_PATH")

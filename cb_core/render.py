@@ -162,6 +162,8 @@ class TruncationConfig:
         kw = dict(raw)
         if "steps" in kw:
             st = kw["steps"]
+            if st is not None and not isinstance(st, (str, list, tuple)):
+                raise ValueError(f"{source}: truncation.steps must be a list of steps, e.g. [drop_turns], got {st!r}")
             kw["steps"] = () if st is None else ((st,) if isinstance(st, str) else tuple(st))
         try:
             return cls(**kw)

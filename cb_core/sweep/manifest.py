@@ -132,6 +132,10 @@ class Manifest:
     final: dict[str, Any] = field(default_factory=lambda: {"seeds": [101, 555, 888], "overrides": {}})
     continue_on_error: bool = True
     source: str = "<manifest>"
+    # where each grid and each shared override is written in the manifest (``grid[1]``, ``overrides.train.lr``),
+    # for messages about a point's values; overrides given with the manifest (load_manifest) are not written there
+    grid_keys: list[str] = field(default_factory=list, repr=False)
+    override_keys: dict[str, str] = field(default_factory=dict, repr=False)
 
     def expand(self, *, validate: bool = True) -> list[Point]:
         return expand(self, validate=validate)
@@ -159,6 +163,9 @@ def axis_key(axis: str, source: str = "<manifest>") -> str:
 
 
 def _dotted(d: dict | None, where: str) -> dict[str, Any]:
+    if d is not None and not isinstance(d, dict):
+        raise SweepError(f"{where}: expected a mapping of training keys -> values (e.g. {{train.steps: 200}}), "
+                         f"got {d!r}")
     out = {}
     for k, v in (d or {}).items():
         out[axis_key(str(k), where)] = v
@@ -176,14 +183,21 @@ def from_dict(raw: dict, source: str = "<manifest>") -> Manifest:
         raise SweepError(f"{source}: name {name!r} must match [A-Za-z0-9_-]{{1,32}} (it starts every point key)")
     if not raw.get("preset"):
         raise SweepError(f"{source}: preset: required (a configs/train/<preset>.yaml name)")
+    from cb_core.train.config import TrainConfigError, preset_path
+
+    try:  # found now, not when the first point resolves it
+        preset_path(str(raw["preset"]))
+    except TrainConfigError as e:
+        raise SweepError(f"{source}: preset: {e}") from None
     grid = raw.get("grid")
     grids = grid if isinstance(grid, list) else [grid]
     if not grids:
         raise SweepError(f"{source}: grid: an empty list has no point to train; give one mapping of axis -> values "
                          "or a list of them")
-    out_grids = []
+    out_grids, grid_keys = [], []
     for i, g in enumerate(grids):
-        where = f"{source}: grid" + (f"[{i}]" if isinstance(grid, list) else "")
+        grid_keys.append("grid" + (f"[{i}]" if isinstance(grid, list) else ""))
+        where = f"{source}: {grid_keys[-1]}"
         if not isinstance(g, dict) or not g:
             raise SweepError(f"{where}: expected a non-empty mapping of axis -> list of values")
         axes = {}
@@ -194,13 +208,15 @@ def from_dict(raw: dict, source: str = "<manifest>") -> Manifest:
             axes[str(axis)] = values
         out_grids.append(axes)
     sel_raw = raw.get("selection") or {}
+    if not isinstance(sel_raw, dict):
+        raise SweepError(f"{source}: selection: expected a mapping (e.g. {{metric: tool_flip_asr}}), got {sel_raw!r}")
     bad = set(sel_raw) - set(Selection.__dataclass_fields__)
     if bad:
         raise SweepError(f"{source}: selection: unknown keys {sorted(bad)}")
     sel = Selection(**sel_raw)
     if sel.not_measured not in ("fail", "pass"):
         raise SweepError(f"{source}: selection.not_measured must be fail or pass, got {sel.not_measured!r}")
-    if sel.metric not in KNOWN_METRICS:
+    if not isinstance(sel.metric, str) or sel.metric not in KNOWN_METRICS:
         raise SweepError(f"{source}: selection.metric {sel.metric!r} is not an eval_scores metric "
                          f"({sorted(KNOWN_METRICS)})")
     if not isinstance(sel.gates, list) or any(g not in KNOWN_GATES for g in sel.gates):
@@ -211,6 +227,8 @@ def from_dict(raw: dict, source: str = "<manifest>") -> Manifest:
     if not isinstance(raw.get("continue_on_error", True), bool):
         raise SweepError(f"{source}: continue_on_error must be true or false (unquoted), "
                          f"got {raw['continue_on_error']!r}")
+    if not isinstance(raw.get("final") or {}, dict):
+        raise SweepError(f"{source}: final: expected a mapping (e.g. {{seeds: [101, 555]}}), got {raw['final']!r}")
     final = {"seeds": [101, 555, 888], "overrides": {}, **(raw.get("final") or {})}
     seeds = final["seeds"]
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
@@ -226,10 +244,11 @@ def from_dict(raw: dict, source: str = "<manifest>") -> Manifest:
         section(EVAL_RULES)(ev, f"{source}: eval")
     except ConfigError as e:
         raise SweepError(str(e)) from None
-    return Manifest(name=name, preset=str(raw["preset"]), grids=out_grids,
-                    overrides=_dotted(raw.get("overrides"), f"{source}: overrides"),
+    overrides = _dotted(raw.get("overrides"), f"{source}: overrides")
+    return Manifest(name=name, preset=str(raw["preset"]), grids=out_grids, overrides=overrides,
                     description=str(raw.get("description", "")), eval=dict(ev), selection=sel, final=final,
-                    continue_on_error=raw.get("continue_on_error", True), source=source)
+                    continue_on_error=raw.get("continue_on_error", True), source=source, grid_keys=grid_keys,
+                    override_keys={axis_key(str(k)): f"overrides.{k}" for k in raw.get("overrides") or {}})
 
 
 def load_manifest(name_or_path: str, overrides: dict[str, Any] | None = None) -> Manifest:
@@ -242,8 +261,11 @@ def load_manifest(name_or_path: str, overrides: dict[str, Any] | None = None) ->
     except yaml.YAMLError as e:
         raise SweepError(f"{path}: invalid YAML: {e}") from e
     m = from_dict(raw, source=str(path))
-    if overrides:
-        m.overrides.update(_dotted(overrides, f"{path}: overrides"))
+    if overrides:  # given with the manifest, not written in it: their messages name no line of the file
+        given = _dotted(overrides, f"overrides given with {path}")
+        m.overrides.update(given)
+        for k in given:
+            m.override_keys.pop(k, None)
     return m
 
 
@@ -335,9 +357,26 @@ def expand(m: Manifest, *, validate: bool = True) -> list[Point]:
                 try:
                     load_train_config(m.preset, p.override_strings())
                 except TrainConfigError as e:
-                    raise SweepError(f"{m.source}: point {key}: {e}") from e
+                    at = _written_at(m, gi, grid, axes, str(e))
+                    raise SweepError(f"{m.source}: {at + ': ' if at else ''}point {key}: {e}") from e
             points[key] = p
     return list(points.values())
+
+
+_POINT_KEY = re.compile(r"^(?:override '|.*? \+ overrides \[[^\]\n]*\]: )([a-z_]+\.[a-z_0-9]+)")
+
+
+def _written_at(m: Manifest, gi: int, grid: dict[str, list], axes: dict[str, Any], message: str) -> str:
+    """The manifest key (``grid.lr[1]``, ``overrides.train.steps``) that gave the training key a point's
+    message is about, or "" (a value of the preset, or an override given with the manifest)."""
+    hit = _POINT_KEY.match(message)
+    if not hit:
+        return ""
+    for axis, value in axes.items():
+        if axis_key(axis) == hit.group(1) and gi < len(m.grid_keys):
+            i = next((j for j, v in enumerate(grid[axis]) if v is value), None)
+            return f"{m.grid_keys[gi]}.{axis}" + (f"[{i}]" if i is not None else "")
+    return m.override_keys.get(hit.group(1), "")
 
 
 def final_points(m: Manifest, best: Point | dict, seeds: list[int] | None = None) -> list[Point]:

@@ -136,27 +136,38 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def validate(self, source: str = "<config>") -> "TrainConfig":
+    def validate(self, source: str = "<config>", file: str | None = None,
+                 overridden: Iterable[str] = ()) -> "TrainConfig":
         """Every field against its annotated type and ``FIELD_RULES`` (`check_field`), then the checks that
-        involve several fields; errors name ``source`` and ``section.field``."""
+        involve several fields; errors name ``source`` and ``section.field``. With ``file`` (the preset
+        ``source`` adds overrides to), a value that no key in ``overridden`` set is named by ``file`` alone, so
+        that the message gives its line there."""
+        overridden = set(overridden)
+
+        def src(*keys: str) -> str:
+            return file if file and not overridden.intersection(keys) else source
+
         for sec in SECTIONS:
             for f in fields(SECTIONS[sec]):
-                check_field(sec, f.name, getattr(getattr(self, sec), f.name), source)
+                check_field(sec, f.name, getattr(getattr(self, sec), f.name), src(f"{sec}.{f.name}"))
         if self.loss.mode == "triplet_full":
             try:
                 check_centroid_config(self.loss.centroid, self.harmful_per_micro())
             except ValueError as e:
-                raise TrainConfigError(f"{source}: loss.centroid: {e}") from None
+                at = src("loss.mode", "loss.centroid", "train.batch_size", "train.harmful_fraction")
+                raise TrainConfigError(f"{at}: loss.centroid: {e}") from None
         try:  # found now: a sweep would otherwise launch every point before the first one failed on it
             named_config("models", self.model.profile, "model profile")
         except ConfigError as e:
-            raise TrainConfigError(f"{source}: model.profile: {e}") from None
+            raise TrainConfigError(f"{src('model.profile')}: model.profile: {e}") from None
         if self.data.mwcs_schedule and not schedule_path(self.data.mwcs_schedule).is_file():
-            raise TrainConfigError(f"{source}: data.mwcs_schedule: MWCS schedule {self.data.mwcs_schedule!r} not "
-                                   f"found (looked for {schedule_path(self.data.mwcs_schedule)})")
+            raise TrainConfigError(f"{src('data.mwcs_schedule')}: data.mwcs_schedule: MWCS schedule "
+                                   f"{self.data.mwcs_schedule!r} not found (looked for "
+                                   f"{schedule_path(self.data.mwcs_schedule)})")
         T = self.train
         if self.harmful_per_micro() < 1 or self.harmful_per_micro() >= T.batch_size:
-            raise TrainConfigError(f"{source}: train.batch_size: batch_size {T.batch_size} x harmful_fraction "
+            raise TrainConfigError(f"{src('train.batch_size', 'train.harmful_fraction')}: train.batch_size: batch_size "
+                                   f"{T.batch_size} x harmful_fraction "
                                    f"{T.harmful_fraction} must leave >= 1 harmful and >= 1 retain sample per micro-batch")
         return self
 
@@ -359,32 +370,39 @@ def apply_overrides(raw: dict, overrides: dict[str, Any], source: str = "overrid
     return out
 
 
-def from_dict(raw: dict, source: str = "<dict>") -> TrainConfig:
+def from_dict(raw: dict, source: str = "<dict>", file: str | None = None,
+              overridden: Iterable[str] = ()) -> TrainConfig:
+    """``source`` names where ``raw`` came from in messages; ``file``/``overridden``: see `TrainConfig.validate`
+    (a key or section nobody overrode is the file's, named by ``file``)."""
+    overridden = set(overridden)
+    written = file or source  # keys an override cannot add (apply_overrides refuses unknown ones)
     unknown = set(raw) - {"name", "description", *SECTIONS}
     if unknown:
-        raise TrainConfigError(f"{source}: unknown top-level keys {sorted(unknown)}"
+        raise TrainConfigError(f"{written}: unknown top-level keys {sorted(unknown)}"
                                f"{did_you_mean(sorted(unknown)[0], ['name', 'description', *SECTIONS])} "
                                f"(known: {['name', *SECTIONS]})")
     kwargs: dict[str, Any] = {"name": str(raw.get("name", Path(source).stem)), "description": str(raw.get("description", ""))}
     for sec, cls in SECTIONS.items():
         body = raw.get(sec) or {}
         if not isinstance(body, dict):
-            raise TrainConfigError(f"{source}: {sec}: expected a mapping")
+            raise TrainConfigError(f"{written}: {sec}: expected a mapping")
         names = {x.name for x in fields(cls)}
         bad = set(body) - names
         if bad:
-            raise TrainConfigError(f"{source}: {sec}: unknown fields {sorted(bad)}{did_you_mean(sorted(bad)[0], names)} "
+            raise TrainConfigError(f"{written}: {sec}: unknown fields {sorted(bad)}"
+                                   f"{did_you_mean(sorted(bad)[0], names)} "
                                    f"(known: {sorted(names)})")
         try:
             kwargs[sec] = cls(**_coerce(cls, body))
         except TypeError as e:
             raise TrainConfigError(f"{source}: {sec}: {e}") from e
-    return TrainConfig(**kwargs).validate(source)
+    return TrainConfig(**kwargs).validate(source, file, overridden)
 
 
 def load_train_config(preset: str = "tiny", overrides: Iterable[str] | dict | None = None) -> tuple[TrainConfig, dict, dict]:
     """(resolved config, the preset as written, the parsed overrides)."""
     raw, path = load_preset_raw(preset)
     ov = parse_overrides(overrides)
-    cfg = from_dict(apply_overrides(raw, ov), source=str(path) + (f" + overrides {sorted(ov)}" if ov else ""))
+    cfg = from_dict(apply_overrides(raw, ov), source=str(path) + (f" + overrides {sorted(ov)}" if ov else ""),
+                    file=str(path), overridden=ov)
     return cfg, raw, ov

@@ -100,3 +100,83 @@ def test_a_curation_profile_value_names_its_line_or_its_profiles(tmp_path, monke
     # inherited from `base`: the message names the child profile, and the line is the child's own
     with pytest.raises(ConfigError, match=r"curation\.yaml:5: profile 'child': gates\.min_adversarial_safe must be"):
         load_curation_config("child")
+
+
+# --- found by the line audit: each names the key's own line (or none where the file does not hold the value)
+def test_a_preset_unknown_top_level_key_or_field_names_its_own_line(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text(PRESET + "\nlogg: {every: 1}\n")
+    with pytest.raises(TrainConfigError, match=rf"^{p}:{_line(p, 'logg:')}: unknown top-level keys \['logg'\]"):
+        load_train_config(str(p))
+    p.write_text(PRESET.replace("  centroid: ema\n", "  centroid: ema\n  centriod_decay: 0.5\n"))
+    with pytest.raises(TrainConfigError, match=rf"^{p}:{_line(p, 'centriod_decay')}: loss: unknown fields"):
+        load_train_config(str(p))
+
+
+def test_a_preset_value_no_override_touches_keeps_its_line(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text(PRESET.replace("lr: 1.0e-3", "lr: fast"))
+    with pytest.raises(TrainConfigError, match=rf"^{p}:{_line(p, 'lr: fast')}: train\.lr must be"):
+        load_train_config(str(p), ["train.steps=5"])
+    with pytest.raises(TrainConfigError, match=rf"^{p} \+ overrides \['train\.lr'\]: train\.lr must be"):
+        load_train_config(str(p), ["train.lr=slow"])  # the override's value: no line of the file
+
+
+def test_an_mwcs_block_phase_and_an_unknown_class_name_their_lines(tmp_path):
+    s = tmp_path / "s.yaml"
+    s.write_text("name: x\nclass_weights:\n  benign_twin: 1.0\n  harmfull_flip: 1.0\n")
+    with pytest.raises(MixtureError, match=rf"^{s}:4: class_weights: unknown class 'harmfull_flip'"):
+        MixtureSchedule.load(s)
+    s.write_text("name: x\ncurriculum:\n  type: step\n  phases:\n    - name: a\n      start_step: 0\n"
+                 "      end_step: -5\n")
+    with pytest.raises(MixtureError, match=rf"^{s}:7: curriculum\.phases\[0\] \(a\)\.end_step"):
+        MixtureSchedule.load(s)
+
+
+def test_a_curation_profile_unknown_key_names_its_own_line(tmp_path, monkeypatch):
+    from cb_core.curate.config import load_curation_config
+
+    monkeypatch.setenv("CB_CONFIG_DIR", str(tmp_path))
+    (tmp_path / "curation.yaml").write_text("profiles:\n  default:\n    seed: 1\n    # c\n\n    sed: 2\n")
+    with pytest.raises(ConfigError, match=r"curation\.yaml:6: profile 'default': unknown key 'sed'"):
+        load_curation_config("default")
+
+
+def test_merges_and_aliases(tmp_path):
+    f = tmp_path / "o.yaml"
+    f.write_text("a: &g\n  x: 1\nb:\n  <<: *g\n  x: 2\n")  # b.x overrides the merged x: its own line
+    read_config(f)
+    assert located(f"{f}: b.x bad") == f"{f}:5: b.x bad"
+    f.write_text("renders: &a\n  num_workers: [*a]\n")  # a recursive alias is read, not a RecursionError
+    data = read_config(f)
+    assert data["renders"]["num_workers"][0] is data["renders"]
+    rows = ["a: &a [x, x, x, x, x, x, x, x]"] + [f"{n}: &{n} [" + ", ".join([f"*{p}"] * 8) + "]"
+                                                  for p, n in zip("abcdefgh", "bcdefghi")]
+    f.write_text("\n".join(rows) + "\n")  # 8^9 paths through the aliases: each node is walked once
+    read_config(f)
+    assert located(f"{f}: i[3][1] bad") == f"{f}:8: i[3][1] bad"  # the alias item's node: where `h` is written
+
+
+def test_a_sweep_points_values_name_the_manifest_line(tmp_path):
+    m = tmp_path / "m.yaml"
+    m.write_text("name: t\npreset: stage1\noverrides:\n  train.steps: many\ngrid:\n  alpha: [5]\n")
+    with pytest.raises(SweepError, match=rf"^{m}:4: overrides\.train\.steps: point "):
+        load_manifest(str(m)).expand()
+    m.write_text("name: t\npreset: stage1\ngrid:\n  alpha: [5]\n  train.lr:\n    - 1.0e-4\n    - fast\n")
+    with pytest.raises(SweepError, match=rf"^{m}:7: grid\.train\.lr\[1\]: point "):
+        load_manifest(str(m)).expand()
+    m.write_text("name: t\npreset: stge1\ngrid: {alpha: [5]}\n")
+    with pytest.raises(SweepError, match=rf"^{m}:2: preset: training preset 'stge1' not found"):
+        load_manifest(str(m))
+    m.write_text("name: t\npreset: stage1\noverrides: {train.steps: 5}\ngrid: {alpha: [5]}\n")
+    with pytest.raises(SweepError, match=rf"^overrides given with {m}: grid axis 'Bogus'"):  # not the file's
+        load_manifest(str(m), {"Bogus": 1})
+
+
+def test_a_model_profile_truncation_value_names_its_line(tmp_path):
+    from cb_core.model import load_profile
+
+    p = tmp_path / "m.yaml"
+    p.write_text("name: m\nmodel: tiny\ntruncation:\n  steps: [drop_turns, cutt]\n")
+    with pytest.raises(ConfigError, match=rf"^{p}:4: truncation\.steps: unknown \['cutt'\]"):
+        load_profile(str(p))

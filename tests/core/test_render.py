@@ -764,7 +764,10 @@ def test_truncation_config_validation(tmp_path, monkeypatch):
             TruncationConfig.from_dict(bad, "f.yaml")
     p = tmp_path / "m.yaml"
     p.write_text("name: m\nmax_length: 100\ntruncation: {steps: [drop_turns], marker: oops}\n")
-    with pytest.raises(ValueError, match=r"model profile m: truncation.marker"):
+    with pytest.raises(ValueError, match=r"m\.yaml:3: truncation\.marker must be"):  # its file and line
+        load_profile(str(p))
+    p.write_text("name: m\nmax_length: 100\ntruncation:\n  steps: 3\n")
+    with pytest.raises(ValueError, match=r"m\.yaml:4: truncation\.steps must be a list"):
         load_profile(str(p))
     p.write_text("name: m\nmax_length: 100\ntruncation: {steps: [drop_turns]}\n")
     assert load_profile(str(p)).render_config().truncation.steps == ("drop_turns",)
