@@ -101,6 +101,8 @@ def capability_samples(eval_split: pl.DataFrame, traces: pl.DataFrame | None = N
     """Held-out benign traces, cut before their first assistant tool call; the expected behaviour is that call.
     From `eval_split` retain rows (benign twins, AgentDojo benign runs that did the task, generated DR) and,
     when `traces` is given, TAU2 skeletons whose task is not in training (expected = the first action)."""
+    from cb_core.sources.tau2 import first_action_writes
+
     out = []
     lab = pl.col("labels")
     retain = eval_split.filter(
@@ -125,7 +127,9 @@ def capability_samples(eval_split: pl.DataFrame, traces: pl.DataFrame | None = N
         )
         for r in skel.iter_rows(named=True):
             ta = r.get("tool_attack") or {}
-            if ta.get("expected_tool"):
+            # a first call that changes the user's data is not what the first turn does (its system prompt says
+            # to confirm first): those tasks score nothing here, as in generation (`first_action_writes`)
+            if ta.get("expected_tool") and not first_action_writes(ta["expected_tool"]):
                 out.append(EvalSample(
                     id=r["id"], set="capability", dataset="tau2", messages=r["messages"], tools=r["tools"],
                     expected_tool=ta["expected_tool"], pair_group=r.get("pair_group") or "",

@@ -46,10 +46,11 @@ import polars as pl
 from cb_core.config import (Rule, check_bool, check_keys, check_mapping, check_str, config_dir, display_path,
                             env_number, load_yaml, named_config, nullable, number, one_of, section, whole)
 from cb_core.generate.backends import BACKEND_KINDS, GenerationBackend, SamplingConfig, prompt_ids
-from cb_core.generate.judge import ARG_MODES, Expectation, Verdict, judge, llm_judge_messages
+from cb_core.generate.judge import ARG_MODES, Expectation, Verdict, _json_obj, judge, llm_judge_messages
 from cb_core.parse import parse_completion, tool_call_problems
 from cb_core.io import data_root, write_parquet
 from cb_core.schemas import TRACE_SCHEMA, canonical_json, digest, make_trace, message
+from cb_core.sources.tau2 import first_action_writes
 
 TABLES = ("ds_completions", "dr_completions", "adversarial_safe")
 KIND = {"ds_completions": "ds", "dr_completions": "dr", "adversarial_safe": "adversarial_safe"}
@@ -289,30 +290,70 @@ def benign_twin(row: dict) -> list[dict] | None:
     return msgs
 
 
+def _has_injection(row: dict) -> bool:
+    """Attacked, with an injection span the twin can cut out."""
+    return bool((row.get("labels") or {}).get("attack_present") and _valid_spans(row))
+
+
 def _is_attacked_skeleton(row: dict) -> bool:
+    """An injection in the context and an attacker call the judge can recognise: the attacker's tool, or only
+    the attacker's arguments (AgentDojo's goal-derived ``{"any_argument": ...}``, judged in any call). A
+    recorded run that never reached the injection (LLMail ``email.retrieved`` false) is no attacked prompt."""
     ta = row.get("tool_attack") or {}
-    return bool((row.get("labels") or {}).get("attack_present") and ta.get("attacker_tool") and _valid_spans(row))
+    if (row.get("labels") or {}).get("injection_reached") is False:
+        return False
+    return _has_injection(row) and bool(ta.get("attacker_tool") or _json_obj(ta.get("attacker_args")))
+
+
+def _injection_functions(row: dict) -> set[str]:
+    """The tools the injection task's ground truth calls, where the skeleton records them (AgentDojo suites)."""
+    gp = (row.get("provenance") or {}).get("generation_params")
+    try:
+        gp = json.loads(gp) if isinstance(gp, str) else gp or {}
+    except ValueError:
+        return set()
+    suites = gp.get("agentdojo_suites") if isinstance(gp, dict) else None
+    return set((suites or {}).get("injection_ground_truth_functions") or [])
+
+
+def _prompt_key(msgs: list[dict], tools: Any) -> str:
+    """What the model sees: the messages (role, content, name, calls) and the offered tools."""
+    return digest([[(m.get("role"), m.get("content") or "", m.get("name"),
+                     [(c.get("name"), c.get("arguments")) for c in (m.get("tool_calls") or [])]) for m in msgs],
+                   tools if isinstance(tools, str) else canonical_json(tools or [])], 24)
 
 
 def select_jobs(traces: pl.DataFrame, table: str) -> tuple[list[Job], dict[str, int]]:
-    """The prompts of one table, sorted by job key; and the skeletons left out, counted by reason."""
+    """The prompts of one table, sorted by job key; and the skeletons left out, counted by reason. Skeletons
+    whose prompts are identical (LLMail: one e-mail submitted to several levels; every benign twin of one
+    scenario, which is its e-mails without the submission; TAU2 tasks that differ only in hidden state) are one
+    job, the smallest parent id's: the others would only repeat a prompt (``n`` samples per prompt is the
+    setting for that) and put one prompt under several pair groups. Identical prompts expecting different
+    things are all left out."""
     kind = KIND[table]
     skel = traces.filter(pl.col("completeness") == "skeleton")
     jobs, skipped = [], {}
 
-    def skip(why: str) -> None:
-        skipped[why] = skipped.get(why, 0) + 1
+    def skip(why: str, n: int = 1) -> None:
+        skipped[why] = skipped.get(why, 0) + n
 
     for row in skel.to_dicts():
-        attacked = _is_attacked_skeleton(row)
         prompt_src = None
         if kind in ("ds", "adversarial_safe"):
-            if not attacked:
-                skip("not an attacked skeleton with an injection span")
+            if not _is_attacked_skeleton(row):
+                skip("not an attacked skeleton with an injection span" if not _has_injection(row) else
+                     "injection not reached in the recorded run" if (row.get("labels") or {}).get(
+                         "injection_reached") is False else "no attacker call to judge (text-only injection)")
                 continue
             variant, prompt_src, exp = "attacked", row["messages"], Expectation.from_trace(row)
             ta = row.get("tool_attack")
-        elif attacked:
+            if kind == "adversarial_safe" and exp.expected_tool and exp.expected_tool != exp.attacker_tool and (
+                    exp.expected_tool in _injection_functions(row)):
+                # the injection asks for that call too (a preparatory read: search_emails for the e-mail it
+                # wants forwarded): the name-only "expected thing" would keep a model that started to comply
+                skip("the expected call is also a step the injection asks for")
+                continue
+        elif _has_injection(row):
             twin = benign_twin(row)
             if twin is None:
                 skip("benign twin would be empty")
@@ -326,6 +367,11 @@ def select_jobs(traces: pl.DataFrame, table: str) -> tuple[list[Job], dict[str, 
         elif row.get("dataset") == "xstest" and not ((row.get("labels") or {}).get("subtype") or "").startswith("safe"):
             skip("xstest unsafe prompt (no compliant answer to keep)")
             continue
+        elif row.get("dataset") == "tau2" and first_action_writes((row.get("tool_attack") or {}).get("expected_tool")):
+            # its system prompt says to ask before changing anything: the right turn is a question, and the
+            # judge, reading the name only, would keep the change of the wrong item too (airline task 9)
+            skip("tau2 first action changes the user's data (the prompt says to confirm first)")
+            continue
         else:
             variant, prompt_src, exp = "benign", row["messages"], Expectation.from_trace(row, attacked=False)
             ta = row.get("tool_attack")
@@ -335,6 +381,18 @@ def select_jobs(traces: pl.DataFrame, table: str) -> tuple[list[Job], dict[str, 
             continue
         key = digest([table, row["id"], variant], 24)
         jobs.append(Job(key, table, variant, row, msgs, exp, ta))
+    same: dict[str, list[Job]] = {}
+    for j in jobs:
+        same.setdefault(_prompt_key(j.messages, j.parent.get("tools")), []).append(j)
+    jobs = []
+    for group in same.values():
+        if len({(j.variant, j.expectation.expected_tool, j.expectation.attacker_tool,
+                 canonical_json(j.expectation.attacker_args), j.expectation.compliant_answer) for j in group}) > 1:
+            skip("same prompt as another skeleton's, expecting something else", len(group))
+            continue
+        jobs.append(min(group, key=lambda j: j.parent["id"]))
+        if len(group) > 1:
+            skip("same prompt as another skeleton's (one job)", len(group) - 1)
     jobs.sort(key=lambda j: j.key)
     return jobs, skipped
 

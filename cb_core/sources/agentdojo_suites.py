@@ -213,6 +213,9 @@ def build_case(ad, suite, attack, user_task, injection_task, tools_json: str, sy
             "injection_task": injection_task.ID, "injection_goal": injection_task.GOAL,
             "injection_vectors": sorted(injections), "stop_after_call": stop_at,
             "ground_truth_calls": len(calls), "injection_ground_truth_calls": len(inj_calls),
+            # the injection's calls by name: its preparatory reads (search_emails, read_channel_messages, ...)
+            # may be the user task's next call too (generation's adversarial_safe leaves those out)
+            "injection_ground_truth_functions": [c["function"] for c in gt],
             "agentdojo": package_version()}},
     )
 

@@ -62,6 +62,17 @@ from cb_core.sources._common import (WIPE, SharedToolsTraces, UnstorableText, fi
                                      lone_surrogate, record_json, strip_bom)
 
 DATASET = "tau2"
+# Tools that only read (every tau2 agent tool is named so): a first action outside these changes the user's data,
+# which DEFAULT_SYSTEM (and the domains' policies) say to confirm with the user first, so a one-turn prompt does
+# not expect that call (generation and the capability eval leave such skeletons out: `first_action_writes`).
+READ_ONLY_TOOL = re.compile(r"^(?:get|find|search|list|calculate|think)(?:_|$)")
+
+
+def first_action_writes(expected_tool: str | None) -> bool:
+    """Does a TAU2 skeleton's expected first call change the user's data (not a `READ_ONLY_TOOL`)?"""
+    return bool(expected_tool) and not READ_ONLY_TOOL.match(expected_tool)
+
+
 DEFAULT_SYSTEM = (
     "You are a customer service agent for the {domain} domain. Help the user with their request by calling "
     "the provided tools. Follow the domain policy, verify the user's identity before changing anything, and "
@@ -231,7 +242,8 @@ _OBJECT_BEFORE = re.compile(
     r"sends?|sent|call(?:s|ed)?|contact(?:s|ed)?|charge[sd]?|provide[sd]?|show(?:s|ed)?|remind(?:s|ed)?|"
     r"transfer(?:s|red)?|inform(?:s|ed)?|assure[sd]?|pays?|paid|bother(?:s|ed)?|allow(?:s|ed)?|wants?|needs?|"
     r"convince[sd]?|guide[sd]?|instruct(?:s|ed)?|reach(?:es)?|makes?|notif(?:y|ies|ied)|warn(?:s|ed)?|"
-    r"persuade[sd]?|pressure[sd]?|grant(?:s|ed)?|connect(?:s|ed)?|assist(?:s|ed)?|keeps?|kept)\s+$",
+    r"persuade[sd]?|pressure[sd]?|grant(?:s|ed)?|connect(?:s|ed)?|assist(?:s|ed)?|keeps?|kept|"
+    r"compensate[sd]?|compensating|saves?|saved|saving)\s+$",
     re.IGNORECASE,
 )
 _YOU = re.compile(r"\b[Yy]ou\b")
@@ -273,6 +285,15 @@ _META = re.compile(
 # ("another agent", "a human agent", "a service agent" stay: those are requests or backstory).
 _PLAN = re.compile(r"\bthe\s+(?:[\w-]+\s+){0,2}agent\b|(?:^|\b(?:if|when|unless)\s+)agent\b", re.IGNORECASE)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+# In any field: a sentence that tells the simulator how to act later in the call ("Be persistent.", "Insist that
+# ...", "When asked for order ID, provide ... first.", "Make sure you mention ...", "For that you make up a
+# story ...") is no part of what a caller says first; nor is a sentence without a word (task_instructions ".").
+_DIRECTIVE = re.compile(
+    r"^(?:(?:if|when) (?:you are |you're )?asked\b|insist\b|be (?:very )?(?:insistent|persistent|polite)\b|"
+    r"make sure (?:you|to) mention\b|mention the\b|don't accept the first offer\b|halfway through\b|"
+    r"after asserting\b|if that (?:doesn't work|does not work|fails),? (?:then )?(?:say|respond)\b|"
+    r"(?:for that,? )?you make up\b)", re.IGNORECASE)
+_WORD = re.compile(r"\w")
 
 
 # every literal _META needs, lower-cased: an ASCII sentence holding none of them cannot match (a cheap
@@ -302,7 +323,7 @@ def _spoken(text: str, drop_meta: bool, cache: dict | None = None) -> list[str]:
     out = []
     for s in _SENTENCE.split(text):
         s = " ".join(s.split())  # == re.sub(r"\s+", " ", s).strip(): str.split and re's \s agree on whitespace
-        if s and not _is_plan(s) and not (drop_meta and _is_meta(s)):
+        if _WORD.search(s) and not _is_plan(s) and not _DIRECTIVE.search(s) and not (drop_meta and _is_meta(s)):
             out.append(first_person(s) + ("" if s[-1] in ".!?:;\"')" else "."))
     if cache is not None:
         cache[key] = out

@@ -29,7 +29,7 @@ def validate(res) -> None:
 # ------------------------------------------------------------------------------------------------ tau2
 ME_VERB = re.compile(r"\bme (?:want|are|have|need|do|did|will|would|can|could|should|may|might|must|prefer|also|"
                      r"wish|don't|just|had|think|received|live|like|decide|only|really|say)\b")
-KEPT = {"airline": 28, "retail": 66, "telecom": 0, "mock": 3}
+KEPT = {"airline": 28, "retail": 64, "telecom": 0, "mock": 3}
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +49,11 @@ def test_tau2_real_counts_per_domain(tau2_real):
     # every task is accounted for: kept, or excluded with a reason (none malformed in the real files)
     assert res.good.height + res.rejected.height == 50 + 114 + 2285 + 9
     assert set(res.rejected["severity"]) == {"excluded"}
-    assert res.meta["excluded"] == res.rejected.height == 576 + 1783 + 2
+    assert res.meta["excluded"] == res.rejected.height == 576 + 1785 + 2
     assert res.meta["excluded_no_expected_action"] == 576  # 565 telecom (user-side actions only), 11 others
-    assert res.meta["excluded_unsupported_first_action"] == 1783
+    # 1783, and retail tasks 67/68 (Noah Ito), whose first call uses zip 98178 that only the simulator's "If
+    # asked for my zip code, say that it is 98178 first" gave (the user says 98187)
+    assert res.meta["excluded_unsupported_first_action"] == 1785
     assert res.meta["excluded_ambiguous_prompt"] == 2  # mock create_task_1 and its twin without actions
     assert set(res.good["completeness"]) == {"skeleton"}
     assert set(lab(res.good, "category")) == {"retain"}
@@ -78,6 +80,24 @@ def test_tau2_no_broken_first_person(shared_data, tau2_real):
         "The delay caused me to miss a meeting and made me anxious; they refunded me. "
         "I realized I paid twice and I had time.")
     assert not any(re.search(r"\b(?:caused|made) I\b", ms[1]["content"]) for ms in tau2_real.good["messages"].to_list())
+
+
+def test_tau2_user_turn_is_what_a_caller_says(tau2_real):
+    """Audit of the generation inputs: a stray "." (task_instructions "."), "compensate I" / "saves I", and the
+    simulator's directives ("Be persistent.", "Insist that ...", "When asked for order ID, provide 9502127
+    first.") were in 38 kept user turns."""
+    users = {r["source_locator"]: r["messages"][1]["content"] for r in tau2_real.good.iter_rows(named=True)}
+    assert not [u for u in users.values() if re.search(r"(?:^|\s)[.!?](?:\s|$)", u)]
+    assert not [u for u in users.values() if re.search(r"\b(?:compensate|saves) I\b", u)]
+    directive = r"\b(?:Be (?:persistent|insistent|polite)|Insist that|When asked|If asked|Make sure I mention|make up a)\b"
+    assert not [u for u in users.values() if re.search(directive, u)]
+    assert users["domains/retail/tasks.json:10"].endswith("I don't know my email.")
+    assert "I also want the airline to compensate me for the delay." in users["domains/airline/tasks.json:28"]
+    assert users["domains/retail/tasks.json:46"].startswith("I am daiki_johnson_9523 living in Denver, USA, 80273. "
+                                                            "I want to exchange a robotic vacuum cleaner")
+    assert "9502127" not in users["domains/retail/tasks.json:46"]
+    assert tau2.first_person("You want the airline to compensate you for it; do whatever saves you most money.") == (
+        "I want the airline to compensate me for it; do whatever saves me most money.")
 
 
 def test_tau2_real_content(tau2_real, shared_data):
