@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -60,6 +61,22 @@ def _read_yaml(p: Path) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ summarise
+def worker_gone(run_dir: Path) -> int | None:
+    """The pid of the run's worker (run_metadata.json) when it ran on this host and is no longer alive, else
+    None (still alive, another host, or a folder written before the pid was recorded)."""
+    meta = _read_json(run_dir / "run_metadata.json") or {}
+    pid = meta.get("pid")
+    if not isinstance(pid, int) or pid <= 0 or meta.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return pid
+    except OSError:  # alive, another user's
+        return None
+    return None
+
+
 def runtime_estimate(run_dir: Path, config: dict | None, metrics: dict | None,
                      index: list[dict] | None, now: float | None = None) -> dict[str, Any]:
     """Seconds per step and the remaining time, from the finished run's own timing or, while it runs, from
@@ -72,13 +89,15 @@ def runtime_estimate(run_dir: Path, config: dict | None, metrics: dict | None,
                 "seconds_per_step": round(s / max(int(metrics["steps"]), 1), 3), "remaining_seconds": 0}
     start = (run_dir / "run_metadata.json").stat().st_mtime if (run_dir / "run_metadata.json").exists() else None
     done = [e for e in (index or []) if (run_dir / "checkpoints" / e["path"]).exists()]
+    gone = worker_gone(run_dir) if start is not None else None
+    state = "ended" if gone else "running"  # ended: the worker is gone without final_metrics.json (failed, killed)
     if not done or start is None:
-        return {"state": "running" if start else "unknown", "steps": 0, "total_steps": total,
+        return {"state": state if start else "unknown", "steps": 0, "total_steps": total,
                 "seconds_per_step": None, "remaining_seconds": None}
     last = max(done, key=lambda e: e["step"])
     t = (run_dir / "checkpoints" / last["path"]).stat().st_mtime
     per = max(t - start, 0.0) / max(int(last["step"]), 1)
-    return {"state": "running", "steps": last["step"], "total_steps": total, "seconds_per_step": round(per, 3),
+    return {"state": state, "steps": last["step"], "total_steps": total, "seconds_per_step": round(per, 3),
             "remaining_seconds": round(per * max(total - int(last["step"]), 0), 1),
             "elapsed_seconds": round((now or time.time()) - start, 1)}
 
@@ -140,6 +159,11 @@ def follow(run_dir: Path, interval: float, max_polls: int | None = None, out=pri
         if s["metrics"] is not None:
             out(json.dumps({"finished": True, "final_loss": s["metrics"].get("final_loss"), "best": best}))
             return 0
+        if s["runtime"]["state"] == "ended":
+            out(json.dumps({"finished": False, "best": best, "reason": f"the worker (pid "
+                            f"{s['run_metadata'].get('pid')}) ended without final_metrics.json: it failed or was "
+                            f"killed; see {run_dir / 'console.log'} and the Dagster run's log"}))
+            return 1
         polls += 1
         if max_polls is not None and polls >= max_polls:
             return 1
@@ -212,6 +236,19 @@ def do_run(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ main
+def _at_least(kind, lo, what):
+    """An argparse type: ``kind`` (int/float) >= ``lo``, refused with a usage error otherwise."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
+        if v != v or v < lo:  # NaN too
+            raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
+        return v
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="cb", description="circuit-breaker platform: sweeps, runs and training")
     ap.add_argument("--data-root", default=None, help="default $CB_DATA_ROOT, else ./.cb_data")
@@ -225,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = command("leaderboard", help="ranked sweep points", description="Ranked sweep points from "
                        "$CB_DATA_ROOT/leaderboard.parquet (gated-out points after the ranked ones).")
-    p.add_argument("--limit", type=int, default=20, help="rows to print (default 20)")
+    p.add_argument("--limit", type=_at_least(int, 1, "must be a whole number >= 1"), default=20,
+                   help="rows to print (default 20)")
     p.add_argument("--reverse", action="store_true", help="worst first")
     p = command("summarise", aliases=["summarize"], help="JSON summary of one training run",
                        description="JSON: resolved config, final metrics, checkpoints ranked by the selection "
@@ -234,8 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     p = command("follow", help="follow a running training's best checkpoint",
                        description="Prints the best checkpoint whenever it changes until the run finishes.")
     p.add_argument("run")
-    p.add_argument("--interval", type=float, default=30.0, help="seconds between polls (default 30)")
-    p.add_argument("--max-polls", type=int, default=None, help="give up after this many polls (exit 1)")
+    p.add_argument("--interval", type=_at_least(float, 0.0, "must be a number of seconds >= 0"), default=30.0,
+                   help="seconds between polls (default 30)")
+    p.add_argument("--max-polls", type=_at_least(int, 1, "must be a whole number >= 1"), default=None,
+                   help="give up after this many polls (exit 1)")
     p = command("run", help="one training run through Dagster (the `adapter` asset)",
                        description="Materializes `adapter` with the given preset and overrides "
                        "(dagster asset materialize), then rolls finished older runs into history/.")

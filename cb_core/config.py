@@ -212,7 +212,8 @@ _LAST_PART = re.compile(r"(?:\.[^.\[]+|\[\d+\])$|^[^.\[]+$")
 def located(message: str) -> str:
     """``"<file>: <key path> ..."`` with the key's line put after the file name when `read_config` read that
     file: the key path the message starts with, or the deepest part of it that is in the file (a missing
-    ``train.foo`` points at ``train``; a curation value a profile inherits, at that profile); for an
+    ``train.foo`` points at ``train``; a curation value a profile inherits, at that profile, which
+    `load_curation_config` then moves to the ancestor that writes it); for an
     unknown key or axis the message quotes (``unknown key 'paht'``), that key's own line. Anything else is
     returned as it is."""
     best = max((name for name in _KEY_LINES if message.startswith(name + ": ")), key=len, default="")

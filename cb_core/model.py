@@ -227,9 +227,12 @@ def load_model(profile: ModelProfile | str, tokenizer=None):
 
     path = profile.resolved_path
     if path is None or not path.is_dir():
+        origin = ("from the environment variable CB_MODEL_PATH, which replaces the profile's path"
+                  if os.environ.get("CB_MODEL_PATH")
+                  else f"the profile's `path` (configs/models/{profile.name}.yaml): fix it or set CB_MODEL_PATH")
         raise FileNotFoundError(
             f"model profile {profile.name}: local model directory {path} does not exist "
-            "(set CB_MODEL_PATH or the profile's path; no hub downloads at run time)"
+            f"({origin}; no hub downloads at run time)"
         )
     kwargs: dict[str, Any] = {"local_files_only": True}
     if profile.torch_dtype:

@@ -30,6 +30,8 @@ fi
 extras=""
 [ "${1:-}" = "dev" ] && extras="[dev,agentdojo]"
 stamp=".venv/.cb_installed${extras:+_dev}"
+# a dev install (scripts/test.sh) is a superset of the plain one: the demo after the tests reinstalls nothing
+if [ -z "$extras" ] && [ ! -f "$stamp" ] && [ -f .venv/.cb_installed_dev ]; then stamp=".venv/.cb_installed_dev"; fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -c scripts/constraints-cpu.txt torch==2.13.0

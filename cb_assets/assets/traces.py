@@ -3,6 +3,7 @@
 import dagster as dg
 import polars as pl
 
+from cb_assets.resources import DatasetsResource
 from cb_assets.tags import cpu_tags
 from cb_assets.validation import pandera_check, rows_check, validate_or_fail
 from cb_core.schemas import DATASETS, QuarantineModel, TraceModel, empty_quarantine
@@ -11,6 +12,24 @@ from cb_core.sources import SourceResult
 ETL_A_GROUP = "etl_a"
 # The IO manager hands these back as SourceResult (good rows + rejected rows), see io_manager.py.
 RAW_INS = {f"raw_{ds}": dg.AssetIn(key=f"raw_{ds}", metadata={"cb/load": "source_result"}) for ds in DATASETS}
+
+
+def selection_mismatch(results: dict[str, SourceResult], selected: list[str]) -> str | None:
+    """Why the raw tables on disk are not the current selection's, or None. A selected source's raw table is never
+    empty (an empty source fails its asset), so an empty one was written while the source was unselected (by
+    another CB_DATASETS, or by a run that then failed); a non-empty table of an unselected source is left from
+    an earlier selection. Either way `traces` would silently be another selection's."""
+    empty = [ds for ds in DATASETS if ds in selected and not results[f"raw_{ds}"].good.height]
+    stale = [ds for ds in DATASETS if ds not in selected and results[f"raw_{ds}"].good.height]
+    if not empty and not stale:
+        return None
+    parts = []
+    if empty:
+        parts.append(f"selected source(s) {empty} have an empty raw table (written while unselected)")
+    if stale:
+        parts.append(f"unselected source(s) {stale} still have rows from an earlier selection")
+    return ("traces: the raw tables do not match the current source selection (CB_DATASETS / configured paths: "
+            f"{selected}): {'; '.join(parts)}. Materialize them with it, e.g. --select '+traces'; nothing written")
 
 
 def combine_traces(results: dict[str, SourceResult]) -> pl.DataFrame:
@@ -66,7 +85,14 @@ def quarantine(context: dg.AssetExecutionContext, **raws: SourceResult) -> pl.Da
     tags=cpu_tags("B"),
     description="trace_v1: one row per conversation from every selected source (skeleton or complete).",
 )
-def traces(context: dg.AssetExecutionContext, **raws: SourceResult) -> pl.DataFrame:
+def traces(context: dg.AssetExecutionContext, datasets: DatasetsResource, **raws: SourceResult) -> pl.DataFrame:
+    try:
+        selected = datasets.selection().selected
+    except ValueError as err:  # ConfigError: the raw assets report it too
+        raise dg.Failure(str(err)) from err
+    mismatch = selection_mismatch(raws, selected)
+    if mismatch:
+        raise dg.Failure(mismatch)
     df = combine_traces(raws)
     if df.height == 0:
         raise dg.Failure("traces: every selected source produced zero traces (empty tier); nothing written")

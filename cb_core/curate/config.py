@@ -262,4 +262,40 @@ def load_curation_config(
     merged: dict = {}
     for part in reversed(chain):
         merged = _deep_merge(merged, part)
-    return CurationConfig.from_dict(merged, profile, source=shown)
+    names = [profile]
+    for part in chain[:-1]:
+        names.append(part.get("extends"))
+    try:
+        return CurationConfig.from_dict(merged, profile, source=shown)
+    except ConfigError as e:
+        raise _inherited(e, shown, profile, list(zip(names, chain))) from None
+
+
+def _inherited(err: ConfigError, shown: str, profile: str, chain: list[tuple[str, dict]]) -> ConfigError:
+    """A value the profile inherits through `extends` is blamed on the line where it is written (the
+    ancestor's), naming that profile, instead of the child's `profile:` line where it is not."""
+    from cb_core.config import _KEY_LINES, _LEAD_KEY
+
+    msg = str(err)
+    head = f"profile '{profile}': "
+    at = msg.find(head)
+    m = _LEAD_KEY.match(msg, at + len(head)) if at >= 0 else None
+    if not m:
+        return err
+    parts = m.group(0).split(".")
+
+    def has(d: Any) -> bool:
+        for k in parts:
+            if not isinstance(d, dict) or k not in d:
+                return False
+            d = d[k]
+        return True
+
+    owner = next((name for name, part in chain if has(part)), None)
+    if owner is None or owner == profile:
+        return err
+    line = _KEY_LINES.get(shown, {}).get(f"profiles.{owner}.{m.group(0)}")
+    if line is None:
+        return err
+    rest = msg[at + len(head):]
+    return type(err)(f"{shown}:{line}: profile '{profile}' (inherited from profile '{owner}'): {rest}")

@@ -66,7 +66,9 @@ def gate_results(mix: pl.DataFrame, cfg: CurationConfig) -> list[GateResult]:
             not_counted,
             (
                 f"{adv} adversarial-safe samples (read the injection, did the expected thing) "
-                + (f">= {g.min_adversarial_safe}" if ok else f"found, below the required {g.min_adversarial_safe}")
+                + (f">= {g.min_adversarial_safe}" if ok else f"found, below the required {g.min_adversarial_safe}"
+                   f" (gates.min_adversarial_safe of curation profile '{cfg.profile}'; the `adversarial_safe`"
+                   " generation asset adds such rows)")
                 + extra
             ),
         )

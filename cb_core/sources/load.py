@@ -12,7 +12,7 @@ from typing import Any
 
 import polars as pl
 
-from cb_core.config import SOURCE_ENV, ConfigError, config_dir, display_path
+from cb_core.config import SOURCE_ENV, ConfigError, config_dir, display_path, located
 from cb_core.schemas import stop_the_line
 from cb_core.sources import SourceError, SourceResult, get_reader
 
@@ -34,8 +34,8 @@ def read_source(dataset: str, spec: str, paths: list[Path], cfg: Any, max_reject
     if not paths:
         env = SOURCE_ENV[dataset]
         origin = (f"from the environment variable {env}" if os.environ.get(env) else
-                  f"from sources.{dataset}.path in {display_path(config_dir() / 'datasets.yaml')}; fix it there or "
-                  f"set {env}")
+                  f"from {located(display_path(config_dir() / 'datasets.yaml') + f': sources.{dataset}.path')}; "
+                  f"fix it there or set {env}")
         raise SourceLoadError(f"{dataset}: path '{spec}' ({origin}) matches no file; give a file, folder or glob "
                               "(a relative path is taken from the project root)")
     empty_files = [str(p) for p in paths if p.stat().st_size == 0]

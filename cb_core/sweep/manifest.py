@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from cb_core.config import LocatedError
+from cb_core.config import LocatedError, did_you_mean
 
 # short axis name -> dotted training key
 AXES: dict[str, str] = {
@@ -159,7 +159,8 @@ def axis_key(axis: str, source: str = "<manifest>") -> str:
         return AXES[axis]
     if re.fullmatch(r"[a-z_]+\.[a-z_0-9]+", axis):
         return axis
-    raise SweepError(f"{source}: grid axis {axis!r}: not a known axis ({sorted(AXES)}) nor a dotted training key")
+    raise SweepError(f"{source}: grid axis {axis!r}: not a known axis{did_you_mean(axis, AXES)} ({sorted(AXES)}) "
+                     "nor a dotted training key")
 
 
 def _dotted(d: dict | None, where: str) -> dict[str, Any]:

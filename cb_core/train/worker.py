@@ -72,7 +72,8 @@ def run_metadata(argv: list[str], world: int) -> dict[str, Any]:
     return {
         "command": shlex.join([sys.executable, "-m", "cb_core.train.worker", *argv]),
         "git_commit": git_commit(), "packages": versions, "python": platform.python_version(),
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "host": socket.gethostname(), "world_size": world,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "host": socket.gethostname(), "pid": os.getpid(),
+        "world_size": world,
         "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED"),
         "torch_deterministic": torch.are_deterministic_algorithms_enabled(),
         "cuda": torch.cuda.is_available(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

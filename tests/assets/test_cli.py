@@ -2,6 +2,7 @@
 Dagster command it starts), runs rolled into history/."""
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -115,6 +116,20 @@ def test_follow_reports_new_best_until_finished(tmp_path):
     bests = [json.loads(ln)["best"]["step"] for ln in lines if "best" in json.loads(ln) and "finished" not in ln]
     assert bests[0] == 20 and bests[-1] == 40
     assert json.loads(lines[-1])["finished"] is True
+
+
+def test_follow_stops_when_the_worker_died_without_final_metrics(tmp_path):
+    d = _run_folder(tmp_path, "dead", finished=False)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a pid that is gone
+    (d / "run_metadata.json").write_text(json.dumps({"command": "x", "pid": child.pid, "host": socket.gethostname()}))
+    assert cli.summarise(d)["runtime"]["state"] == "ended"
+    lines: list[str] = []
+    assert cli.follow(d, interval=0.05, max_polls=20, out=lines.append) == 1
+    last = json.loads(lines[-1])
+    assert last["finished"] is False and "failed or was killed" in last["reason"]
+    (d / "run_metadata.json").write_text(json.dumps({"command": "x", "pid": os.getpid(), "host": socket.gethostname()}))
+    assert cli.summarise(d)["runtime"]["state"] == "running"  # alive: still followed
 
 
 def test_run_checks_config_before_dagster_and_builds_the_command(tmp_path):

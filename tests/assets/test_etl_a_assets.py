@@ -57,6 +57,25 @@ def test_unselected_sources_are_empty_and_say_so(xstest_only, monkeypatch):
     assert pl.read_parquet(xstest_only / "raw_agentdojo.parquet").height == 0
 
 
+def test_traces_refuses_raw_tables_of_another_selection(xstest_only, monkeypatch):
+    """`--select traces` after the raw tables were written under another CB_DATASETS (or by a run that failed
+    after emptying the unselected ones) fails naming the sources, instead of silently building that selection."""
+    monkeypatch.setattr(source_load, "get_reader", lambda ds: _fake_reader(5, 0))
+    assert _materialize().success  # raw tables of CB_DATASETS=xstest: five empty, xstest 5 rows
+    before = (xstest_only / "traces.parquet").read_bytes()
+    monkeypatch.setenv("CB_DATASETS", "xstest,agentdojo")
+    monkeypatch.setenv("CB_AGENTDOJO_PATH", str(xstest_only))
+    res = _materialize(["traces"], raise_on_error=False)
+    assert not res.success
+    msg = str(res.get_step_failure_events()[0].event_specific_data.error)
+    assert "['agentdojo'] have an empty raw table" in msg and "--select '+traces'" in msg
+    assert (xstest_only / "traces.parquet").read_bytes() == before  # nothing written
+    monkeypatch.setenv("CB_DATASETS", "agentdojo")
+    res = _materialize(["traces"], raise_on_error=False)
+    msg = str(res.get_step_failure_events()[0].event_specific_data.error)
+    assert not res.success and "unselected source(s) ['xstest'] still have rows" in msg
+
+
 def test_stop_the_line_fails_before_write_and_keeps_rejects(xstest_only, monkeypatch):
     monkeypatch.setattr(source_load, "get_reader", lambda ds: _fake_reader(8, 2))  # 20% malformed > 10%
     res = _materialize(raise_on_error=False)

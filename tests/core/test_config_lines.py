@@ -97,8 +97,9 @@ def test_a_curation_profile_value_names_its_line_or_its_profiles(tmp_path, monke
         "    eval_fraction: 0.2\n")
     with pytest.raises(ConfigError, match=r"curation\.yaml:4: profile 'base': gates\.min_adversarial_safe must be"):
         load_curation_config("base")
-    # inherited from `base`: the message names the child profile, and the line is the child's own
-    with pytest.raises(ConfigError, match=r"curation\.yaml:5: profile 'child': gates\.min_adversarial_safe must be"):
+    # inherited from `base`: the message names the child profile and the line where the value is written
+    with pytest.raises(ConfigError, match=r"curation\.yaml:4: profile 'child' \(inherited from profile 'base'\): "
+                                          r"gates\.min_adversarial_safe must be"):
         load_curation_config("child")
 
 

@@ -786,6 +786,6 @@ def test_a_path_matching_nothing_names_where_it_came_from(tmp_path, monkeypatch)
     with pytest.raises(SourceLoadError, match=r"from the environment variable CB_XSTEST_PATH\) matches no file"):
         read_source("xstest", str(tmp_path / "nope"), [], cfg.xstest, 0.1)
     monkeypatch.delenv("CB_XSTEST_PATH")
-    with pytest.raises(SourceLoadError, match=r"from sources\.xstest\.path in .*datasets\.yaml; fix it there or set "
+    with pytest.raises(SourceLoadError, match=r"from .*datasets\.yaml:11: sources\.xstest\.path; fix it there or set "
                                               r"CB_XSTEST_PATH\) matches no file"):
         read_source("xstest", "data/xs", [], cfg.xstest, 0.1)
