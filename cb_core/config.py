@@ -201,6 +201,11 @@ def _key_lines(node: yaml.Node, prefix: str, out: dict[str, int], seen: set[int]
             _key_lines(item, f"{prefix}[{i}]", out, seen)
 
 
+def key_line(file: str, key_path: str) -> int | None:
+    """The line of ``key_path`` in ``file`` (as messages name it) when `read_config` read it, else None."""
+    return _KEY_LINES.get(file, {}).get(key_path)
+
+
 # a key path; a part may carry a note in brackets (``curriculum.phases[1] (rampup).start_step``), not part of it
 _LEAD_KEY = re.compile(r"[A-Za-z0-9_\-]+(?:(?: \([^()\n]{0,200}\))?(?:\.[A-Za-z0-9_\-]+|\[\d+\]))*")
 _NOTE = re.compile(r" \([^()\n]{0,200}\)")

@@ -257,24 +257,21 @@ def load_curation_config(
         part = check_mapping(profiles[cur] or {}, f"{shown}: profiles.{cur}")
         if "extends" in part and part["extends"] is not None:
             check_str(part["extends"], f"{shown}: profiles.{cur}.extends")
-        chain.append(part)
+        chain.append((cur, part))
         chain_name, cur = cur, part.get("extends")
     merged: dict = {}
-    for part in reversed(chain):
+    for _, part in reversed(chain):
         merged = _deep_merge(merged, part)
-    names = [profile]
-    for part in chain[:-1]:
-        names.append(part.get("extends"))
     try:
         return CurationConfig.from_dict(merged, profile, source=shown)
     except ConfigError as e:
-        raise _inherited(e, shown, profile, list(zip(names, chain))) from None
+        raise _inherited(e, shown, profile, chain) from None
 
 
 def _inherited(err: ConfigError, shown: str, profile: str, chain: list[tuple[str, dict]]) -> ConfigError:
     """A value the profile inherits through `extends` is blamed on the line where it is written (the
     ancestor's), naming that profile, instead of the child's `profile:` line where it is not."""
-    from cb_core.config import _KEY_LINES, _LEAD_KEY
+    from cb_core.config import _LEAD_KEY, key_line
 
     msg = str(err)
     head = f"profile '{profile}': "
@@ -294,7 +291,7 @@ def _inherited(err: ConfigError, shown: str, profile: str, chain: list[tuple[str
     owner = next((name for name, part in chain if has(part)), None)
     if owner is None or owner == profile:
         return err
-    line = _KEY_LINES.get(shown, {}).get(f"profiles.{owner}.{m.group(0)}")
+    line = key_line(shown, f"profiles.{owner}.{m.group(0)}")
     if line is None:
         return err
     rest = msg[at + len(head):]

@@ -137,30 +137,28 @@ def build_training_mix(
     usable = usable.filter(~pl.col("id").is_in(failed["id"].to_list()))
 
     # a call to a tool the environment does not offer (a model's invented tool name) is not trained on either
-    # way; a trace offering no tools at all while calling some stays (and fails the tool-schema gate: that is a
-    # reader problem, not a model's)
-    unknown = [
-        tid
-        for tid, msgs, tools in zip(usable["id"].to_list(), usable["messages"].to_list(), usable["tools"].to_list())
-        if (names := tool_names(tools)) and any(c not in names for c in called_tools(msgs))
-    ]
-    counts["unknown_tool_call_excluded"] = {"total": len(unknown), "examples": sorted(unknown)[:5]}
-    usable = usable.filter(~pl.col("id").is_in(unknown))
-
-    # a call the training preflight refuses (arguments that are no JSON object, a required parameter missing:
-    # `tool_call_problems`; real AgentDojo runs hold such calls, e.g. send_money without its `date`) is left
-    # out here, with its reason, instead of stopping training at the blocking preflight check
+    # way; nor is a call the training preflight refuses (arguments that are no JSON object, a required parameter
+    # missing: `tool_call_problems`; real AgentDojo runs hold such calls, e.g. send_money without its `date`),
+    # left out here with its reason instead of stopping training at the blocking preflight check. A trace
+    # offering no tools at all while calling some stays (and fails the tool-schema gate: that is a reader
+    # problem, not a model's)
+    unknown: list[str] = []
     invalid: dict[str, tuple[str, str]] = {}
     for tid, cat, msgs, tools in zip(usable["id"].to_list(), usable["category"].to_list(),
                                      usable["messages"].to_list(), usable["tools"].to_list()):
-        if tool_names(tools) and (problems := tool_call_problems(msgs, tools)):
+        if not (names := tool_names(tools)):
+            continue
+        if any(c not in names for c in called_tools(msgs)):
+            unknown.append(tid)
+        elif problems := tool_call_problems(msgs, tools):
             invalid[tid] = (cat, problems[0])
+    counts["unknown_tool_call_excluded"] = {"total": len(unknown), "examples": sorted(unknown)[:5]}
     counts["invalid_tool_call_excluded"] = {
         "total": len(invalid),
         "by_category": {c: n for c in ("harmful", "retain") if (n := sum(v[0] == c for v in invalid.values()))},
         "examples": [{"id": t, "reason": invalid[t][1]} for t in sorted(invalid)[:5]],
     }
-    usable = usable.filter(~pl.col("id").is_in(list(invalid)))
+    usable = usable.filter(~pl.col("id").is_in(unknown + list(invalid)))
 
     parts, no_mask, empty_mask = [], {}, {}
     for cat in ("harmful", "retain"):
