@@ -43,7 +43,10 @@ body is blank): the same e-mail submitted to several levels, re-titled or re-ind
 both sides of a split.
 
 Tools come from the project's repaired schema (`cfg["tool_schema"]`, default configs/tool_schemas/llmail_v1.json):
-the schema in system_prompt.json's `tool_prompt` is malformed JSON and is never parsed here.
+the schema in system_prompt.json's `tool_prompt` is malformed JSON (no comma between the `to` and `body`
+properties) and is never parsed here. `send_email` is that schema with the comma; `retrieve_emails` is ours
+(LLMail-Inject passes the e-mails in the prompt; skeleton traces show that retrieval as a tool call). The
+descriptions are what the model reads in every LLMail prompt, so they carry no notes of ours.
 
 CSV: parsed with the csv module (multi-line quoted fields); quarantine `line` is the physical line where the
 record starts (header = line 1). A record with invalid UTF-8 is quarantined with its exact bytes as
