@@ -132,6 +132,7 @@ DEFAULT_CLASS_WEIGHTS: dict[str, float] = {
     "general_conversation": 0.8,
     "borderline": 1.0,
     "harmful_flip": 1.0,
+    "refusal": 1.0,  # XSTest refusals of unsafe prompts (retain)
 }
 
 # Llama-3 special tokens and their ids (the Llama-3.1 naming, as in Meta's HF release).

@@ -141,6 +141,19 @@ def test_bad_yaml_errors_name_file_and_field(tmp_path, body, field, msg):
     assert str(p) in text and field in text and msg in text
 
 
+def test_every_priority_class_has_a_weight_and_a_phase_may_move_it():
+    """`refusal` (XSTest refusals) once had no base weight: a phase naming it was ignored by the trainer's
+    multipliers (taken over the base classes) and `class_weight("refusal", step)` raised."""
+    from cb_core.schemas import PRIORITY_CLASSES
+
+    assert set(DEFAULT_CLASS_WEIGHTS) == set(PRIORITY_CLASSES)
+    assert set(MixtureSchedule.load().class_weights) == set(PRIORITY_CLASSES)
+    s = MixtureSchedule.from_dict({"curriculum": {"type": "step", "phases": [
+        {"start_step": 10, "end_step": 20, "class_weights": {"refusal": 0.25}}]}})
+    assert s.class_weight("refusal", 0) == 1.0 and s.class_weight("refusal", 15) == 0.25
+    assert {pc: s.multiplier(pc, 15) for pc in s.class_weights}["refusal"] == 0.25
+
+
 def test_missing_file_and_unknown_class_query(tmp_path):
     with pytest.raises(MixtureError, match="cannot read"):
         MixtureSchedule.load(tmp_path / "absent.yaml")
