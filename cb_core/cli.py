@@ -132,8 +132,8 @@ def leaderboard_lines(root: Path, limit: int, reverse: bool) -> list[str]:
     ranked = lb.filter(pl.col("rank").is_not_null()).sort("rank", descending=reverse)
     rest = lb.filter(pl.col("rank").is_null()).sort("key")
     rows = pl.concat([ranked, rest] if not reverse else [rest, ranked], how="diagonal_relaxed").head(limit)
-    cols = [c for c in ("rank", "key", "tool_flip_asr", "capability_retention", "xstest_over_refusal",
-                        "eligible", "pareto") if c in rows.columns]
+    cols = [c for c in ("rank", "key", "tool_flip_asr", "injection_followed_rate", "capability_retention",
+                        "xstest_over_refusal", "eligible", "pareto") if c in rows.columns]
 
     def cell(v):
         return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))

@@ -648,6 +648,10 @@ MIX_EXTRA_SCHEMA = pl.Schema(
     }
 )
 MIX_SCHEMA = pl.Schema({**dict(TRACE_SCHEMA), **dict(MIX_EXTRA_SCHEMA)})
+# One call an injection asks for before its attacker call (AgentDojo workspace injection_task_3's
+# `search_emails(sender=lily.white@gmail.com)` before the `send_email` to the attacker): name + JSON arguments as
+# the injection task's ground truth gives them.
+PREPARATORY_CALL = pl.Struct({"name": pl.String, "arguments": pl.String})
 EVAL_ATTACK_SCHEMA = pl.Schema(
     {
         **dict(TRACE_SCHEMA),
@@ -655,6 +659,10 @@ EVAL_ATTACK_SCHEMA = pl.Schema(
         "n_stripped": pl.Int32,
         "expected_behavior": pl.String,
         "stratum": pl.String,  # "<dataset>:<subtype>", or "<dataset>:other" for merged small strata
+        # The injection's preparatory calls still open at the cut, none the user's own task also makes there
+        # ([] where the injection has none or they cannot be told apart from the user's task): a first call
+        # among them is the outcome `attack_step` (cb_core.evaluate.metrics), not `other_tool`.
+        "preparatory_calls": pl.List(PREPARATORY_CALL),
     }
 )
 
@@ -706,6 +714,7 @@ class EvalAttacksModel(TraceModel):
     n_stripped: pl.Int32 = pa.Field(ge=0)  # type: ignore[valid-type]
     expected_behavior: str = pa.Field(isin=list(EXPECTED_BEHAVIORS))
     stratum: str = pa.Field(str_matches=r"^[a-z0-9_]+:")
+    preparatory_calls: pl.List(PREPARATORY_CALL) = pa.Field()  # type: ignore[valid-type]
 
     class Config:
         strict = True

@@ -168,7 +168,9 @@ eval_split = _split_asset("eval", EvalSplitModel)
     "whose pair_group (task) is absent from the training mix, cut right after the injected message (tool result "
     "or user message), new ids, each with its expected behaviour (`expected_behavior`; AgentDojo: the user "
     "task's next ground-truth call or `final_answer`; B4: the record's expected tool; LLMail: no attacker "
-    "call); small strata merged into `<dataset>:other` (column `stratum`), at most max_per_stratum each.",
+    "call); small strata merged into `<dataset>:other` (column `stratum`), at most max_per_stratum each; "
+    "`preparatory_calls`: the calls the injection asks for before its attacker call (AgentDojo), none the "
+    "user's task makes there.",
 )
 def eval_attacks(
     context: dg.AssetExecutionContext,
@@ -197,6 +199,7 @@ def eval_attacks(
             "by_expected_behavior": _json_safe(stats["by_expected_behavior"]),
             "excluded_injection_not_in_context": stats["excluded_injection_not_in_context"],
             "agentdojo_without_ground_truth": stats["agentdojo_without_ground_truth"],
+            "with_preparatory_calls": stats["with_preparatory_calls"],
             "stats": _json_safe(stats),
         }
     )

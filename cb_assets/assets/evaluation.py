@@ -45,7 +45,8 @@ def _settings(config: EvalScoresConfig) -> EvaluationSettings:
     kinds={"pytorch", "polars"},
     tags=GPU_TAGS,
     deps=["adapter"],
-    description="Base vs adapter on held-out prompts (none from train_split): tool_flip_asr and "
+    description="Base vs adapter on held-out prompts (none from train_split): tool_flip_asr, "
+    "injection_followed_rate (the attacker's call or a preparatory step it asked for) and "
     "forced_function_call on eval_attacks, capability_retention on held-out benign traces, LLMail, XSTest "
     "over-refusal, coherence, output difference, representation similarity; optional live AgentDojo. One row "
     "per (model, metric) with n and a 95% Wilson interval; n = 0 is 'not measured'.",

@@ -328,8 +328,9 @@ def leaderboard(context: dg.AssetExecutionContext, config: LeaderboardConfig) ->
                                                 "not_measured": sel.not_measured}),
             "eligible": int(lb["eligible"].sum()) if lb.height else 0,
             "csv": dg.MetadataValue.path(str(root / "leaderboard.csv")),
-            "table": dg.MetadataValue.md(_md_table(lb, ["rank", "key", sel.metric, "capability_retention",
-                                                        "xstest_over_refusal", "eligible", "pareto"]))}
+            "table": dg.MetadataValue.md(_md_table(lb, ["rank", "key", sel.metric, "injection_followed_rate",
+                                                        "capability_retention", "xstest_over_refusal", "eligible",
+                                                        "pareto"]))}
     if lb.height and lb["rank"].min() == 1:
         best = lb.filter(pl.col("rank") == 1).sort("key").row(0, named=True)
         meta["best"] = best["key"]

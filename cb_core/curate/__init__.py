@@ -80,11 +80,17 @@ from cb_core.curate.eval_attacks import (  # noqa: F401
     OTHER_STRATUM,
     agentdojo_ground_truth,
     agentdojo_task_key,
+    agentdojo_user_task,
     build_eval_attacks,
     build_eval_attacks_with_stats,
+    calls_left,
     eval_attack_strata,
+    injection_ground_truth,
+    injection_task_id,
+    load_injection_tasks,
     load_user_tasks,
     next_expected_call,
+    preparatory_calls,
 )
 from cb_core.curate.preflight_checks import (  # noqa: F401
     DEFAULT_END_IDS,

@@ -102,8 +102,9 @@ def _per_key(keys: tuple[str, ...], rule: Rule, required: bool = False, what: st
 
 
 def _user_tasks(v: Any, w: str) -> None:
-    """A path or null; a file that is not there is allowed: those attacks fall back to `no_attacker_call`,
-    reported by eval_attacks (configs/curation.yaml says so)."""
+    """A path or null; a file that is not there is allowed: those attacks fall back to `no_attacker_call`
+    (user tasks) or carry no preparatory calls (injection tasks), reported by eval_attacks (configs/curation.yaml
+    says so)."""
     if v is not None:
         check_str(v, w)
 
@@ -145,6 +146,7 @@ RULES: dict[str, Rule] = {
     "generated_tables": texts(GENERATED),
     "retain_requires_task_success": nullable(texts(DATASETS)),
     "agentdojo_user_tasks": _user_tasks,
+    "agentdojo_injection_tasks": _user_tasks,
     "eval_fraction": _fraction_below_one,
 }
 
@@ -167,6 +169,10 @@ class CurationConfig:
     # a path as in every config file (`configs/...` follows CB_CONFIG_DIR): the expected next call of each
     # AgentDojo eval attack.
     agentdojo_user_tasks: str | None = "configs/agentdojo/user_tasks.json"
+    # AgentDojo injection tasks' ground-truth calls ({version: {suite: {injection_task_id: {goal,
+    # ground_truth_calls}}}}, as the reader's `injection_tasks`): the calls an injection asks for before its
+    # attacker call, carried to evaluation (`eval_attacks.preparatory_calls`, outcome `attack_step`).
+    agentdojo_injection_tasks: str | None = "configs/agentdojo/injection_tasks.json"
     eval_fraction: float = 0.1
     gates: GateConfig = field(default_factory=GateConfig)
     eval_attacks: EvalAttackConfig = field(default_factory=EvalAttackConfig)

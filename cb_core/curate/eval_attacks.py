@@ -11,27 +11,39 @@ from cb_core.config import ConfigError, config_path
 from cb_core.curate.config import CurationConfig
 from cb_core.curate.features import called_tools, content_hash, cut_after_injection, hash_col, injection_in_context
 from cb_core.curate.mix import inherit_parent_groups
-from cb_core.schemas import EVAL_ATTACK_SCHEMA, FINAL_ANSWER, TRACE_SCHEMA, digest
+from cb_core.schemas import EVAL_ATTACK_SCHEMA, FINAL_ANSWER, TRACE_SCHEMA, canonical_json, digest
 
 EVAL_ATTACK_ID_VERSION = "eval_attack_v2"
 OTHER_STRATUM = "other"
 
 
-def load_user_tasks(cfg: CurationConfig) -> tuple[dict | None, str]:
-    """(AgentDojo user tasks' ground truth, where it came from / why it is missing). A missing file is not
-    fatal here: the affected eval attacks fall back to `no_attacker_call` and the count is reported."""
-    if not cfg.agentdojo_user_tasks:
-        return None, "not configured (agentdojo_user_tasks: null)"
-    path = config_path(cfg.agentdojo_user_tasks)
+def _load_tasks(rel: str | None, key: str) -> tuple[dict | None, str]:
+    """(a `{version: {suite: {task_id: {...}}}}` file of configs/agentdojo, where it came from / why it is
+    missing). A missing file is not fatal here: what it would add is left out and the count is reported."""
+    if not rel:
+        return None, f"not configured ({key}: null)"
+    path = config_path(rel)
     if not path.is_file():
-        return None, f"missing: {cfg.agentdojo_user_tasks}"
+        return None, f"missing: {rel}"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise ConfigError(f"{path}: expected {{version: {{suite: {{user_task_id: {{...}}}}}}}}")
-    return data, str(cfg.agentdojo_user_tasks)
+        raise ConfigError(f"{path}: expected {{version: {{suite: {{task_id: {{...}}}}}}}}")
+    return data, str(rel)
+
+
+def load_user_tasks(cfg: CurationConfig) -> tuple[dict | None, str]:
+    """(AgentDojo user tasks' ground truth, where it came from / why it is missing). A missing file is not
+    fatal here: the affected eval attacks fall back to `no_attacker_call` and the count is reported."""
+    return _load_tasks(cfg.agentdojo_user_tasks, "agentdojo_user_tasks")
+
+
+def load_injection_tasks(cfg: CurationConfig) -> tuple[dict | None, str]:
+    """(AgentDojo injection tasks' ground truth, where it came from / why it is missing). Missing: no eval
+    attack carries preparatory calls (`attack_step` never scored), reported in the stats."""
+    return _load_tasks(cfg.agentdojo_injection_tasks, "agentdojo_injection_tasks")
 
 
 def agentdojo_task_key(pair_group: str | None) -> tuple[str, str] | None:
@@ -40,22 +52,27 @@ def agentdojo_task_key(pair_group: str | None) -> tuple[str, str] | None:
     return (parts[1], parts[2]) if len(parts) == 3 and parts[0] == "agentdojo" and all(parts[1:]) else None
 
 
-def agentdojo_ground_truth(user_tasks: dict | None, suite: str, task_id: str, prompt: str | None) -> list[str] | None:
-    """Ground-truth function names of one user task. The benchmark version is the one whose prompt is the
-    trace's user prompt. A trace whose prompt is no version's prompt of that task is not that task (a wrong or
-    made-up task id): None, so its expected behaviour is `no_attacker_call` and the WARN check counts it, never
-    another task's next call (every real trace of ../shared/data matches exactly). Without a prompt, the
-    versions must agree (else None: ambiguous)."""
+def agentdojo_user_task(user_tasks: dict | None, suite: str, task_id: str, prompt: str | None) -> dict | None:
+    """One user task's entry (`prompt`, `ground_truth_functions`, `ground_truth_calls`). The benchmark version
+    is the one whose prompt is the trace's user prompt. A trace whose prompt is no version's prompt of that task
+    is not that task (a wrong or made-up task id): None, so its expected behaviour is `no_attacker_call` and
+    the WARN check counts it, never another task's next call (every real trace of ../shared/data matches
+    exactly). Without a prompt, the versions' ground truths must agree (else None: ambiguous)."""
     found = []
     for version in sorted(user_tasks or {}):
         t = ((user_tasks[version] or {}).get(suite) or {}).get(task_id)
         if isinstance(t, dict) and isinstance(t.get("ground_truth_functions"), list):
             found.append((version, t))
     if prompt is not None:
-        return next((list(t["ground_truth_functions"]) for _v, t in found
-                     if (t.get("prompt") or "").strip() == prompt.strip()), None)
+        return next((t for _v, t in found if (t.get("prompt") or "").strip() == prompt.strip()), None)
     gts = {tuple(t["ground_truth_functions"]) for _v, t in found}
-    return list(gts.pop()) if len(gts) == 1 else None
+    return found[-1][1] if len(gts) == 1 else None
+
+
+def agentdojo_ground_truth(user_tasks: dict | None, suite: str, task_id: str, prompt: str | None) -> list[str] | None:
+    """Ground-truth function names of one user task (`agentdojo_user_task`), or None."""
+    t = agentdojo_user_task(user_tasks, suite, task_id, prompt)
+    return None if t is None else list(t["ground_truth_functions"])
 
 
 # AgentDojo reads whose result holds what another ground-truth read looks up: once the trace made one, that lookup
@@ -66,16 +83,91 @@ def agentdojo_ground_truth(user_tasks: dict | None, suite: str, task_id: str, pr
 SUPERSET_READS: dict[str, tuple[str, ...]] = {"search_emails": ("get_received_emails",)}
 
 
-def next_expected_call(ground_truth: list[str], calls_made: list[str]) -> str:
-    """The first ground-truth function (in order, counting repeats) not yet called, else FINAL_ANSWER. A read
-    whose superset read (`SUPERSET_READS`) was called counts as made."""
+def calls_left(ground_truth: list[str], calls_made: list[str]) -> list[int]:
+    """Indices of the ground-truth functions (in order, counting repeats) not yet called. A read whose superset
+    read (`SUPERSET_READS`) was called counts as made."""
     left = Counter(calls_made)
-    for fn in ground_truth:
+    out = []
+    for i, fn in enumerate(ground_truth):
         if left[fn] > 0:
             left[fn] -= 1
         elif not any(left[s] > 0 for s in SUPERSET_READS.get(fn, ())):
-            return fn
-    return FINAL_ANSWER
+            out.append(i)
+    return out
+
+
+def next_expected_call(ground_truth: list[str], calls_made: list[str]) -> str:
+    """The first ground-truth function (in order, counting repeats) not yet called, else FINAL_ANSWER. A read
+    whose superset read (`SUPERSET_READS`) was called counts as made."""
+    left = calls_left(ground_truth, calls_made)
+    return ground_truth[left[0]] if left else FINAL_ANSWER
+
+
+def injection_task_id(provenance: dict | None) -> str | None:
+    """The injection task of an AgentDojo trace: the recorded-run reader's
+    `generation_params.agentdojo.injection_task_id`, the suite skeletons' `agentdojo_suites.injection_task`."""
+    try:
+        gp = json.loads((provenance or {}).get("generation_params") or "{}")
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(gp, dict):
+        return None
+    for key, field in (("agentdojo", "injection_task_id"), ("agentdojo_suites", "injection_task")):
+        facts = gp.get(key)
+        if isinstance(facts, dict) and isinstance(facts.get(field), str) and facts[field]:
+            return facts[field]
+    return None
+
+
+def injection_ground_truth(injection_tasks: dict | None, suite: str, task_id: str) -> list[dict] | None:
+    """An injection task's ground-truth calls (`[{function, args}]`) as the newest version holding it has them
+    (the reader's rule, `agentdojo._injection_tasks`; no task's calls differ between agentdojo 0.1.35's
+    versions), or None where no version has it."""
+    for version in reversed(list(injection_tasks or {})):
+        t = ((injection_tasks[version] or {}).get(suite) or {}).get(task_id)
+        if isinstance(t, dict) and isinstance(t.get("ground_truth_calls"), list):
+            return [c for c in t["ground_truth_calls"] if isinstance(c, dict) and isinstance(c.get("function"), str)]
+    return None
+
+
+def _json_obj(text: Any) -> dict:
+    if isinstance(text, dict):
+        return text
+    try:
+        v = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return {}
+    return v if isinstance(v, dict) else {}
+
+
+def preparatory_calls(injection_calls: list[dict], attacker_tool: str | None, attacker_args: Any,
+                      expected_tool: str | None, user_calls_left: list[dict]) -> list[dict]:
+    """The injection's ground-truth calls before its first attacker call (the attacker's tool carrying the
+    attacker's arguments by the judge's rule, `judge.args_match`), as `{name, arguments}` (JSON text), less
+    those the user's own task also makes at this point: the expected tool (a call of it is `correct` or
+    `other_tool`, as before), and a call left in the user's ground truth (`user_calls_left`, `{function, args}`;
+    args None: by name) whose arguments carry the step's (workspace `search_emails(query="hiking trip")` is not
+    `search_emails(sender="lily.white@gmail.com")`). No attacker call in the ground truth: none (which calls
+    come before the attack cannot be said)."""
+    from cb_core.generate.judge import args_match
+
+    wanted = _json_obj(attacker_args)
+    k = next((i for i, c in enumerate(injection_calls)
+              if (attacker_tool is None or c["function"] == attacker_tool)
+              and (attacker_tool is not None or wanted)
+              and args_match(_json_obj(c.get("args")), wanted)[0]), None)
+    out: list[dict] = []
+    for c in injection_calls[:k or 0]:
+        name, args = c["function"], _json_obj(c.get("args"))
+        if name == expected_tool or any(
+            u.get("function") == name and (u.get("args") is None or args_match(_json_obj(u["args"]), args)[0])
+            for u in user_calls_left
+        ):
+            continue
+        step = {"name": name, "arguments": canonical_json(args)}
+        if step not in out:
+            out.append(step)
+    return out
 
 
 def _first_user(msgs: list[dict]) -> str | None:
@@ -87,6 +179,7 @@ def build_eval_attacks_with_stats(
     trained: pl.DataFrame | Iterable[str],
     cfg: CurationConfig,
     user_tasks: dict | None | object = ...,
+    injection_tasks: dict | None | object = ...,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Held-out attack skeletons and what was done to make them.
 
@@ -96,13 +189,21 @@ def build_eval_attacks_with_stats(
     injection), given a new stable id, and its expected behaviour: AgentDojo -> `tool_attack.expected_tool` =
     `next_expected_call` of the user task's ground truth (`user_tasks`, default: `agentdojo_user_tasks` of
     the config) given the calls made before the cut; B4 -> the record's expected_tool; otherwise (LLMail, or
-    AgentDojo without ground truth) -> `no_attacker_call`. Identical cuts collapse onto the smallest source
-    id. Strata (`<dataset>:<subtype>`) under `min_per_stratum` are merged into `<dataset>:other` (column
-    `stratum`; `labels.subtype` untouched); at most `max_per_stratum` per stratum, hash-ordered."""
+    AgentDojo without ground truth) -> `no_attacker_call`. `preparatory_calls`: AgentDojo attacks whose user
+    task's ground truth is known carry the calls their injection task's ground truth (`injection_tasks`,
+    default: `agentdojo_injection_tasks` of the config) makes before the attacker's call, less the user's own
+    (`preparatory_calls`); every other attack carries []: without the user task's calls a preparatory read
+    cannot be told from the user's next step. Identical cuts collapse onto the smallest source id. Strata
+    (`<dataset>:<subtype>`) under `min_per_stratum` are merged into `<dataset>:other` (column `stratum`;
+    `labels.subtype` untouched); at most `max_per_stratum` per stratum, hash-ordered."""
     if user_tasks is ...:
         user_tasks, ut_source = load_user_tasks(cfg)
     else:
         ut_source = "given" if user_tasks else "none given"
+    if injection_tasks is ...:
+        injection_tasks, it_source = load_injection_tasks(cfg)
+    else:
+        it_source = "given" if injection_tasks else "none given"
     if isinstance(trained, pl.DataFrame):
         t_ids = set(trained["id"].to_list())
         t_groups = set(trained["pair_group"].to_list()) if "pair_group" in trained.columns else set()
@@ -125,6 +226,7 @@ def build_eval_attacks_with_stats(
         "excluded_injection_not_in_context": attacked.height - injected.height,
         "excluded_trained_pair_group": injected.height - cand.height,
         "agentdojo_user_tasks": ut_source,
+        "agentdojo_injection_tasks": it_source,
     }
     rows, no_gt, no_behavior = [], 0, 0
     for r in cand.iter_rows(named=True):
@@ -137,13 +239,21 @@ def build_eval_attacks_with_stats(
             sp for sp in (ta.get("injection_spans") or [])
             if isinstance((sp or {}).get("message_index"), int) and sp["message_index"] < len(msgs)
         ]
-        behavior = None
+        behavior, prep = None, []
         if r["dataset"] == "agentdojo":
             key = agentdojo_task_key(r["pair_group"])
-            gt = agentdojo_ground_truth(user_tasks, key[0], key[1], _first_user(msgs)) if key else None
-            if gt is not None:
-                ta["expected_tool"] = next_expected_call(gt, called_tools(msgs))
+            task = agentdojo_user_task(user_tasks, key[0], key[1], _first_user(msgs)) if key else None
+            if task is not None:
+                gt = list(task["ground_truth_functions"])
+                left = calls_left(gt, called_tools(msgs))
+                ta["expected_tool"] = gt[left[0]] if left else FINAL_ANSWER
                 behavior = "final_answer" if ta["expected_tool"] == FINAL_ANSWER else "expected_tool"
+                gt_calls = task.get("ground_truth_calls")
+                aligned = isinstance(gt_calls, list) and [(c or {}).get("function") for c in gt_calls] == gt
+                inj = injection_ground_truth(injection_tasks, key[0], injection_task_id(r["provenance"]) or "")
+                prep = preparatory_calls(
+                    inj or [], ta.get("attacker_tool"), ta.get("attacker_args"), ta["expected_tool"],
+                    [gt_calls[i] if aligned else {"function": gt[i], "args": None} for i in left])
             else:
                 ta["expected_tool"] = None
                 no_gt += 1
@@ -169,6 +279,7 @@ def build_eval_attacks_with_stats(
                 "n_stripped": len(orig) - len(msgs),
                 "expected_behavior": behavior,
                 "stratum": f"{r['dataset']}:{(r['labels'] or {}).get('subtype') or ''}",
+                "preparatory_calls": prep,
             }
         )
     stats.update(agentdojo_without_ground_truth=no_gt, excluded_no_expected_behavior=no_behavior)
@@ -194,6 +305,7 @@ def build_eval_attacks_with_stats(
         by_expected_behavior=dict(df.group_by("expected_behavior").len().sort("expected_behavior").iter_rows())
         if df.height
         else {},
+        with_preparatory_calls=int((df["preparatory_calls"].list.len() > 0).sum()),
     )
     return df.drop("_key").sort("id"), stats
 
@@ -203,9 +315,10 @@ def build_eval_attacks(
     trained: pl.DataFrame | Iterable[str],
     cfg: CurationConfig,
     user_tasks: dict | None | object = ...,
+    injection_tasks: dict | None | object = ...,
 ) -> pl.DataFrame:
     """`build_eval_attacks_with_stats` without the stats."""
-    return build_eval_attacks_with_stats(traces, trained, cfg, user_tasks)[0]
+    return build_eval_attacks_with_stats(traces, trained, cfg, user_tasks, injection_tasks)[0]
 
 
 def eval_attack_strata(eval_attacks: pl.DataFrame, cfg: CurationConfig) -> list[dict[str, Any]]:

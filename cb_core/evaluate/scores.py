@@ -25,7 +25,8 @@ SCORES_SCHEMA = pl.Schema(
 )
 # Lower is better for these; the rest are "higher is better" rates.
 LOWER_IS_BETTER = {
-    "tool_flip_asr", "forced_function_call", "llmail_attacker_send", "xstest_over_refusal",
+    "tool_flip_asr", "injection_followed_rate", "forced_function_call", "llmail_attacker_send",
+    "xstest_over_refusal",
     "agentdojo_asr", "unparseable_rate",
     "rep_cos_harmful",  # adapter vs base cos-sim on harmful tokens: a circuit breaker pushes it down
 }

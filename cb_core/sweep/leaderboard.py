@@ -24,8 +24,8 @@ from cb_core.sweep.manifest import Selection
 
 ASR = "tool_flip_asr"
 CAPABILITY = "capability_retention"
-HEADLINE = (ASR, CAPABILITY, "xstest_over_refusal", "forced_function_call", "output_difference_rate",
-            "llmail_attacker_send", "agentdojo_utility", "agentdojo_asr")
+HEADLINE = (ASR, "injection_followed_rate", CAPABILITY, "xstest_over_refusal", "forced_function_call",
+            "output_difference_rate", "llmail_attacker_send", "agentdojo_utility", "agentdojo_asr")
 
 
 def _value(sc: pl.DataFrame, model: str, metric: str) -> float | None:

@@ -81,7 +81,8 @@ class SweepError(LocatedError):
 # had trained, when the leaderboard ranks.
 KNOWN_METRICS = frozenset({
     "agentdojo_asr", "agentdojo_utility", "agentdojo_utility_under_attack", "capability_retention", "coherence",
-    "forced_function_call", "llmail_attacker_send", "llmail_refusal", "llmail_useful", "output_difference_rate", "rep_cos_benign",
+    "forced_function_call", "injection_followed_rate", "llmail_attacker_send", "llmail_refusal", "llmail_useful",
+    "output_difference_rate", "rep_cos_benign",
     "rep_cos_harmful", "tool_flip_asr", "tool_flip_correct", "unparseable_rate", "valid_json_rate",
     "xstest_over_refusal", "xstest_unsafe_refusal",
 })
