@@ -3,7 +3,8 @@
     python -m cb_assets.cli pipeline [--dry-run]   # slurm/unified_pipeline.sbatch: the graph minus SKIP_* stages
     python -m cb_assets.cli sweep [--dry-run]      # slurm/sweep_hparams.sbatch: a sweep, points one after another
 
-Both read the old toggles from the environment (cb_core.sweep.toggles) and print how each was mapped.
+Both read the old toggles from the environment (cb_core.sweep.toggles) and print how each was mapped. `sweep`
+runs again only the points whose earlier run no longer stands (`--rerun`: every point).
 """
 import argparse
 import json
@@ -75,6 +76,8 @@ def main(argv=None) -> int:
         p.add_argument("--dry-run", action="store_true", help="print the mapping and the plan, run nothing")
         if name == "sweep":
             p.add_argument("--final", action="store_true", help="also the seed fan-out and release_report")
+            p.add_argument("--rerun", action="store_true",
+                           help="run every point again, also those whose earlier run still stands")
     args = ap.parse_args(argv)
     from cb_core.config import ConfigError
     from cb_core.sweep.manifest import SweepError
@@ -132,17 +135,22 @@ def sweep(args) -> int:
     if args.dry_run:
         print(json.dumps({"manifest": manifest, "overrides": overrides, "points": [p.key for p in points]}))
         return 0
-    status = run_sweep_in_process(manifest, overrides=overrides, final=args.final,
+    status = run_sweep_in_process(manifest, overrides=overrides, final=args.final, rerun=args.rerun,
                                   log=lambda m: print(f"[cb] {m}", flush=True))
     print(json.dumps(status))
     return 0 if any(v == "SUCCESS" for v in status.values()) else 1
 
 
 def run_sweep_in_process(manifest: str, *, overrides: list[str] | None = None, instance=None, final: bool = False,
-                         log=print) -> dict:
+                         rerun: bool = False, log=print) -> dict:
     """CPU / laptop path without a daemon: register the points, materialize each point in this process
     (continue_on_error: a failed point is logged and the rest go on), then leaderboard + best_config, and with
-    ``final`` the seed fan-out and release_report. Returns {key: "SUCCESS"|"FAILURE", ...}."""
+    ``final`` the seed fan-out and release_report. Returns {key: "SUCCESS"|"FAILURE", ...}.
+
+    A point whose latest run still stands (`sweeps.point_stands`: it succeeded, its results are there, its
+    training inputs unchanged) is not run again but counted as SUCCESS, as the sensor launches only points
+    without a run: re-running a sweep to add a grid value or after a failure costs only the new points.
+    ``rerun`` runs every point again."""
     import dagster as dg
     import polars as pl
 
@@ -160,11 +168,21 @@ def run_sweep_in_process(manifest: str, *, overrides: list[str] | None = None, i
     table = res.output_for_node("sweep_points")
     sweep = table.sort("registered_at")["sweep"][-1]
     rows = table.filter(pl.col("sweep") == sweep).to_dicts()
+    from cb_assets.assets.sweeps import latest_runs, point_stands
+
+    earlier = {} if rerun else latest_runs(instance, {"cb/sweep": sweep, "cb/sweep_stage": "point"})
     status: dict[str, str] = {}
     for r in rows:
         if status and any(s == "FAILURE" for s in status.values()) and not r.get("continue_on_error", True):
             log(f"point {r['key']}: not run (continue_on_error is false and a point failed)")
             continue
+        stands, why = point_stands(r["key"], r["preset"], list(r["overrides"]), earlier.get(r["key"]), data_root())
+        if stands:
+            status[r["key"]] = "SUCCESS"
+            log(f"point {r['key']}: not run again, {why} (--rerun runs it)")
+            continue
+        if why:
+            log(f"point {r['key']}: running again: {why}")
         ok = defs.resolve_job_def("sweep_point").execute_in_process(
             instance=instance, partition_key=r["key"], raise_on_error=False,
             tags={"cb/sweep": sweep, "cb/sweep_stage": "point"}).success

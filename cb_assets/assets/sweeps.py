@@ -512,13 +512,44 @@ def plan(points: list[dict], point_runs: dict[str, str], rank_runs: dict[str, st
     return out, "sweep complete"
 
 
-def _latest_status(instance, tags: dict) -> dict[str, str]:
-    out: dict[str, str] = {}
+def latest_runs(instance, tags: dict) -> dict[str, dg.DagsterRun]:
+    """Partition key -> its newest run carrying ``tags``."""
+    out: dict[str, dg.DagsterRun] = {}
     for r in instance.get_runs(filters=dg.RunsFilter(tags=tags)):  # newest first
         k = r.tags.get("dagster/partition")
         if k and k not in out:
-            out[k] = r.status.value
+            out[k] = r
     return out
+
+
+def _latest_status(instance, tags: dict) -> dict[str, str]:
+    return {k: r.status.value for k, r in latest_runs(instance, tags).items()}
+
+
+def point_stands(key: str, preset: str, overrides: list[str], run, root: Path) -> tuple[bool, str]:
+    """Whether a point's latest run ``run`` still stands, so the in-process runner need not run it again:
+    (True, why) when it succeeded, its published results are still there and its training inputs and settings
+    are those it trained on (`train_point`'s rule, the run folder's fingerprint); else (False, why it runs
+    again: "" for a point never run or whose run did not succeed)."""
+    from cb_core.train import RUNS_DIR
+    from cb_core.train.config import TrainConfigError, load_train_config
+    from cb_core.train.worker import run_fingerprint, stale_checkpoints
+
+    if run is None or run.status != dg.DagsterRunStatus.SUCCESS:
+        return False, ""
+    d = point_dir(key, root)
+    gone = [p for p in (d / "eval_scores.parquet", d / "adapter" / "adapter_config.json") if not p.is_file()]
+    if gone:
+        return False, f"run {run.run_id} succeeded but its results are gone ({', '.join(map(str, gone))})"
+    try:
+        cfg, _, _ = load_train_config(preset, overrides)
+    except (TrainConfigError, ValueError) as e:  # its run fails and says so
+        return False, f"its training settings no longer resolve: {e}"
+    changed = stale_checkpoints(root / RUNS_DIR / key, run_fingerprint(cfg, root))
+    if changed:
+        return False, (f"its training inputs or settings changed since run {run.run_id} "
+                       f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''})")
+    return True, f"run {run.run_id} succeeded and its results are in {d}"
 
 
 @dg.sensor(

@@ -219,3 +219,17 @@ def test_cb_run_takes_the_adapter_assets_default_preset(env, preset):
     bad = subprocess.run([*CB, "run", "--print-command"], capture_output=True, text=True, cwd=ROOT, timeout=120,
                          env={**base, "CB_TRAIN_PRESET": "stage_one"})
     assert bad.returncode == 2 and "CB_TRAIN_PRESET: training preset 'stage_one' not found" in bad.stderr
+
+
+def test_sweep_cli_rerun_flag_reaches_the_runner(tmp_path, monkeypatch):
+    """`sweep --rerun` runs every point again; without it the runner skips the points whose run stands."""
+    from cb_assets import cli as sweep_cli
+
+    monkeypatch.setenv("CB_DATA_ROOT", str(tmp_path / "data"))
+    monkeypatch.setenv("SWEEP", "tiny")
+    for var in ("QUICK_TEST", "ALPHAS", "LAYER_CONFIGS", "POLICIES"):
+        monkeypatch.delenv(var, raising=False)
+    seen: list[dict] = []
+    monkeypatch.setattr(sweep_cli, "run_sweep_in_process", lambda manifest, **kw: seen.append(kw) or {"p": "SUCCESS"})
+    assert sweep_cli.main(["sweep", "--rerun"]) == 0 and sweep_cli.main(["sweep"]) == 0
+    assert [kw["rerun"] for kw in seen] == [True, False]

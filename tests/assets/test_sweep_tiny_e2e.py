@@ -43,6 +43,11 @@ def test_tiny_sweep_end_to_end(data_root, tmp_path, monkeypatch):
     points = pl.read_parquet(data_root / "sweep_points.parquet")
     assert set(points["key"].to_list()) <= set(status) and all(status[k] == "SUCCESS" for k in points["key"]), status
     assert status["rank"] == "SUCCESS"
+    # run again with nothing changed: no point trains or scores again (each names the run that stands), and
+    # the two are ranked as before
+    logs: list[str] = []
+    assert run_sweep_in_process(str(manifest), instance=inst, log=logs.append) == status, logs
+    assert sum("not run again, run " in ln for ln in logs) == 2, logs
     for k in points["key"]:
         sc = pl.read_parquet(data_root / "sweeps" / k / "eval_scores.parquet")
         asr = sc.filter((pl.col("metric") == "tool_flip_asr"))

@@ -259,3 +259,75 @@ def test_sweep_point_runs_route_to_slurm_with_one_request():
     for job in ("sweep", "sweep_rank", "sweep_release"):
         keys = defs.resolve_job_def(job).asset_layer.selected_asset_keys
         assert all((graph.get(k).tags or {}).get("cb/compute") != "gpu" for k in keys), job
+
+
+def test_in_process_rerun_skips_points_that_stand(data_root, tmp_path, monkeypatch):
+    """Re-running a sweep in-process trained and scored every point again; now a point whose latest run
+    succeeded, whose results are there and whose training inputs are unchanged is skipped (and still ranked),
+    a point with results gone or changed inputs runs again, saying why, and ``rerun`` runs them all. Real
+    Dagster runs; the GPU work of a point is replaced by its output files (fingerprint, adapter, scores)."""
+    from cb_assets import cli
+    from cb_assets.assets import sweeps
+    from cb_assets.assets.sweeps import rank_run_key
+    from cb_core.train import RUNS_DIR
+    from cb_core.train.config import load_train_config
+    from cb_core.train.worker import run_fingerprint
+
+    trained: list[str] = []
+
+    def fake_train(context, key, preset, overrides, out, root):
+        cfg, _, _ = load_train_config(preset, overrides)
+        ck = root / RUNS_DIR / key / "checkpoints" / "step_000001"
+        ck.mkdir(parents=True, exist_ok=True)
+        (ck / "trainer_state.pt").write_bytes(b"")
+        (ck.parent.parent / "fingerprint.json").write_text(json.dumps(run_fingerprint(cfg, root), default=str))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "adapter_config.json").write_text("{}")
+        trained.append(key)
+        return {}
+
+    def fake_eval(context, adapter_path, preset, overrides, eval_overrides, out, root):
+        asr = 0.1 + 0.05 * len(list(out.parent.glob("*/eval_scores.parquet")))
+        scores_table({"tool_flip_asr": asr, "capability_retention": 0.9, "xstest_over_refusal": 0.08}) \
+            .write_parquet(out / "eval_scores.parquet")
+        return {}
+
+    monkeypatch.setattr(sweeps, "train_point", fake_train)
+    monkeypatch.setattr(sweeps, "evaluate_point", fake_eval)
+    manifest = tmp_path / "rr.yaml"
+    manifest.write_text(yaml.safe_dump({"name": "rrtest", "preset": "stage1", "grid": {"alpha": [5, 10, 15]}}))
+    inst = dg.DagsterInstance.ephemeral()
+
+    def run(**kw):
+        trained.clear()
+        logs: list[str] = []
+        status = cli.run_sweep_in_process(str(manifest), instance=inst, log=logs.append, **kw)
+        return status, logs
+
+    status, _ = run()
+    keys = sorted(pl.read_parquet(data_root / "sweep_points.parquet")["key"].to_list())
+    assert sorted(trained) == keys and all(status[k] == "SUCCESS" for k in keys) and status["rank"] == "SUCCESS"
+    first = {r.tags["dagster/partition"]: r.run_id
+             for r in inst.get_runs(filters=dg.RunsFilter(tags={"cb/sweep": "rrtest", "cb/sweep_stage": "point"}))}
+
+    status, logs = run()
+    assert trained == [] and all(status[k] == "SUCCESS" for k in keys) and status["rank"] == "SUCCESS"
+    for k in keys:  # one line per skipped point, naming the run that stands
+        assert [ln for ln in logs if ln.startswith(f"point {k}: not run again, run {first[k]} succeeded")], logs
+    ranked = inst.get_runs(filters=dg.RunsFilter(tags={"cb/sweep": "rrtest", "cb/sweep_stage": "rank"}))[0]
+    assert ranked.tags["cb/run_key"] == rank_run_key("rrtest", keys)  # the skipped points are ranked
+    assert pl.read_parquet(data_root / "leaderboard.parquet").height == 3
+
+    gone, changed, kept = keys
+    (data_root / "sweeps" / gone / "eval_scores.parquet").unlink()
+    fp = data_root / RUNS_DIR / changed / "fingerprint.json"
+    fp.write_text(json.dumps({**json.loads(fp.read_text()), "table:train_split": "another split"}))
+    status, logs = run()
+    assert sorted(trained) == [gone, changed] and all(status[k] == "SUCCESS" for k in keys)
+    assert any(ln.startswith(f"point {gone}: running again: run {first[gone]} succeeded but ") for ln in logs)
+    assert any(ln.startswith(f"point {changed}: running again: its training inputs or settings changed since run "
+                             f"{first[changed]} (table:train_split: 'another split' -> None)") for ln in logs)
+    assert any(ln.startswith(f"point {kept}: not run again") for ln in logs)
+
+    status, logs = run(rerun=True)
+    assert sorted(trained) == keys and not any("not run again" in ln for ln in logs)
