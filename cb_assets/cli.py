@@ -4,7 +4,8 @@
     python -m cb_assets.cli sweep [--dry-run]      # slurm/sweep_hparams.sbatch: a sweep, points one after another
 
 Both read the old toggles from the environment (cb_core.sweep.toggles) and print how each was mapped. `sweep`
-runs again only the points whose earlier run no longer stands (`--rerun`: every point).
+runs again only the points whose earlier run no longer stands (`--rerun`: every point). `--dry-run` prints the
+plan and the files a run would write, and writes nothing.
 """
 import argparse
 import json
@@ -34,8 +35,9 @@ def check_training(preset: str | None, overrides: list[str]) -> None:
         raise ToggleError(f"the training settings {overrides}: {e}") from None
 
 
-def pipeline_command(env=None) -> tuple[list[str], dict[str, str], list[str]]:
-    """(dagster command, extra env, notes) for the unified pipeline under the current toggles."""
+def pipeline_command(env=None, dry_run: bool = False) -> tuple[list[str], dict[str, str], list[str], dict[str, str]]:
+    """(dagster command, extra env, notes, {path: text} of the files the command reads) for the unified pipeline
+    under the current toggles; those files are written unless ``dry_run`` (a dry run writes nothing)."""
     import yaml
 
     from cb_assets.definitions import defs
@@ -53,11 +55,14 @@ def pipeline_command(env=None) -> tuple[list[str], dict[str, str], list[str]]:
     if not keys:
         raise SystemExit("every stage is skipped: nothing to run")
     ops = {name: {"config": cfg} for name, cfg in plan.ops.items() if name in keys}
+    files: dict[str, str] = {}
     if plan.generation_file:
         gen = {**load_yaml("generation.yaml"), **plan.generation_file}
         path = Path(env.get("CB_DATA_ROOT") or data_root()) / "_sbatch" / f"generation.{_job_tag()}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(gen, sort_keys=False))
+        files[str(path)] = yaml.safe_dump(gen, sort_keys=False)
+        if not dry_run:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(files[str(path)])
         for t in ("ds_completions", "dr_completions", "adversarial_safe"):
             if t in keys:
                 ops.setdefault(t, {"config": {}})["config"]["config_file"] = str(path)
@@ -65,7 +70,7 @@ def pipeline_command(env=None) -> tuple[list[str], dict[str, str], list[str]]:
            "--select", ",".join(keys)]
     if ops:
         cmd += ["--config-json", json.dumps({"ops": ops})]
-    return cmd, plan.env, plan.notes
+    return cmd, plan.env, plan.notes, files
 
 
 def main(argv=None) -> int:
@@ -85,12 +90,12 @@ def main(argv=None) -> int:
 
     try:
         if args.cmd == "pipeline":
-            cmd, extra, notes = pipeline_command()
+            cmd, extra, notes, files = pipeline_command(dry_run=args.dry_run)
             for n in notes:
                 print(f"[cb toggles] {n}", flush=True)
             print(f"[cb] {' '.join(cmd[:8])} ... ({cmd[cmd.index('--select') + 1].count(',') + 1} assets)", flush=True)
             if args.dry_run:
-                print(json.dumps({"command": cmd, "env": extra}))
+                print(json.dumps({"command": cmd, "env": extra, "would_write": files}))
                 return 0
             return subprocess.call(cmd, cwd=str(PROJECT_ROOT), env={**os.environ, **extra})
         return sweep(args)
@@ -108,7 +113,9 @@ def sweep(args) -> int:
     import yaml
 
     from cb_core.io import data_root
+    from cb_core.sweep.manifest import load_manifest
     from cb_core.sweep.toggles import ENV_RENAMES, sweep_manifest
+    from cb_core.train.config import parse_overrides
 
     from cb_assets.assets.sweeps import default_manifest
     from cb_assets.resources import DatasetsResource
@@ -120,21 +127,22 @@ def sweep(args) -> int:
         if os.environ.get(old) and old != "MODE":
             os.environ[new] = os.environ[old]
             notes.append(f"{old} -> {new}")
-    if isinstance(manifest, dict):
-        path = data_root() / "_sbatch" / f"sweep.{_job_tag()}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(manifest, sort_keys=False))
-        manifest = str(path)
     for n in notes:
         print(f"[cb toggles] {n}", flush=True)
-    from cb_core.sweep.manifest import load_manifest
-    from cb_core.train.config import parse_overrides
-
-    points = load_manifest(manifest, parse_overrides(overrides)).expand()
+    built = manifest if isinstance(manifest, dict) else None  # the toggles' grid, written for the runs to read
+    if built is not None:
+        manifest = str(data_root() / "_sbatch" / f"sweep.{_job_tag()}.yaml")
+    # checked before anything is written (a dry run writes nothing)
+    points = load_manifest(manifest if built is None else built, parse_overrides(overrides), source=manifest).expand()
     print(f"[cb] sweep {manifest}: {len(points)} point(s); shared overrides {overrides}", flush=True)
-    if args.dry_run:
-        print(json.dumps({"manifest": manifest, "overrides": overrides, "points": [p.key for p in points]}))
+    text = yaml.safe_dump(built, sort_keys=False) if built is not None else None
+    if args.dry_run:  # writes nothing: the built manifest is printed instead
+        print(json.dumps({"manifest": manifest, "overrides": overrides, "points": [p.key for p in points],
+                          "would_write": {manifest: text} if text else {}}))
         return 0
+    if text:
+        Path(manifest).parent.mkdir(parents=True, exist_ok=True)
+        Path(manifest).write_text(text)
     status = run_sweep_in_process(manifest, overrides=overrides, final=args.final, rerun=args.rerun,
                                   log=lambda m: print(f"[cb] {m}", flush=True))
     print(json.dumps(status))

@@ -253,18 +253,24 @@ def from_dict(raw: dict, source: str = "<manifest>") -> Manifest:
                     override_keys={axis_key(str(k)): f"overrides.{k}" for k in raw.get("overrides") or {}})
 
 
-def load_manifest(name_or_path: str, overrides: dict[str, Any] | None = None) -> Manifest:
-    """Load a manifest; ``overrides`` (dotted keys) are added to its shared overrides (sbatch toggles)."""
+def load_manifest(name_or_path: str | dict, overrides: dict[str, Any] | None = None,
+                  source: str = "<manifest>") -> Manifest:
+    """Load a manifest (a name, a path, or a mapping built in code, called ``source`` in messages: the sbatch
+    toggles' grid, checked before it is written); ``overrides`` (dotted keys) are added to its shared overrides
+    (sbatch toggles)."""
     from cb_core.config import read_config
 
-    path = manifest_path(name_or_path)
-    try:
-        raw = read_config(path) or {}
-    except yaml.YAMLError as e:
-        raise SweepError(f"{path}: invalid YAML: {e}") from e
-    m = from_dict(raw, source=str(path))
+    if isinstance(name_or_path, dict):
+        m = from_dict(name_or_path, source=source)
+    else:
+        path = manifest_path(name_or_path)
+        try:
+            raw = read_config(path) or {}
+        except yaml.YAMLError as e:
+            raise SweepError(f"{path}: invalid YAML: {e}") from e
+        m = from_dict(raw, source=str(path))
     if overrides:  # given with the manifest, not written in it: their messages name no line of the file
-        given = _dotted(overrides, f"overrides given with {path}")
+        given = _dotted(overrides, f"overrides given with {m.source}")
         m.overrides.update(given)
         for k in given:
             m.override_keys.pop(k, None)

@@ -185,6 +185,34 @@ def test_sweep_cli_unknown_manifest_is_one_line_naming_the_variable(tmp_path, en
     assert "not found" in out.stderr and f"(the manifest from {origin})" in out.stderr and "'tiny'" in out.stderr
 
 
+def _cli(args: list[str], root: Path, env: dict) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CB_") and k not in ("SWEEP", "QUICK_TEST")}
+    return subprocess.run([sys.executable, "-m", "cb_assets.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, env={**base, "CB_DATA_ROOT": str(root), "HF_HUB_OFFLINE": "1", **env})
+
+
+def test_dry_runs_write_nothing(tmp_path):
+    """`--dry-run` wrote the sweep manifest built from grid toggles and the pipeline's copy of generation.yaml
+    under $CB_DATA_ROOT/_sbatch; it prints what it would write instead."""
+    root = tmp_path / "data"
+    root.mkdir()
+    out = _cli(["sweep", "--dry-run"], root, {"SWEEP": "tiny", "POLICIES": "assistant_only cb_full_sequence"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert list(root.rglob("*")) == []
+    plan = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(plan["points"]) == 4 and all(k.startswith("tiny-custom-") for k in plan["points"])
+    (path, text), = plan["would_write"].items()
+    assert path == plan["manifest"] and Path(path).parent == root / "_sbatch"
+    assert yaml.safe_load(text)["grid"]["policy"] == ["assistant_only", "cb_full_sequence"]
+    out = _cli(["pipeline", "--dry-run"], root, {"TENSOR_PARALLEL": "2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert list(root.rglob("*")) == []
+    plan = json.loads(out.stdout.strip().splitlines()[-1])
+    (path, text), = plan["would_write"].items()
+    assert Path(path).parent == root / "_sbatch" and yaml.safe_load(text)["tensor_parallel_size"] == 2
+    assert path in plan["command"][plan["command"].index("--config-json") + 1]
+
+
 def test_pipeline_toggles_each_said_and_checked_before_anything_runs(tmp_path):
     """The old script's training toggles were mapped without a word, and a bad one failed only at `adapter`,
     after the ETL, curation (and hours of generation on a cluster)."""
