@@ -21,18 +21,21 @@ def _job_tag() -> str:
     return os.environ.get("SLURM_JOB_ID") or str(os.getpid())
 
 
-def check_training(preset: str | None, overrides: list[str]) -> None:
+def check_training(preset: str | None, overrides: list[str], origins: dict[str, str] | None = None) -> None:
     """The training settings the toggles map to, resolved now as `adapter` will resolve them (its preset: MODE /
-    CB_TRAIN_PRESET, else the demo / real-data default), so a bad one fails before hours of generation."""
+    CB_TRAIN_PRESET, else the demo / real-data default), so a bad one fails before hours of generation; the
+    error names the toggle that set the key it is about (``origins``, as toggles.training_overrides gives)."""
     from cb_assets.assets.training import default_preset
     from cb_assets.resources import DatasetsResource
+    from cb_core.sweep.manifest import message_key
     from cb_core.sweep.toggles import ToggleError
     from cb_core.train.config import TrainConfigError, load_train_config
 
     try:
         load_train_config(preset or default_preset(DatasetsResource()), overrides)
     except (TrainConfigError, ValueError) as e:
-        raise ToggleError(f"the training settings {overrides}: {e}") from None
+        origin = (origins or {}).get(f"overrides.{message_key(str(e))}")
+        raise ToggleError(f"{origin + ': ' if origin else ''}the training settings {overrides}: {e}") from None
 
 
 def pipeline_command(env=None, dry_run: bool = False) -> tuple[list[str], dict[str, str], list[str], dict[str, str]]:
@@ -48,7 +51,7 @@ def pipeline_command(env=None, dry_run: bool = False) -> tuple[list[str], dict[s
     env = os.environ if env is None else env
     plan = pipeline_plan(env)
     if plan.train_overrides:
-        check_training(plan.env.get("CB_TRAIN_PRESET"), plan.train_overrides)
+        check_training(plan.env.get("CB_TRAIN_PRESET"), plan.train_overrides, plan.origins)
     graph = defs.resolve_asset_graph()
     skip = set(plan.skip_groups) | {"sweeps"}
     keys = sorted(k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).group_name not in skip)
@@ -122,7 +125,8 @@ def sweep(args) -> int:
 
     # without SWEEP / QUICK_TEST: as sweep_points ($CB_SWEEP, `tiny` on the demo sample: a laptop following the
     # README must not get 60 points of an 8B model), else the old script's `full`
-    manifest, overrides, notes = sweep_manifest(os.environ, default=default_manifest(DatasetsResource(), "full"))
+    manifest, overrides, notes, origins = sweep_manifest(os.environ,
+                                                         default=default_manifest(DatasetsResource(), "full"))
     for old, new in ENV_RENAMES.items():
         if os.environ.get(old) and old != "MODE":
             os.environ[new] = os.environ[old]
@@ -132,8 +136,10 @@ def sweep(args) -> int:
     built = manifest if isinstance(manifest, dict) else None  # the toggles' grid, written for the runs to read
     if built is not None:
         manifest = str(data_root() / "_sbatch" / f"sweep.{_job_tag()}.yaml")
-    # checked before anything is written (a dry run writes nothing)
-    points = load_manifest(manifest if built is None else built, parse_overrides(overrides), source=manifest).expand()
+    # checked before anything is written (a dry run writes nothing); an error about a toggle's value names the
+    # toggle (origins), not a line of the built file
+    points = load_manifest(manifest if built is None else built, parse_overrides(overrides), origins,
+                           source=manifest).expand()
     print(f"[cb] sweep {manifest}: {len(points)} point(s); shared overrides {overrides}", flush=True)
     text = yaml.safe_dump(built, sort_keys=False) if built is not None else None
     if args.dry_run:  # writes nothing: the built manifest is printed instead

@@ -137,6 +137,9 @@ class Manifest:
     # for messages about a point's values; overrides given with the manifest (load_manifest) are not written there
     grid_keys: list[str] = field(default_factory=list, repr=False)
     override_keys: dict[str, str] = field(default_factory=dict, repr=False)
+    # manifest key (``grid.alpha``, ``overrides.train.steps``) -> where its value came from when not from this
+    # file (the sbatch toggle ``ALPHAS='5 10'``, the base manifest of one built from toggles): messages name that
+    origins: dict[str, str] = field(default_factory=dict, repr=False)
 
     def expand(self, *, validate: bool = True) -> list[Point]:
         return expand(self, validate=validate)
@@ -254,10 +257,10 @@ def from_dict(raw: dict, source: str = "<manifest>") -> Manifest:
 
 
 def load_manifest(name_or_path: str | dict, overrides: dict[str, Any] | None = None,
-                  source: str = "<manifest>") -> Manifest:
+                  origins: dict[str, str] | None = None, source: str = "<manifest>") -> Manifest:
     """Load a manifest (a name, a path, or a mapping built in code, called ``source`` in messages: the sbatch
     toggles' grid, checked before it is written); ``overrides`` (dotted keys) are added to its shared overrides
-    (sbatch toggles)."""
+    (sbatch toggles), ``origins`` says where values not written in it came from (`Manifest.origins`)."""
     from cb_core.config import read_config
 
     if isinstance(name_or_path, dict):
@@ -269,6 +272,7 @@ def load_manifest(name_or_path: str | dict, overrides: dict[str, Any] | None = N
         except yaml.YAMLError as e:
             raise SweepError(f"{path}: invalid YAML: {e}") from e
         m = from_dict(raw, source=str(path))
+    m.origins.update(origins or {})
     if overrides:  # given with the manifest, not written in it: their messages name no line of the file
         given = _dotted(overrides, f"overrides given with {m.source}")
         m.overrides.update(given)
@@ -326,8 +330,10 @@ def _loss_mode(preset: str, overrides: dict[str, Any]) -> tuple[str, dict]:
 
 def check_ignored_axes(m: Manifest, grid: dict[str, list], grid_index: int | None) -> None:
     """Reject an axis that no point of this grid's loss mode(s) reads."""
-    where = f"{m.source}: grid" + (f"[{grid_index}]" if grid_index is not None else "")
+    gk = "grid" + (f"[{grid_index}]" if grid_index is not None else "")
+    where = f"{m.source}: {gk}"
     modes = grid.get("loss_mode") or grid.get("loss.mode")
+    mode_from = "" if modes else m.origins.get("overrides.loss.mode", "")  # LOSS_MODE, say
     for mode in (modes or [None]):
         ov = {**m.overrides, **({"loss.mode": mode} if mode else {})}
         resolved, extra = _loss_mode(m.preset, ov)
@@ -338,7 +344,8 @@ def check_ignored_axes(m: Manifest, grid: dict[str, list], grid_index: int | Non
             key = axis_key(axis, where)
             if key in ignored:
                 raise SweepError(
-                    f"{where}.{axis}: the loss mode {resolved!r} ignores {key} (its weights are "
+                    f"{m.origins.get(f'{gk}.{axis}') or f'{where}.{axis}'}: the loss mode {resolved!r}"
+                    f"{f' ({mode_from})' if mode_from else ''} ignores {key} (its weights are "
                     f"{_WEIGHTS_OF.get(resolved, '?')}); every value of this axis would train the same adapter. "
                     f"Sweep the mode's own weights, or split the grid per loss mode (grid: [{{loss_mode: [...], ...}}])")
 
@@ -365,8 +372,7 @@ def expand(m: Manifest, *, validate: bool = True) -> list[Point]:
                 try:
                     load_train_config(m.preset, p.override_strings())
                 except TrainConfigError as e:
-                    at = _written_at(m, gi, grid, axes, str(e))
-                    raise SweepError(f"{m.source}: {at + ': ' if at else ''}point {key}: {e}") from e
+                    raise SweepError(f"{_written_at(m, gi, grid, axes, str(e))}: point {key}: {e}") from e
             points[key] = p
     return list(points.values())
 
@@ -374,17 +380,31 @@ def expand(m: Manifest, *, validate: bool = True) -> list[Point]:
 _POINT_KEY = re.compile(r"^(?:override '|.*? \+ overrides \[[^\]\n]*\]: )([a-z_]+\.[a-z_0-9]+)")
 
 
-def _written_at(m: Manifest, gi: int, grid: dict[str, list], axes: dict[str, Any], message: str) -> str:
-    """The manifest key (``grid.lr[1]``, ``overrides.train.steps``) that gave the training key a point's
-    message is about, or "" (a value of the preset, or an override given with the manifest)."""
+def message_key(message: str) -> str | None:
+    """The training key a `load_train_config` message (with overrides) is about, if it names one."""
     hit = _POINT_KEY.match(message)
-    if not hit:
-        return ""
+    return hit.group(1) if hit else None
+
+
+def _written_at(m: Manifest, gi: int, grid: dict[str, list], axes: dict[str, Any], message: str) -> str:
+    """Where the value a point's message is about was given: ``<file>: grid.lr[1]``, ``<file>:
+    overrides.train.steps``, its origin (``LR_LIST='1e-4 x'``, `Manifest.origins`), or the file alone (a value
+    of the preset, or an override given with the manifest from nowhere named)."""
+    key = message_key(message)
+    if not key:
+        return m.source
     for axis, value in axes.items():
-        if axis_key(axis) == hit.group(1) and gi < len(m.grid_keys):
+        if axis_key(axis) == key and gi < len(m.grid_keys):
+            at = f"{m.grid_keys[gi]}.{axis}"
+            if at in m.origins:
+                return m.origins[at]
             i = next((j for j, v in enumerate(grid[axis]) if v is value), None)
-            return f"{m.grid_keys[gi]}.{axis}" + (f"[{i}]" if i is not None else "")
-    return m.override_keys.get(hit.group(1), "")
+            return f"{m.source}: {at}" + (f"[{i}]" if i is not None else "")
+    at = m.origins.get(f"overrides.{key}")
+    if at:
+        return at
+    at = m.override_keys.get(key, "")
+    return f"{m.source}: {at}" if at else m.source
 
 
 def final_points(m: Manifest, best: Point | dict, seeds: list[int] | None = None) -> list[Point]:

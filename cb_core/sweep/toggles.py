@@ -52,18 +52,25 @@ class Plan:
     train_overrides: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     generation_file: dict[str, Any] = field(default_factory=dict)  # keys over configs/generation.yaml
+    origins: dict[str, str] = field(default_factory=dict)  # as training_overrides: which toggle set a training key
 
     def op(self, name: str) -> dict[str, Any]:
         return self.ops.setdefault(name, {})
 
 
-def training_overrides(env: Mapping[str, str]) -> tuple[list[str], list[str]]:
-    """TOTAL_STEPS, LOSS_MODE, TRIPLET_*, MAX_LENGTH, POLICY, MWCS_SCHEDULE -> dotted training overrides."""
-    ov, notes = [], []
+def _origin(env: Mapping[str, str], name: str) -> str:
+    return f"{name}={env[name]!r}"
+
+
+def training_overrides(env: Mapping[str, str]) -> tuple[list[str], list[str], dict[str, str]]:
+    """TOTAL_STEPS, LOSS_MODE, TRIPLET_*, MAX_LENGTH, POLICY, MWCS_SCHEDULE -> (dotted training overrides, notes,
+    origins: ``overrides.<key>`` -> the toggle and value it came from, so an error about it names the variable)."""
+    ov, notes, origins = [], [], {}
 
     def add(name: str, override: str) -> None:
         ov.append(override)
         notes.append(f"{name} -> {override}")  # every toggle says what it became
+        origins[f"overrides.{override.split('=', 1)[0]}"] = _origin(env, name)
 
     if env.get("TOTAL_STEPS"):
         add("TOTAL_STEPS", f"train.steps={_num(env, 'TOTAL_STEPS', int)}")
@@ -81,7 +88,7 @@ def training_overrides(env: Mapping[str, str]) -> tuple[list[str], list[str]]:
         add("POLICY", f"data.mask_policy={env['POLICY'].strip()}")
     if env.get("MWCS_SCHEDULE"):
         add("MWCS_SCHEDULE", f"data.mwcs_schedule={env['MWCS_SCHEDULE'].strip()}")
-    return ov, notes
+    return ov, notes, origins
 
 
 def pipeline_plan(env: Mapping[str, str]) -> Plan:
@@ -131,7 +138,7 @@ def pipeline_plan(env: Mapping[str, str]) -> Plan:
     if env.get("TEMPERATURE_DS") or env.get("TEMPERATURE_DR"):
         p.notes.append("TEMPERATURE_DS/DR -> generation temperature (ds_completions, adversarial_safe / "
                        "dr_completions)")
-    ov, notes = training_overrides(env)
+    ov, notes, p.origins = training_overrides(env)
     p.notes += notes
     if ov:
         p.train_overrides = ov
@@ -153,16 +160,19 @@ def _list(env: Mapping[str, str], name: str, kind) -> list:
         raise ToggleError(f"{name}={env[name]!r}: expected a list of {kind.__name__}") from None
 
 
-def sweep_manifest(env: Mapping[str, str], default: str = "full") -> tuple[str | dict, list[str], list[str]]:
+def sweep_manifest(env: Mapping[str, str], default: str = "full"
+                   ) -> tuple[str | dict, list[str], list[str], dict[str, str]]:
     """sweep_hparams.sbatch: (a manifest name or a manifest dict built from ALPHAS / LAYER_CONFIGS / POLICIES,
-    shared overrides, notes). QUICK_TEST=1 starts from `quick`, else SWEEP (else ``default``: the caller's
-    `$CB_SWEEP`, `tiny` on the demo sample, else `full`).
+    shared overrides, notes, origins). QUICK_TEST=1 starts from `quick`, else SWEEP (else ``default``: the
+    caller's `$CB_SWEEP`, `tiny` on the demo sample, else `full`). ``origins`` (`Manifest.origins`): where each
+    value the toggles gave came from, the variable and its value, and for a built manifest where each value of
+    the base manifest is written in its file, so errors name those instead of the built manifest.
 
     LAYER_CONFIGS: layer sets separated by ';' or spaces, layers inside a set by ','
     (``"10,20;8,16,24"`` or ``"10,20 8,16,24"``)."""
     base = "quick" if _on(env, "QUICK_TEST") else (env.get("SWEEP") or default)
     notes = [f"manifest {base}" + (" (QUICK_TEST=1)" if _on(env, "QUICK_TEST") else "")]
-    ov, n2 = training_overrides(env)
+    ov, n2, origins = training_overrides(env)
     notes += n2
     grid: dict[str, list] = {}
     if env.get("ALPHAS"):
@@ -176,11 +186,16 @@ def sweep_manifest(env: Mapping[str, str], default: str = "full") -> tuple[str |
     if env.get("POLICIES"):
         grid["policy"] = env["POLICIES"].replace(",", " ").split()
     if not grid:
-        return base, ov, notes
+        return base, ov, notes, origins
     from cb_core.sweep.manifest import load_manifest
 
     m = load_manifest(base)
     axes = dict(m.grids[0]) if len(m.grids) == 1 else {}
+    origins = {**{f"grid.{a}": f"{m.source}: grid.{a}" for a in axes},
+               **{f"overrides.{k}": f"{m.source}: {at}" for k, at in m.override_keys.items()},
+               **{f"grid.{a}": _origin(env, name) for a, name in (("alpha", "ALPHAS"), ("layers", "LAYER_CONFIGS"),
+                                                                 ("policy", "POLICIES")) if a in grid},
+               **origins}
     axes.update(grid)
     notes.append(f"grid from toggles: {sorted(grid)} over {base}")
     raw = {"name": f"{m.name}-custom", "preset": m.preset, "description": f"{base} with sbatch toggles",
@@ -189,4 +204,4 @@ def sweep_manifest(env: Mapping[str, str], default: str = "full") -> tuple[str |
                          "not_measured": m.selection.not_measured},
            "final": {"seeds": m.final["seeds"], "overrides": m.final.get("overrides", {})},
            "continue_on_error": m.continue_on_error}
-    return raw, ov, notes
+    return raw, ov, notes, origins

@@ -213,6 +213,27 @@ def test_dry_runs_write_nothing(tmp_path):
     assert path in plan["command"][plan["command"].index("--config-json") + 1]
 
 
+@pytest.mark.parametrize("env, said", [
+    ({"ALPHAS": "5"}, "error: ALPHAS='5': the loss mode 'triplet_full' ignores loss.alpha"),
+    ({"POLICIES": "assistant_only bogus"}, "error: POLICIES='assistant_only bogus': point tiny-custom-"),
+    ({"LAYER_CONFIGS": "2,4;0"}, "error: LAYER_CONFIGS='2,4;0': point tiny-custom-"),
+    ({"TOTAL_STEPS": "-5", "POLICIES": "assistant_only"}, "error: TOTAL_STEPS='-5': point tiny-custom-"),
+    ({"TOTAL_STEPS": "-5"}, "error: TOTAL_STEPS='-5': point tiny-"),
+    ({"LOSS_MODE": "legacy_cb"}, "grid.beta_harmful: the loss mode 'legacy_cb' (LOSS_MODE='legacy_cb') ignores"),
+    # built from toggles: the base manifest's axis is named where that file writes it
+    ({"LOSS_MODE": "legacy_cb", "ALPHAS": "5"}, "sweeps/tiny.yaml:9: grid.beta_harmful: the loss mode 'legacy_cb' "
+                                                "(LOSS_MODE='legacy_cb') ignores"),
+])
+def test_sweep_toggle_error_names_the_variable(tmp_path, env, said):
+    """A bad value from a toggle was reported at a line of the generated _sbatch/sweep.<job>.yaml (or of the
+    base manifest, which does not hold it): the error names the variable and its value."""
+    root = tmp_path / "data"
+    out = _cli(["sweep", "--dry-run"], root, {"SWEEP": "tiny", **env})
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert said in out.stderr, out.stderr
+    assert "_sbatch" not in out.stderr and not root.exists()
+
+
 def test_pipeline_toggles_each_said_and_checked_before_anything_runs(tmp_path):
     """The old script's training toggles were mapped without a word, and a bad one failed only at `adapter`,
     after the ETL, curation (and hours of generation on a cluster)."""
@@ -228,8 +249,10 @@ def test_pipeline_toggles_each_said_and_checked_before_anything_runs(tmp_path):
         assert f"[cb toggles] {note}" in out.stdout, note
     bad = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env={**env, "LOSS_MODE": "bogus"})
     assert bad.returncode == 2 and "loss.mode must be one of" in bad.stderr and "bogus" in bad.stderr
+    assert "error: LOSS_MODE='bogus': " in bad.stderr  # the variable it came from, not only the override
     bad = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env={**env, "TRIPLET_FOO": "3"})
     assert bad.returncode == 2 and "unknown field 'foo' of section 'loss'" in bad.stderr
+    assert "error: TRIPLET_FOO='3': " in bad.stderr
 
 
 @pytest.mark.parametrize("env, preset", [
