@@ -162,8 +162,8 @@ def run_sweep_in_process(manifest: str, *, overrides: list[str] | None = None, i
     ``final`` the seed fan-out and release_report. Returns {key: "SUCCESS"|"FAILURE", ...}.
 
     A point whose latest run still stands (`sweeps.point_stands`: it succeeded, its results are there, its
-    training inputs unchanged) is not run again but counted as SUCCESS, as the sensor launches only points
-    without a run: re-running a sweep to add a grid value or after a failure costs only the new points.
+    training and evaluation inputs unchanged) is not run again but counted as SUCCESS, as the sensor launches
+    only points without a run: re-running a sweep to add a grid value or after a failure costs only the new points.
     ``rerun`` runs every point again."""
     import dagster as dg
     import polars as pl
@@ -190,7 +190,8 @@ def run_sweep_in_process(manifest: str, *, overrides: list[str] | None = None, i
         if status and any(s == "FAILURE" for s in status.values()) and not r.get("continue_on_error", True):
             log(f"point {r['key']}: not run (continue_on_error is false and a point failed)")
             continue
-        stands, why = point_stands(r["key"], r["preset"], list(r["overrides"]), earlier.get(r["key"]), data_root())
+        stands, why = point_stands(r["key"], r["preset"], list(r["overrides"]), earlier.get(r["key"]), data_root(),
+                                   json.loads(r.get("eval") or "{}"))
         if stands:
             status[r["key"]] = "SUCCESS"
             log(f"point {r['key']}: not run again, {why} (--rerun runs it)")

@@ -181,6 +181,39 @@ def train_point(context: dg.AssetExecutionContext, key: str, preset: str, overri
     return meta
 
 
+def point_eval_settings(eval_overrides: dict | None):
+    """configs/evaluation.yaml with a point's `eval` settings over it (EVAL_LIMIT / CB_EVAL_LIMIT set for this
+    run wins over the manifest's limit)."""
+    from cb_core.evaluate.pipeline import EVAL_RULES, EvaluationSettings
+
+    settings = EvaluationSettings.load()
+    for k, v in (eval_overrides or {}).items():
+        if k == "limit" and os.environ.get("CB_EVAL_LIMIT"):
+            continue
+        if k not in EVAL_RULES:
+            raise dg.Failure(f"sweep eval setting {k!r} is not an eval key of configs/evaluation.yaml")
+        setattr(settings.eval, k, EVAL_RULES[k](v, f"sweep eval setting {k}"))
+    return settings
+
+
+EVAL_FINGERPRINT = "eval_fingerprint.json"
+
+
+def eval_fingerprint(eval_overrides: dict | None, root: Path) -> dict:
+    """What a point's scores depend on besides its adapter: the bytes of the tables evaluation reads and the
+    resolved evaluation settings (`point_stands` compares it with the one written beside the scores)."""
+    import dataclasses
+
+    from cb_core.evaluate.adapter_eval import EVAL_FRAMES
+
+    def digest(path: Path) -> str | None:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+
+    out: dict = {f"table:{n}": digest(root / f"{n}.parquet") for n in EVAL_FRAMES}
+    out["settings"] = json.loads(json.dumps(dataclasses.asdict(point_eval_settings(eval_overrides)), default=str))
+    return out
+
+
 def evaluate_point(context: dg.AssetExecutionContext, adapter_path: Path, preset: str, overrides: list[str],
                    eval_overrides: dict, out: Path, root: Path) -> dict:
     """Score one adapter vs its own base with the body `eval_scores` runs (`run_scoring`); the table goes to
@@ -191,13 +224,7 @@ def evaluate_point(context: dg.AssetExecutionContext, adapter_path: Path, preset
     from cb_core.evaluate.pipeline import EVAL_RULES, EvaluationSettings
     from cb_core.io import write_parquet
 
-    settings = EvaluationSettings.load()
-    for k, v in (eval_overrides or {}).items():
-        if k == "limit" and os.environ.get("CB_EVAL_LIMIT"):
-            continue  # EVAL_LIMIT / CB_EVAL_LIMIT set for this run wins over the manifest's
-        if k not in EVAL_RULES:
-            raise dg.Failure(f"sweep eval setting {k!r} is not an eval key of configs/evaluation.yaml")
-        setattr(settings.eval, k, EVAL_RULES[k](v, f"sweep eval setting {k}"))
+    settings = point_eval_settings(eval_overrides)
     context.log.info(f"point eval: preset {preset}, overrides {overrides}, adapter {adapter_path}")
     frames = {n: _read(n, root) for n in EVAL_FRAMES}
     result = run_scoring(adapter_path, frames, settings, out, log=context.log.info)
@@ -231,8 +258,13 @@ def sweep_eval_scores(context: dg.AssetExecutionContext) -> dg.MaterializeResult
     root, key = _root(), context.partition_key
     rec = point_record(key, root)
     d = point_dir(key, root)
-    return dg.MaterializeResult(metadata=evaluate_point(context, d / "adapter", rec["preset"], list(rec["overrides"]),
-                                                        json.loads(rec.get("eval") or "{}"), d, root))
+    eval_overrides = json.loads(rec.get("eval") or "{}")
+    fingerprint = eval_fingerprint(eval_overrides, root)  # the inputs as this evaluation reads them
+    meta = evaluate_point(context, d / "adapter", rec["preset"], list(rec["overrides"]), eval_overrides, d, root)
+    from cb_core.io import atomic_write_bytes
+
+    atomic_write_bytes(d / EVAL_FINGERPRINT, json.dumps(fingerprint, indent=1, sort_keys=True).encode())
+    return dg.MaterializeResult(metadata=meta)
 
 
 # ------------------------------------------------------------------------------------------ leaderboard
@@ -526,11 +558,14 @@ def _latest_status(instance, tags: dict) -> dict[str, str]:
     return {k: r.status.value for k, r in latest_runs(instance, tags).items()}
 
 
-def point_stands(key: str, preset: str, overrides: list[str], run, root: Path) -> tuple[bool, str]:
+def point_stands(key: str, preset: str, overrides: list[str], run, root: Path,
+                 eval_overrides: dict | None = None) -> tuple[bool, str]:
     """Whether a point's latest run ``run`` still stands, so the in-process runner need not run it again:
-    (True, why) when it succeeded, its published results are still there and its training inputs and settings
-    are those it trained on (`train_point`'s rule, the run folder's fingerprint); else (False, why it runs
-    again: "" for a point never run or whose run did not succeed)."""
+    (True, why) when it succeeded, its published results are still there, its training inputs and settings
+    are those it trained on (`train_point`'s rule, the run folder's fingerprint) and its evaluation's inputs
+    and settings those it was scored on (`eval_fingerprint`; scores from before that file stand, as run
+    folders from before fingerprints resume); else (False, why it runs again: "" for a point never run or
+    whose run did not succeed)."""
     from cb_core.train import RUNS_DIR
     from cb_core.train.config import TrainConfigError, load_train_config
     from cb_core.train.worker import run_fingerprint, stale_checkpoints
@@ -549,6 +584,14 @@ def point_stands(key: str, preset: str, overrides: list[str], run, root: Path) -
     if changed:
         return False, (f"its training inputs or settings changed since run {run.run_id} "
                        f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''})")
+    fp = d / EVAL_FINGERPRINT
+    if fp.is_file():
+        old, now = json.loads(fp.read_text(encoding="utf-8")), eval_fingerprint(eval_overrides, root)
+        moved = [f"{k}: {old.get(k)!r} -> {now.get(k)!r}" if k.startswith("table:") else k
+                 for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
+        if moved:
+            return False, (f"its evaluation inputs or settings changed since run {run.run_id} "
+                           f"({'; '.join(moved[:4])}{'; ...' if len(moved) > 4 else ''})")
     return True, f"run {run.run_id} succeeded and its results are in {d}"
 
 

@@ -329,5 +329,14 @@ def test_in_process_rerun_skips_points_that_stand(data_root, tmp_path, monkeypat
                              f"{first[changed]} (table:train_split: 'another split' -> None)") for ln in logs)
     assert any(ln.startswith(f"point {kept}: not run again") for ln in logs)
 
+    # the evaluation's inputs moved (a new eval_split): every point is scored again, saying so
+    (data_root / "eval_split.parquet").write_bytes(b"another eval split")
+    status, logs = run()
+    assert sorted(trained) == keys and all(status[k] == "SUCCESS" for k in keys)
+    assert all(any(ln.startswith(f"point {k}: running again: its evaluation inputs or settings changed since run ")
+                   and "table:eval_split" in ln for ln in logs) for k in keys), logs
+    status, logs = run()  # and then stand again
+    assert trained == []
+
     status, logs = run(rerun=True)
     assert sorted(trained) == keys and not any("not run again" in ln for ln in logs)
