@@ -95,6 +95,32 @@ def _finish_temp(tmp: Path) -> None:
     os.chmod(tmp, file_mode())
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path: Path) -> str | None:
+    """The first 16 hex digits of a file's sha256 (None when it is not a file), remembered per (path, inode,
+    size, mtime) in this process: a sweep checks the same input tables once per point. Streamed in 4 MiB
+    reads, so a multi-GB table is never held in memory."""
+    import hashlib
+
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    if not path.is_file():
+        return None
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()[:16]
+    return _DIGESTS[key]
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -205,9 +205,7 @@ def eval_fingerprint(eval_overrides: dict | None, root: Path) -> dict:
     import dataclasses
 
     from cb_core.evaluate.adapter_eval import EVAL_FRAMES
-
-    def digest(path: Path) -> str | None:
-        return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+    from cb_core.io import file_digest as digest
 
     out: dict = {f"table:{n}": digest(root / f"{n}.parquet") for n in EVAL_FRAMES}
     out["settings"] = json.loads(json.dumps(dataclasses.asdict(point_eval_settings(eval_overrides)), default=str))

@@ -169,12 +169,8 @@ RESUME_NEUTRAL = ("name", "description", "log.", "train.checkpoint_every", "trai
 def run_fingerprint(cfg, root: Path) -> dict[str, Any]:
     """What a run's weights depend on: every resolved setting but the RESUME_NEUTRAL ones, the bytes of the
     input tables and of the MWCS schedule file (its name alone would not see an edit)."""
-    import hashlib
-
+    from cb_core.io import file_digest as digest
     from cb_core.mixture import schedule_path
-
-    def digest(path: Path) -> str | None:
-        return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
 
     flat = {f"{sec}.{k}" if isinstance(body, dict) else sec: v
             for sec, body in cfg.to_dict().items() for k, v in (body.items() if isinstance(body, dict) else [(sec, body)])}

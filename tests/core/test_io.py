@@ -153,3 +153,33 @@ def test_lock_timeout_env_is_validated(monkeypatch):
         cio.lock_timeout_s()
     monkeypatch.setenv("CB_LOCK_TIMEOUT", "2.5")
     assert cio.lock_timeout_s() == 2.5
+
+
+def test_file_digest_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    """A sweep fingerprints the same tables once per point: the digest is computed once per file version
+    (path, inode, size, mtime), and a rewrite (atomic: a new inode) is hashed again."""
+    import hashlib
+
+    p = tmp_path / "t.parquet"
+    cio.atomic_write_bytes(p, b"x" * (5 << 20))  # over one 4 MiB read
+    want = hashlib.sha256(b"x" * (5 << 20)).hexdigest()[:16]
+    assert cio.file_digest(p) == want
+    reads: list[int] = []
+    real_sha = hashlib.sha256
+
+    class Counting:
+        def __init__(self):
+            self.h = real_sha()
+
+        def update(self, b):
+            reads.append(len(b))
+            self.h.update(b)
+
+        def hexdigest(self):
+            return self.h.hexdigest()
+
+    monkeypatch.setattr(hashlib, "sha256", Counting)
+    assert cio.file_digest(p) == want and reads == []  # remembered
+    cio.atomic_write_bytes(p, b"y" * 10)
+    assert cio.file_digest(p) == real_sha(b"y" * 10).hexdigest()[:16] and reads == [10]
+    assert cio.file_digest(tmp_path / "absent.parquet") is None and cio.file_digest(tmp_path) is None
