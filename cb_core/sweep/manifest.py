@@ -350,6 +350,21 @@ def check_ignored_axes(m: Manifest, grid: dict[str, list], grid_index: int | Non
                     f"Sweep the mode's own weights, or split the grid per loss mode (grid: [{{loss_mode: [...], ...}}])")
 
 
+def check_shadowed_overrides(m: Manifest, grid: dict[str, list], grid_index: int | None) -> None:
+    """Reject a shared override of a key that a grid axis also sets: the axis wins at every point, so the shared
+    value would silently never be used (`POLICY=x` beside `POLICIES=...`, or both written in one manifest)."""
+    gk = "grid" + (f"[{grid_index}]" if grid_index is not None else "")
+    for axis in grid:
+        key = axis_key(axis, f"{m.source}: {gk}")
+        if key not in m.overrides:
+            continue
+        at = (m.origins.get(f"overrides.{key}")
+              or (f"{m.source}: {m.override_keys[key]}" if key in m.override_keys else f"overrides given with {m.source}"))
+        axis_at = m.origins.get(f"{gk}.{axis}") or f"{m.source}: {gk}.{axis}"
+        raise SweepError(f"{at}: {key} = {m.overrides[key]!r} is also a grid axis ({axis_at}): every point takes "
+                         "the axis's values, so this shared value would never be used; drop one of them")
+
+
 def expand(m: Manifest, *, validate: bool = True) -> list[Point]:
     """Every point of every grid (union, first occurrence kept), in manifest order.
 
@@ -358,6 +373,7 @@ def expand(m: Manifest, *, validate: bool = True) -> list[Point]:
     points: dict[str, Point] = {}
     for gi, grid in enumerate(m.grids):
         check_ignored_axes(m, grid, gi if len(m.grids) > 1 else None)
+        check_shadowed_overrides(m, grid, gi if len(m.grids) > 1 else None)
         names = list(grid)
         for combo in itertools.product(*(grid[a] for a in names)):
             axes = dict(zip(names, combo))

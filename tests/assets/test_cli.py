@@ -223,6 +223,10 @@ def test_dry_runs_write_nothing(tmp_path):
     # built from toggles: the base manifest's axis is named where that file writes it
     ({"LOSS_MODE": "legacy_cb", "ALPHAS": "5"}, "sweeps/tiny.yaml:9: grid.beta_harmful: the loss mode 'legacy_cb' "
                                                 "(LOSS_MODE='legacy_cb') ignores"),
+    # a shared value the grid always replaces was dropped without a word
+    ({"POLICY": "assistant_only", "POLICIES": "cb_full_sequence"},
+     "error: POLICY='assistant_only': data.mask_policy = 'assistant_only' is also a grid axis "
+     "(POLICIES='cb_full_sequence')"),
 ])
 def test_sweep_toggle_error_names_the_variable(tmp_path, env, said):
     """A bad value from a toggle was reported at a line of the generated _sbatch/sweep.<job>.yaml (or of the

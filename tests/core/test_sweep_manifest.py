@@ -142,3 +142,21 @@ def test_mask_policy_axis_swaps_every_sample_mask():
     assert swapped.stats["mask_policy"] == "full_sequence" and swapped.stats["mask_policy_missing_kept_default"] == 0
     with pytest.raises(ValueError, match="needs the lossmasks table"):
         build_train_data(ts, rd, None, max_length=512, mask_policy="full_sequence")
+
+
+def test_a_shared_override_a_grid_axis_replaces_is_rejected(tmp_path):
+    """`overrides: {data.mask_policy: x}` beside `grid: {policy: [...]}`: every point took the axis's value and the
+    shared one was silently never used."""
+    p = tmp_path / "sh.yaml"
+    p.write_text("name: sh\npreset: stage1\noverrides:\n  data.mask_policy: assistant_only\n"
+                 "grid:\n  policy: [assistant_only, cb_full_sequence]\n")
+    with pytest.raises(SweepError, match=rf"^{p}:4: overrides.data.mask_policy: data.mask_policy = 'assistant_only' "
+                                         rf"is also a grid axis \({p}: grid.policy\)"):
+        load_manifest(str(p)).expand()
+    # given with the manifest (toggles, sweep_points config), it is named so
+    with pytest.raises(SweepError, match=r"^overrides given with .*sh2.yaml: data.mask_policy = 'cb_full_sequence'"):
+        p2 = tmp_path / "sh2.yaml"
+        p2.write_text("name: sh2\npreset: stage1\ngrid:\n  policy: [assistant_only]\n")
+        load_manifest(str(p2), overrides={"data.mask_policy": "cb_full_sequence"}).expand()
+    # an override of another key is fine
+    assert len(load_manifest(str(p2), overrides={"train.steps": 3}).expand()) == 1
