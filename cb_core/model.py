@@ -5,6 +5,7 @@ No hub access: local directories are loaded with ``local_files_only=True``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -206,6 +207,26 @@ def tiny_llama(tokenizer, seed: int = 0, **overrides):
         torch.random.set_rng_state(state)
     model.eval()
     return model
+
+
+def profile_depth(profile: ModelProfile | str) -> int | None:
+    """The profile's decoder depth without loading weights: the tiny model's config, the tiny agent's build
+    config, a local directory's config.json; None where it cannot be known here (a path not on this machine)."""
+    try:
+        if isinstance(profile, str):
+            profile = load_profile(profile)
+        if profile.model == "tiny":
+            return int({**TINY_CONFIG, **profile.overrides}["num_hidden_layers"])
+        if profile.model == "tiny_agent" and not profile.path:
+            from cb_core.generate.tiny_agent import TinyAgentConfig
+
+            return int(TinyAgentConfig.from_dict(profile.build or None).model["num_hidden_layers"])
+        path = profile.resolved_path
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8")) if path else {}
+        n = raw.get("num_hidden_layers", (raw.get("text_config") or {}).get("num_hidden_layers"))
+        return int(n) if isinstance(n, int) and not isinstance(n, bool) else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def load_model(profile: ModelProfile | str, tokenizer=None):

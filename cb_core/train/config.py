@@ -160,6 +160,13 @@ class TrainConfig:
             named_config("models", self.model.profile, "model profile")
         except ConfigError as e:
             raise TrainConfigError(f"{src('model.profile')}: model.profile: {e}") from None
+        from cb_core.model import profile_depth
+
+        depth = profile_depth(self.model.profile)  # the trainer's own check, before a sweep launches every point
+        if depth is not None and max(self.loss.target_layers) > depth:
+            raise TrainConfigError(f"{src('loss.target_layers', 'model.profile')}: loss.target_layers: "
+                                   f"{self.loss.target_layers}: model profile {self.model.profile!r} has {depth} "
+                                   f"layers (hidden_states[0..{depth}])")
         if self.data.mwcs_schedule and not schedule_path(self.data.mwcs_schedule).is_file():
             raise TrainConfigError(f"{src('data.mwcs_schedule')}: data.mwcs_schedule: MWCS schedule "
                                    f"{self.data.mwcs_schedule!r} not found (looked for "

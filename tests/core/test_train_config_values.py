@@ -84,7 +84,7 @@ def test_text_null_and_list_fields_are_checked_by_their_annotation(override, fou
     ("data.mwcs_schedule=null", None), ("data.mask_policy=null", None), ("loss.margin_scale=null", None),
     ("lora.layers_to_transform=null", None), ("train.lr=3e-5", 3e-5), ("train.lr=1", 1.0),
     ("train.steps=1e3", 1000), ("loss.gamma_kl=0", 0.0), ("train.warmup_steps=0", 0), ("lora.dropout=0.0", 0.0),
-    ("loss.target_layers=[10,20]", [10, 20]), ("lora.layers_to_transform=[0,1,2,3]", [0, 1, 2, 3]),
+    ("loss.target_layers=[1,2]", [1, 2]), ("lora.layers_to_transform=[0,1,2,3]", [0, 1, 2, 3]),
 ])
 def test_values_in_range_and_null_where_annotated_still_load(override, value):
     cfg, _, _ = load_train_config("tiny", [override])
@@ -118,3 +118,25 @@ def test_a_profile_or_schedule_that_does_not_exist_is_refused_at_load(override, 
     for ok in ("data.mwcs_schedule=curriculum_example", "data.mwcs_schedule=configs/mwcs/default.yaml",
                "model.profile=tiny_agent"):
         load_train_config("tiny", [ok])
+
+
+def test_target_layers_deeper_than_the_profile_are_refused_at_load(tmp_path):
+    """`LAYER_CONFIGS=1,200` on the tiny sweep passed its dry run and registration; every point then failed when
+    its worker had loaded the model. The depth comes from the profile without loading weights."""
+    from cb_core.model import profile_depth
+
+    with pytest.raises(TrainConfigError, match=r"loss.target_layers: \[1, 3\]: model profile 'tiny_agent' has 2 "
+                                               r"layers \(hidden_states\[0..2\]\)"):
+        load_train_config("tiny", ["loss.target_layers=[1,3]"])
+    load_train_config("tiny", ["loss.target_layers=[1,2]"])
+    load_train_config("tiny", ["model.profile=tiny", "loss.target_layers=[2,4]"])  # the random tiny model: 4
+    with pytest.raises(TrainConfigError, match="model profile 'tiny' has 4 layers"):
+        load_train_config("tiny", ["model.profile=tiny", "loss.target_layers=[5]"])
+    # a local directory: its config.json; not on this machine: not known, not checked
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"num_hidden_layers": 32}')
+    prof = tmp_path / "local.yaml"
+    prof.write_text(f"name: local\nmodel: local\npath: {tmp_path / 'm'}\ntokenizer: llama3\n")
+    assert profile_depth(str(prof)) == 32
+    prof.write_text(f"name: local\nmodel: local\npath: {tmp_path / 'absent'}\ntokenizer: llama3\n")
+    assert profile_depth(str(prof)) is None
