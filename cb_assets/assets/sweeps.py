@@ -219,7 +219,6 @@ def evaluate_point(context: dg.AssetExecutionContext, adapter_path: Path, preset
     the logs: the base and target layers come from the adapter's published config."""
     from cb_assets.assets.evaluation import eval_metadata, run_scoring
     from cb_core.evaluate.adapter_eval import EVAL_FRAMES
-    from cb_core.evaluate.pipeline import EVAL_RULES, EvaluationSettings
     from cb_core.io import write_parquet
 
     settings = point_eval_settings(eval_overrides)
