@@ -555,6 +555,18 @@ def _latest_status(instance, tags: dict) -> dict[str, str]:
     return {k: r.status.value for k, r in latest_runs(instance, tags).items()}
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    """A nested fingerprint as dotted keys, so a change is named down to the setting (`settings.eval.limit: 16 ->
+    8`, not `settings`)."""
+    out: dict = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def point_stands(key: str, preset: str, overrides: list[str], run, root: Path,
                  eval_overrides: dict | None = None) -> tuple[bool, str]:
     """Whether a point's latest run ``run`` still stands, so the in-process runner need not run it again:
@@ -583,9 +595,9 @@ def point_stands(key: str, preset: str, overrides: list[str], run, root: Path,
                        f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''})")
     fp = d / EVAL_FINGERPRINT
     if fp.is_file():
-        old, now = json.loads(fp.read_text(encoding="utf-8")), eval_fingerprint(eval_overrides, root)
-        moved = [f"{k}: {old.get(k)!r} -> {now.get(k)!r}" if k.startswith("table:") else k
-                 for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
+        old = _flat(json.loads(fp.read_text(encoding="utf-8")))
+        now = _flat(eval_fingerprint(eval_overrides, root))
+        moved = [f"{k}: {old.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
         if moved:
             return False, (f"its evaluation inputs or settings changed since run {run.run_id} "
                            f"({'; '.join(moved[:4])}{'; ...' if len(moved) > 4 else ''})")

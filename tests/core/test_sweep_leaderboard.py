@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 import yaml
 
+from cb_core.evaluate.pipeline import EvaluationSettings
 from cb_core.evaluate.scores import SCORES_SCHEMA
 from cb_core.sweep.leaderboard import best_from_csv, pareto_mask, read_csv_rows, to_csv
 from cb_core.sweep.release import seed_stats
@@ -337,6 +338,12 @@ def test_in_process_rerun_skips_points_that_stand(data_root, tmp_path, monkeypat
                    and "table:eval_split" in ln for ln in logs) for k in keys), logs
     status, logs = run()  # and then stand again
     assert trained == []
+    limit = EvaluationSettings.load().eval.limit
+    monkeypatch.setenv("CB_EVAL_LIMIT", "3")  # an evaluation setting: the line names it, old and new value
+    status, logs = run()
+    assert sorted(trained) == keys
+    assert all(any(ln.startswith(f"point {k}: running again: its evaluation inputs or settings changed since run ")
+                   and f"(settings.eval.limit: {limit!r} -> 3)" in ln for ln in logs) for k in keys), logs
 
     status, logs = run(rerun=True)
     assert sorted(trained) == keys and not any("not run again" in ln for ln in logs)
