@@ -31,6 +31,13 @@ def check_training(preset: str | None, overrides: list[str], origins: dict[str, 
     from cb_core.sweep.toggles import ToggleError
     from cb_core.train.config import TrainConfigError, load_train_config
 
+    from cb_core.train.config import preset_path
+
+    if preset and (origins or {}).get("preset"):  # MODE: a preset that does not exist is named with the toggle
+        try:
+            preset_path(preset)
+        except TrainConfigError as e:
+            raise ToggleError(f"{origins['preset']}: {e}") from None
     try:
         load_train_config(preset or default_preset(DatasetsResource()), overrides)
     except (TrainConfigError, ValueError) as e:
@@ -50,10 +57,10 @@ def pipeline_command(env=None, dry_run: bool = False) -> tuple[list[str], dict[s
 
     env = os.environ if env is None else env
     plan = pipeline_plan(env)
-    if plan.train_overrides:
+    skip = set(plan.skip_groups) | {"sweeps"}
+    if plan.train_overrides or (plan.env.get("CB_TRAIN_PRESET") and "training" not in skip):  # MODE alone too
         check_training(plan.env.get("CB_TRAIN_PRESET"), plan.train_overrides, plan.origins)
     graph = defs.resolve_asset_graph()
-    skip = set(plan.skip_groups) | {"sweeps"}
     keys = sorted(k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).group_name not in skip)
     if not keys:
         raise SystemExit("every stage is skipped: nothing to run")
@@ -107,7 +114,9 @@ def main(argv=None) -> int:
         return 2
     except (SweepError, ConfigError) as e:  # a wrong manifest name or setting: one line naming where it came from
         origin = next((f"{v}={os.environ[v]!r}" for v in ("SWEEP", "CB_SWEEP") if os.environ.get(v)), None)
-        where = f" (the manifest from {origin})" if origin and args.cmd == "sweep" else ""
+        # which variable named the manifest, for a manifest that is not there (not after an unrelated error)
+        where = f" (the manifest from {origin})" if origin and args.cmd == "sweep" and \
+            str(e).startswith("sweep manifest ") else ""
         print(f"[cb] error: {e}{where}", file=sys.stderr)
         return 2
 
@@ -131,6 +140,9 @@ def sweep(args) -> int:
         if os.environ.get(old) and old != "MODE":
             os.environ[new] = os.environ[old]
             notes.append(f"{old} -> {new}")
+    if os.environ.get("MODE"):  # was dropped without a word: a sweep trains its manifest's preset
+        notes.append(f"MODE={os.environ['MODE']!r} ignored: a sweep's points train the preset its manifest names "
+                     "(`preset:`)")
     for n in notes:
         print(f"[cb toggles] {n}", flush=True)
     built = manifest if isinstance(manifest, dict) else None  # the toggles' grid, written for the runs to read
@@ -141,6 +153,9 @@ def sweep(args) -> int:
     points = load_manifest(manifest if built is None else built, parse_overrides(overrides), origins,
                            source=manifest).expand()
     print(f"[cb] sweep {manifest}: {len(points)} point(s); shared overrides {overrides}", flush=True)
+    from cb_core.evaluate.pipeline import EvaluationSettings
+
+    EvaluationSettings.load()  # EVAL_LIMIT / CB_EVAL_LIMIT and evaluation.yaml, checked before any point trains
     text = yaml.safe_dump(built, sort_keys=False) if built is not None else None
     if args.dry_run:  # writes nothing: the built manifest is printed instead
         print(json.dumps({"manifest": manifest, "overrides": overrides, "points": [p.key for p in points],

@@ -33,12 +33,17 @@ def _on(env: Mapping[str, str], name: str) -> bool:
     return str(env.get(name, "")).strip().lower() in _TRUE
 
 
-def _num(env: Mapping[str, str], name: str, kind=float):
+def _num(env: Mapping[str, str], name: str, kind=float, lo=None):
+    """The toggle as a number, >= ``lo`` when given: a value the stage it feeds refuses fails here, not when that
+    stage runs after the ETL and generation."""
     raw = str(env[name]).strip()
     try:
-        return kind(raw)
+        v = kind(raw)
     except ValueError:
         raise ToggleError(f"{name}={raw!r}: expected {'an integer' if kind is int else 'a number'}") from None
+    if lo is not None and not v >= lo:  # NaN too
+        raise ToggleError(f"{name}={raw!r}: expected {'an integer' if kind is int else 'a number'} >= {lo}")
+    return v
 
 
 @dataclass
@@ -112,24 +117,23 @@ def pipeline_plan(env: Mapping[str, str]) -> Plan:
     gen: dict[str, Any] = {}
     if _on(env, "USE_VLLM"):
         gen["backend"] = "vllm"
-    for name, key, kind in (("BATCH_SIZE", "batch_size", int), ("MAX_TOKENS", "max_tokens", int),
-                            ("LIMIT", "limit", int)):
+    for name, key, lo in (("BATCH_SIZE", "batch_size", 1), ("MAX_TOKENS", "max_tokens", 1), ("LIMIT", "limit", 0)):
         if env.get(name):
-            gen[key] = _num(env, name, kind)
+            gen[key] = _num(env, name, int, lo)
             p.notes.append(f"{name} -> generation {key}")
     for table in GEN_TABLES:
         if gen:
             p.op(table).update(gen)
     if env.get("TEMPERATURE_DS"):
-        p.op("ds_completions")["temperature"] = _num(env, "TEMPERATURE_DS")
-        p.op("adversarial_safe").setdefault("temperature", _num(env, "TEMPERATURE_DS"))
+        p.op("ds_completions")["temperature"] = _num(env, "TEMPERATURE_DS", float, 0)
+        p.op("adversarial_safe").setdefault("temperature", _num(env, "TEMPERATURE_DS", float, 0))
     if env.get("TEMPERATURE_DR"):
-        p.op("dr_completions")["temperature"] = _num(env, "TEMPERATURE_DR")
+        p.op("dr_completions")["temperature"] = _num(env, "TEMPERATURE_DR", float, 0)
     if env.get("TENSOR_PARALLEL"):
-        p.generation_file["tensor_parallel_size"] = _num(env, "TENSOR_PARALLEL", int)
+        p.generation_file["tensor_parallel_size"] = _num(env, "TENSOR_PARALLEL", int, 1)
         p.notes.append("TENSOR_PARALLEL -> tensor_parallel_size in a copy of configs/generation.yaml for this job")
     if env.get("MAX_LENGTH"):
-        p.op("renders")["max_length"] = _num(env, "MAX_LENGTH", int)
+        p.op("renders")["max_length"] = _num(env, "MAX_LENGTH", int, 1)
         p.notes.append("MAX_LENGTH -> renders max_length")
     if env.get("MWCS_SCHEDULE"):
         name = env["MWCS_SCHEDULE"].strip()
@@ -140,11 +144,13 @@ def pipeline_plan(env: Mapping[str, str]) -> Plan:
                        "dr_completions)")
     ov, notes, p.origins = training_overrides(env)
     p.notes += notes
+    if env.get("MODE"):
+        p.origins["preset"] = _origin(env, "MODE")
     if ov:
         p.train_overrides = ov
         p.op("adapter")["overrides"] = ov
     if env.get("EVAL_LIMIT"):
-        p.op("eval_scores")["limit"] = _num(env, "EVAL_LIMIT", int)
+        p.op("eval_scores")["limit"] = _num(env, "EVAL_LIMIT", int, 1)
         p.notes.append("EVAL_LIMIT -> eval_scores limit")
     for name, why in OBSOLETE.items():
         if env.get(name):

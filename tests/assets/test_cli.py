@@ -288,3 +288,29 @@ def test_sweep_cli_rerun_flag_reaches_the_runner(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep_cli, "run_sweep_in_process", lambda manifest, **kw: seen.append(kw) or {"p": "SUCCESS"})
     assert sweep_cli.main(["sweep", "--rerun"]) == 0 and sweep_cli.main(["sweep"]) == 0
     assert [kw["rerun"] for kw in seen] == [True, False]
+
+
+@pytest.mark.parametrize("args, env, said", [
+    # MODE alone was not checked: a preset that does not exist failed at `adapter`, after the ETL and generation
+    (["pipeline"], {"MODE": "stage_one"}, "error: MODE='stage_one': training preset 'stage_one' not found"),
+    (["pipeline"], {"MODE": "stage_one", "TOTAL_STEPS": "5"}, "error: MODE='stage_one': training preset"),
+    # counts the stages refuse failed when those stages ran (EVAL_LIMIT=0 after training)
+    (["pipeline"], {"EVAL_LIMIT": "0"}, "error: EVAL_LIMIT='0': expected an integer >= 1"),
+    (["pipeline"], {"BATCH_SIZE": "0"}, "error: BATCH_SIZE='0': expected an integer >= 1"),
+    (["sweep"], {"SWEEP": "tiny", "EVAL_LIMIT": "0"}, "error: environment variable CB_EVAL_LIMIT must be >= 1, got 0"),
+])
+def test_toggles_a_later_stage_refuses_fail_at_once(tmp_path, args, env, said):
+    root = tmp_path / "data"
+    out = _cli([*args, "--dry-run"], root, env)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert said in out.stderr and "(the manifest from" not in out.stderr, out.stderr
+    assert not root.exists()
+
+
+def test_sweep_says_mode_is_not_its_preset(tmp_path):
+    """MODE (the unified pipeline's preset) was dropped by the sweep without a word."""
+    out = _cli(["sweep", "--dry-run"], tmp_path / "data", {"SWEEP": "tiny", "MODE": "stage2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[cb toggles] MODE='stage2' ignored: a sweep's points train the preset its manifest names" in out.stdout
+    out = _cli(["pipeline", "--dry-run"], tmp_path / "data", {"MODE": "stage2", "SKIP_TRAIN": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]  # not trained: not checked
