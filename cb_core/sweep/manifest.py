@@ -182,7 +182,9 @@ def from_dict(raw: dict, source: str = "<manifest>") -> Manifest:
         raise SweepError(f"{source}: expected a mapping at the top level")
     unknown = set(raw) - MANIFEST_KEYS
     if unknown:
-        raise SweepError(f"{source}: unknown keys {sorted(unknown)} (known: {sorted(MANIFEST_KEYS)})")
+        first = sorted(unknown)[0]
+        raise SweepError(f"{source}: unknown keys {sorted(unknown)}{did_you_mean(first, MANIFEST_KEYS)} "
+                         f"(known: {sorted(MANIFEST_KEYS)})")
     name = str(raw.get("name") or Path(source).stem)
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", name):
         raise SweepError(f"{source}: name {name!r} must match [A-Za-z0-9_-]{{1,32}} (it starts every point key)")
@@ -235,9 +237,15 @@ def from_dict(raw: dict, source: str = "<manifest>") -> Manifest:
     if not isinstance(raw.get("final") or {}, dict):
         raise SweepError(f"{source}: final: expected a mapping (e.g. {{seeds: [101, 555]}}), got {raw['final']!r}")
     final = {"seeds": [101, 555, 888], "overrides": {}, **(raw.get("final") or {})}
+    bad = sorted(set(final) - {"seeds", "overrides"})
+    if bad:  # `seed: [1]` would have left the default seeds in force
+        raise SweepError(f"{source}: final: unknown keys {bad}{did_you_mean(bad[0], ['seeds', 'overrides'])} "
+                         "(known: ['overrides', 'seeds'])")
     seeds = final["seeds"]
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise SweepError(f"{source}: final.seeds must be a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):  # one partition key per seed: a repeated seed is one run, not two
+        raise SweepError(f"{source}: final.seeds must be distinct, got {seeds!r}")
     final["overrides"] = _dotted(final.get("overrides"), f"{source}: final.overrides")
     ev = raw.get("eval") or {}
     if not isinstance(ev, dict):
@@ -389,6 +397,12 @@ def expand(m: Manifest, *, validate: bool = True) -> list[Point]:
                     load_train_config(m.preset, p.override_strings())
                 except TrainConfigError as e:
                     raise SweepError(f"{_written_at(m, gi, grid, axes, str(e))}: point {key}: {e}") from e
+                if m.final.get("overrides"):  # any point may be the best one: its final seeds must resolve too,
+                    fin = final_points(m, p, m.final["seeds"][:1])[0]  # not only after the whole sweep has run
+                    try:
+                        load_train_config(m.preset, fin.override_strings())
+                    except TrainConfigError as e:
+                        raise SweepError(f"{m.source}: final.overrides: the final seeds of point {key}: {e}") from e
             points[key] = p
     return list(points.values())
 

@@ -114,6 +114,21 @@ def test_manifest_selection_and_flags_are_checked_at_load(extra, match):
         from_dict({"name": "x", "preset": "tiny", "grid": {"lr": [1e-3]}, **extra}, source="m.yaml")
 
 
+@pytest.mark.parametrize("extra, match", [
+    ({"final": {"seeds": [1], "overrides": {"train.stepz": 8}}},
+     r"m.yaml: final.overrides: the final seeds of point x-lr0.001-\w+: override 'train.stepz': unknown field"),
+    ({"final": {"overrides": {"train.steps": -1}}}, r"final.overrides: .*train.steps must be >= 1, got -1"),
+    ({"final": {"seeds": [1, 1]}}, r"final.seeds must be distinct, got \[1, 1\]"),
+    ({"final": {"seed": [1]}}, r"final: unknown keys \['seed'\] \(did you mean 'seeds'\?\)"),
+    ({"finall": {"seeds": [1]}}, r"unknown keys \['finall'\] \(did you mean 'final'\?\)"),
+])
+def test_final_settings_are_checked_when_the_sweep_is_registered(extra, match):
+    """final.overrides were resolved only when best_config registered the seeds, after every point had trained
+    (`--dry-run` listed the points and exited 0); `final: {seed: ...}` left the default seeds in force."""
+    with pytest.raises(SweepError, match=match):
+        from_dict({"name": "x", "preset": "tiny", "grid": {"lr": [1e-3]}, **extra}, source="m.yaml").expand()
+
+
 def test_final_points_one_per_seed():
     m = load_manifest("quick")
     best = m.expand()[0]
