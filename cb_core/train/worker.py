@@ -297,7 +297,8 @@ def train(args: argparse.Namespace, argv: list[str], pipes=None) -> dict[str, An
                  # all tokens over all step time (a mean of per-step rates overweights the short steps)
                  "tokens_per_s": (sum(h["tokens_per_s"] * h["step_time_s"] for h in history)
                                   / max(sum(h["step_time_s"] for h in history), 1e-9)),
-                 "train_seconds": seconds, "world_size": d.world, "distance_scale": trainer.scale,
+                 # a resumed run: this process's time plus the restored steps' (not 0.01 s for 40 steps)
+                 "train_seconds": seconds + trainer.seconds_restored(), "world_size": d.world, "distance_scale": trainer.scale,
                  "data": data.stats}
         if cfg.log.post_checks:
             start = json.loads(start_probe.read_text()) if start_probe.exists() else {}

@@ -260,6 +260,13 @@ def test_checkpoints_ranked_with_links_and_in_process_resume(llama_tokenizer, da
                 pad_id=0, log=lambda m: None)
     c.fit()
     assert c.history[0]["step"] == 1 and len(c.history) == 6
+    # timings count the restored steps as an earlier process's: train_seconds adds their step time, the ETA
+    # divides by this process's steps only
+    assert c.resumed_step == 4
+    assert c.seconds_restored() > 0
+    assert c.seconds_restored() == pytest.approx(sum(h["step_time_s"] for h in c.history[:4]))
+    c.step = 5
+    assert c.eta(2.0) == pytest.approx(2.0 / 1 * 1)  # 1 step here in 2 s, 1 step left (per history step: 0.4 s)
     wa, wc = lora_weights(a), lora_weights(c)
     assert all(torch.equal(wa[k], wc[k]) for k in wa)
 
@@ -374,6 +381,7 @@ def test_a_run_folder_resumes_only_its_own_run(tmp_path):
     final = json.loads((run / "final_metrics.json").read_text())
     assert final["tokens_per_s"] == pytest.approx(
         (hist["tokens_per_s"] * hist["step_time_s"]).sum() / hist["step_time_s"].sum())
+    assert final["train_seconds"] >= hist["step_time_s"].sum()  # resumed at the end: not only the resume's time
     assert "warning: train.warmup_steps" not in out.stdout
     out = subprocess.run(worker_cmd(tmp_path / "warm", root, base + ["train.warmup_steps=5"]), env=env, check=True,
                          capture_output=True, text=True, timeout=600)
