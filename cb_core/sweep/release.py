@@ -7,6 +7,8 @@ from typing import Any
 
 import polars as pl
 
+from cb_core.summary import AGAINST_BASE
+
 
 def seed_stats(scores: pl.DataFrame) -> pl.DataFrame:
     """``scores``: stacked eval_scores of the seed runs with a ``seed`` column.
@@ -54,10 +56,11 @@ def report_markdown(stats: pl.DataFrame, *, best: dict[str, Any], seeds: list[in
             r = stats.filter((pl.col("metric") == metric) & (pl.col("model") == model))
             cells[model] = r.row(0, named=True) if r.height else None
         a, b = cells["adapter"], cells["base"]
+        # a metric measured against the base itself: its base cell (difference 0, cos-sim 1) is no result
+        base = "(the reference)" if metric in AGAINST_BASE else _pm(b and b["mean"], b and b["std"], b["seeds"] if b else 0)
         lines.append(
             f"| {metric} | {_pm(a and a['mean'], a and a['std'], a['seeds'] if a else 0)} | "
-            f"{_pm(b and b['mean'], b and b['std'], b['seeds'] if b else 0)} | {a['seeds'] if a else 0} | "
-            f"{a['n'] if a else 0} |"
+            f"{base} | {a['seeds'] if a else 0} | {a['n'] if a else 0} |"
         )
     lines.append("")
     return "\n".join(lines)

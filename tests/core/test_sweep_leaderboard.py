@@ -14,7 +14,7 @@ import yaml
 from cb_core.evaluate.pipeline import EvaluationSettings
 from cb_core.evaluate.scores import SCORES_SCHEMA
 from cb_core.sweep.leaderboard import best_from_csv, pareto_mask, read_csv_rows, to_csv
-from cb_core.sweep.release import seed_stats
+from cb_core.sweep.release import report_markdown, seed_stats
 
 BASE = {"tool_flip_asr": 0.50, "capability_retention": 0.90, "xstest_over_refusal": 0.08}
 # (alpha, layers) -> adapter (asr, capability, over-refusal); None = the point failed (no eval_scores)
@@ -172,6 +172,17 @@ def test_release_report_mean_std_over_seeds(sweep_env):
     md = (root / "release_report.md").read_text()
     assert f"| tool_flip_asr | {statistics.mean(asr.values()):.3f} ± {statistics.stdev(asr.values()):.3f} |" in md
     assert "seeds 101, 555, 888" in md
+
+
+def test_release_report_base_of_a_metric_against_the_base_is_the_reference():
+    """The base's output difference from itself (0) and cos-sim with itself (1) read as results: `0.000 ± 0.000`
+    beside the adapter's, where the demo summary says "(the reference)"."""
+    rows = [{"seed": s, "model": m, "metric": k, "n": 8, "value": v}
+            for s in (1, 2) for m, k, v in (("adapter", "output_difference_rate", 0.25), ("base", "output_difference_rate", 0.0),
+                                            ("adapter", "tool_flip_asr", 0.1), ("base", "tool_flip_asr", 0.2))]
+    md = report_markdown(seed_stats(pl.DataFrame(rows)), best={"key": "k", "preset": "tiny"}, seeds=[1, 2])
+    assert "| output_difference_rate | 0.250 ± 0.000 | (the reference) | 2 | 16 |" in md
+    assert "| tool_flip_asr | 0.100 ± 0.000 | 0.200 ± 0.000 | 2 | 16 |" in md
 
 
 def test_seed_stats_by_hand_and_not_measured():
