@@ -115,12 +115,16 @@ def _publish(run_dir: Path, out: Path) -> Path:
     "published to $CB_DATA_ROOT/adapter with the resolved config, metric history and loss curves.",
 )
 def adapter(context: dg.AssetExecutionContext, config: AdapterConfig, datasets: DatasetsResource):
-    from cb_core.train.config import load_train_config
+    from cb_core.train.config import TrainConfigError, load_train_config
     from cb_core.train.worker import slurm_nproc
 
     root = datasets.data_root()
     preset = config.preset or default_preset(datasets)
-    cfg, _, _ = load_train_config(preset, list(config.overrides) + (["train.fast_dev_run=true"] if config.fast_dev_run else []))
+    try:  # a Failure naming the run config, not an op error wrapping a traceback
+        cfg, _, _ = load_train_config(preset, list(config.overrides) + (["train.fast_dev_run=true"] if config.fast_dev_run else []))
+    except TrainConfigError as e:
+        raise dg.Failure(f"adapter run config (ops.adapter.config: preset {preset!r}, overrides "
+                         f"{list(config.overrides)}): {e}") from None
     nproc = config.nproc or slurm_nproc(cfg.train.nproc)
     runs = root / RUNS_DIR
     run_dir = runs / (config.run_name or _run_name(cfg, preset, root, config.fast_dev_run))

@@ -87,6 +87,10 @@ def test_bad_override_fails_before_training(data_root):
     assert not res.success
     err = next(e for e in res.all_events if e.is_failure)
     assert "unknown field 'lrr' of section 'train' (did you mean 'lr'?)" in str(err.event_specific_data)
+    # a Failure naming the run config it came from (was an op error wrapping the TrainConfigError's traceback)
+    assert err.event_specific_data.error.cls_name == "Failure"
+    assert err.event_specific_data.error.message.startswith(
+        "dagster._core.definitions.events.Failure: adapter run config (ops.adapter.config: preset 'tiny', overrides ['train.lrr=1']): override 'train.lrr'")
     assert not (data_root / "adapter").exists()
 
 
