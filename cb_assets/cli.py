@@ -201,7 +201,7 @@ def run_sweep_in_process(manifest: str, *, overrides: list[str] | None = None, i
 
     earlier = {} if rerun else latest_runs(instance, {"cb/sweep": sweep, "cb/sweep_stage": "point"})
     status: dict[str, str] = {}
-    for r in rows:
+    for i, r in enumerate(rows, 1):
         if status and any(s == "FAILURE" for s in status.values()) and not r.get("continue_on_error", True):
             log(f"point {r['key']}: not run (continue_on_error is false and a point failed)")
             continue
@@ -211,8 +211,7 @@ def run_sweep_in_process(manifest: str, *, overrides: list[str] | None = None, i
             status[r["key"]] = "SUCCESS"
             log(f"point {r['key']}: not run again, {why} (--rerun runs it)")
             continue
-        if why:
-            log(f"point {r['key']}: running again: {why}")
+        log(f"point {r['key']}: " + (f"running again: {why}" if why else "running") + f" ({i} of {len(rows)})")
         ok = defs.resolve_job_def("sweep_point").execute_in_process(
             instance=instance, partition_key=r["key"], raise_on_error=False,
             tags={"cb/sweep": sweep, "cb/sweep_stage": "point"}).success
@@ -224,22 +223,28 @@ def run_sweep_in_process(manifest: str, *, overrides: list[str] | None = None, i
         from cb_assets.assets.sweeps import FINALS_TAG, rank_run_key, release_run_key
 
         rank_key = rank_run_key(sweep, [k for k, s in status.items() if s == "SUCCESS"])
+        log(f"ranking {sum(s == 'SUCCESS' for s in status.values())} point(s): leaderboard, best_config")
         rank = defs.resolve_job_def("sweep_rank").execute_in_process(
             instance=instance, raise_on_error=False,
             tags={"cb/sweep": sweep, "cb/sweep_stage": "rank", "cb/run_key": rank_key,
                   FINALS_TAG: "yes" if final else "no"})
         status["rank"] = "SUCCESS" if rank.success else "FAILURE"
+        log(f"ranking: {status['rank']}")
         if final and rank.success:
             finals = pl.read_parquet(data_root() / "best_config.parquet")["key"].to_list()
-            for k in finals:
+            for i, k in enumerate(finals, 1):  # each trains and scores a whole adapter: say which one is on
+                log(f"final seed {k}: running ({i} of {len(finals)})")
                 ok = defs.resolve_job_def("final_seed").execute_in_process(
                     instance=instance, partition_key=k, raise_on_error=False,
                     tags={"cb/sweep": sweep, "cb/sweep_stage": "final"}).success
                 status[k] = "SUCCESS" if ok else "FAILURE"
+                log(f"final seed {k}: {status[k]}")
+            log("release report: running")
             status["release"] = "SUCCESS" if defs.resolve_job_def("sweep_release").execute_in_process(
                 instance=instance, raise_on_error=False,
                 tags={"cb/sweep": sweep, "cb/sweep_stage": "release",
                       "cb/run_key": release_run_key(finals)}).success else "FAILURE"
+            log(f"release report: {status['release']}")
     return status
 
 

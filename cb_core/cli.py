@@ -202,7 +202,9 @@ def run_command(preset: str, overrides: list[str], fast: bool, run_name: str | N
     if run_name:
         cfg["run_name"] = run_name
     return [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "cb_assets.definitions",
-            "--select", "adapter", "--config-json", json.dumps({"ops": {"adapter": {"config": cfg}}})]
+            "--select", "adapter", "--config-json",
+            # INFO, not DEBUG (as scripts/demo.sh): the worker's step lines, not dozens of engine events
+            json.dumps({"ops": {"adapter": {"config": cfg}}, "loggers": {"console": {"config": {"log_level": "INFO"}}}})]
 
 
 def do_run(args) -> int:

@@ -225,9 +225,11 @@ def from_dict(raw: dict, source: str = "<manifest>") -> Manifest:
         raise SweepError(f"{source}: selection.not_measured must be fail or pass, got {sel.not_measured!r}")
     if not isinstance(sel.metric, str) or sel.metric not in KNOWN_METRICS:
         raise SweepError(f"{source}: selection.metric {sel.metric!r} is not an eval_scores metric "
-                         f"({sorted(KNOWN_METRICS)})")
+                         f"({sorted(KNOWN_METRICS)}){did_you_mean(sel.metric, KNOWN_METRICS)}")
     if not isinstance(sel.gates, list) or any(g not in KNOWN_GATES for g in sel.gates):
-        raise SweepError(f"{source}: selection.gates must be a list of {list(KNOWN_GATES)}, got {sel.gates!r}")
+        bad_gate = next((g for g in sel.gates if g not in KNOWN_GATES), None) if isinstance(sel.gates, list) else None
+        raise SweepError(f"{source}: selection.gates must be a list of {list(KNOWN_GATES)}, got {sel.gates!r}"
+                         + (did_you_mean(bad_gate, KNOWN_GATES) if bad_gate is not None else ""))
     if sel.higher_is_better is not None and not isinstance(sel.higher_is_better, bool):
         raise SweepError(f"{source}: selection.higher_is_better must be true, false or null, "
                          f"got {sel.higher_is_better!r}")

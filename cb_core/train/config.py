@@ -313,12 +313,15 @@ def load_preset_raw(name_or_path: str) -> tuple[dict, Path]:
 
 
 def parse_overrides(items: Iterable[str] | dict | None) -> dict[str, Any]:
-    """``["train.lr=3e-5", "loss.target_layers=[10,20]"]`` (or a mapping) -> {"train.lr": 3e-05, ...}."""
+    """``["train.lr=3e-5", "loss.target_layers=[10,20]"]`` (or a mapping) -> {"train.lr": 3e-05, ...}. One key
+    given twice with two values is an error (the last one silently won, where a config file's duplicate key is
+    refused); the same value twice is one override."""
     if not items:
         return {}
     if isinstance(items, dict):
         return dict(items)
     out: dict[str, Any] = {}
+    given: dict[str, str] = {}
     for item in items:
         if "=" not in item:
             raise TrainConfigError(f"override {item!r}: expected section.field=value")
@@ -327,7 +330,10 @@ def parse_overrides(items: Iterable[str] | dict | None) -> dict[str, Any]:
             val = safe_load(v) if v.strip() else None
         except yaml.YAMLError as e:
             raise TrainConfigError(f"override {item!r}: cannot parse value: {e}") from e
-        out[k.strip()] = _number(val)
+        k, val = k.strip(), _number(val)
+        if k in out and out[k] != val:
+            raise TrainConfigError(f"override {item!r}: {k} is also given as {given[k]!r}; give each key once")
+        out[k], given[k] = val, item
     return out
 
 

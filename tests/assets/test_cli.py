@@ -141,8 +141,9 @@ def test_run_checks_config_before_dagster_and_builds_the_command(tmp_path):
     cmd = json.loads(out.stdout)
     assert cmd[1:7] == ["-m", "dagster", "asset", "materialize", "-m", "cb_assets.definitions"]
     assert cmd[cmd.index("--select") + 1] == "adapter"
-    cfg = json.loads(cmd[cmd.index("--config-json") + 1])["ops"]["adapter"]["config"]
-    assert cfg == {"preset": "tiny", "overrides": ["train.lr=3e-5"], "fast_dev_run": True}
+    run_config = json.loads(cmd[cmd.index("--config-json") + 1])
+    assert run_config["ops"]["adapter"]["config"] == {"preset": "tiny", "overrides": ["train.lr=3e-5"], "fast_dev_run": True}
+    assert run_config["loggers"] == {"console": {"config": {"log_level": "INFO"}}}  # not Dagster's DEBUG events
 
 
 def test_roll_history_moves_finished_runs_only(tmp_path):

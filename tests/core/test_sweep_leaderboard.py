@@ -358,3 +358,13 @@ def test_in_process_rerun_skips_points_that_stand(data_root, tmp_path, monkeypat
 
     status, logs = run(rerun=True)
     assert sorted(trained) == keys and not any("not run again" in ln for ln in logs)
+    assert [ln for ln in logs if ln.startswith("point ") and ": running" in ln][-1].endswith(f"(3 of 3)")
+
+    # with the final seeds: a line before and after each, and around ranking and the release report (the seeds
+    # of a real sweep each train a whole adapter: minutes of silence before)
+    status, logs = run(final=True)
+    finals = pl.read_parquet(data_root / "best_config.parquet")["key"].to_list()
+    assert finals and all(status[k] == "SUCCESS" for k in finals) and status["release"] == "SUCCESS", status
+    for i, k in enumerate(finals, 1):
+        assert f"final seed {k}: running ({i} of {len(finals)})" in logs and f"final seed {k}: SUCCESS" in logs
+    assert logs[-1] == "release report: SUCCESS" and "ranking: SUCCESS" in logs

@@ -98,8 +98,10 @@ def test_bad_manifests_name_the_key(tmp_path):
 
 @pytest.mark.parametrize("extra, match", [
     ({"grid": []}, r"grid: an empty list has no point to train"),
-    ({"selection": {"metric": "tool_flip_as"}}, r"selection.metric 'tool_flip_as' is not an eval_scores metric"),
+    ({"selection": {"metric": "tool_flip_as"}}, r"selection.metric 'tool_flip_as' is not an eval_scores metric .*"
+                                                r"\(did you mean 'tool_flip_asr'\?\)"),
     ({"selection": {"gates": ["capability", "nosuch"]}}, r"selection.gates must be a list of"),
+    ({"selection": {"gates": ["capabilty"]}}, r"selection.gates must be a list of .* \(did you mean 'capability'\?\)"),
     ({"selection": {"gates": "capability"}}, r"selection.gates must be a list of"),
     ({"selection": {"not_measured": "maybe"}}, r"selection.not_measured must be fail or pass"),
     ({"selection": {"higher_is_better": "no"}}, r"selection.higher_is_better must be true, false or null"),

@@ -140,3 +140,13 @@ def test_target_layers_deeper_than_the_profile_are_refused_at_load(tmp_path):
     assert profile_depth(str(prof)) == 32
     prof.write_text(f"name: local\nmodel: local\npath: {tmp_path / 'absent'}\ntokenizer: llama3\n")
     assert profile_depth(str(prof)) is None
+
+
+def test_one_key_overridden_twice_with_two_values_is_refused():
+    """`--override train.lr=1e-3 --override train.lr=2e-3` trained at 2e-3 without a word, where a preset file
+    with the key twice is refused."""
+    with pytest.raises(TrainConfigError, match=r"override 'train.lr=2e-3': train.lr is also given as "
+                                               r"'train.lr=1e-3'; give each key once"):
+        load_train_config("tiny", ["train.lr=1e-3", "train.lr=2e-3"])
+    cfg, _, _ = load_train_config("tiny", ["train.lr=1e-3", "train.lr=0.001"])  # one value, written twice
+    assert cfg.train.lr == 1e-3
