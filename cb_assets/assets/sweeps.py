@@ -572,8 +572,8 @@ def point_stands(key: str, preset: str, overrides: list[str], run, root: Path,
     """Whether a point's latest run ``run`` still stands, so the in-process runner need not run it again:
     (True, why) when it succeeded, its published results are still there, its training inputs and settings
     are those it trained on (`train_point`'s rule, the run folder's fingerprint) and its evaluation's inputs
-    and settings those it was scored on (`eval_fingerprint`; scores from before that file stand, as run
-    folders from before fingerprints resume); else (False, why it runs again: "" for a point never run or
+    and settings those it was scored on (`eval_fingerprint`; scores without that file, from before it existed,
+    are scored again: the evaluation's inputs then are unknown); else (False, why it runs again: "" for a point never run or
     whose run did not succeed)."""
     from cb_core.train import RUNS_DIR
     from cb_core.train.config import TrainConfigError, load_train_config
@@ -594,13 +594,15 @@ def point_stands(key: str, preset: str, overrides: list[str], run, root: Path,
         return False, (f"its training inputs or settings changed since run {run.run_id} "
                        f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''})")
     fp = d / EVAL_FINGERPRINT
-    if fp.is_file():
-        old = _flat(json.loads(fp.read_text(encoding="utf-8")))
-        now = _flat(eval_fingerprint(eval_overrides, root))
-        moved = [f"{k}: {old.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
-        if moved:
-            return False, (f"its evaluation inputs or settings changed since run {run.run_id} "
-                           f"({'; '.join(moved[:4])}{'; ...' if len(moved) > 4 else ''})")
+    if not fp.is_file():  # scored before fingerprints (or by hand): what they were scored on is unknown
+        return False, (f"run {run.run_id} succeeded but its scores carry no {EVAL_FINGERPRINT} (scored before "
+                       "evaluation inputs were recorded): scored again")
+    old = _flat(json.loads(fp.read_text(encoding="utf-8")))
+    now = _flat(eval_fingerprint(eval_overrides, root))
+    moved = [f"{k}: {old.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
+    if moved:
+        return False, (f"its evaluation inputs or settings changed since run {run.run_id} "
+                       f"({'; '.join(moved[:4])}{'; ...' if len(moved) > 4 else ''})")
     return True, f"run {run.run_id} succeeded and its results are in {d}"
 
 

@@ -368,3 +368,23 @@ def test_in_process_rerun_skips_points_that_stand(data_root, tmp_path, monkeypat
     for i, k in enumerate(finals, 1):
         assert f"final seed {k}: running ({i} of {len(finals)})" in logs and f"final seed {k}: SUCCESS" in logs
     assert logs[-1] == "release report: SUCCESS" and "ranking: SUCCESS" in logs
+
+
+def test_scores_without_an_eval_fingerprint_do_not_stand(data_root, monkeypatch):
+    """Scores written before eval_fingerprint.json existed (e.g. before eval_attacks carried
+    preparatory_calls and eval_scores injection_followed_rate) stood whatever the evaluation inputs had become:
+    a re-run sweep kept them. What they were scored on is unknown, so they are scored again."""
+    from types import SimpleNamespace
+
+    from cb_assets.assets.sweeps import EVAL_FINGERPRINT, eval_fingerprint, point_dir, point_stands
+
+    key = "rr-a5"
+    d = point_dir(key, data_root)
+    (d / "adapter").mkdir(parents=True)
+    (d / "adapter" / "adapter_config.json").write_text("{}")
+    scores_table({"tool_flip_asr": 0.1}).write_parquet(d / "eval_scores.parquet")
+    run = SimpleNamespace(status=dg.DagsterRunStatus.SUCCESS, run_id="r1")
+    stands, why = point_stands(key, "tiny", [], run, data_root, {})
+    assert not stands and EVAL_FINGERPRINT in why and "r1" in why
+    (d / EVAL_FINGERPRINT).write_text(json.dumps(eval_fingerprint({}, data_root)))
+    assert point_stands(key, "tiny", [], run, data_root, {})[0]
