@@ -208,7 +208,11 @@ def eval_fingerprint(eval_overrides: dict | None, root: Path) -> dict:
     from cb_core.io import file_digest as digest
 
     out: dict = {f"table:{n}": digest(root / f"{n}.parquet") for n in EVAL_FRAMES}
-    out["settings"] = json.loads(json.dumps(dataclasses.asdict(point_eval_settings(eval_overrides)), default=str))
+    settings = dataclasses.asdict(point_eval_settings(eval_overrides))
+    settings.pop("gates")  # the leaderboard applies the gates when it ranks: the scores do not depend on them
+    if not settings["live_agentdojo"]:
+        settings = {k: v for k, v in settings.items() if not k.startswith("live_")}
+    out["settings"] = json.loads(json.dumps(settings, default=str))
     return out
 
 

@@ -33,7 +33,7 @@ def _on(env: Mapping[str, str], name: str) -> bool:
     return str(env.get(name, "")).strip().lower() in _TRUE
 
 
-def _num(env: Mapping[str, str], name: str, kind=float, lo=None):
+def toggle_number(env: Mapping[str, str], name: str, kind=float, lo=None):
     """The toggle as a number, >= ``lo`` when given: a value the stage it feeds refuses fails here, not when that
     stage runs after the ETL and generation."""
     raw = str(env[name]).strip()
@@ -78,7 +78,7 @@ def training_overrides(env: Mapping[str, str]) -> tuple[list[str], list[str], di
         origins[f"overrides.{override.split('=', 1)[0]}"] = _origin(env, name)
 
     if env.get("TOTAL_STEPS"):
-        add("TOTAL_STEPS", f"train.steps={_num(env, 'TOTAL_STEPS', int)}")
+        add("TOTAL_STEPS", f"train.steps={toggle_number(env, 'TOTAL_STEPS', int)}")
     if env.get("LOSS_MODE"):
         add("LOSS_MODE", f"loss.mode={env['LOSS_MODE'].strip()}")
     for name in sorted(k for k in env if k.startswith("TRIPLET_") and env[k] != ""):
@@ -88,7 +88,7 @@ def training_overrides(env: Mapping[str, str]) -> tuple[list[str], list[str], di
             raise ToggleError(f"{name}: not a triplet setting")
         add(name, f"loss.{field_}={env[name].strip()}")
     if env.get("MAX_LENGTH"):
-        add("MAX_LENGTH", f"model.max_length={_num(env, 'MAX_LENGTH', int)}")
+        add("MAX_LENGTH", f"model.max_length={toggle_number(env, 'MAX_LENGTH', int)}")
     if env.get("POLICY"):
         add("POLICY", f"data.mask_policy={env['POLICY'].strip()}")
     if env.get("MWCS_SCHEDULE"):
@@ -119,21 +119,21 @@ def pipeline_plan(env: Mapping[str, str]) -> Plan:
         gen["backend"] = "vllm"
     for name, key, lo in (("BATCH_SIZE", "batch_size", 1), ("MAX_TOKENS", "max_tokens", 1), ("LIMIT", "limit", 0)):
         if env.get(name):
-            gen[key] = _num(env, name, int, lo)
+            gen[key] = toggle_number(env, name, int, lo)
             p.notes.append(f"{name} -> generation {key}")
     for table in GEN_TABLES:
         if gen:
             p.op(table).update(gen)
     if env.get("TEMPERATURE_DS"):
-        p.op("ds_completions")["temperature"] = _num(env, "TEMPERATURE_DS", float, 0)
-        p.op("adversarial_safe").setdefault("temperature", _num(env, "TEMPERATURE_DS", float, 0))
+        p.op("ds_completions")["temperature"] = toggle_number(env, "TEMPERATURE_DS", float, 0)
+        p.op("adversarial_safe").setdefault("temperature", toggle_number(env, "TEMPERATURE_DS", float, 0))
     if env.get("TEMPERATURE_DR"):
-        p.op("dr_completions")["temperature"] = _num(env, "TEMPERATURE_DR", float, 0)
+        p.op("dr_completions")["temperature"] = toggle_number(env, "TEMPERATURE_DR", float, 0)
     if env.get("TENSOR_PARALLEL"):
-        p.generation_file["tensor_parallel_size"] = _num(env, "TENSOR_PARALLEL", int, 1)
+        p.generation_file["tensor_parallel_size"] = toggle_number(env, "TENSOR_PARALLEL", int, 1)
         p.notes.append("TENSOR_PARALLEL -> tensor_parallel_size in a copy of configs/generation.yaml for this job")
     if env.get("MAX_LENGTH"):
-        p.op("renders")["max_length"] = _num(env, "MAX_LENGTH", int, 1)
+        p.op("renders")["max_length"] = toggle_number(env, "MAX_LENGTH", int, 1)
         p.notes.append("MAX_LENGTH -> renders max_length")
     if env.get("MWCS_SCHEDULE"):
         name = env["MWCS_SCHEDULE"].strip()
@@ -150,7 +150,7 @@ def pipeline_plan(env: Mapping[str, str]) -> Plan:
         p.train_overrides = ov
         p.op("adapter")["overrides"] = ov
     if env.get("EVAL_LIMIT"):
-        p.op("eval_scores")["limit"] = _num(env, "EVAL_LIMIT", int, 1)
+        p.op("eval_scores")["limit"] = toggle_number(env, "EVAL_LIMIT", int, 1)
         p.notes.append("EVAL_LIMIT -> eval_scores limit")
     for name, why in OBSOLETE.items():
         if env.get(name):

@@ -47,7 +47,9 @@ class LoraSection:
 @dataclass
 class LossSection:
     mode: str = "triplet_full"  # triplet_full | legacy_cb | legacy_schema
-    target_layers: list[int] = field(default_factory=lambda: [10, 20])  # hidden_states[l], 0 = embeddings
+    # hidden_states[l], 0 = embeddings. [2, 4] fits the default model.profile (the random tiny model, 4 layers):
+    # a dict-built config is consistent as it stands; every preset sets its own ([10, 20] for 8B)
+    target_layers: list[int] = field(default_factory=lambda: [2, 4])
     # triplet_full
     alpha_benign: float = 1.0
     beta_harmful: float = 1.0

@@ -298,7 +298,7 @@ def test_sweep_cli_rerun_flag_reaches_the_runner(tmp_path, monkeypatch):
     # counts the stages refuse failed when those stages ran (EVAL_LIMIT=0 after training)
     (["pipeline"], {"EVAL_LIMIT": "0"}, "error: EVAL_LIMIT='0': expected an integer >= 1"),
     (["pipeline"], {"BATCH_SIZE": "0"}, "error: BATCH_SIZE='0': expected an integer >= 1"),
-    (["sweep"], {"SWEEP": "tiny", "EVAL_LIMIT": "0"}, "error: environment variable CB_EVAL_LIMIT must be >= 1, got 0"),
+    (["sweep"], {"SWEEP": "tiny", "EVAL_LIMIT": "0"}, "error: EVAL_LIMIT='0': expected an integer >= 1"),
 ])
 def test_toggles_a_later_stage_refuses_fail_at_once(tmp_path, args, env, said):
     root = tmp_path / "data"

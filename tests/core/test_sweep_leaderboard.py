@@ -388,3 +388,20 @@ def test_scores_without_an_eval_fingerprint_do_not_stand(data_root, monkeypatch)
     assert not stands and EVAL_FINGERPRINT in why and "r1" in why
     (d / EVAL_FINGERPRINT).write_text(json.dumps(eval_fingerprint({}, data_root)))
     assert point_stands(key, "tiny", [], run, data_root, {})[0]
+
+
+def test_eval_fingerprint_holds_what_the_scores_depend_on(data_root, monkeypatch):
+    """A gate threshold edited in evaluation.yaml made every point score again, though the leaderboard applies
+    the gates when it ranks; the live-AgentDojo settings count only while live evaluation is on."""
+    import dataclasses
+
+    from cb_assets.assets import sweeps
+    from cb_core.evaluate.pipeline import EvaluationSettings
+
+    fp = sweeps.eval_fingerprint({"limit": 4}, data_root)
+    assert "gates" not in fp["settings"] and not any(k.startswith("live_") for k in fp["settings"])
+    assert fp["settings"]["eval"]["limit"] == 4 and set(fp) >= {"table:eval_attacks", "table:eval_split"}
+    live = EvaluationSettings.load()
+    live = dataclasses.replace(live, live_agentdojo=True)
+    monkeypatch.setattr(sweeps, "point_eval_settings", lambda ov: live)
+    assert sweeps.eval_fingerprint({}, data_root)["settings"]["live_suites"] == list(live.live_suites)
