@@ -358,7 +358,7 @@ def test_in_process_rerun_skips_points_that_stand(data_root, tmp_path, monkeypat
 
     status, logs = run(rerun=True)
     assert sorted(trained) == keys and not any("not run again" in ln for ln in logs)
-    assert [ln for ln in logs if ln.startswith("point ") and ": running" in ln][-1].endswith(f"(3 of 3)")
+    assert [ln for ln in logs if ln.startswith("point ") and ": running" in ln][-1].endswith("(3 of 3)")
 
     # with the final seeds: a line before and after each, and around ranking and the release report (the seeds
     # of a real sweep each train a whole adapter: minutes of silence before)

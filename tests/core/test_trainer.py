@@ -309,7 +309,8 @@ def test_worker_setting_error_is_one_line(tmp_path):
 
 def worker_cmd(run_dir: Path, root: Path, extra: list[str], nproc: int = 1) -> list[str]:
     args = ["--preset", "tiny", "--run-dir", str(run_dir), "--data-root", str(root)]
-    for o in WORKER_OVERRIDES + extra:
+    keys = {o.split("=", 1)[0] for o in extra}  # an extra override replaces the default one (a key given twice
+    for o in [o for o in WORKER_OVERRIDES if o.split("=", 1)[0] not in keys] + extra:  # with 2 values is refused)
         args += ["--override", o]
     if nproc > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
