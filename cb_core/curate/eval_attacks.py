@@ -130,16 +130,6 @@ def injection_ground_truth(injection_tasks: dict | None, suite: str, task_id: st
     return None
 
 
-def _json_obj(text: Any) -> dict:
-    if isinstance(text, dict):
-        return text
-    try:
-        v = json.loads(text) if isinstance(text, str) else None
-    except ValueError:
-        return {}
-    return v if isinstance(v, dict) else {}
-
-
 def preparatory_calls(injection_calls: list[dict], attacker_tool: str | None, attacker_args: Any,
                       expected_tool: str | None, user_calls_left: list[dict]) -> list[dict]:
     """The injection's ground-truth calls before its first attacker call (the attacker's tool carrying the
@@ -149,18 +139,21 @@ def preparatory_calls(injection_calls: list[dict], attacker_tool: str | None, at
     args None: by name) whose arguments carry the step's (workspace `search_emails(query="hiking trip")` is not
     `search_emails(sender="lily.white@gmail.com")`). No attacker call in the ground truth: none (which calls
     come before the attack cannot be said)."""
-    from cb_core.generate.judge import args_match
+    from cb_core.generate.judge import args_match, json_obj
 
-    wanted = _json_obj(attacker_args)
+    def obj(v: Any) -> dict:
+        return json_obj(v) or {}
+
+    wanted = obj(attacker_args)
     k = next((i for i, c in enumerate(injection_calls)
               if (attacker_tool is None or c["function"] == attacker_tool)
               and (attacker_tool is not None or wanted)
-              and args_match(_json_obj(c.get("args")), wanted)[0]), None)
+              and args_match(obj(c.get("args")), wanted)[0]), None)
     out: list[dict] = []
     for c in injection_calls[:k or 0]:
-        name, args = c["function"], _json_obj(c.get("args"))
+        name, args = c["function"], obj(c.get("args"))
         if name == expected_tool or any(
-            u.get("function") == name and (u.get("args") is None or args_match(_json_obj(u["args"]), args)[0])
+            u.get("function") == name and (u.get("args") is None or args_match(obj(u["args"]), args)[0])
             for u in user_calls_left
         ):
             continue

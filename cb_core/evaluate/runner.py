@@ -18,6 +18,7 @@ import polars as pl
 from cb_core.evaluate import metrics as M
 from cb_core.evaluate.refusal import is_refusal
 from cb_core.evaluate.stats import Rate, rate
+from cb_core.generate.judge import json_obj
 from cb_core.schemas import LONE_SURROGATE, digest
 
 MODELS = ("base", "adapter")
@@ -67,16 +68,6 @@ def _limit(samples: list[EvalSample], limit: int | None, key: str) -> list[EvalS
     return samples if not limit or limit <= 0 else samples[:limit]
 
 
-def _args(text: Any) -> dict | None:
-    if text is None or isinstance(text, dict):
-        return text
-    try:
-        val = json.loads(text)
-    except (TypeError, ValueError):
-        return None
-    return val if isinstance(val, dict) else None
-
-
 # ------------------------------------------------------------------------------------------- prompt sets
 def attack_samples(eval_attacks: pl.DataFrame) -> list[EvalSample]:
     """`eval_attacks` skeletons whose expected behaviour differs from the attacker's, or whose attacker arguments
@@ -85,17 +76,17 @@ def attack_samples(eval_attacks: pl.DataFrame) -> list[EvalSample]:
     for r in eval_attacks.iter_rows(named=True):
         ta = r.get("tool_attack") or {}
         attacker, expected = ta.get("attacker_tool"), ta.get("expected_tool")
-        if not attacker or (expected == attacker and not _args(ta.get("attacker_args"))):
+        if not attacker or (expected == attacker and not json_obj(ta.get("attacker_args"))):
             continue
         msgs = r["messages"] or []
         if msgs and msgs[-1]["role"] == "assistant":
             msgs = msgs[:-1]  # defensive: a skeleton never ends on the turn being scored
         out.append(EvalSample(
             id=r["id"], set="attacks", dataset=r["dataset"], messages=msgs, tools=r["tools"],
-            expected_tool=expected, attacker_tool=attacker, attacker_args=_args(ta.get("attacker_args")),
+            expected_tool=expected, attacker_tool=attacker, attacker_args=json_obj(ta.get("attacker_args")),
             pair_group=r.get("pair_group") or "",
             # absent in tables built before the column: no step, the old outcomes
-            preparatory_calls=[{"name": c["name"], "arguments": _args(c["arguments"]) or {}}
+            preparatory_calls=[{"name": c["name"], "arguments": json_obj(c["arguments"]) or {}}
                                for c in r.get("preparatory_calls") or [] if c and c.get("name")],
         ))
     return out

@@ -46,7 +46,7 @@ import polars as pl
 from cb_core.config import (Rule, check_bool, check_keys, check_mapping, check_str, config_dir, display_path,
                             env_number, load_yaml, named_config, nullable, number, one_of, section, whole)
 from cb_core.generate.backends import BACKEND_KINDS, GenerationBackend, SamplingConfig, prompt_ids
-from cb_core.generate.judge import ARG_MODES, Expectation, Verdict, _json_obj, judge, llm_judge_messages
+from cb_core.generate.judge import ARG_MODES, Expectation, Verdict, judge, json_obj, llm_judge_messages
 from cb_core.parse import parse_completion, tool_call_problems
 from cb_core.io import data_root, write_parquet
 from cb_core.schemas import TRACE_SCHEMA, canonical_json, digest, make_trace, message
@@ -302,7 +302,7 @@ def _is_attacked_skeleton(row: dict) -> bool:
     ta = row.get("tool_attack") or {}
     if (row.get("labels") or {}).get("injection_reached") is False:
         return False
-    return _has_injection(row) and bool(ta.get("attacker_tool") or _json_obj(ta.get("attacker_args")))
+    return _has_injection(row) and bool(ta.get("attacker_tool") or json_obj(ta.get("attacker_args")))
 
 
 def _injection_functions(row: dict) -> set[str]:

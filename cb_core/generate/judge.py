@@ -78,7 +78,7 @@ class Expectation:
             expected = ref[0]["name"] if ref else None
         subtype = ((row.get("labels") or {}).get("subtype") or "")
         compliant = row.get("dataset") == "xstest" and subtype.startswith("safe")
-        args = _json_obj(ta.get("attacker_args")) if attacked else None
+        args = json_obj(ta.get("attacker_args")) if attacked else None
         return cls(
             expected_tool=expected or None,
             attacker_tool=(ta.get("attacker_tool") or None) if attacked else None,
@@ -90,12 +90,15 @@ class Expectation:
 def reference_calls(messages: Sequence[dict]) -> list[dict]:
     """The calls of a skeleton's trailing assistant message (TAU2's reference actions), else []."""
     if messages and messages[-1].get("role") == "assistant":
-        return [{"name": c.get("name"), "arguments": _json_obj(c.get("arguments"))} for c in
+        return [{"name": c.get("name"), "arguments": json_obj(c.get("arguments"))} for c in
                 (messages[-1].get("tool_calls") or [])]
     return []
 
 
-def _json_obj(v: Any) -> dict | None:
+def json_obj(v: Any) -> dict | None:
+    """A JSON-object field (attacker arguments, call arguments: a dict, or its JSON text) as a dict; None when
+    it is absent, blank, not JSON, or JSON of something else. The one reading of such fields for generation,
+    curation and evaluation."""
     if v is None or isinstance(v, dict):
         return v
     try:
