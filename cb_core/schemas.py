@@ -347,6 +347,17 @@ def message(
     }
 
 
+def generation_params(provenance: dict | None) -> dict:
+    """A trace's ``provenance.generation_params`` (the JSON text `make_trace` writes) as a dict; {} when it is
+    absent or not a JSON object."""
+    gp = (provenance or {}).get("generation_params")
+    try:
+        gp = json.loads(gp) if isinstance(gp, str) else gp
+    except ValueError:
+        return {}
+    return gp if isinstance(gp, dict) else {}
+
+
 def make_trace(
     *,
     dataset: str,

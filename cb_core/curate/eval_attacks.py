@@ -11,7 +11,7 @@ from cb_core.config import ConfigError, config_path
 from cb_core.curate.config import CurationConfig
 from cb_core.curate.features import called_tools, content_hash, cut_after_injection, hash_col, injection_in_context
 from cb_core.curate.mix import inherit_parent_groups
-from cb_core.schemas import EVAL_ATTACK_SCHEMA, FINAL_ANSWER, TRACE_SCHEMA, canonical_json, digest
+from cb_core.schemas import EVAL_ATTACK_SCHEMA, FINAL_ANSWER, TRACE_SCHEMA, canonical_json, digest, generation_params
 
 EVAL_ATTACK_ID_VERSION = "eval_attack_v2"
 OTHER_STRATUM = "other"
@@ -106,12 +106,7 @@ def next_expected_call(ground_truth: list[str], calls_made: list[str]) -> str:
 def injection_task_id(provenance: dict | None) -> str | None:
     """The injection task of an AgentDojo trace: the recorded-run reader's
     `generation_params.agentdojo.injection_task_id`, the suite skeletons' `agentdojo_suites.injection_task`."""
-    try:
-        gp = json.loads((provenance or {}).get("generation_params") or "{}")
-    except (TypeError, ValueError):
-        return None
-    if not isinstance(gp, dict):
-        return None
+    gp = generation_params(provenance)
     for key, field in (("agentdojo", "injection_task_id"), ("agentdojo_suites", "injection_task")):
         facts = gp.get(key)
         if isinstance(facts, dict) and isinstance(facts.get(field), str) and facts[field]:

@@ -49,7 +49,7 @@ from cb_core.generate.backends import BACKEND_KINDS, GenerationBackend, Sampling
 from cb_core.generate.judge import ARG_MODES, Expectation, Verdict, judge, json_obj, llm_judge_messages
 from cb_core.parse import parse_completion, tool_call_problems
 from cb_core.io import data_root, write_parquet
-from cb_core.schemas import TRACE_SCHEMA, canonical_json, digest, make_trace, message
+from cb_core.schemas import TRACE_SCHEMA, canonical_json, digest, generation_params, make_trace, message
 from cb_core.sources.tau2 import first_action_writes
 
 TABLES = ("ds_completions", "dr_completions", "adversarial_safe")
@@ -307,13 +307,8 @@ def _is_attacked_skeleton(row: dict) -> bool:
 
 def _injection_functions(row: dict) -> set[str]:
     """The tools the injection task's ground truth calls, where the skeleton records them (AgentDojo suites)."""
-    gp = (row.get("provenance") or {}).get("generation_params")
-    try:
-        gp = json.loads(gp) if isinstance(gp, str) else gp or {}
-    except ValueError:
-        return set()
-    suites = gp.get("agentdojo_suites") if isinstance(gp, dict) else None
-    return set((suites or {}).get("injection_ground_truth_functions") or [])
+    suites = generation_params(row.get("provenance")).get("agentdojo_suites")
+    return set((suites or {}).get("injection_ground_truth_functions") or []) if isinstance(suites, dict) else set()
 
 
 def _prompt_key(msgs: list[dict], tools: Any) -> str:
