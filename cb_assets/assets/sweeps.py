@@ -577,11 +577,14 @@ def point_stands(key: str, preset: str, overrides: list[str], run, root: Path,
     (True, why) when it succeeded, its published results are still there, its training inputs and settings
     are those it trained on (`train_point`'s rule, the run folder's fingerprint) and its evaluation's inputs
     and settings those it was scored on (`eval_fingerprint`; scores without that file, from before it existed,
-    are scored again: the evaluation's inputs then are unknown); else (False, why it runs again: "" for a point never run or
-    whose run did not succeed)."""
+    are scored again: the evaluation's inputs then are unknown); else (False, why it runs again: "" for a point
+    never run or whose run did not succeed)."""
     from cb_core.train import RUNS_DIR
     from cb_core.train.config import TrainConfigError, load_train_config
-    from cb_core.train.worker import run_fingerprint, stale_checkpoints
+    from cb_core.train.worker import fingerprint_changes, run_fingerprint, stale_checkpoints
+
+    def some(changes: list[str]) -> str:
+        return "; ".join(changes[:4]) + ("; ..." if len(changes) > 4 else "")
 
     if run is None or run.status != dg.DagsterRunStatus.SUCCESS:
         return False, ""
@@ -595,18 +598,15 @@ def point_stands(key: str, preset: str, overrides: list[str], run, root: Path,
         return False, f"its training settings no longer resolve: {e}"
     changed = stale_checkpoints(root / RUNS_DIR / key, run_fingerprint(cfg, root))
     if changed:
-        return False, (f"its training inputs or settings changed since run {run.run_id} "
-                       f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''})")
+        return False, f"its training inputs or settings changed since run {run.run_id} ({some(changed)})"
     fp = d / EVAL_FINGERPRINT
     if not fp.is_file():  # scored before fingerprints (or by hand): what they were scored on is unknown
         return False, (f"run {run.run_id} succeeded but its scores carry no {EVAL_FINGERPRINT} (scored before "
                        "evaluation inputs were recorded): scored again")
-    old = _flat(json.loads(fp.read_text(encoding="utf-8")))
-    now = _flat(eval_fingerprint(eval_overrides, root))
-    moved = [f"{k}: {old.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
+    moved = fingerprint_changes(_flat(json.loads(fp.read_text(encoding="utf-8"))),
+                                _flat(eval_fingerprint(eval_overrides, root)))
     if moved:
-        return False, (f"its evaluation inputs or settings changed since run {run.run_id} "
-                       f"({'; '.join(moved[:4])}{'; ...' if len(moved) > 4 else ''})")
+        return False, f"its evaluation inputs or settings changed since run {run.run_id} ({some(moved)})"
     return True, f"run {run.run_id} succeeded and its results are in {d}"
 
 

@@ -191,9 +191,12 @@ def stale_checkpoints(run_dir: Path, fingerprint: dict[str, Any]) -> list[str]:
     path = run_dir / "fingerprint.json"
     if not path.is_file() or not any((run_dir / "checkpoints").glob("step_*/trainer_state.pt")):
         return []
-    old = json.loads(path.read_text(encoding="utf-8"))
-    return [f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}"
-            for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
+    return fingerprint_changes(json.loads(path.read_text(encoding="utf-8")), fingerprint)
+
+
+def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every key whose value differs (or is only in one), sorted by key."""
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
 # ----------------------------------------------------------------------------------------------- main
