@@ -126,7 +126,7 @@ def sweep(args) -> int:
 
     from cb_core.io import data_root
     from cb_core.sweep.manifest import load_manifest
-    from cb_core.sweep.toggles import ENV_RENAMES, sweep_manifest, toggle_number
+    from cb_core.sweep.toggles import ENV_RENAMES, sweep_manifest
     from cb_core.train.config import parse_overrides
 
     from cb_assets.assets.sweeps import default_manifest
@@ -136,8 +136,6 @@ def sweep(args) -> int:
     # README must not get 60 points of an 8B model), else the old script's `full`
     manifest, overrides, notes, origins = sweep_manifest(os.environ,
                                                          default=default_manifest(DatasetsResource(), "full"))
-    if os.environ.get("EVAL_LIMIT"):  # checked under its own name (renamed below: the error named CB_EVAL_LIMIT)
-        toggle_number(os.environ, "EVAL_LIMIT", int, 1)
     for old, new in ENV_RENAMES.items():
         if os.environ.get(old) and old != "MODE":
             os.environ[new] = os.environ[old]

@@ -180,6 +180,8 @@ def sweep_manifest(env: Mapping[str, str], default: str = "full"
     notes = [f"manifest {base}" + (" (QUICK_TEST=1)" if _on(env, "QUICK_TEST") else "")]
     ov, n2, origins = training_overrides(env)
     notes += n2
+    if env.get("EVAL_LIMIT"):  # renamed to CB_EVAL_LIMIT for the runs: checked under the name the user set
+        toggle_number(env, "EVAL_LIMIT", int, 1)
     grid: dict[str, list] = {}
     if env.get("ALPHAS"):
         grid["alpha"] = _list(env, "ALPHAS", float)
