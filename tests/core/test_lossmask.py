@@ -236,6 +236,44 @@ def test_compute_masks_merge_clip_and_odd_spans():
         assert v == [(s, e) for s, e, _ in ref], (r, p)
 
 
+def test_boundary_problems_per_trace_tokens_and_exemptions():
+    """Each span's token is read from its own trace's ids (trace b's header position holds 128006 in
+    trace a's); a start past the ids or null is a problem; a truncated message reaching the cut is exempt;
+    non-assistant spans and rows without spans are ignored."""
+    H, E, M = 128006, 128009, 128008
+
+    def sp(kind, mi, role, a, b):
+        return {"kind": kind, "message_index": mi, "role": role, "token_start": a, "token_end": b}
+
+    rows = [
+        ("a", [H, 1, 2, 128007, 5, 6, E], False,
+         [sp("message", 1, "assistant", 0, 7), sp("header", 1, "assistant", 0, 4), sp("end_token", 1, "assistant", 6, 7)]),
+        ("b", [7, 1, 2, 3, 5, 6, E, H, 9, M], False,
+         [sp("header", 0, "user", 1, 2),  # a user header on a non-header token: not checked
+          sp("message", 1, "assistant", 0, 7), sp("header", 1, "assistant", 0, 4), sp("end_token", 1, "assistant", 6, 7),
+          sp("message", 3, "assistant", 7, 10), sp("header", 3, "assistant", 7, 8), sp("end_token", 3, "assistant", 8, 10)]),
+        ("c", [H, 1, 2, 3, 4], True,  # truncated: its last message reaches the cut
+         [sp("message", 1, "assistant", 0, 5), sp("header", 1, "assistant", 0, 4)]),
+        ("d", [1, 2], False, None),
+        ("e", [1, 2], False, []),
+        ("f", [H, 1, E], False,
+         [sp("message", 1, "assistant", 0, 3), sp("header", 1, "assistant", 50, 51), sp("end_token", 1, "assistant", None, None)]),
+    ]
+    span_t = pl.List(pl.Struct({"kind": pl.String, "message_index": pl.Int32, "role": pl.String,
+                                "token_start": pl.Int32, "token_end": pl.Int32}))
+    renders = pl.DataFrame(
+        {"trace_id": [r[0] for r in rows], "input_ids": [r[1] for r in rows], "n_tokens": [len(r[1]) for r in rows],
+         "truncated": [r[2] for r in rows], "spans": [r[3] for r in rows]},
+        schema={"trace_id": pl.String, "input_ids": pl.List(pl.Int32), "n_tokens": pl.Int32,
+                "truncated": pl.Boolean, "spans": span_t},
+    )
+    end = "end token (128009/128008) not found"
+    assert L.boundary_problems(renders).rows() == [
+        ("b", 1, "header not found"), ("b", 3, end), ("f", 1, "header not found"), ("f", 1, end)]
+    assert L.boundary_problems(renders.filter(pl.col("trace_id") == "a")).height == 0
+    assert L.boundary_problems(renders.head(0)).height == 0
+
+
 def test_masks_valid_and_policies_differ(rendered):
     fmt, cfg, renders, masks, q = rendered
     L.LossmaskModel.validate(masks)
