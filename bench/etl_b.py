@@ -23,7 +23,7 @@ so that no trace is quarantined as too long (the real tool sets alone pass 4096)
 
 --materialize N measures the both-cores figure in real `dagster asset materialize --select renders,lossmasks`
 runs (N rounds, 1 worker on one thread and 2 workers alternating; times from the assets' metadata; --show-timing
-prints each run's renders timing: fork, parts, idle, load, stacking, CPU and page faults per worker; --ceiling
+prints each run's wall time (the whole `dagster` process) and its renders timing: fork, parts, idle, load, stacking, CPU and page faults per worker; --ceiling
 adds, after each round, the machine's own two-core figure of that moment, bench/cores_ceiling.py's split sized
 like the 1-thread run, and the ETL's share of it);
 --fresh N from cold passes in fresh processes.
@@ -284,9 +284,11 @@ def materialize_rounds(args) -> None:
                 env, w = conf[name]
                 env = {**os.environ, **env, "CB_DATA_ROOT": str(root), "DAGSTER_HOME": str(home),
                        "CB_RENDER_WORKERS": str(w)}
+                t_run = time.perf_counter()
                 p = subprocess.run([exe, "asset", "materialize", "--select", "renders,lossmasks", "-m",
                                     "cb_assets.definitions", "--config-json", run_config],
                                    cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
+                t_run = time.perf_counter() - t_run
                 if p.returncode:
                     print(f"materialize failed\n{p.stderr[-3000:]}", file=sys.stderr)
                     return
@@ -302,7 +304,7 @@ def materialize_rounds(args) -> None:
                     tm = md["renders"]["timing"].value
                     keep = ("wall_s", "fork_s", "own_part_s", "wait_s", "load_s", "frame_s", "worker_steps",
                             "worker_cpu_s", "worker_faults", "worker_idle_s")
-                    print(f"  {name}: lossmasks build {md['lossmasks']['build_s'].value} s; renders "
+                    print(f"  {name}: whole run {t_run:.2f} s; lossmasks build {md['lossmasks']['build_s'].value} s; renders "
                           + ", ".join(f"{k} {tm[k]}" for k in keep if k in tm))
             _print_round(k, got)
             if args.ceiling:

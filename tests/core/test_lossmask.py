@@ -528,3 +528,44 @@ def test_truncated_real_traces_keep_injection_and_mask(agentdojo_traces, llama_t
 
 def L_mask(spans, n):
     return L.mask_for("cb_from_injection", spans, n)
+
+
+def test_inline_preview_samples_the_shortest_rows_per_policy(rendered, llama_tokenizer):
+    """Per policy, the ``samples`` shortest rows appear with their counts and masked text in bold; the ids
+    of the traces not sampled are never needed (a renders frame without them gives the same page)."""
+    from cb_core.preview import inline_preview_markdown
+
+    fmt, cfg, renders, masks, q = rendered
+    md = inline_preview_markdown(masks, renders, llama_tokenizer, samples=2)
+    for pol in masks["policy"].unique().to_list():
+        rows = masks.filter(pl.col("policy") == pol).sort("n_tokens", maintain_order=True).head(2)
+        block = md.split(f"**{pol}**", 1)[1].split("\n\n**", 1)[0]
+        for r in rows.iter_rows(named=True):
+            assert f"`{r['trace_id'][:12]}` ({r['n_masked']}/{r['n_tokens']} tokens)" in block, pol
+        assert block.count("**") >= 2, pol  # at least one masked span in bold
+    sampled = masks.group_by("policy").agg(pl.col("trace_id").sort_by("n_tokens", maintain_order=True).head(2)).explode("trace_id")
+    only = renders.join(sampled.select("trace_id").unique(), on="trace_id", how="semi")
+    assert only.height < renders.height
+    assert inline_preview_markdown(masks, only, llama_tokenizer, samples=2) == md
+
+
+def test_sample_html_shows_every_token_once_in_order(rendered, llama_tokenizer):
+    """Each token of the sample is one span holding its own decoded text, masked ones (and only those)
+    highlighted; message starts get a role badge."""
+    import html
+    import re
+
+    from cb_core.preview import render_sample_html
+
+    fmt, cfg, renders, masks, q = rendered
+    row = masks.filter(pl.col("policy") == "assistant_only").join(renders, on="trace_id").row(0, named=True)
+    ids = row["input_ids"]
+    page = render_sample_html(llama_tokenizer, ids, row["spans"], row["mask_spans"], title="t")
+    toks = re.findall(r"<span class='(t[^']*)'[^>]*title='#(\d+) id=(\d+)[^']*'>(.*?)</span>", page, re.S)
+    assert [int(t[1]) for t in toks] == list(range(len(ids)))
+    assert [int(t[2]) for t in toks] == ids
+    assert [t[3] for t in toks] == [html.escape(llama_tokenizer.decode([i])) for i in ids]
+    masked = {t for m in row["mask_spans"] for t in range(m["token_start"], min(m["token_end"], len(ids)))}
+    assert {int(t[1]) for t in toks if " m" in t[0]} == masked and masked
+    starts = sum(1 for s in row["spans"] if s["kind"] == "message" and s["token_start"] < len(ids))
+    assert page.count("class='msg'") == starts
