@@ -569,3 +569,11 @@ def test_sample_html_shows_every_token_once_in_order(rendered, llama_tokenizer):
     assert {int(t[1]) for t in toks if " m" in t[0]} == masked and masked
     starts = sum(1 for s in row["spans"] if s["kind"] == "message" and s["token_start"] < len(ids))
     assert page.count("class='msg'") == starts
+
+
+def test_inline_preview_of_no_masks_is_its_header_only(rendered, llama_tokenizer):
+    from cb_core.preview import inline_preview_markdown
+
+    fmt, cfg, renders, masks, q = rendered
+    md = inline_preview_markdown(masks.head(0), renders, llama_tokenizer, samples=2)
+    assert md == "Masked tokens are **bold**; each sample from shortly before its first masked token.\n"
