@@ -5,12 +5,15 @@ Why: a materialization's wall time is these too, and their memory is freed while
 (polars' jemalloc thread gives it back to the system: ~0.3 s of kernel time per 3 GB, which stalled the
 `lossmasks` build by 0.1-0.4 s in 5 of 22 builds before the boundary check stopped copying every trace's
 ids per span). Each item prints its seconds and the growth of the process's peak resident memory
-(`VmHWM`, reset before each item through /proc/self/clear_refs); the two items that were changed run
-beside their earlier form (the reference) in this process, with the ratio:
+(`VmHWM`, reset before each item through /proc/self/clear_refs; memory the allocators kept from an earlier
+item is reused without growing it, so an item run after a large one can read low); each changed item runs beside its
+earlier form (the reference) in this process, with the ratio:
   - renders_assistant_boundaries: `boundary_problems` vs the reference that carried `input_ids` through
-    the explode of the spans;
-  - the inline mask preview: `inline_preview_markdown` vs the reference that made every trace's ids a
-    Python list.
+    the explode of the spans, on the renders and again with the spans of 1 render in 7 shifted by a token
+    (so that both find problems to compare);
+  - the inline mask preview: `inline_preview_markdown` vs its earlier form (copied here), which made every
+    trace's ids a Python list.
+Each compared pair's results are checked equal ("RESULTS DIFFER" otherwise).
 
     .venv/bin/python bench/etl_b_checks.py [--limit 0] [--repeat 3]
 
@@ -88,6 +91,50 @@ def reference_boundary_problems(renders):
     ]).sort("trace_id", "message_index", "problem")
 
 
+def reference_inline_preview_markdown(lossmasks, renders, tokenizer, samples: int, max_chars: int = 1500) -> str:
+    """`cb_core.preview.inline_preview_markdown` as it was (the baseline): every trace's ids made a Python
+    list, then the samples rendered (ties in length taken in input order, as now, so the outputs compare)."""
+    import re
+
+    import polars as pl
+
+    from cb_core.preview import _md_text
+
+    ids_of = dict(zip(renders["trace_id"].to_list(), renders["input_ids"].to_list()))
+    out = ["Masked tokens are **bold**; each sample from shortly before its first masked token.", ""]
+    for pol in lossmasks["policy"].unique(maintain_order=True).to_list():
+        rows = lossmasks.filter(pl.col("policy") == pol).sort("n_tokens", maintain_order=True).head(samples)
+        out += [f"**{pol}**", ""]
+        for row in rows.iter_rows(named=True):
+            ids = ids_of.get(row["trace_id"])
+            if ids is None:
+                continue
+            ids = list(ids)
+            pieces, pos = [], 0  # (text, masked)
+            for sp in row["mask_spans"] or []:
+                pieces.append((tokenizer.decode(ids[pos : sp["token_start"]]), False))
+                pieces.append((tokenizer.decode(ids[sp["token_start"] : sp["token_end"]]), True))
+                pos = sp["token_end"]
+            pieces.append((tokenizer.decode(ids[pos:]), False))
+            first = next((i for i, (_, m) in enumerate(pieces) if m and _.strip()), None)
+            if first is not None and first > 0:  # keep ~200 characters of context before the first mask
+                head = pieces[first - 1][0]
+                pieces = [("…" + head[-200:] if len(head) > 200 else head, False)] + pieces[first:]
+            md, used = [], 0
+            for t, masked in pieces:
+                t = t[: max(0, max_chars - used)]
+                used += len(t)
+                if masked and t.strip():
+                    lead, core, trail = re.match(r"(\s*)(.*?)(\s*)$", t, re.S).groups()
+                    md.append(_md_text(lead) + "**" + _md_text(core) + "**" + _md_text(trail))
+                else:
+                    md.append(_md_text(t))
+                if used >= max_chars:
+                    break
+            out += [f"`{row['trace_id'][:12]}` ({row['n_masked']}/{row['n_tokens']} tokens):  ", "".join(md), ""]
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=0)
@@ -95,6 +142,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+    import polars as pl
     from etl_b import load_traces
 
     from cb_assets.resources import ModelResource
@@ -130,20 +178,24 @@ def main() -> None:
         print(line, flush=True)
         return out
 
-    def reference_inline() -> str:
-        ids_of = dict(zip(renders["trace_id"].to_list(), renders["input_ids"].to_list()))  # every trace
-        assert len(ids_of) == renders.height
-        return inline_preview_markdown(masks, renders, tok, 3)
-
     print("renders:")
     show("renders_schema (pandera RenderModel)", lambda: RenderModel.validate(renders).height)
     show("renders_assistant_boundaries", lambda: boundary_problems(renders), lambda: reference_boundary_problems(renders))
+    shifted = renders.with_columns(
+        pl.when(pl.int_range(pl.len()) % 7 == 0)
+        .then(pl.col("spans").list.eval(pl.element().struct.with_fields(pl.field("token_start") + 1)))
+        .otherwise(pl.col("spans"))
+    )
+    n_bad = show("  the same, 1 render in 7 with shifted spans", lambda: boundary_problems(shifted),
+                 lambda: reference_boundary_problems(shifted)).height
+    print(f"    ({n_bad} problem rows found by both)")
     print("lossmasks:")
     show("validation (pandera LossmaskModel)", lambda: LossmaskModel.validate(masks).height)
     show("lossmasks_spans_in_sequence", lambda: int(bad_span_rows(masks).sum()))
     stats = show("per-policy stats", lambda: lossmask_stats(masks, rejected))
     show("mask_preview.html", lambda: len(mask_preview_html(tok, masks, renders, samples_per_policy=3)))
-    show("inline mask preview (Markdown)", lambda: inline_preview_markdown(masks, renders, tok, 3), reference_inline)
+    show("inline mask preview (Markdown)", lambda: inline_preview_markdown(masks, renders, tok, 3),
+         lambda: reference_inline_preview_markdown(masks, renders, tok, 3))
     show("preview summary (Markdown)", lambda: len(preview_markdown(stats, "mask_preview.html", masks, renders, tok)))
 
 

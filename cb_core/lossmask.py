@@ -605,7 +605,8 @@ def boundary_problems(renders: pl.DataFrame) -> pl.DataFrame:
     pos = sp.group_by("_r").agg("_i", "token_start")
     tok = (
         renders.select("input_ids").with_row_index("_r").join(pos, on="_r")
-        .select("_i", pl.col("input_ids").list.gather("token_start", null_on_oob=True).alias("tok"))
+        .select("_i", pl.col("input_ids").fill_null(pl.lit([], dtype=pl.List(pl.Int32)))  # no ids: no token found
+                .list.gather("token_start", null_on_oob=True).alias("tok"))
         .explode("_i", "tok")
     )
     sp = sp.join(tok, on="_i", how="left")

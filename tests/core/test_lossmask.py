@@ -237,9 +237,10 @@ def test_compute_masks_merge_clip_and_odd_spans():
 
 
 def test_boundary_problems_per_trace_tokens_and_exemptions():
-    """Each span's token is read from its own trace's ids (trace b's header position holds 128006 in
-    trace a's); a start past the ids or null is a problem; a truncated message reaching the cut is exempt;
-    non-assistant spans and rows without spans are ignored."""
+    """Each span's token is read from its own row's ids (trace b's header position holds 128006 in trace
+    a's; two rows share the id "dup"); a start past the ids or null, or an end token span longer than one
+    token, is a problem; a truncated message reaching the cut is exempt; non-assistant messages and rows
+    without spans are not checked; a row without ids has neither token."""
     H, E, M = 128006, 128009, 128008
 
     def sp(kind, mi, role, a, b):
@@ -258,18 +259,30 @@ def test_boundary_problems_per_trace_tokens_and_exemptions():
         ("e", [1, 2], False, []),
         ("f", [H, 1, E], False,
          [sp("message", 1, "assistant", 0, 3), sp("header", 1, "assistant", 50, 51), sp("end_token", 1, "assistant", None, None)]),
+        ("g", [H, 1, E, E], False,  # an end token span two tokens long, although it starts on <|eot_id|>
+         [sp("message", 1, "assistant", 0, 4), sp("header", 1, "assistant", 0, 1), sp("end_token", 1, "assistant", 2, 4)]),
+        ("h", [9, 9, 9, H, 1, E], False,  # a user message is not checked; a null header start is a problem
+         [sp("message", 0, "user", 0, 3), sp("header", 0, "user", 0, 1),
+          sp("message", 1, "assistant", 3, 6), sp("header", 1, "assistant", None, 4), sp("end_token", 1, "assistant", 5, 6)]),
+        ("dup", [H, 1, E], False,
+         [sp("message", 1, "assistant", 0, 3), sp("header", 1, "assistant", 0, 1), sp("end_token", 1, "assistant", 2, 3)]),
+        ("dup", [7, 7, 7, H, 1, E], False,  # the same id twice: each row's tokens are its own
+         [sp("message", 3, "assistant", 3, 6), sp("header", 3, "assistant", 3, 4), sp("end_token", 3, "assistant", 5, 6)]),
+        ("n", None, False,  # no ids (the schema check rejects it too): nothing found
+         [sp("message", 1, "assistant", 0, 3), sp("header", 1, "assistant", 0, 1)]),
     ]
     span_t = pl.List(pl.Struct({"kind": pl.String, "message_index": pl.Int32, "role": pl.String,
                                 "token_start": pl.Int32, "token_end": pl.Int32}))
     renders = pl.DataFrame(
-        {"trace_id": [r[0] for r in rows], "input_ids": [r[1] for r in rows], "n_tokens": [len(r[1]) for r in rows],
+        {"trace_id": [r[0] for r in rows], "input_ids": [r[1] for r in rows], "n_tokens": [len(r[1] or [0, 0, 0]) for r in rows],
          "truncated": [r[2] for r in rows], "spans": [r[3] for r in rows]},
         schema={"trace_id": pl.String, "input_ids": pl.List(pl.Int32), "n_tokens": pl.Int32,
                 "truncated": pl.Boolean, "spans": span_t},
     )
     end = "end token (128009/128008) not found"
     assert L.boundary_problems(renders).rows() == [
-        ("b", 1, "header not found"), ("b", 3, end), ("f", 1, "header not found"), ("f", 1, end)]
+        ("b", 1, "header not found"), ("b", 3, end), ("f", 1, "header not found"), ("f", 1, end), ("g", 1, end),
+        ("h", 1, "header not found"), ("n", 1, "header not found"), ("n", 1, end)]
     assert L.boundary_problems(renders.filter(pl.col("trace_id") == "a")).height == 0
     assert L.boundary_problems(renders.head(0)).height == 0
 
@@ -543,6 +556,13 @@ def test_inline_preview_samples_the_shortest_rows_per_policy(rendered, llama_tok
         for r in rows.iter_rows(named=True):
             assert f"`{r['trace_id'][:12]}` ({r['n_masked']}/{r['n_tokens']} tokens)" in block, pol
         assert block.count("**") >= 2, pol  # at least one masked span in bold
+    # two policies whose samples differ: each shows its own trace
+    t0, t1 = masks["trace_id"].unique().sort().head(2).to_list()
+    two = pl.concat([masks.filter((pl.col("policy") == "assistant_only") & (pl.col("trace_id") == t0)),
+                     masks.filter((pl.col("policy") == "full_sequence") & (pl.col("trace_id") == t1))])
+    md2 = inline_preview_markdown(two, renders, llama_tokenizer, samples=1)
+    a_block, f_block = md2.split("**assistant_only**", 1)[1].split("**full_sequence**", 1)
+    assert f"`{t0[:12]}`" in a_block and f"`{t1[:12]}`" in f_block and f"`{t1[:12]}`" not in a_block
     sampled = masks.group_by("policy").agg(pl.col("trace_id").sort_by("n_tokens", maintain_order=True).head(2)).explode("trace_id")
     only = renders.join(sampled.select("trace_id").unique(), on="trace_id", how="semi")
     assert only.height < renders.height
@@ -577,3 +597,14 @@ def test_inline_preview_of_no_masks_is_its_header_only(rendered, llama_tokenizer
     fmt, cfg, renders, masks, q = rendered
     md = inline_preview_markdown(masks.head(0), renders, llama_tokenizer, samples=2)
     assert md == "Masked tokens are **bold**; each sample from shortly before its first masked token.\n"
+
+
+def test_inline_preview_skips_a_row_without_trace_id(rendered, llama_tokenizer):
+    """A lossmask row without a trace id (the schema check names it) does not stop the preview."""
+    from cb_core.preview import inline_preview_markdown
+
+    fmt, cfg, renders, masks, q = rendered
+    one = masks.filter(pl.col("policy") == "assistant_only").sort("n_tokens", maintain_order=True).head(1)
+    nulled = pl.concat([one.with_columns(pl.lit(None, dtype=pl.String).alias("trace_id"), pl.lit(1, dtype=pl.Int32).alias("n_tokens")), one])
+    md = inline_preview_markdown(nulled, renders, llama_tokenizer, samples=2)
+    assert f"`{one['trace_id'][0][:12]}`" in md
