@@ -11,8 +11,8 @@ earlier form (the reference) in this process, with the ratio:
   - renders_assistant_boundaries: `boundary_problems` vs the reference that carried `input_ids` through
     the explode of the spans, on the renders and again with the spans of 1 render in 7 shifted by a token
     (so that both find problems to compare);
-  - the inline mask preview: `inline_preview_markdown` vs its earlier form (copied here), which made every
-    trace's ids a Python list.
+  - the inline mask preview: `inline_preview_markdown` vs its earlier form, which made every trace's ids
+    a Python list before rendering the same page.
 Each compared pair's results are checked equal ("RESULTS DIFFER" otherwise).
 
     .venv/bin/python bench/etl_b_checks.py [--limit 0] [--repeat 3]
@@ -91,48 +91,17 @@ def reference_boundary_problems(renders):
     ]).sort("trace_id", "message_index", "problem")
 
 
-def reference_inline_preview_markdown(lossmasks, renders, tokenizer, samples: int, max_chars: int = 1500) -> str:
+def reference_inline_preview_markdown(lossmasks, renders, tokenizer, samples: int) -> str:
     """`cb_core.preview.inline_preview_markdown` as it was (the baseline): every trace's ids made a Python
-    list, then the samples rendered (ties in length taken in input order, as now, so the outputs compare)."""
-    import re
-
+    list, then the same page (ties in length taken in input order, as now, so the outputs compare)."""
     import polars as pl
 
-    from cb_core.preview import _md_text
+    from cb_core.preview import inline_samples_markdown
 
     ids_of = dict(zip(renders["trace_id"].to_list(), renders["input_ids"].to_list()))
-    out = ["Masked tokens are **bold**; each sample from shortly before its first masked token.", ""]
-    for pol in lossmasks["policy"].unique(maintain_order=True).to_list():
-        rows = lossmasks.filter(pl.col("policy") == pol).sort("n_tokens", maintain_order=True).head(samples)
-        out += [f"**{pol}**", ""]
-        for row in rows.iter_rows(named=True):
-            ids = ids_of.get(row["trace_id"])
-            if ids is None:
-                continue
-            ids = list(ids)
-            pieces, pos = [], 0  # (text, masked)
-            for sp in row["mask_spans"] or []:
-                pieces.append((tokenizer.decode(ids[pos : sp["token_start"]]), False))
-                pieces.append((tokenizer.decode(ids[sp["token_start"] : sp["token_end"]]), True))
-                pos = sp["token_end"]
-            pieces.append((tokenizer.decode(ids[pos:]), False))
-            first = next((i for i, (_, m) in enumerate(pieces) if m and _.strip()), None)
-            if first is not None and first > 0:  # keep ~200 characters of context before the first mask
-                head = pieces[first - 1][0]
-                pieces = [("…" + head[-200:] if len(head) > 200 else head, False)] + pieces[first:]
-            md, used = [], 0
-            for t, masked in pieces:
-                t = t[: max(0, max_chars - used)]
-                used += len(t)
-                if masked and t.strip():
-                    lead, core, trail = re.match(r"(\s*)(.*?)(\s*)$", t, re.S).groups()
-                    md.append(_md_text(lead) + "**" + _md_text(core) + "**" + _md_text(trail))
-                else:
-                    md.append(_md_text(t))
-                if used >= max_chars:
-                    break
-            out += [f"`{row['trace_id'][:12]}` ({row['n_masked']}/{row['n_tokens']} tokens):  ", "".join(md), ""]
-    return "\n".join(out)
+    picks = {pol: lossmasks.filter(pl.col("policy") == pol).sort("n_tokens", maintain_order=True).head(samples)
+             for pol in lossmasks["policy"].unique(maintain_order=True).to_list()}
+    return inline_samples_markdown(picks, ids_of, tokenizer)
 
 
 def main() -> None:

@@ -200,7 +200,13 @@ def inline_preview_markdown(lossmasks: pl.DataFrame, renders: pl.DataFrame, toke
     # only the sampled traces' ids become Python lists (all of them: 16 M tokens, ~0.5 s and 460 MB)
     wanted = {t for p in picks.values() for t in p["trace_id"].to_list() if t is not None}
     sub = renders.filter(pl.col("trace_id").is_in(list(wanted)))
-    ids_of = dict(zip(sub["trace_id"].to_list(), sub["input_ids"].to_list()))
+    return inline_samples_markdown(picks, dict(zip(sub["trace_id"].to_list(), sub["input_ids"].to_list())),
+                                   tokenizer, max_chars)
+
+
+def inline_samples_markdown(picks: dict[str, pl.DataFrame], ids_of: dict, tokenizer, max_chars: int = 1500) -> str:
+    """`inline_preview_markdown`'s page from its sampled lossmask rows per policy and their traces' ids
+    (a row whose ids are not in ``ids_of`` is left out)."""
     out = ["Masked tokens are **bold**; each sample from shortly before its first masked token.", ""]
     for pol, rows in picks.items():
         out += [f"**{pol}**", ""]
