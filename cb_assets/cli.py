@@ -29,9 +29,7 @@ def check_training(preset: str | None, overrides: list[str], origins: dict[str, 
     from cb_assets.resources import DatasetsResource
     from cb_core.sweep.manifest import message_key
     from cb_core.sweep.toggles import ToggleError
-    from cb_core.train.config import TrainConfigError, load_train_config
-
-    from cb_core.train.config import preset_path
+    from cb_core.train.config import TrainConfigError, load_train_config, preset_path
 
     if preset and (origins or {}).get("preset"):  # MODE: a preset that does not exist is named with the toggle
         try:

@@ -125,8 +125,9 @@ def pipeline_plan(env: Mapping[str, str]) -> Plan:
         if gen:
             p.op(table).update(gen)
     if env.get("TEMPERATURE_DS"):
-        p.op("ds_completions")["temperature"] = toggle_number(env, "TEMPERATURE_DS", float, 0)
-        p.op("adversarial_safe").setdefault("temperature", toggle_number(env, "TEMPERATURE_DS", float, 0))
+        t = toggle_number(env, "TEMPERATURE_DS", float, 0)
+        p.op("ds_completions")["temperature"] = t
+        p.op("adversarial_safe").setdefault("temperature", t)
     if env.get("TEMPERATURE_DR"):
         p.op("dr_completions")["temperature"] = toggle_number(env, "TEMPERATURE_DR", float, 0)
     if env.get("TENSOR_PARALLEL"):
