@@ -30,13 +30,18 @@ object, "I" otherwise). String instructions (mock) are used whole; without instr
 
 Kept only where the user turn carries what the answer depends on; excluded (quarantine, severity "excluded",
 counted in `meta["excluded"]`), with the reason:
+  * `prior_conversation`: `initial_state.message_history` is not empty: the task starts after a conversation
+    the agent has already had (mock "update_task_with_message_history"), which a system + one user turn
+    skeleton would drop;
   * `no_expected_action`: no assistant action at all. The benchmark then checks only that nothing changed
     (and what is said), not the first move: that is often a lookup (airline "cancel reservation EHGLP3", which
     policy refuses after checking it), and the mock "create a task" task without actions plainly wants a call,
     so "answer without a tool call" (`final_answer`) would be a wrong label. Such a task still counts towards
     `ambiguous_prompt` for the tasks that share its user message;
-  * `unsupported_first_action`: the first action's argument values (every scalar, e.g. ids, amounts) do not
-    all appear in the user's message (telecom's `refuel_data(customer_id="C1001", ...)` needs a lookup first);
+  * `unsupported_first_action`: the first action's compared argument values (every scalar, e.g. ids, amounts, of
+    the arguments its `compare_args` names, all of them when it names none; `[]`: the tool name alone, e.g.
+    `transfer_to_human_agents` with a free-text summary) do not all appear in the user's message (telecom's
+    `refuel_data(customer_id="C1001", ...)` needs a lookup first);
   * `ambiguous_prompt`: several tasks of a domain share the same user message but expect different first
     actions (telecom's hidden `initial_state`): all of them are excluded, so in what is kept identical
     messages always mean identical expected first actions.
@@ -51,7 +56,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import msgspec
 
@@ -147,14 +152,20 @@ def _load_schemas(files: list[Path], cfg: dict[str, Any]) -> dict[str, list[dict
     return out
 
 
+class _InitialState(msgspec.Struct):
+    """Of a task's `initial_state`, only the conversation the agent has already had (`message_history`)."""
+    message_history: Any = None
+
+
 class _TaskFields(msgspec.Struct):
-    """The task fields the reader uses: msgspec validates the rest of a task (initial_state, persona, ...)
-    but never builds it."""
+    """The task fields the reader uses: msgspec validates the rest of a task (persona, initial_state's data,
+    ...) but never builds it."""
     id: Any = None
     user_scenario: Any = None
     evaluation_criteria: Any = None
     ticket: Any = None
     description: Any = None
+    initial_state: Optional[_InitialState] = None
 
 
 _SPLIT = msgspec.json.Decoder(list[msgspec.Raw])  # the tasks array -> each task's exact text
@@ -172,7 +183,10 @@ def _task(raw: msgspec.Raw) -> Any:
         return _ANY.decode(raw)
     if t.user_scenario is None or t.evaluation_criteria is None:
         return _ANY.decode(raw)
-    return {k: getattr(t, k) for k in _KEYS}
+    out = {k: getattr(t, k) for k in _KEYS}
+    if t.initial_state is not None:
+        out["initial_state"] = {"message_history": t.initial_state.message_history}
+    return out
 
 
 def _load_tasks(tf: Path) -> tuple[list, Callable[[int], str], dict[int, str]]:
@@ -430,8 +444,20 @@ def _actions(task: dict, tool_names: set[str], domain: str) -> tuple[list[dict],
         if name not in tool_names:
             raise BadRecord(f"{fld}.name", f"tool '{name}' is not among the {domain} agent tools")
         args = json_loads(arguments_json(act.get("arguments"), f"{fld}.arguments"))
-        out.append({"name": name, "arguments": args, "action_id": act.get("action_id")})
+        compared = act.get("compare_args")
+        if compared is not None and not (isinstance(compared, list) and all(isinstance(k, str) for k in compared)):
+            raise BadRecord(f"{fld}.compare_args", f"compare_args is {json.dumps(compared)[:60]}, not a list of "
+                                                   "argument names")
+        out.append({"name": name, "arguments": args, "action_id": act.get("action_id"), "compare_args": compared})
     return out, user
+
+
+def compared_arguments(action: dict) -> dict:
+    """The arguments the benchmark compares for an action: those named in its `compare_args` (tau2: `[]` = the
+    name alone, e.g. `transfer_to_human_agents` whose `summary` is free text), all of them when it has none."""
+    if action.get("compare_args") is None:
+        return action["arguments"]
+    return {k: v for k, v in action["arguments"].items() if k in action["compare_args"]}
 
 
 def _crit_field(task: dict, key: str) -> Any:
@@ -468,11 +494,14 @@ def _parse_tasks(tasks: list, raw: Callable[[int], str], tool_names: set, domain
                               raw=raw(idx - 1)))
             continue
         first = calls[0] if calls else None
+        checked = compared_arguments(first) if first else {}
+        state = task.get("initial_state")
         cands.append({
             "idx": idx, "tid": str(tid), "text": text, "first": first, "calls": calls,
             "user_actions": user_actions,
-            "key": canonical_json([first["name"], first["arguments"]]) if first else "",  # "": no action
-            "missing": unsupported_values(first["arguments"], text) if first else [],
+            "key": canonical_json([first["name"], checked]) if first else "",  # "": no action
+            "missing": unsupported_values(checked, text) if first else [],
+            "history": bool(state.get("message_history")) if isinstance(state, dict) else False,
         })
     return cands, bad
 
@@ -500,7 +529,8 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
     good: list[dict] = []
     bad: list[dict] = []
     per_domain: dict[str, int] = {}
-    excluded: dict[str, int] = {"no_expected_action": 0, "unsupported_first_action": 0, "ambiguous_prompt": 0}
+    excluded: dict[str, int] = {"prior_conversation": 0, "no_expected_action": 0, "unsupported_first_action": 0,
+                                "ambiguous_prompt": 0}
     tools_by_file: dict[str, str] = {}
     for tf in task_files:
         domain = tf.parent.name
@@ -528,7 +558,13 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
         for c in cands:
             first = c["first"]
             reason = field = None
-            if first is None:
+            if c["history"]:
+                excluded["prior_conversation"] += 1
+                field = "initial_state.message_history"
+                reason = ("prior_conversation: the task starts after a conversation the agent has already had "
+                          "(initial_state.message_history); a skeleton of the system prompt and one user turn "
+                          "would drop what the expected action follows from")
+            elif first is None:
                 excluded["no_expected_action"] += 1
                 field = "evaluation_criteria.actions"
                 reason = ("no_expected_action: evaluation_criteria.actions holds no assistant action, so the right "
@@ -564,7 +600,8 @@ def read(paths: list[Path], cfg: dict[str, Any]) -> SourceResult:
                 generation_params={"tau2": {
                     "task_id": c["tid"],
                     "domain": domain,
-                    "expected_first_action": {"name": first["name"], "arguments": first["arguments"]},
+                    "expected_first_action": {"name": first["name"], "arguments": first["arguments"],
+                                              "compare_args": first["compare_args"]},
                     "reference_actions": [{"name": a["name"], "arguments": a["arguments"]} for a in c["calls"]],
                     "user_actions": c["user_actions"],
                     "nl_assertions": _crit_field(task, "nl_assertions"),

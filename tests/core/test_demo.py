@@ -38,10 +38,11 @@ DEMO_EXPECTED = {
         "benign_success": 28,
     },
     "llmail_inject": {"jobs": 60, "succeeded": 8, "right_call_detected": 8},
-    "tau2": {"airline": 13, "telecom": 12, "mock": 9},  # kept skeletons per domain
+    "tau2": {"airline": 13, "telecom": 12, "mock": 8},  # kept skeletons per domain
     # 2 telecom tasks whose first action needs ids the prompt does not hold; 3 airline and 1 mock task without
-    # an expected action (their first move is not given)
-    "tau2_excluded": 6,
+    # an expected action (their first move is not given); 1 mock task that starts after a conversation
+    # (initial_state.message_history) a one-turn skeleton would drop
+    "tau2_excluded": 7,
     "ultrachat": {"rows": 60},
     "xstest": {"prompts": 40, "safe_prompts": 24, "completions": 40, "safe_full_compliance": 18,
                "unsafe_full_refusal": 12},

@@ -117,7 +117,9 @@ def test_real_llmail_and_tau2_jobs(shared_data):
     twins = [j for j in dr if j.variant == "benign_twin"]
     assert len(twins) == 4 and len({j.messages[1]["content"] for j in twins}) == 3  # scenarios 1-2 share a query
     tau_jobs = [j for j in dr if j.parent["dataset"] == "tau2"]
-    assert len(tau_jobs) == 95 - 5 - 2  # write-first: airline 9, 37, mock x3; retail 25/26, 62/63 repeat a prompt
+    # write-first: airline 9, 37, mock x3 and impossible_task_1 (transfer_to_human_agents); retail 25/26, 62/63
+    # repeat a prompt
+    assert len(tau_jobs) == 96 - 6 - 2
     assert not any(tau2.first_action_writes(j.expectation.expected_tool) for j in tau_jobs)
     for jobs in (ds, dr):
         keys = [(str(j.messages), j.parent["tools"]) for j in jobs]

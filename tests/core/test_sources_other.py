@@ -29,7 +29,7 @@ def validate(res) -> None:
 # ------------------------------------------------------------------------------------------------ tau2
 ME_VERB = re.compile(r"\bme (?:want|are|have|need|do|did|will|would|can|could|should|may|might|must|prefer|also|"
                      r"wish|don't|just|had|think|received|live|like|decide|only|really|say)\b")
-KEPT = {"airline": 28, "retail": 64, "telecom": 0, "mock": 3}
+KEPT = {"airline": 28, "retail": 64, "telecom": 0, "mock": 4}
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +49,18 @@ def test_tau2_real_counts_per_domain(tau2_real):
     # every task is accounted for: kept, or excluded with a reason (none malformed in the real files)
     assert res.good.height + res.rejected.height == 50 + 114 + 2285 + 9
     assert set(res.rejected["severity"]) == {"excluded"}
-    assert res.meta["excluded"] == res.rejected.height == 576 + 1785 + 2
-    assert res.meta["excluded_no_expected_action"] == 576  # 565 telecom (user-side actions only), 11 others
-    # 1783, and retail tasks 67/68 (Noah Ito), whose first call uses zip 98178 that only the simulator's "If
+    assert res.meta["excluded"] == res.rejected.height == 2 + 575 + 1751 + 34
+    # mock update_task_with_message_history and update_task_with_history_and_env_assertions start after a
+    # conversation (initial_state.message_history) that a one-turn skeleton would drop
+    assert res.meta["excluded_prior_conversation"] == 2
+    assert res.meta["excluded_no_expected_action"] == 575  # 565 telecom (user-side actions only), 10 others
+    # 1749, and retail tasks 67/68 (Noah Ito), whose first call uses zip 98178 that only the simulator's "If
     # asked for my zip code, say that it is 98178 first" gave (the user says 98187)
-    assert res.meta["excluded_unsupported_first_action"] == 1785
-    assert res.meta["excluded_ambiguous_prompt"] == 2  # mock create_task_1 and its twin without actions
+    assert res.meta["excluded_unsupported_first_action"] == 1751
+    # mock update_task_with_initialization_{data,actions} and their twin without actions; the 32 telecom tasks
+    # whose first call is transfer_to_human_agents (compare_args [], its summary never compared) share their
+    # user message with tasks expecting other calls
+    assert res.meta["excluded_ambiguous_prompt"] == 34
     assert set(res.good["completeness"]) == {"skeleton"}
     assert set(lab(res.good, "category")) == {"retain"}
     assert set(lab(res.good, "priority_class")) == {"tool_capability"}
@@ -130,13 +136,13 @@ def test_tau2_real_content(tau2_real, shared_data):
     assert len(r0["messages"]) == 2
     assert r0["tool_attack"]["expected_tool"] == "find_user_id_by_name_zip"
     gp = _gp(r0)
-    assert gp["expected_first_action"] == {"name": "find_user_id_by_name_zip",
+    assert gp["expected_first_action"] == {"name": "find_user_id_by_name_zip", "compare_args": None,
                                            "arguments": {"first_name": "Yusuf", "last_name": "Rossi", "zip": "19122"}}
     assert [a["name"] for a in gp["reference_actions"]] == [a["name"] for a in tasks[0]["evaluation_criteria"]["actions"]]
-    # every kept first action is supported by the prompt: each argument value appears in the user's message
+    # every kept first action is supported by the prompt: each compared argument value appears in the user's message
     for row in g.iter_rows(named=True):
         first = _gp(row)["expected_first_action"]
-        assert tau2.unsupported_values(first["arguments"], row["messages"][1]["content"]) == []
+        assert tau2.unsupported_values(tau2.compared_arguments(first), row["messages"][1]["content"]) == []
         assert row["tool_attack"]["expected_tool"] == first["name"]
 
 
@@ -167,7 +173,8 @@ def test_tau2_identical_prompts_mean_identical_first_actions(tau2_real, shared_d
     assert rej.height == 2285 and tau2_real.meta["tasks_per_domain"]["telecom"] == 0
     reasons = rej["reason"].str.split(":").list.first().value_counts()
     # 565 tasks expect only user-side device actions: no assistant first move is given
-    assert dict(reasons.iter_rows()) == {"unsupported_first_action": 1720, "no_expected_action": 565}
+    assert dict(reasons.iter_rows()) == {"unsupported_first_action": 1688, "no_expected_action": 565,
+                                         "ambiguous_prompt": 32}
 
 
 def test_tau2_ids_survive_a_move(shared_data, tau2_real, tmp_path):
@@ -184,7 +191,7 @@ def test_tau2_misspelt_domain_is_named(shared_data):
     """`domains: [airlin, retail]` read retail only, without a word."""
     with pytest.raises(SourceError, match=r"tau2.domains: no domain 'airlin' .* \(did you mean 'airline'\?\)"):
         tau2.read(resolve_source_paths(shared_data / "tau2"), {"domains": ["airlin", "retail"]})
-    assert tau2.read(resolve_source_paths(shared_data / "tau2"), {"domains": ["mock"]}).good.height == 3
+    assert tau2.read(resolve_source_paths(shared_data / "tau2"), {"domains": ["mock"]}).good.height == 4
 
 
 def test_tau2_path_shapes(shared_data):
@@ -249,6 +256,44 @@ def test_tau2_malformed(tmp_path):
     validate(res)
     with pytest.raises(SourceError, match="CB_TAU2_PATH"):
         tau2.read([tmp_path / "nothing.json"], {})
+
+
+def test_tau2_compare_args_and_prior_conversation(tmp_path):
+    """tau2's `compare_args` names the arguments the benchmark checks (`[]`: the name alone; the real mock
+    `impossible_task_1` and 32 telecom tasks expect transfer_to_human_agents with a free-text summary): only
+    those must be in the user's message. A task that starts after a conversation (`initial_state.
+    message_history`, the real mock update_task_with_message_history) is no one-turn skeleton."""
+    def task(tid, text, args, **extra):
+        act = {"action_id": "a", "name": "refund", "arguments": args}
+        act.update({k: v for k, v in extra.items() if k == "compare_args"})
+        t = {"id": tid, "user_scenario": {"instructions": text}, "evaluation_criteria": {"actions": [act]}}
+        t.update({k: v for k, v in extra.items() if k == "initial_state"})
+        return t
+
+    history = {"message_history": [{"role": "user", "content": "I bought order #4.", "turn_idx": 0}]}
+    root = _tau2_root(tmp_path, [
+        task("1", "You want to talk to a person about your refund.", {"summary": "User wants a human."},
+             compare_args=[]),
+        task("2", "You want a refund of order #2.", {"order_id": "#2", "reason": "never said"},
+             compare_args=["order_id"]),
+        task("3", "You want a refund of order #3.", {"order_id": "#3", "reason": "never said"}),
+        task("4", "You want a refund of that order.", {"order_id": "#4"}, initial_state=history),
+        task("5", "You want a refund of order #5.", {"order_id": "#5"}, initial_state={"message_history": []}),
+        task("6", "You want a refund of order #6.", {"order_id": "#6"}, compare_args="order_id"),
+        task("7", "You want a refund of order #7.", {"order_id": "#7"}, initial_state=history),
+    ])
+    res = tau2.read(resolve_source_paths(root), {})
+    assert res.good["pair_group"].to_list() == ["tau2:shop:1", "tau2:shop:2", "tau2:shop:5"]
+    assert _gp(res.good.row(0, named=True))["expected_first_action"] == {
+        "name": "refund", "arguments": {"summary": "User wants a human."}, "compare_args": []}
+    q = {r["line"]: r for r in res.rejected.iter_rows(named=True)}
+    assert sorted(q) == [3, 4, 6, 7]
+    assert q[3]["reason"].startswith("unsupported_first_action") and "never said" in q[3]["reason"]
+    for line in (4, 7):  # #7's arguments are in its text: the lost history is the reason, not a missing value
+        assert q[line]["reason"].startswith("prior_conversation") and q[line]["severity"] == "excluded"
+        assert q[line]["field"] == "initial_state.message_history"
+    assert q[6]["severity"] == "malformed" and q[6]["field"] == "evaluation_criteria.actions[0].compare_args"
+    assert res.meta["excluded_prior_conversation"] == 2 and res.meta["excluded_unsupported_first_action"] == 1
 
 
 def test_tau2_ambiguous_prompts_excluded(tmp_path):
