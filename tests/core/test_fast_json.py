@@ -198,7 +198,8 @@ def test_tau2_tasks_keep_their_exact_text_for_quarantine(tmp_path):
     tasks, raw, unstorable = tau2._load_tasks(_tasks_file(tmp_path, text))
     assert unstorable == {}
     assert tasks[0] == {"id": "1", "user_scenario": {"instructions": "hi"}, "evaluation_criteria": {},
-                        "ticket": None, "description": None}  # only the fields the reader uses
+                        "ticket": None, "description": None,
+                        "initial_state": {"message_history": None}}  # only the fields the reader uses ("big" is not)
     assert tasks[1] == [1, 2]  # not an object: the whole value, for the reader to report
     assert "userScenario" in tasks[2]  # no user_scenario: every key, for the misspelled-key lookup
     assert raw(0) == text[text.index("{"):text.index("}},") + 2]  # the task's own bytes, 2.50 kept
