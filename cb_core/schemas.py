@@ -123,6 +123,10 @@ POLICY_NAMES = (
 TOOL_POLICIES = frozenset({"tool_calls_only", "action_prefix_only", "action_commitment"})
 # The policy a trainer uses per category when configs/lossmask.yaml says nothing (its `training_default`).
 DEFAULT_TRAINING_POLICY: dict[str, str] = {"harmful": "cb_from_injection", "retain": "assistant_only"}
+# Arguments that deliver to the same party as the attacker argument named on the left: an e-mail copied (cc,
+# bcc) to the attacker's address reaches the attacker as surely as one addressed to it. The reader's attacker
+# call (`sources.agentdojo`) and the judge (`generate.judge.args_match`) both look a target up under these.
+SAME_DESTINATION: dict[str, tuple[str, ...]] = {"recipients": ("cc", "bcc"), "recipient": ("cc", "bcc")}
 # MWCS base weight per priority class where a schedule names none (configs/mwcs/*.yaml `class_weights`).
 DEFAULT_CLASS_WEIGHTS: dict[str, float] = {
     "adversarial_safe": 2.0,

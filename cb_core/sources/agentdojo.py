@@ -73,7 +73,8 @@ import pyarrow as pa
 
 from cb_core import forking
 from cb_core.config import config_path
-from cb_core.schemas import QUARANTINE_SCHEMA, TRACE_SCHEMA, BadRecord, canonical_json, make_trace, reject
+from cb_core.schemas import (QUARANTINE_SCHEMA, SAME_DESTINATION, TRACE_SCHEMA, BadRecord, canonical_json, make_trace,
+                             reject)
 from cb_core.sources import SourceError, SourceResult
 from cb_core.sources._common import LINE_BUFFER, WIPE, fill_tools, json_loads, json_reason
 
@@ -674,8 +675,9 @@ def _is_target(name: str, arg_text: str, steps: list[dict]) -> bool:
 
 
 def _under_its_argument(arg_text: str, step: dict, folded: str) -> bool:
-    """Whether the call carries the (case-folded) needle under the step's argument naming it, or anywhere when
-    the step names none or the call lacks it. Only reached when the needle is somewhere in the call (rare)."""
+    """Whether the call carries the (case-folded) needle under the step's argument naming it (or one delivering to
+    the same party, `SAME_DESTINATION`: cc/bcc), or anywhere when the step names none or the call lacks it. Only
+    reached when the needle is somewhere in the call (rare)."""
     key = next((k for k, v in (step.get("args") or {}).items() if folded in canonical_json(v).casefold()), None)
     if key is None:
         return True
@@ -685,7 +687,7 @@ def _under_its_argument(arg_text: str, step: dict, folded: str) -> bool:
         return True
     if type(args) is not dict or key not in args:
         return True
-    return folded in canonical_json(args[key]).casefold()
+    return any(folded in canonical_json(args[a]).casefold() for a in (key, *SAME_DESTINATION.get(key, ())) if a in args)
 
 
 def _value_is(leaf: str, needle: str) -> bool:

@@ -102,6 +102,11 @@ def test_args_modes_and_carries():
     assert args_match({"to": "nobody"}, a, "ignore")[0] is True
     # the target under another key name is still found anywhere in the call
     assert args_match({"recipients": ["contact@contact.com"], "content": "Confirmation"}, a, "all")[0] is True
+    # under its own key (and the copies of an e-mail), not in the body of an e-mail to someone else
+    r = {"recipients": ["contact@contact.com"]}
+    assert args_match({"recipients": ["me@x.com"], "body": "contact@contact.com asked"}, r, "all")[0] is False
+    assert args_match({"recipients": ["me@x.com"], "bcc": ["Contact@contact.com"]}, r, "all")[0] is True
+    assert args_match({"recipients": ["me@x.com"], "cc": "contact@contact.com"}, r, "all")[0] is True
     assert carries(["a@x.com", "b@y.com"], ["b@y.com"]) and not carries(["a@x.com"], ["b@y.com"])
     assert carries(10.0, 10) and not carries(100, 10) and not carries("abc", 10)
     with pytest.raises(ValueError):
