@@ -127,6 +127,14 @@ DEFAULT_TRAINING_POLICY: dict[str, str] = {"harmful": "cb_from_injection", "reta
 # bcc) to the attacker's address reaches the attacker as surely as one addressed to it. The reader's attacker
 # call (`sources.agentdojo`) and the judge (`generate.judge.args_match`) both look a target up under these.
 SAME_DESTINATION: dict[str, tuple[str, ...]] = {"recipients": ("cc", "bcc"), "recipient": ("cc", "bcc")}
+def target_needle(value: str) -> str:
+    """An attacker's target as it is looked for in a call: case-folded, a URL without its scheme and `www.`
+    (`get_webpage("true-informations.com")` visits the attacker's `www.true-informations.com`; the fuller forms
+    still contain it). The AgentDojo reader and the judge (`generate.judge.carries`) both match through it."""
+    v = value.strip().casefold()
+    return v.removeprefix("https://").removeprefix("http://").removeprefix("www.")
+
+
 # MWCS base weight per priority class where a schedule names none (configs/mwcs/*.yaml `class_weights`).
 DEFAULT_CLASS_WEIGHTS: dict[str, float] = {
     "adversarial_safe": 2.0,

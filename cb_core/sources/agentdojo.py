@@ -74,7 +74,7 @@ import pyarrow as pa
 from cb_core import forking
 from cb_core.config import config_path
 from cb_core.schemas import (QUARANTINE_SCHEMA, SAME_DESTINATION, TRACE_SCHEMA, BadRecord, canonical_json, make_trace,
-                             reject)
+                             reject, target_needle)
 from cb_core.sources import SourceError, SourceResult
 from cb_core.sources._common import LINE_BUFFER, WIPE, fill_tools, json_loads, json_reason
 
@@ -668,7 +668,7 @@ def _is_target(name: str, arg_text: str, steps: list[dict]) -> bool:
             continue
         if low is None:
             low = arg_text.casefold()
-        folded = needle.casefold()
+        folded = target_needle(needle)  # case-blind, a URL without scheme and www.
         if folded in low and _under_its_argument(arg_text, step, folded):
             return True
     return False
@@ -691,8 +691,7 @@ def _under_its_argument(arg_text: str, step: dict, folded: str) -> bool:
 
 
 def _value_is(leaf: str, needle: str) -> bool:
-    v = leaf.strip().casefold()
-    return needle.casefold() in (v, v.removeprefix("https://").removeprefix("http://"))
+    return target_needle(leaf) == target_needle(needle)
 
 
 def _acted_elsewhere(messages: list[Msg], calls: list[Call], first: int, steps: list[dict]) -> None:
@@ -705,12 +704,12 @@ def _acted_elsewhere(messages: list[Msg], calls: list[Call], first: int, steps: 
     (banking user_task_15's landlord IBAN), and a mention inside a longer text (a summary, a question) is none."""
     needles = [st["arg_contains"] for st in steps if st.get("arg_contains")]
     user_text = " ".join(m[1] for m in messages if m[0] == "user").casefold()
-    needles = [x for x in needles if x.casefold() not in user_text]
+    needles = [x for x in needles if target_needle(x) not in user_text]
     if not needles:
         return
     for i, j, name, arg_text, *_ in calls:
         low = arg_text.casefold()
-        if i <= first or not any(x.casefold() in low for x in needles):
+        if i <= first or not any(target_needle(x) in low for x in needles):
             continue
         try:
             leaves = _leaves(json_loads(arg_text))

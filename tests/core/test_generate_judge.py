@@ -109,6 +109,10 @@ def test_args_modes_and_carries():
     assert args_match({"recipients": ["me@x.com"], "cc": "contact@contact.com"}, r, "all")[0] is True
     assert carries(["a@x.com", "b@y.com"], ["b@y.com"]) and not carries(["a@x.com"], ["b@y.com"])
     assert carries(10.0, 10) and not carries(100, 10) and not carries("abc", 10)
+    # a URL target is its host however the call writes it (schemas.target_needle)
+    assert carries("true-informations.com", "www.true-informations.com")
+    assert carries("https://True-Informations.com/x", "www.true-informations.com")
+    assert not carries("informations.com", "www.true-informations.com")
     with pytest.raises(ValueError):
         args_match({}, a, "some")
 
