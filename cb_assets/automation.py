@@ -94,10 +94,21 @@ def _cron(value: str, where: str) -> str:
     return value
 
 
+def _timezone(value: str, where: str) -> str:
+    """An IANA time zone name (Dagster's own error names no variable or file)."""
+    import zoneinfo
+
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"{where}: {value!r} is not a time zone (an IANA name, e.g. 'UTC', 'Europe/Berlin')") from None
+    return value
+
+
 def revalidate_cron() -> tuple[str, str]:
     """(cron, timezone) of the re-validation schedule: env, else configs/operations.yaml, else daily 04:00 UTC."""
     return (_setting("CB_REVALIDATE_CRON", "revalidate", "cron", "0 4 * * *", str, check=_cron),
-            _setting("CB_REVALIDATE_TIMEZONE", "revalidate", "timezone", "UTC", str))
+            _setting("CB_REVALIDATE_TIMEZONE", "revalidate", "timezone", "UTC", str, check=_timezone))
 
 
 check_operations_file()

@@ -216,6 +216,19 @@ def test_revalidate_cron_env_override(monkeypatch):
         ops.revalidate_cron()
 
 
+def test_revalidate_timezone_checked(monkeypatch, tmp_path):
+    """A bad time zone names the variable (or the file and key), not Dagster's 'Invalid execution timezone'."""
+    monkeypatch.setenv("CB_REVALIDATE_TIMEZONE", "Mars/Base")
+    with pytest.raises(ops.ConfigError, match="CB_REVALIDATE_TIMEZONE: 'Mars/Base' is not a time zone"):
+        ops.revalidate_cron()
+    monkeypatch.delenv("CB_REVALIDATE_TIMEZONE")
+    (tmp_path / "operations.yaml").write_text("revalidate:\n  timezone: Europe/Nowhere\n")
+    monkeypatch.setenv("CB_CONFIG_DIR", str(tmp_path))  # revalidate_cron reads only operations.yaml
+    with pytest.raises(ops.ConfigError, match=r"operations.yaml:2: revalidate.timezone \(or \$CB_REVALIDATE_TIMEZONE\): "
+                                              r"'Europe/Nowhere' is not a time zone"):
+        ops.revalidate_cron()
+
+
 def _xstest_source(tmp_path: Path, n: int = 12) -> Path:
     d = tmp_path / "xstest_src"
     d.mkdir()
