@@ -43,6 +43,19 @@ def check_training(preset: str | None, overrides: list[str], origins: dict[str, 
         raise ToggleError(f"{origin + ': ' if origin else ''}the training settings {overrides}: {e}") from None
 
 
+def check_model(name: str, env) -> None:
+    """The model profile MODEL (or TOKENIZER) names, loaded now: the error names the toggle."""
+    from cb_core.config import ConfigError
+    from cb_core.model import load_profile
+    from cb_core.sweep.toggles import ToggleError
+
+    toggle = "MODEL" if env.get("MODEL") else "TOKENIZER"
+    try:
+        load_profile(name)
+    except (ConfigError, FileNotFoundError) as e:
+        raise ToggleError(f"{toggle}={env.get(toggle)!r}: {e}") from None
+
+
 def pipeline_command(env=None, dry_run: bool = False) -> tuple[list[str], dict[str, str], list[str], dict[str, str]]:
     """(dagster command, extra env, notes, {path: text} of the files the command reads) for the unified pipeline
     under the current toggles; those files are written unless ``dry_run`` (a dry run writes nothing)."""
@@ -58,6 +71,8 @@ def pipeline_command(env=None, dry_run: bool = False) -> tuple[list[str], dict[s
     skip = set(plan.skip_groups) | {"sweeps"}
     if plan.train_overrides or (plan.env.get("CB_TRAIN_PRESET") and "training" not in skip):  # MODE alone too
         check_training(plan.env.get("CB_TRAIN_PRESET"), plan.train_overrides, plan.origins)
+    if plan.env.get("CB_MODEL"):  # MODEL / TOKENIZER: a profile that does not exist failed at renders, after ETL_A
+        check_model(plan.env["CB_MODEL"], env)
     graph = defs.resolve_asset_graph()
     keys = sorted(k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).group_name not in skip)
     if not keys:
@@ -124,7 +139,7 @@ def sweep(args) -> int:
 
     from cb_core.io import data_root
     from cb_core.sweep.manifest import load_manifest
-    from cb_core.sweep.toggles import ENV_RENAMES, sweep_manifest
+    from cb_core.sweep.toggles import ENV_RENAMES, sweep_ignored, sweep_manifest
     from cb_core.train.config import parse_overrides
 
     from cb_assets.assets.sweeps import default_manifest
@@ -141,6 +156,7 @@ def sweep(args) -> int:
     if os.environ.get("MODE"):  # was dropped without a word: a sweep trains its manifest's preset
         notes.append(f"MODE={os.environ['MODE']!r} ignored: a sweep's points train the preset its manifest names "
                      "(`preset:`)")
+    notes += sweep_ignored(os.environ)
     for n in notes:
         print(f"[cb toggles] {n}", flush=True)
     built = manifest if isinstance(manifest, dict) else None  # the toggles' grid, written for the runs to read

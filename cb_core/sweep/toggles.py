@@ -22,6 +22,10 @@ OBSOLETE = {
     "ALLOW_SKELETON": "skeletons are never trained: generation completes them (SKIP_GENERATE skips that stage)",
     "SKELETON_POLICY": "skeletons are never trained: generation completes them (SKIP_GENERATE skips that stage)",
 }
+# the unified pipeline's stage toggles: a sweep trains and scores its points on the tiers already built, so it has
+# no use for them (said and ignored, as OBSOLETE; they were dropped without a word)
+SWEEP_UNUSED = (*STAGES, "USE_VLLM", "BATCH_SIZE", "MAX_TOKENS", "LIMIT", "TEMPERATURE_DS", "TEMPERATURE_DR",
+                "TENSOR_PARALLEL", "TOKENIZER")
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -117,6 +121,7 @@ def pipeline_plan(env: Mapping[str, str]) -> Plan:
     gen: dict[str, Any] = {}
     if _on(env, "USE_VLLM"):
         gen["backend"] = "vllm"
+        p.notes.append("USE_VLLM=1 -> generation backend vllm")
     for name, key, lo in (("BATCH_SIZE", "batch_size", 1), ("MAX_TOKENS", "max_tokens", 1), ("LIMIT", "limit", 0)):
         if env.get(name):
             gen[key] = toggle_number(env, name, int, lo)
@@ -157,6 +162,13 @@ def pipeline_plan(env: Mapping[str, str]) -> Plan:
         if env.get(name):
             p.notes.append(f"{name} ignored: {why}")
     return p
+
+
+def sweep_ignored(env: Mapping[str, str]) -> list[str]:
+    """Notes for the toggles sweep_hparams.sbatch does not use: the pipeline's stage toggles and the obsolete ones."""
+    notes = [f"{name} ignored: a sweep trains and scores its points on the tiers already built (a toggle of "
+             "unified_pipeline.sbatch)" for name in SWEEP_UNUSED if env.get(name)]
+    return notes + [f"{name} ignored: {why}" for name, why in OBSOLETE.items() if env.get(name)]
 
 
 def _list(env: Mapping[str, str], name: str, kind) -> list:

@@ -299,6 +299,9 @@ def test_sweep_cli_rerun_flag_reaches_the_runner(tmp_path, monkeypatch):
     (["pipeline"], {"EVAL_LIMIT": "0"}, "error: EVAL_LIMIT='0': expected an integer >= 1"),
     (["pipeline"], {"BATCH_SIZE": "0"}, "error: BATCH_SIZE='0': expected an integer >= 1"),
     (["sweep"], {"SWEEP": "tiny", "EVAL_LIMIT": "0"}, "error: EVAL_LIMIT='0': expected an integer >= 1"),
+    # a model profile that does not exist failed at renders, after ETL_A
+    (["pipeline"], {"MODEL": "bogus"}, "error: MODEL='bogus': model profile 'bogus' not found"),
+    (["pipeline"], {"TOKENIZER": "meta-llama/x"}, "error: TOKENIZER='meta-llama/x': model profile 'meta-llama/x'"),
 ])
 def test_toggles_a_later_stage_refuses_fail_at_once(tmp_path, args, env, said):
     root = tmp_path / "data"
@@ -315,3 +318,16 @@ def test_sweep_says_mode_is_not_its_preset(tmp_path):
     assert "[cb toggles] MODE='stage2' ignored: a sweep's points train the preset its manifest names" in out.stdout
     out = _cli(["pipeline", "--dry-run"], tmp_path / "data", {"MODE": "stage2", "SKIP_TRAIN": "1"})
     assert out.returncode == 0, out.stderr[-2000:]  # not trained: not checked
+
+
+def test_sweep_says_which_toggles_it_does_not_use(tmp_path):
+    """The pipeline's stage toggles and the obsolete ones (MWCS_STEP: "reported and ignored") were dropped by the
+    sweep without a word; USE_VLLM=1 was the one pipeline toggle mapped without its line."""
+    out = _cli(["sweep", "--dry-run"], tmp_path / "data", {"SWEEP": "tiny", "MWCS_STEP": "3", "SKIP_GENERATE": "1",
+                                                           "USE_VLLM": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    for name in ("MWCS_STEP ignored: MWCS weights", "SKIP_GENERATE ignored: a sweep", "USE_VLLM ignored: a sweep"):
+        assert f"[cb toggles] {name}" in out.stdout, out.stdout
+    out = _cli(["pipeline", "--dry-run"], tmp_path / "data", {"USE_VLLM": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[cb toggles] USE_VLLM=1 -> generation backend vllm" in out.stdout
