@@ -628,6 +628,10 @@ def sweep_sensor(context: dg.SensorEvaluationContext):
     sweep = current_sweep(points, None)
     rows = points.filter(pl.col("sweep") == sweep).to_dicts()
     registered = set(context.instance.get_dynamic_partitions(SWEEP_PARTITIONS.name))
+    if rows and not any(r["key"] in registered for r in rows):  # read as "every point run failed ([])"
+        return dg.SkipReason(f"sweep {sweep}: none of its {len(rows)} point(s) is registered in this Dagster "
+                             f"instance ({path} was written under another DAGSTER_HOME?); materialize "
+                             "`sweep_points` (job `sweep`) here to run it")
     rows = [r for r in rows if r["key"] in registered]
     inst = context.instance
     point_runs = _latest_status(inst, {"cb/sweep": sweep, "cb/sweep_stage": "point"})

@@ -244,6 +244,23 @@ def test_sweep_sensor_plan():
     assert plan(pts, {k: "FAILURE" for k in ("p1", "p2", "p3")}, {}, [], {}, set())[0] == []
 
 
+def test_sweep_sensor_says_when_no_point_is_registered_here(tmp_path, monkeypatch):
+    """A data root whose sweep was registered under another DAGSTER_HOME (a fresh instance, `dagster dev` with the
+    project's dagster_home after an in-process sweep) skipped with "every point run failed ([])"."""
+    from cb_assets.assets.sweeps import sweep_sensor
+    from cb_assets.definitions import defs
+
+    monkeypatch.setenv("CB_DATA_ROOT", str(tmp_path))
+    pl.DataFrame({"key": ["s-a1-0000", "s-a2-0000"], "sweep": ["s", "s"], "registered_at": [1.0, 1.0]}) \
+        .write_parquet(tmp_path / "sweep_points.parquet")
+    with dg.DagsterInstance.ephemeral() as inst:
+        ctx = dg.build_sensor_context(instance=inst, repository_def=defs.get_repository_def())
+        out = sweep_sensor(ctx)
+    assert isinstance(out, dg.SkipReason), out
+    assert "none of its 2 point(s) is registered in this Dagster instance" in out.skip_message
+    assert "every point run failed" not in out.skip_message
+
+
 def test_sweep_sensor_launches_each_registered_point(sweep_env):
     from cb_assets.assets.sweeps import sweep_sensor
 
