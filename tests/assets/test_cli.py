@@ -331,3 +331,21 @@ def test_sweep_says_which_toggles_it_does_not_use(tmp_path):
     out = _cli(["pipeline", "--dry-run"], tmp_path / "data", {"USE_VLLM": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "[cb toggles] USE_VLLM=1 -> generation backend vllm" in out.stdout
+
+
+@pytest.mark.parametrize("script", ["unified_pipeline.sbatch", "sweep_hparams.sbatch"])
+def test_sbatch_dry_run_only_when_asked(tmp_path, script):
+    """CB_DRY_RUN=0 (any non-empty value) made the job a dry run that did nothing."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text('#!/bin/sh\necho "ARGS: $*"\n')
+    (venv / "bin" / "python").chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CB_")}
+    said = {}
+    for value in ("1", "0", "", "true", "no"):
+        out = subprocess.run(["bash", str(ROOT / "slurm" / script)], capture_output=True, text=True, timeout=60,
+                             env={**base, "CB_PROJECT_ROOT": str(ROOT), "CB_VENV": str(venv), "CB_DRY_RUN": value,
+                                  "CB_DATA_ROOT": str(tmp_path / "data"), "DAGSTER_HOME": str(tmp_path / "home")})
+        assert out.returncode == 0, out.stderr
+        said[value] = "--dry-run" in out.stdout.split("ARGS:", 1)[1]
+    assert said == {"1": True, "0": False, "": False, "true": True, "no": False}
