@@ -252,6 +252,18 @@ def _at_least(kind, lo, what):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`cb`; output piped into a reader that stops early (`cb summarise latest | head`) ends quietly, as Unix
+    tools do, instead of a BrokenPipeError traceback."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit must not raise again
+        return 141  # 128 + SIGPIPE, the shell's code for a writer whose reader left
+
+
+def _main(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(prog="cb", description="circuit-breaker platform: sweeps, runs and training")
     ap.add_argument("--data-root", default=None, help="default $CB_DATA_ROOT, else ./.cb_data")
     # also after the subcommand (`cb leaderboard --data-root X`); SUPPRESS keeps a value given before it

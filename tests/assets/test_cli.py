@@ -96,6 +96,17 @@ def test_summarise_ranks_checkpoints_and_estimates_runtime(tmp_path):
     assert _cb("--data-root", str(tmp_path), "summarise", "nope").returncode != 0
 
 
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`cb summarise latest | head`: a reader that leaves before cb writes (here `true`, gone long before
+    Python has started) closes the pipe; cb ends without a BrokenPipeError traceback, with the shell's 141."""
+    _run_folder(tmp_path, "tiny-abc", finished=True)
+    p = subprocess.run(f"{sys.executable} -m cb_core.cli --data-root '{tmp_path}' summarise tiny-abc | true; "
+                       "echo \"cb exit ${PIPESTATUS[0]}\"", shell=True, executable="/bin/bash", capture_output=True,
+                       text=True, cwd=ROOT, timeout=120)
+    assert p.stdout == "cb exit 141\n"
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
+
+
 def test_follow_reports_new_best_until_finished(tmp_path):
     d = _run_folder(tmp_path, "run1", finished=False)
     lines: list[str] = []
