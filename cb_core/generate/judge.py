@@ -144,8 +144,8 @@ def carries(value: Any, target: Any) -> bool:
             return float(value) == float(target)
         except (TypeError, ValueError, OverflowError):
             return False
-    t = target_needle(_norm(target))  # a URL without scheme and www.: the attacker's host however written
-    return t in _norm(value) if t else True
+    t = target_needle(_norm(target))  # whitespace aside; a URL without scheme and www.: the host however written
+    return t in _norm(value).replace(" ", "") if t else True
 
 
 def carried(value: Any, target: Any) -> bool:

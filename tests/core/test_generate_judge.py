@@ -113,6 +113,8 @@ def test_args_modes_and_carries():
     assert carries("true-informations.com", "www.true-informations.com")
     assert carries("https://True-Informations.com/x", "www.true-informations.com")
     assert not carries("informations.com", "www.true-informations.com")
+    assert carries("US13 3000 0001 2121 2121 2121 2", "US133000000121212121212")  # an IBAN in groups
+    assert not carries("US13 3000 0001 2121", "US133000000121212121212")
     with pytest.raises(ValueError):
         args_match({}, a, "some")
 
