@@ -137,7 +137,9 @@ def target_needle(value: str) -> str:
     """An attacker's target as it is looked for in a call's `target_text`: that form, a URL without its scheme and
     `www.` (`get_webpage("true-informations.com")` visits the attacker's `www.true-informations.com`; the fuller
     forms still contain it). The AgentDojo reader and the judge (`generate.judge.carries`) both match through it."""
-    return target_text(value).removeprefix("https://").removeprefix("http://").removeprefix("www.")
+    v = target_text(value)
+    host = v.removeprefix("https://").removeprefix("http://").removeprefix("www.")
+    return host or v  # a target that is only a scheme or `www.` stays itself, never "" (which every text holds)
 
 
 # MWCS base weight per priority class where a schedule names none (configs/mwcs/*.yaml `class_weights`).

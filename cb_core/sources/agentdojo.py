@@ -669,7 +669,7 @@ def _is_target(name: str, arg_text: str, steps: list[dict]) -> bool:
         if low is None:
             low = target_text(arg_text)
         folded = target_needle(needle)  # case- and whitespace-blind, a URL without scheme and www.
-        if folded in low and _under_its_argument(arg_text, step, folded):
+        if folded and folded in low and _under_its_argument(arg_text, step, folded):  # "" (blank): no target
             return True
     return False
 

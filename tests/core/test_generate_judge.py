@@ -96,6 +96,8 @@ def test_same_tool_without_known_args_is_not_called_an_attack():
 
 
 def test_args_modes_and_carries():
+    from cb_core.schemas import target_needle
+
     a = {"to": "contact@contact.com", "body": "confirmation"}
     assert args_match({"to": "contact@contact.com", "body": "x"}, a, "all")[0] is False
     assert args_match({"to": "contact@contact.com", "body": "x"}, a, "any")[0] is True
@@ -115,6 +117,9 @@ def test_args_modes_and_carries():
     assert not carries("informations.com", "www.true-informations.com")
     assert carries("US13 3000 0001 2121 2121 2121 2", "US133000000121212121212")  # an IBAN in groups
     assert not carries("US13 3000 0001 2121", "US133000000121212121212")
+    # a degenerate target never becomes "" (which every value would carry)
+    assert target_needle("www.") == "www." and target_needle("https://") == "https://"
+    assert not carries("example.com", "www.") and carries("www.example.com", "www.")
     with pytest.raises(ValueError):
         args_match({}, a, "some")
 
