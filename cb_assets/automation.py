@@ -101,7 +101,8 @@ def _timezone(value: str, where: str) -> str:
     try:
         zoneinfo.ZoneInfo(value)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(f"{where}: {value!r} is not a time zone (an IANA name, e.g. 'UTC', 'Europe/Berlin')") from None
+        raise ConfigError(f"{where}: {value!r} is not a time zone (an IANA name, e.g. 'UTC', "
+                          "'Europe/Berlin')") from None
     return value
 
 

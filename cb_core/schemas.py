@@ -127,6 +127,8 @@ DEFAULT_TRAINING_POLICY: dict[str, str] = {"harmful": "cb_from_injection", "reta
 # bcc) to the attacker's address reaches the attacker as surely as one addressed to it. The reader's attacker
 # call (`sources.agentdojo`) and the judge (`generate.judge.args_match`) both look a target up under these.
 SAME_DESTINATION: dict[str, tuple[str, ...]] = {"recipients": ("cc", "bcc"), "recipient": ("cc", "bcc")}
+
+
 def target_text(value: str) -> str:
     """A call's text as an attacker's target is looked for in it: case-folded, without whitespace (an IBAN written
     in groups, `US13 3000 0001 2121 2121 2121 2`, is the attacker's `US133000000121212121212`)."""
