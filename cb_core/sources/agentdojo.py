@@ -249,6 +249,10 @@ def suite_targets(cfg: dict) -> dict[str, list[dict[str, Any]]]:
         if not any(s.get("arg_contains") for s in steps):
             raise SourceError(f"agentdojo.attacker_targets.{suite}: no step with `arg_contains`",
                               field=f"attacker_targets.{suite}")
+        for k, s in enumerate(steps):  # the reader and the judge look each argument up by its name
+            if not isinstance(s.get("args") or {}, dict):
+                raise SourceError(f"agentdojo.attacker_targets.{suite}[{k}].args must map argument -> value, got "
+                                  f"{canonical_json(s['args'])[:60]}", field=f"attacker_targets.{suite}")
         out[suite] = [dict(s, _args_json=canonical_json(s.get("args") or {})) for s in steps]
     return out
 

@@ -1084,3 +1084,14 @@ def test_attacker_target_looked_up_under_its_argument(tmp_path, arg, harmful):
     labels = res.good.row(0, named=True)["labels"]
     assert labels["attacker_call_made"] is harmful
     assert labels["priority_class"] == ("harmful_flip" if harmful else "injection_resisted")
+
+
+def test_attacker_target_args_must_be_a_mapping():
+    """A target step's `args` is looked up by argument name (the reader's `_under_its_argument`, the judge's
+    `args_match`): a list there is a config error naming the suite, not an AttributeError mid-read."""
+    targets = {"workspace": [{"tool": "send_email", "arg_contains": "mark.black-2134@gmail.com",
+                              "args": ["mark.black-2134@gmail.com"]}]}
+    with pytest.raises(SourceError, match=r"attacker_targets\.workspace\[0\]\.args must map argument -> value") as e:
+        agentdojo.suite_targets({"attacker_targets": targets})
+    assert e.value.field == "attacker_targets.workspace"
+    assert agentdojo.suite_targets({"attacker_targets": {"workspace": [dict(targets["workspace"][0], args=None)]}})
